@@ -1,0 +1,320 @@
+"""`clipviz` command line: one thin function per subcommand — parse, call the library, print."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import click
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .errors import ClipvizError
+
+app = typer.Typer(
+    name="clipviz",
+    help="Where does CLIP look? Saliency maps for CLIP models, and their benchmarks.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out_console = Console()
+err_console = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# -- options shared by the commands that load a model ----------------------------------------
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        help="open_clip architecture (ViT-B-16, RN50, …), hf-hub:org/repo or local-dir:PATH. "
+        "[default: ViT-B-16, or the --model-config stem]",
+        show_default=False,
+    ),
+]
+PretrainedOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--pretrained",
+        help="open_clip tag (openai, laion2b_s34b_b88k, …), a weights file "
+        "(.safetensors/.pt/.bin) or 'random'. [default: openai where available]",
+        show_default=False,
+    ),
+]
+ModelConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--model-config", help="custom architecture JSON, registered under its stem"),
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps")]
+PrecisionOpt = Annotated[
+    Literal["auto", "fp32", "bf16", "fp16"],
+    typer.Option(
+        "--precision",
+        help="autocast dtype on CUDA (auto: bf16 where supported); CPU always runs fp32",
+    ),
+]
+ResolutionOpt = Annotated[
+    int | None,
+    typer.Option("--resolution", help="run the image tower at this size (e.g. 448)"),
+]
+CropOpt = Annotated[
+    Literal["none", "center"],
+    typer.Option(
+        "--crop",
+        help="none: resize the whole image; center: open_clip's eval crop",
+    ),
+]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="show tracebacks of errors")]
+
+
+def _handle_errors(fn: F) -> F:
+    """Turn `ClipvizError` into one line on stderr and its exit code (tracebacks with --debug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = kwargs.get("debug") or os.environ.get("CLIPVIZ_DEBUG") == "1"
+        try:
+            return fn(*args, **kwargs)
+        except ClipvizError as e:
+            if debug:
+                traceback.print_exc()
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted; finished results are kept (re-run to resume)")
+            raise typer.Exit(130) from None
+        except (typer.Exit, click.exceptions.ClickException):
+            raise
+        except Exception as e:
+            if debug:
+                traceback.print_exc()
+            err_console.print(
+                f"[bold red]error:[/] internal error: {type(e).__name__}: {e} "
+                "(run with --debug for the traceback)",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _load(
+    model: str | None,
+    pretrained: str | None,
+    model_config: Path | None,
+    device: str,
+    precision: str,
+    resolution: int | None = None,
+    crop: str = "none",
+) -> Any:
+    from .loading import load_backend
+
+    with err_console.status("loading model…"):
+        return load_backend(
+            model=model,
+            pretrained=pretrained,
+            model_config=model_config,
+            device=device,
+            precision=precision,  # type: ignore[arg-type]
+            resolution=resolution,
+            crop=crop,  # type: ignore[arg-type]
+        )
+
+
+@app.command()
+@_handle_errors
+def explain(
+    input: Annotated[
+        str | None,
+        typer.Argument(
+            help="an image, a folder or a quoted glob ('photos/*.jpg')", show_default=False
+        ),
+    ] = None,
+    prompts: Annotated[
+        list[str] | None, typer.Argument(help="texts to explain, e.g. dog 'a red car'")
+    ] = None,
+    prompt: Annotated[
+        list[str] | None, typer.Option("-p", "--prompt", help="a text to explain (repeatable)")
+    ] = None,
+    prompts_file: Annotated[
+        str | None, typer.Option("--prompts-file", help="one prompt per line ('-' for stdin)")
+    ] = None,
+    inputs_file: Annotated[
+        str | None,
+        typer.Option(
+            "--inputs-file",
+            help="one image path per line ('-' for stdin); then every positional is a prompt",
+        ),
+    ] = None,
+    method: Annotated[
+        list[str] | None, typer.Option("--method", "-m", help="method(s) to run [default: itsm]")
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder")] = Path("clipviz-out"),
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 16,
+    recursive: Annotated[
+        bool, typer.Option("--recursive", "-r", help="descend into folders")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="redo finished images")] = False,
+    colormap: Annotated[str, typer.Option(help="jet, turbo, viridis, inferno or gray")] = "jet",
+    alpha: Annotated[float, typer.Option(help="overlay opacity of the heatmap, 0–1")] = 0.5,
+    crop: CropOpt = "none",
+    no_ensemble: Annotated[
+        bool, typer.Option("--no-ensemble", help="embed prompts as given, without templates")
+    ] = False,
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    model_config: ModelConfigOpt = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    resolution: ResolutionOpt = None,
+    workers: Annotated[
+        int | None, typer.Option("--workers", help="image-decoding processes [default: auto]")
+    ] = None,
+    max_pixels: Annotated[
+        int, typer.Option("--max-pixels", help="refuse images with more pixels than this")
+    ] = 100_000_000,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar or table")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Saliency maps of INPUT for each prompt: `clipviz explain photo.jpg dog "a red car"`."""
+    from .batch import RenderOptions, run_explain
+    from .data import collect_inputs, read_list_file
+    from .render import COLORMAPS
+
+    positional = list(prompts or [])
+    inputs = [input] if input is not None else []
+    if inputs_file is not None:
+        positional, inputs = inputs + positional, []
+    all_prompts = positional + list(prompt or [])
+    if prompts_file is not None:
+        all_prompts += read_list_file(prompts_file, "prompts file")
+    if not inputs and inputs_file is None:
+        raise ClipvizError("no input given; pass an image, a folder, a glob or --inputs-file")
+    if not all_prompts:
+        raise ClipvizError(
+            "no prompts given; add them after the input (clipviz explain img.jpg dog) "
+            "or use -p/--prompts-file"
+        )
+    if colormap not in COLORMAPS:
+        raise ClipvizError(f"unknown colormap {colormap!r}; choose from: {', '.join(COLORMAPS)}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ClipvizError(f"--alpha {alpha} is outside [0, 1]")
+    methods = list(dict.fromkeys(method or ["itsm"]))
+    from .methods import get_method
+
+    for m in methods:
+        get_method(m)
+    items, ignored = collect_inputs(inputs, recursive=recursive, inputs_file=inputs_file)
+    if not items:
+        raise ClipvizError(f"no images found in {', '.join(inputs) or inputs_file}", exit_code=1)
+
+    backend = _load(model, pretrained, model_config, device, precision, resolution, crop)
+    texts = backend.encode_texts(all_prompts, ensemble=not no_ensemble)
+    started = time.perf_counter()
+    progress = Progress(
+        TextColumn("[bold]explaining"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+        console=err_console,
+        disable=quiet,
+        transient=False,
+    )
+    task = progress.add_task("explain", total=len(items), rate="")
+
+    def on_record(rec: dict[str, Any]) -> None:
+        n = progress.tasks[0].completed + 1
+        rate = n / max(time.perf_counter() - started, 1e-9)
+        progress.update(task, advance=1, rate=f"{rate:.1f} img/s")
+
+    with progress:
+        summary = run_explain(
+            backend,
+            items,
+            texts,
+            out,
+            methods=methods,
+            batch_size=batch_size,
+            overwrite=overwrite,
+            render=RenderOptions(colormap, alpha),
+            workers=workers,
+            max_pixels=max_pixels,
+            on_record=on_record,
+        )
+    if not quiet:
+        _print_summary(summary, out, ignored)
+    raise typer.Exit(summary.exit_code)
+
+
+def _print_summary(summary: Any, out: Path, ignored: int, rows: int = 20) -> None:
+    done = [r for r in summary.records if r["status"] != "failed"]
+    if done:
+        table = Table(title="Top prompt per image", title_justify="left")
+        table.add_column("image", overflow="fold")
+        table.add_column("top prompt")
+        table.add_column("p", justify="right")
+        table.add_column("status")
+        for r in done[:rows]:
+            top = r.get("top", "")
+            p = r.get("probs", {}).get(top)
+            table.add_row(r["output"], top, f"{p:.3f}" if p is not None else "", r["status"])
+        if len(done) > rows:
+            table.add_row(f"… {len(done) - rows} more in {out / 'manifest.jsonl'}", "", "", "")
+        out_console.print(table)
+    failed = [r for r in summary.records if r["status"] == "failed"]
+    for r in failed[:50]:
+        err_console.print(f"[red]failed[/] {r['input']}: {r['error']}", highlight=False)
+    if len(failed) > 50:
+        err_console.print(f"… and {len(failed) - 50} more failures in the manifest")
+    extra = f", {ignored} non-image files ignored" if ignored else ""
+    out_console.print(
+        f"{summary.ok} ok, {summary.skipped} skipped, {summary.failed} failed{extra} — "
+        f"outputs in {out}/, manifest {out / 'manifest.jsonl'}",
+        highlight=False,
+    )
+
+
+@app.command()
+@_handle_errors
+def models(
+    debug: DebugOpt = False,
+) -> None:
+    """List open_clip architectures, their pretrained tags, and which weights are cached."""
+    import open_clip
+
+    from .loading import cached_tags
+
+    cached = cached_tags()
+    table = Table(title="open_clip models (clipviz supports ViT and ModifiedResNet towers)")
+    table.add_column("model")
+    table.add_column("pretrained tags (* = cached locally)", overflow="fold")
+    for name in open_clip.list_models():
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if not tags:
+            continue
+        shown = [f"{t}*" if (name, t) in cached else t for t in tags]
+        table.add_row(name, ", ".join(shown))
+    out_console.print(table)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except SystemExit as e:
+        sys.exit(e.code)
+
+
+if __name__ == "__main__":
+    main()

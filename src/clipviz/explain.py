@@ -1,0 +1,96 @@
+"""The library entry point: `explain(backend, images, prompts)` -> `Explanation`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .backend import Backend, Texts
+from .errors import ClipvizError
+from .methods import get_method
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Maps and scores of one method for a batch of images and a set of prompts.
+
+    maps: raw method output `[B, T, h, w]` (float32, not normalised).
+    scores: `cos(image embedding, text)` `[B, T]`.
+    probs: softmax of `logit_scale * scores` over the prompts `[B, T]`.
+    """
+
+    method: str
+    prompts: list[str]
+    maps: torch.Tensor
+    scores: torch.Tensor
+    probs: torch.Tensor
+
+    def upsampled(self, index: int, size: tuple[int, int]) -> torch.Tensor:
+        """Maps of image `index`, min-max normalised per prompt, bilinear to `size` (H, W)."""
+        return upsample_normalized(self.maps[index], size)
+
+
+def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
+    """Min-max normalise each map over its spatial positions (last two dims) to [0, 1]."""
+    flat = maps.flatten(-2)
+    lo = flat.min(dim=-1, keepdim=True).values
+    hi = flat.max(dim=-1, keepdim=True).values
+    return ((flat - lo) / (hi - lo).clamp_min(1e-12)).view_as(maps)
+
+
+def upsample_normalized(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """`[T, h, w]` raw maps -> `[T, H, W]` normalised maps at the image's size."""
+    norm = normalize_maps(maps.float())
+    return F.interpolate(norm[None], size=size, mode="bilinear", align_corners=False)[0]
+
+
+def to_batch(backend: Backend, images: torch.Tensor | Sequence[Image.Image]) -> torch.Tensor:
+    if isinstance(images, torch.Tensor):
+        return images[None] if images.dim() == 3 else images
+    return torch.stack([backend.preprocess(im) for im in images])
+
+
+def explain(
+    backend: Backend,
+    images: torch.Tensor | Sequence[Image.Image],
+    prompts: Sequence[str] | Texts,
+    method: str = "itsm",
+    ensemble: bool = True,
+) -> Explanation:
+    """Explain why `backend`'s CLIP matches each image with each prompt.
+
+    images: PIL images (preprocessed with the backend's transform) or a preprocessed batch
+        `[B, 3, H, W]`.
+    prompts: strings (embedded through the template ensemble unless `ensemble=False`) or
+        ready `Texts`.
+    """
+    texts = prompts if isinstance(prompts, Texts) else None
+    if texts is None:
+        prompts = [str(p) for p in prompts]  # type: ignore[union-attr]
+        if not prompts:
+            raise ClipvizError("no prompts given; pass at least one text to explain")
+        texts = backend.encode_texts(prompts, ensemble=ensemble)
+    spec = get_method(method)
+    batch = to_batch(backend, images).to(backend.device)
+    if backend.tower not in spec.towers:
+        raise ClipvizError(
+            f"method {spec.name} supports {'/'.join(spec.towers)} towers only, "
+            f"not this model's {backend.tower}"
+        )
+    result = spec.fn(backend, batch, texts)
+    image_emb = result.image_embeddings
+    if image_emb is None:
+        image_emb = backend.dense_tokens(batch)[:, 0]
+    scores = F.normalize(image_emb.float(), dim=-1) @ texts.embeddings.float().T  # [B, T]
+    probs = (backend.logit_scale * scores).softmax(dim=-1)
+    return Explanation(
+        method=spec.name,
+        prompts=list(texts.prompts),
+        maps=result.maps.float().cpu(),
+        scores=scores.cpu(),
+        probs=probs.cpu(),
+    )

@@ -1,0 +1,20 @@
+"""ITSM — Image-Text Similarity Map (Li et al., ECLIP paper).
+
+`S = tokens[:, 1:] @ text.T`, reshaped to `[B, T, h, w]`: the cosine of every projected
+patch token with each text embedding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..backend import Backend, Texts
+from . import MapResult
+
+
+def itsm(backend: Backend, images: torch.Tensor, texts: Texts) -> MapResult:
+    tokens = backend.dense_tokens(images)  # [B, 1+N, D], unit length
+    h, w = backend.grid_size(images)
+    sim = tokens[:, 1:] @ texts.embeddings.T  # [B, N, T]
+    maps = sim.transpose(1, 2).reshape(sim.shape[0], -1, h, w)
+    return MapResult(maps, image_embeddings=tokens[:, 0])

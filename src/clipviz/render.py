@@ -1,0 +1,117 @@
+"""Colormaps, overlays and the files of an explanation (PNG, NPZ), written atomically."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .errors import ClipvizError
+from .files import atomic_path
+
+
+def _poly(coeffs: Sequence[Sequence[float]]) -> Callable[[np.ndarray], np.ndarray]:
+    c = np.asarray(coeffs, dtype=np.float64)  # [degree+1, 3]
+
+    def cmap(t: np.ndarray) -> np.ndarray:
+        powers = np.stack([t**i for i in range(len(c))], axis=-1)  # [..., degree+1]
+        return powers @ c
+
+    return cmap
+
+
+def _jet(t: np.ndarray) -> np.ndarray:
+    return np.stack([1.5 - np.abs(4 * t - k) for k in (3, 2, 1)], axis=-1)
+
+
+# Polynomial fits of matplotlib's perceptual maps (Matt Zucker, CC0) and Google's Turbo.
+_COLORMAPS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "jet": _jet,
+    "turbo": _poly(
+        [
+            [0.13572138, 0.09140261, 0.10667330],
+            [4.61539260, 2.19418839, 12.64194608],
+            [-42.66032258, 4.84296658, -60.58204836],
+            [132.13108234, -14.18503333, 110.36276771],
+            [-152.94239396, 4.27729857, -89.90310912],
+            [59.28637943, 2.82956604, 27.34824973],
+        ]
+    ),
+    "viridis": _poly(
+        [
+            [0.2777273272234177, 0.005407344544966578, 0.3340998053353061],
+            [0.1050930431085774, 1.404613529898575, 1.384590162594685],
+            [-0.3308618287255563, 0.214847559468213, 0.09509516302823659],
+            [-4.634230498983486, -5.799100973351585, -19.33244095627987],
+            [6.228269936347081, 14.17993336680509, 56.69055260068105],
+            [4.776384997670288, -13.74514537774601, -65.35303263337234],
+            [-5.435455855934631, 4.645852612178535, 26.3124352495832],
+        ]
+    ),
+    "inferno": _poly(
+        [
+            [0.0002189403691192265, 0.001651004631001012, -0.01948089843709184],
+            [0.1065134194856116, 0.5639564367884091, 3.932712388889277],
+            [11.60249308247187, -3.972853965665698, -15.9423941062914],
+            [-41.70399613139459, 17.43639888205313, 44.35414519872813],
+            [77.162935699427, -33.40235894210092, -81.80730925738993],
+            [-71.31942824499214, 32.62606426397723, 73.20951985803202],
+            [25.13112622477341, -12.24266895238567, -23.07032500287172],
+        ]
+    ),
+    "gray": lambda t: np.repeat(t[..., None], 3, axis=-1),
+}
+COLORMAPS = tuple(_COLORMAPS)
+
+
+def colorize(norm_map: np.ndarray, colormap: str = "jet") -> np.ndarray:
+    """A `[H, W]` map in [0, 1] -> uint8 RGB `[H, W, 3]`."""
+    try:
+        cmap = _COLORMAPS[colormap]
+    except KeyError:
+        raise ClipvizError(
+            f"unknown colormap {colormap!r}; choose from: {', '.join(COLORMAPS)}"
+        ) from None
+    rgb = cmap(np.clip(norm_map.astype(np.float64), 0.0, 1.0))
+    return (np.clip(rgb, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def overlay(image: np.ndarray, norm_map: np.ndarray, colormap: str = "jet", alpha: float = 0.5):
+    """Blend the colorized map over `image` (uint8 `[H, W, 3]`): `(1-α)·image + α·heat`."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ClipvizError(f"--alpha {alpha} is outside [0, 1]")
+    heat = colorize(norm_map, colormap).astype(np.float32)
+    out = (1.0 - alpha) * image.astype(np.float32) + alpha * heat
+    return (out + 0.5).astype(np.uint8)
+
+
+def prompt_slugs(prompts: Sequence[str], max_len: int = 60) -> list[str]:
+    """File-name-safe, unique slugs: "A red car!" -> "a-red-car"."""
+    slugs: list[str] = []
+    for p in prompts:
+        base = re.sub(r"[^a-z0-9]+", "-", p.lower()).strip("-")[:max_len].strip("-") or "prompt"
+        slug, n = base, 2
+        while slug in slugs:
+            slug, n = f"{base}-{n}", n + 1
+        slugs.append(slug)
+    return slugs
+
+
+def save_png(path: str | os.PathLike[str], rgb: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        Image.fromarray(rgb).save(tmp, format="PNG", compress_level=1)
+
+
+def save_npz(path: str | os.PathLike[str], **arrays: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)  # type: ignore[arg-type]
+
+
+def load_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """Read an NPZ written by clipviz without ever unpickling."""
+    with np.load(Path(path), allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}

@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny open_clip models with random weights saved to files, loaded through
+the same path a user's weights take (`--model-config` + `--pretrained FILE`)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+CONFIGS = Path(__file__).parent / "configs"
+
+# Tests never touch the user's caches, and never the network.
+os.environ["CLIPVIZ_CACHE"] = tempfile.mkdtemp(prefix="clipviz-test-cache-")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def save_random_weights(config: Path, path: Path, seed: int = 0) -> Path:
+    """Build the architecture in `config` with seeded random weights and save its state dict."""
+    from safetensors.torch import save_file
+
+    from clipviz.loading import load_backend
+
+    torch.manual_seed(seed)
+    backend = load_backend(model_config=config, pretrained="random", device="cpu", text_cache=False)
+    state = {k: v.detach().contiguous().clone() for k, v in backend.model.state_dict().items()}
+    if path.suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    """tower -> (config JSON, safetensors weights) for a tiny ViT and a tiny ModifiedResNet."""
+    root = tmp_path_factory.mktemp("weights")
+    return {
+        tower: (
+            CONFIGS / f"tiny-{tower}.json",
+            save_random_weights(
+                CONFIGS / f"tiny-{tower}.json", root / f"tiny-{tower}.safetensors", seed=i
+            ),
+        )
+        for i, tower in enumerate(("vit", "rn"))
+    }
+
+
+@pytest.fixture(scope="session")
+def vit_backend(tiny_weights):
+    from clipviz.loading import load_backend
+
+    config, weights = tiny_weights["vit"]
+    return load_backend(model_config=config, pretrained=str(weights), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def rn_backend(tiny_weights):
+    from clipviz.loading import load_backend
+
+    config, weights = tiny_weights["rn"]
+    return load_backend(model_config=config, pretrained=str(weights), device="cpu")
+
+
+@pytest.fixture(params=["vit", "rn"])
+def backend(request):
+    return request.getfixturevalue(f"{request.param}_backend")
+
+
+def random_image(seed: int = 0, size: tuple[int, int] = (96, 80)) -> Image.Image:
+    """A noise image of `size` (width, height) with a bright square, so maps are not flat."""
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    arr[10:40, 20:50] = (250, 30, 30)
+    return Image.fromarray(arr)

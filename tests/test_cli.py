@@ -1,0 +1,207 @@
+"""`clipviz explain` as users type it: folders with bad files, resume, usage errors, offline."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import random_image
+from PIL import Image
+from typer.testing import CliRunner
+
+from clipviz.cli import app
+from clipviz.render import load_npz
+
+runner = CliRunner()
+
+
+def _model_args(tiny_weights, tower="vit"):
+    config, weights = tiny_weights[tower]
+    return ["--model-config", str(config), "--pretrained", str(weights)]
+
+
+def _manifest(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def messy_folder(tmp_path):
+    """Two good images, a truncated JPEG, a text file posing as JPEG, a 16-bit PNG, a README."""
+    d = tmp_path / "photos"
+    d.mkdir()
+    random_image(1).save(d / "good1.jpg")
+    random_image(2, size=(120, 64)).save(d / "good2.png")
+    buf = io.BytesIO()
+    random_image(3).save(buf, "JPEG")
+    (d / "broken.jpg").write_bytes(buf.getvalue()[:200])
+    (d / "notes.jpg").write_text("this is text")
+    Image.fromarray(np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 20).save(d / "deep.png")
+    (d / "README.txt").write_text("not an image")
+    return d
+
+
+def test_folder_run_reports_bad_files_and_resumes(messy_folder, tmp_path, tiny_weights):
+    out = tmp_path / "out"
+    args = ["explain", str(messy_folder), "dog", "a red square", "--out", str(out), "-b", "2"]
+    args += _model_args(tiny_weights)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1, result.output
+    records = {Path(r["input"]).name: r for r in _manifest(out)}
+    assert {k: r["status"] for k, r in records.items()} == {
+        "good1.jpg": "ok",
+        "good2.png": "ok",
+        "deep.png": "ok",
+        "broken.jpg": "failed",
+        "notes.jpg": "failed",
+    }
+    assert "truncated" in records["broken.jpg"]["error"]
+    assert "not an image" in records["notes.jpg"]["error"]
+    assert "1 non-image files ignored" in result.output
+
+    folder = out / "good2.png"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "a-red-square.heatmap.png",
+        "a-red-square.overlay.png",
+        "dog.heatmap.png",
+        "dog.overlay.png",
+        "maps.npz",
+    ]
+    assert Image.open(folder / "dog.overlay.png").size == (120, 64)
+    npz = load_npz(folder / "maps.npz")
+    assert list(npz["prompts"]) == ["dog", "a red square"]
+    assert npz["maps"].shape == (2, 4, 4) and npz["upsampled"].shape == (2, 64, 120)
+    assert (
+        npz["upsampled"].max() >= 250 and npz["upsampled"].min() <= 5
+    )  # normalised, then bilinear
+    probs = records["good2.png"]["probs"]
+    assert abs(sum(probs.values()) - 1) < 1e-5
+    np.testing.assert_allclose(npz["probs"], list(probs.values()), rtol=1e-5)
+
+    again = runner.invoke(app, args)
+    assert again.exit_code == 1
+    second = _manifest(out)[5:]
+    assert sorted((Path(r["input"]).name, r["status"]) for r in second) == [
+        ("broken.jpg", "failed"),
+        ("deep.png", "skipped"),
+        ("good1.jpg", "skipped"),
+        ("good2.png", "skipped"),
+        ("notes.jpg", "failed"),
+    ]
+
+    changed = runner.invoke(app, [*args[:2], "cat", *args[4:]])
+    assert changed.exit_code == 1
+    assert [r["status"] for r in _manifest(out)[10:] if r["status"] != "failed"] == ["ok"] * 3
+
+
+def test_positional_prompt_as_typed_in_the_readme(tmp_path, tiny_weights):
+    random_image(0).save(tmp_path / "img.jpg")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clipviz.cli",
+            "explain",
+            "img.jpg",
+            "dog",
+            "-q",
+            *_model_args(tiny_weights),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "clipviz-out" / "img.jpg" / "dog.overlay.png").is_file()
+    (record,) = _manifest(tmp_path / "clipviz-out")
+    assert record["status"] == "ok" and record["top"] == "dog"
+
+
+def test_prompts_from_options_files_and_stdin_inputs(tmp_path, tiny_weights):
+    random_image(0).save(tmp_path / "a.jpg")
+    (tmp_path / "prompts.txt").write_text("grass\n# comment\nsky\n")
+    result = runner.invoke(
+        app,
+        [
+            "explain",
+            "--inputs-file",
+            "-",
+            "dog",
+            "-p",
+            "a cat",
+            "--prompts-file",
+            str(tmp_path / "prompts.txt"),
+            "--out",
+            str(tmp_path / "o"),
+            "-q",
+            *_model_args(tiny_weights, "rn"),
+        ],
+        input=f"{tmp_path / 'a.jpg'}\n",
+    )
+    assert result.exit_code == 0, result.output
+    npz = load_npz(tmp_path / "o" / "a.jpg" / "maps.npz")
+    assert list(npz["prompts"]) == ["dog", "a cat", "grass", "sky"]
+    assert npz["maps"].shape == (4, 2, 2)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ([], "no prompts given"),
+        (["dog", "--method", "nope"], "unknown method 'nope'"),
+        (["dog", "--colormap", "rainbow"], "unknown colormap"),
+        (["dog", "--alpha", "2"], "outside [0, 1]"),
+        (["dog", "--pretrained", "missing.safetensors"], "neither a weights file nor a tag"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(tmp_path, tiny_weights, extra, message):
+    random_image(0).save(tmp_path / "img.jpg")
+    config, _ = tiny_weights["vit"]
+    args = ["explain", str(tmp_path / "img.jpg"), *extra, "--model-config", str(config)]
+    if "--pretrained" not in extra:
+        args += ["--pretrained", str(tiny_weights["vit"][1])]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_offline_default_weights_fail_fast_with_one_line(tmp_path):
+    random_image(0).save(tmp_path / "img.jpg")
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf"),
+        "XDG_CACHE_HOME": str(tmp_path / "xdg"),
+        "HOME": str(tmp_path),
+    }
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clipviz.cli",
+            "explain",
+            "img.jpg",
+            "dog",
+            "--pretrained",
+            "openai",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "ViT-B-16/openai" in lines[0] and "--pretrained PATH" in lines[0]
+    assert not (tmp_path / "clipviz-out" / "img.jpg").exists()
