@@ -258,3 +258,17 @@ def test_default_weights_of_vit_b_16_are_the_quickgelu_openai_ones(monkeypatch):
     with pytest.raises(ClipvizError, match="stop here"):
         clipviz.load_model()
     assert seen == {"model": "ViT-B-16", "tag": "openai", "quick_gelu": True}
+
+
+def test_explicit_attention_reproduces_the_stock_block(vit_backend):
+    b = vit_backend
+    x = b.vit_embed(_batch(b))
+    for block in b.vit_blocks():
+        with torch.no_grad():
+            stock = b.run_block(block, x)
+            explicit, probs = b.run_block_with_attention(block, x)
+            # nn.MultiheadAttention's own weights, averaged over heads, as an independent check
+            _, mha = block.attn(*(block.ln_1(x),) * 3, need_weights=True)
+        torch.testing.assert_close(explicit, stock, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(probs.mean(dim=1), mha, atol=1e-5, rtol=1e-5)
+        x = stock

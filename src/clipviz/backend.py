@@ -257,6 +257,46 @@ class Backend:
             return block(x)
         return block(x.transpose(0, 1)).transpose(0, 1)
 
+    def attention_qkv(
+        self, block: Any, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values of `block`'s self-attention on `x` (`[B, L, W]`, already
+        through `ln_1`), each `[B, heads, L, head_dim]`, from the block's own weights."""
+        from open_clip.transformer import ResidualAttentionBlock
+
+        if not isinstance(block, ResidualAttentionBlock):
+            raise ClipvizError(
+                f"{self.identity['model']}: this method needs explicit attention, which clipviz "
+                f"implements for standard ViT blocks only (not {type(block).__name__})"
+            )
+        attn = block.attn
+        B, L, W = x.shape
+        heads = attn.num_heads
+        qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)  # [B, L, 3W]
+        qkv = qkv.view(B, L, 3, heads, W // heads).permute(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1], qkv[2]
+
+    def attention_out(self, block: Any, heads_out: torch.Tensor) -> torch.Tensor:
+        """Merge heads `[B, heads, L, head_dim]` -> `[B, L, W]` and apply `out_proj`."""
+        B, H, L, d = heads_out.shape
+        merged = heads_out.transpose(1, 2).reshape(B, L, H * d)
+        return block.attn.out_proj(merged)
+
+    def run_block_with_attention(
+        self, block: Any, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A stock block computed explicitly, returning its output `[B, L, W]` and attention
+        probabilities `[B, heads, L, L]` (open_clip's own forward never materialises them)."""
+        q, k, v = self.attention_qkv(block, block.ln_1(x))
+        probs = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+        x = x + block.ls_1(self.attention_out(block, probs @ v))
+        x = x + block.ls_2(block.mlp(block.ln_2(x)))
+        return x, probs
+
+    def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """The stock global image embeddings `[B, D]`, unit length (at the backend's resolution)."""
+        return self.dense_tokens(images)[:, 0]
+
     def vit_head(self, x: torch.Tensor) -> torch.Tensor:
         """Last-block tokens `[B, 1+N, W]` -> joint-space tokens `[B, 1+N, D]` (not normalised).
 

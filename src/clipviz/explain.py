@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +61,7 @@ def explain(
     prompts: Sequence[str] | Texts,
     method: str = "itsm",
     ensemble: bool = True,
+    options: dict[str, Any] | None = None,
 ) -> Explanation:
     """Explain why `backend`'s CLIP matches each image with each prompt.
 
@@ -67,6 +69,7 @@ def explain(
         `[B, 3, H, W]`.
     prompts: strings (embedded through the template ensemble unless `ensemble=False`) or
         ready `Texts`.
+    options: method knobs (e.g. `{"depth": 6}`); each method takes the ones it knows.
     """
     texts = prompts if isinstance(prompts, Texts) else None
     if texts is None:
@@ -81,10 +84,11 @@ def explain(
             f"method {spec.name} supports {'/'.join(spec.towers)} towers only, "
             f"not this model's {backend.tower}"
         )
-    result = spec.fn(backend, batch, texts)
+    known = {k: v for k, v in (options or {}).items() if k in spec.options and v is not None}
+    result = spec.fn(backend, batch, texts, **known)
     image_emb = result.image_embeddings
     if image_emb is None:
-        image_emb = backend.dense_tokens(batch)[:, 0]
+        image_emb = backend.image_embeddings(batch)
     scores = F.normalize(image_emb.float(), dim=-1) @ texts.embeddings.float().T  # [B, T]
     probs = (backend.logit_scale * scores).softmax(dim=-1)
     return Explanation(

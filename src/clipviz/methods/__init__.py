@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..backend import Backend, Texts
 from ..errors import ClipvizError
 
 
@@ -24,7 +23,7 @@ class MapResult:
     image_embeddings: torch.Tensor | None = None
 
 
-MethodFn = Callable[[Backend, torch.Tensor, Texts], MapResult]
+MethodFn = Callable[..., MapResult]  # (backend, images [B,3,H,W], texts, **options)
 
 
 @dataclass(frozen=True)
@@ -34,6 +33,7 @@ class Method:
     summary: str
     citation: str
     towers: tuple[str, ...] = ("vit", "rn")
+    options: tuple[str, ...] = ()  # keyword options the function accepts (paper knobs)
 
 
 def _registry() -> dict[str, Method]:
