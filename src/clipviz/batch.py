@@ -29,7 +29,7 @@ from .errors import ClipvizError
 from .explain import Explanation, explain, upsample_normalized
 from .files import append_jsonl, read_jsonl, write_json_atomic
 from .methods import get_method
-from .render import colorize, overlay, prompt_slugs, save_npz, save_png
+from .render import colorize, comparison_sheet, overlay, prompt_slugs, save_npz, save_png
 
 MANIFEST = "manifest.jsonl"
 
@@ -127,8 +127,10 @@ def write_outputs(
         "probs": first.probs[index].numpy(),
         "size": np.array(size),
     }
+    upsampled: dict[str, np.ndarray] = {}
     for k, exp in enumerate(explanations):
         up = upsample_normalized(exp.maps[index], size).numpy()  # [T, H, W] in [0, 1]
+        upsampled[exp.method] = up
         suffix = "" if len(explanations) == 1 else f".{exp.method}"
         for slug, norm in zip(slugs, up, strict=True):
             for kind, rgb in (
@@ -141,6 +143,10 @@ def write_outputs(
         key = "" if k == 0 else f"_{exp.method}"
         arrays[f"maps{key}"] = exp.maps[index].numpy()
         arrays[f"upsampled{key}"] = (up * 255.0 + 0.5).astype(np.uint8)
+    if len(explanations) > 1:
+        sheet = comparison_sheet(image, upsampled, first.prompts, render.colormap, render.alpha)
+        save_png(folder / "comparison.png", sheet)
+        files.append("comparison.png")
     save_npz(folder / "maps.npz", **arrays)
     files.append("maps.npz")
     return files

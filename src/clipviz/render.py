@@ -115,3 +115,50 @@ def load_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """Read an NPZ written by clipviz without ever unpickling."""
     with np.load(Path(path), allow_pickle=False) as data:
         return {k: data[k] for k in data.files}
+
+
+def comparison_sheet(
+    image: np.ndarray,
+    maps: dict[str, np.ndarray],
+    prompts: Sequence[str],
+    colormap: str = "jet",
+    alpha: float = 0.5,
+    cell: int = 224,
+) -> np.ndarray:
+    """One picture comparing methods: rows are prompts, columns are methods.
+
+    image: uint8 `[H, W, 3]`; maps: method -> normalised maps `[T, H, W]` in [0, 1].
+    Each cell is the overlay scaled so its longer side is `cell` pixels.
+    """
+    from PIL import ImageDraw, ImageFont
+
+    h, w = image.shape[:2]
+    scale = cell / max(h, w)
+    cw, ch = max(1, round(w * scale)), max(1, round(h * scale))
+    small = np.asarray(Image.fromarray(image).resize((cw, ch), Image.Resampling.BILINEAR))
+    font = ImageFont.load_default(size=14)
+    label_w, header_h, pad = 150, 24, 4
+    methods = list(maps)
+    sheet = Image.new(
+        "RGB",
+        (label_w + len(methods) * (cw + pad), header_h + len(prompts) * (ch + pad)),
+        "white",
+    )
+    draw = ImageDraw.Draw(sheet)
+    for j, method in enumerate(methods):
+        draw.text((label_w + j * (cw + pad) + 4, 4), method, fill="black", font=font)
+    for i, prompt in enumerate(prompts):
+        y = header_h + i * (ch + pad)
+        text = prompt if len(prompt) <= 20 else prompt[:19] + "…"
+        draw.text((4, y + ch // 2 - 7), text, fill="black", font=font)
+        for j, method in enumerate(methods):
+            norm = np.asarray(
+                Image.fromarray(maps[method][i].astype(np.float32)).resize(
+                    (cw, ch), Image.Resampling.BILINEAR
+                )
+            )
+            sheet.paste(
+                Image.fromarray(overlay(small, norm, colormap, alpha)),
+                (label_w + j * (cw + pad), y),
+            )
+    return np.asarray(sheet)
