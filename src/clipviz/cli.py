@@ -285,6 +285,185 @@ def _print_summary(summary: Any, out: Path, ignored: int, rows: int = 20) -> Non
     )
 
 
+@app.command("eval")
+@_handle_errors
+def eval_(
+    root: Annotated[Path, typer.Argument(help="dataset root (or a COCO instances JSON)")],
+    format: Annotated[
+        Literal["voc", "coco", "cub", "generic"], typer.Option("--format", "-f", help="layout")
+    ] = "voc",
+    method: Annotated[
+        list[str] | None, typer.Option("--method", "-m", help="method(s) [default: itsm]")
+    ] = None,
+    metric: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--metric",
+            help="miou, msc, pointing, energy, maxboxacc, deletion, insertion "
+            "[default: the first five]",
+        ),
+    ] = None,
+    split: Annotated[str | None, typer.Option(help="split name (voc: val, coco: val2017)")] = None,
+    limit: Annotated[int | None, typer.Option(help="score the first N images only")] = None,
+    classes_file: Annotated[
+        Path | None, typer.Option("--classes-file", help="'class: prompt' lines")
+    ] = None,
+    json_path: Annotated[
+        Path | None,
+        typer.Option("--json", help="results JSON [default: clipviz-eval/<dataset>.json]"),
+    ] = None,
+    pointing_tolerance: Annotated[
+        float, typer.Option("--pointing-tolerance", help="pixels (15 for ~500 px photos)")
+    ] = 15.0,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 16,
+    no_ensemble: Annotated[bool, typer.Option("--no-ensemble")] = False,
+    fresh: Annotated[bool, typer.Option("--fresh", help="ignore records of earlier runs")] = False,
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    model_config: ModelConfigOpt = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    resolution: ResolutionOpt = None,
+    crop: CropOpt = "none",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Score methods on a dataset with masks or boxes: a methods × metrics table and a JSON."""
+    from .datasets import open_dataset
+    from .evaluate import (
+        DEFAULT_METRICS,
+        EvalOptions,
+        check_metrics,
+        class_prompts,
+        evaluate,
+        write_report,
+    )
+    from .methods import get_method
+
+    methods = tuple(dict.fromkeys(method or ["itsm"]))
+    for m in methods:
+        get_method(m)
+    dataset = open_dataset(root, format, split=split, limit=limit)
+    if len(dataset) == 0:
+        raise ClipvizError(f"{dataset.name} has no images; check --split and the layout")
+    opts = EvalOptions(
+        methods=methods,
+        metrics=tuple(dict.fromkeys(metric or DEFAULT_METRICS)),
+        pointing_tolerance=pointing_tolerance,
+        batch_size=batch_size,
+    )
+    check_metrics(opts.metrics, dataset)
+    prompts = class_prompts(dataset, classes_file)
+    json_path = json_path or Path("clipviz-eval") / f"{_safe_name(dataset.name)}.json"
+    records_path = json_path.with_suffix(".records.jsonl")
+    if fresh and records_path.exists():
+        records_path.unlink()
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+
+    backend = _load(model, pretrained, model_config, device, precision, resolution, crop)
+    texts = backend.encode_texts(prompts, ensemble=not no_ensemble)
+    progress = Progress(
+        TextColumn("[bold]evaluating"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        disable=quiet,
+    )
+    task = progress.add_task("eval", total=len(dataset))
+    with progress:
+        results, records = evaluate(
+            backend, dataset, texts, opts, records_path, on_image=lambda r: progress.advance(task)
+        )
+    csv_path = write_report(json_path, results, records, backend, dataset, texts, opts)
+    failed = [r for r in records if r["status"] == "failed"]
+    if not quiet:
+        _print_eval_table(results, opts, dataset.name, len(records) - len(failed))
+        for r in failed[:20]:
+            err_console.print(f"[red]failed[/] {r['image']}: {r['error']}", highlight=False)
+        out_console.print(f"results: {json_path}, per image: {csv_path}", highlight=False)
+    raise typer.Exit(1 if failed else 0)
+
+
+def _safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("_") or "dataset"
+
+
+def _print_eval_table(results: dict[str, Any], opts: Any, name: str, scored: int) -> None:
+    columns: list[tuple[str, str, int]] = []  # (result key, header, decimals)
+    for m in opts.metrics:
+        columns += {
+            "miou": [("miou", "mIoU %", 1), ("miou_threshold", "τ", 2)],
+            "msc": [("msc", "mSC %", 1)],
+            "pointing": [("pointing", "pointing", 3), ("area", "area", 3)],
+            "energy": [("energy", "energy", 3)],
+            "maxboxacc": [("maxboxacc", "MaxBoxAcc %", 1), ("maxboxacc_threshold", "τ box", 2)],
+            "deletion": [("deletion", "deletion ↓", 3)],
+            "insertion": [("insertion", "insertion ↑", 3)],
+        }[m]
+    table = Table(title=f"{name}: {scored} images", title_justify="left")
+    table.add_column("method", no_wrap=True)
+    for _, header, _ in columns:
+        table.add_column(header, justify="right", no_wrap=True)
+    for method, res in results.items():
+        cells = []
+        for key, _, digits in columns:
+            value = res.get(key)
+            cells.append("—" if value is None or value != value else f"{value:.{digits}f}")
+        table.add_row(method, *cells)
+    out_console.print(table)
+
+
+@app.command("bench")
+@_handle_errors
+def bench_(
+    method: Annotated[
+        list[str] | None, typer.Option("--method", "-m", help="method(s) [default: all]")
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 8,
+    prompts: Annotated[int, typer.Option("--prompts", help="texts per image")] = 3,
+    repeats: Annotated[int, typer.Option("--repeats", help="timed runs (median)")] = 5,
+    json_path: Annotated[Path | None, typer.Option("--json", help="also write the rows")] = None,
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    model_config: ModelConfigOpt = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    resolution: ResolutionOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Milliseconds per image of each method, as a multiple of a bare forward pass."""
+    from dataclasses import asdict
+
+    from .bench import bench
+    from .files import write_json_atomic
+
+    backend = _load(model, pretrained, model_config, device, precision, resolution)
+    with err_console.status("timing…"):
+        rows = bench(backend, method, batch_size, prompts, repeats)
+    size = "x".join(map(str, backend.input_size))
+    table = Table(
+        title=f"{backend.identity['model']} at {size} on {backend.device}, "
+        f"batch {batch_size}, {prompts} prompts (median of {repeats})",
+        title_justify="left",
+    )
+    table.add_column("method")
+    table.add_column("ms / image", justify="right")
+    table.add_column("× forward", justify="right")
+    for r in rows:
+        ok = r.ratio == r.ratio
+        table.add_row(
+            r.name, f"{r.ms_per_image:.2f}" if ok else r.note, f"{r.ratio:.2f}" if ok else ""
+        )
+    out_console.print(table)
+    if json_path is not None:
+        write_json_atomic(
+            json_path,
+            {"model": backend.identity, "device": str(backend.device), "batch_size": batch_size,
+             "prompts": prompts, "repeats": repeats, "rows": [asdict(r) for r in rows]},
+        )  # fmt: skip
+
+
 @app.command()
 @_handle_errors
 def models(
