@@ -28,7 +28,7 @@ from .data import DEFAULT_MAX_PIXELS, ImageError, InputItem, load_image
 from .errors import ClipvizError
 from .explain import Explanation, explain, upsample_normalized
 from .files import append_jsonl, read_jsonl, write_json_atomic
-from .methods import get_method
+from .methods import check_methods
 from .render import colorize, comparison_sheet, overlay, prompt_slugs, save_npz, save_png
 
 MANIFEST = "manifest.jsonl"
@@ -76,7 +76,11 @@ def _as_list(batch: list[Any]) -> list[Any]:
 
 
 def request_key(
-    backend: Backend, methods: Sequence[str], texts: Texts, render: RenderOptions
+    backend: Backend,
+    methods: Sequence[str],
+    texts: Texts,
+    render: RenderOptions,
+    options: dict[str, Any] | None = None,
 ) -> str:
     """What makes two runs' outputs interchangeable; a finished image is skipped only on a match."""
     blob = json.dumps(
@@ -87,8 +91,10 @@ def request_key(
             "prompts": texts.prompts,
             "ensemble": texts.ensemble,
             "render": asdict(render),
+            "options": options or {},
         },
         sort_keys=True,
+        default=str,
     )
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
@@ -164,18 +170,20 @@ def run_explain(
     workers: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     on_record: Callable[[dict[str, Any]], None] | None = None,
+    method_options: dict[str, Any] | None = None,
 ) -> RunSummary:
     """Explain every item, writing outputs and one manifest line per image as it finishes.
 
     Images finished by an earlier run with the same request are skipped unless `overwrite`.
-    `on_record` is called with each manifest record (for progress display).
+    `on_record` is called with each manifest record (for progress display);
+    `method_options` holds method knobs (each method takes the ones it knows).
     """
     if batch_size < 1:
         raise ClipvizError(f"--batch-size {batch_size} must be at least 1")
-    for m in methods:
-        get_method(m)
+    check_methods(backend, methods)
     out.mkdir(parents=True, exist_ok=True)
-    key = request_key(backend, methods, texts, render)
+    options = {k: v for k, v in (method_options or {}).items() if v is not None}
+    key = request_key(backend, methods, texts, render, options)
     write_json_atomic(
         out / "run.json",
         {
@@ -186,6 +194,7 @@ def run_explain(
             "prompts": texts.prompts,
             "ensemble": texts.ensemble,
             "render": asdict(render),
+            "options": options,
             "key": key,
             "started": datetime.now(UTC).isoformat(timespec="seconds"),
         },
@@ -227,7 +236,7 @@ def run_explain(
             continue
         images = torch.stack([x for _, x, _ in good])
         try:
-            explanations = [explain(backend, images, texts, m) for m in methods]
+            explanations = [explain(backend, images, texts, m, options=options) for m in methods]
         except ClipvizError:
             raise
         except Exception as e:  # noqa: BLE001 - report and go on with the next batch

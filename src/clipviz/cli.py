@@ -74,6 +74,40 @@ CropOpt = Annotated[
     ),
 ]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="show tracebacks of errors")]
+# -- method knobs (each method takes the ones it knows) ----------------------------------
+SurgeryDepthOpt = Annotated[
+    int | None, typer.Option("--surgery-depth", help="surgery: last K blocks [default: 6]")
+]
+GaeStartOpt = Annotated[
+    int | None,
+    typer.Option("--gae-start-layer", help="gae: first block (-1 = last) [default: all]"),
+]
+LegradLayersOpt = Annotated[
+    int | None, typer.Option("--legrad-layers", help="legrad: last L blocks [default: 2]")
+]
+GscorecamTopkOpt = Annotated[
+    int | None, typer.Option("--gscorecam-topk", help="gscorecam: channels kept [default: 300]")
+]
+EclipOpt = Annotated[
+    Path | None, typer.Option("--eclip", help="eclip: checkpoint from `clipviz train`")
+]
+
+
+def _method_options(
+    depth: int | None,
+    start_layer: int | None,
+    layers: int | None,
+    topk: int | None,
+    eclip: Path | None,
+) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "depth": depth,
+        "start_layer": start_layer,
+        "layers": layers,
+        "topk": topk,
+        "eclip": str(eclip) if eclip is not None else None,
+    }
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def _handle_errors(fn: F) -> F:
@@ -184,6 +218,11 @@ def explain(
         int, typer.Option("--max-pixels", help="refuse images with more pixels than this")
     ] = 100_000_000,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar or table")] = False,
+    surgery_depth: SurgeryDepthOpt = None,
+    gae_start_layer: GaeStartOpt = None,
+    legrad_layers: LegradLayersOpt = None,
+    gscorecam_topk: GscorecamTopkOpt = None,
+    eclip: EclipOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Saliency maps of INPUT for each prompt: `clipviz explain photo.jpg dog "a red car"`."""
@@ -251,6 +290,9 @@ def explain(
             workers=workers,
             max_pixels=max_pixels,
             on_record=on_record,
+            method_options=_method_options(
+                surgery_depth, gae_start_layer, legrad_layers, gscorecam_topk, eclip
+            ),
         )
     if not quiet:
         _print_summary(summary, out, ignored)
@@ -326,6 +368,11 @@ def eval_(
     resolution: ResolutionOpt = None,
     crop: CropOpt = "none",
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    surgery_depth: SurgeryDepthOpt = None,
+    gae_start_layer: GaeStartOpt = None,
+    legrad_layers: LegradLayersOpt = None,
+    gscorecam_topk: GscorecamTopkOpt = None,
+    eclip: EclipOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Score methods on a dataset with masks or boxes: a methods × metrics table and a JSON."""
@@ -351,6 +398,9 @@ def eval_(
         metrics=tuple(dict.fromkeys(metric or DEFAULT_METRICS)),
         pointing_tolerance=pointing_tolerance,
         batch_size=batch_size,
+        method_options=_method_options(
+            surgery_depth, gae_start_layer, legrad_layers, gscorecam_topk, eclip
+        ),
     )
     check_metrics(opts.metrics, dataset)
     prompts = class_prompts(dataset, classes_file)

@@ -6,8 +6,9 @@ rendering happen once, outside the methods.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -37,16 +38,36 @@ class Method:
 
 
 def _registry() -> dict[str, Method]:
+    from .baseline import random_map
+    from .eclip import eclip
     from .itsm import itsm
+    from .surgery import SURGERY_METHODS
 
-    return {
-        "itsm": Method(
+    methods = [
+        Method(
             "itsm",
             itsm,
             "Image-Text Similarity Map: cosine of every projected patch token with the text",
-            "Li et al., Exploring Visual Interpretability for CLIP (ECLIP), 2022",
+            "Li et al., Exploring Visual Interpretability for CLIP (ECLIP), arXiv:2209.07046, 2022",
         ),
-    }
+        Method(
+            "eclip",
+            eclip,
+            "ITSM on the explain projection trained by `clipviz train` (masked max pooling)",
+            "Li et al., Exploring Visual Interpretability for CLIP (ECLIP), arXiv:2209.07046, 2022"
+            " — our implementation",
+            options=("eclip",),
+        ),
+        *SURGERY_METHODS,
+        Method(
+            "random",
+            random_map,
+            "Baseline: uniform random maps (chance level for every metric)",
+            "—",
+            options=("seed",),
+        ),
+    ]
+    return {m.name: m for m in methods}
 
 
 METHODS: dict[str, Method] = _registry()
@@ -58,3 +79,16 @@ def get_method(name: str) -> Method:
         return METHODS[name.lower()]
     except KeyError:
         raise ClipvizError(f"unknown method {name!r}; choose from: {', '.join(METHODS)}") from None
+
+
+def check_methods(backend: Any, names: Sequence[str]) -> None:
+    """Refuse, before any work, a method that is unknown or does not fit the model's tower."""
+    for name in names:
+        spec = get_method(name)
+        if backend.tower not in spec.towers:
+            other = "ViT" if backend.tower == "rn" else "ResNet"
+            raise ClipvizError(
+                f"method {spec.name} is defined for {other} towers only, and "
+                f"{backend.identity['model']} has a {'ViT' if backend.tower == 'vit' else 'ResNet'} "
+                "tower; choose another --method or --model"
+            )
