@@ -40,6 +40,7 @@ class Method:
 def _registry() -> dict[str, Method]:
     from .baseline import random_map
     from .eclip import eclip
+    from .gradients import GRADIENT_METHODS
     from .itsm import itsm
     from .surgery import SURGERY_METHODS
 
@@ -59,6 +60,7 @@ def _registry() -> dict[str, Method]:
             options=("eclip",),
         ),
         *SURGERY_METHODS,
+        *GRADIENT_METHODS.values(),
         Method(
             "random",
             random_map,
