@@ -4,6 +4,7 @@ the same path a user's weights take (`--model-config` + `--pretrained FILE`)."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -15,8 +16,13 @@ from PIL import Image
 CONFIGS = Path(__file__).parent / "configs"
 
 # Tests never touch the user's caches, and never the network.
-os.environ["CLIPVIZ_CACHE"] = tempfile.mkdtemp(prefix="clipviz-test-cache-")
+_CACHE = tempfile.mkdtemp(prefix="clipviz-test-cache-")
+os.environ["CLIPVIZ_CACHE"] = _CACHE
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 def save_random_weights(config: Path, path: Path, seed: int = 0) -> Path:
