@@ -516,6 +516,22 @@ def bench_(
 
 @app.command()
 @_handle_errors
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="the --out folder of a clipviz explain run")],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="[default: RUN_DIR/report.html]")
+    ] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """One static HTML page over a run's overlays, probabilities and failures."""
+    from .report import build_report
+
+    path = build_report(run_dir, out)
+    out_console.print(f"report: {path}", highlight=False)
+
+
+@app.command()
+@_handle_errors
 def models(
     debug: DebugOpt = False,
 ) -> None:
