@@ -106,7 +106,7 @@ def test_positional_prompt_as_typed_in_the_readme(tmp_path, tiny_weights):
         [
             sys.executable,
             "-m",
-            "clipviz.cli",
+            "clipviz",
             "explain",
             "img.jpg",
             "dog",
@@ -187,7 +187,7 @@ def test_offline_default_weights_fail_fast_with_one_line(tmp_path):
         [
             sys.executable,
             "-m",
-            "clipviz.cli",
+            "clipviz",
             "explain",
             "img.jpg",
             "dog",

@@ -561,5 +561,8 @@ def main() -> None:
         sys.exit(e.code)
 
 
+# Commands defined in their own modules register themselves on `app`.
+from . import cli_train as _cli_train  # noqa: E402,F401
+
 if __name__ == "__main__":
     main()
