@@ -5,13 +5,33 @@ BIN := $(VENV)/bin
 
 .PHONY: install demo test lint format clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed wordnet
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
+
+# WordNet 3.0 for ConVis (`clipviz concepts`): when it is missing, install Debian's packages if
+# we are root with apt-get; otherwise print how to get it. Never fails the install.
+WORDNET_DIRS ?= $(WNSEARCHDIR) $(WNHOME)/dict /usr/share/wordnet /usr/local/WordNet-3.0/dict
+NLTK_DIRS ?= $(NLTK_DATA) $(HOME)/nltk_data $(VENV)/nltk_data $(VENV)/share/nltk_data \
+	/usr/share/nltk_data /usr/local/share/nltk_data /usr/lib/nltk_data /usr/local/lib/nltk_data
+
+.PHONY: wordnet
+wordnet:
+	@found() { for d in $(WORDNET_DIRS); do [ -f "$$d/data.noun" ] && return 0; done; \
+	  for d in $(NLTK_DIRS); do [ -e "$$d/corpora/wordnet" ] || [ -e "$$d/corpora/wordnet.zip" ] && return 0; done; \
+	  return 1; }; \
+	found && exit 0; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing WordNet 3.0 for clipviz concepts (apt-get: wordnet-base wordnet-sense-index)"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends wordnet-base wordnet-sense-index; } >/dev/null 2>&1; \
+	fi; \
+	found || echo "note: WordNet 3.0 not found; clipviz concepts needs it:" \
+	  "sudo apt install wordnet-base wordnet-sense-index (or: python -m nltk.downloader wordnet)"
 
 demo: install
 	$(BIN)/python examples/explain_photos.py

@@ -114,7 +114,7 @@ def test_text_embeddings_come_back_from_the_disk_cache(tiny_weights, monkeypatch
     def no_model(*args, **kwargs):
         raise AssertionError("the text tower ran although the embedding was cached")
 
-    monkeypatch.setattr(second, "_embed_prompts", no_model)
+    monkeypatch.setattr(second, "embed_texts", no_model)
     torch.testing.assert_close(second.encode_texts(["a cached prompt"]).embeddings, emb)
 
 

@@ -151,14 +151,16 @@ class Backend:
                 self._text_memory[(p, ensemble)] = cached
                 missing.remove(p)
         if missing:
-            for p, emb in zip(missing, self._embed_prompts(missing, ensemble), strict=True):
+            for p, emb in zip(missing, self.embed_texts(missing, ensemble), strict=True):
                 self._text_memory[(p, ensemble)] = emb
                 self._store_text_cache(p, ensemble, emb)
         emb = torch.stack([self._text_memory[(p, ensemble)] for p in prompts]).to(self.device)
         return Texts(list(prompts), emb, ensemble)
 
     @torch.no_grad()
-    def _embed_prompts(self, prompts: list[str], ensemble: bool) -> list[torch.Tensor]:
+    def embed_texts(self, prompts: list[str], ensemble: bool) -> list[torch.Tensor]:
+        """Unit-length embeddings (on the CPU) computed now, without the caches: for bulk
+        texts such as thousands of WordNet definitions, which keep a cache of their own."""
         templates = ensemble_templates() if ensemble else ["{}"]
         sentences = [t.format(p) for p in prompts for t in templates]
         chunks = []

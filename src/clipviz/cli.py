@@ -373,6 +373,10 @@ def eval_(
     legrad_layers: LegradLayersOpt = None,
     gscorecam_topk: GscorecamTopkOpt = None,
     eclip: EclipOpt = None,
+    synset: Annotated[
+        list[str] | None,
+        typer.Option("--synset", help="convis: the WordNet synset of each class, in class order"),
+    ] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Score methods on a dataset with masks or boxes: a methods × metrics table and a JSON."""
@@ -400,7 +404,8 @@ def eval_(
         batch_size=batch_size,
         method_options=_method_options(
             surgery_depth, gae_start_layer, legrad_layers, gscorecam_topk, eclip
-        ),
+        )
+        | ({"synsets": list(synset)} if synset else {}),
     )
     check_metrics(opts.metrics, dataset)
     prompts = class_prompts(dataset, classes_file)
@@ -562,6 +567,7 @@ def main() -> None:
 
 
 # Commands defined in their own modules register themselves on `app`.
+from . import cli_concepts as _cli_concepts  # noqa: E402,F401
 from . import cli_train as _cli_train  # noqa: E402,F401
 
 if __name__ == "__main__":

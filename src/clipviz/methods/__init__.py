@@ -39,6 +39,7 @@ class Method:
 
 def _registry() -> dict[str, Method]:
     from .baseline import random_map
+    from .convis import convis
     from .eclip import eclip
     from .gradients import GRADIENT_METHODS
     from .itsm import itsm
@@ -61,6 +62,15 @@ def _registry() -> dict[str, Method]:
         ),
         *SURGERY_METHODS,
         *GRADIENT_METHODS.values(),
+        Method(
+            "convis",
+            convis,
+            "ConVis: maps of WordNet concepts from the ranks of every synset's definition over "
+            "1,800 windows (a text = a synset: --synset, a 'dog.n.01' prompt, or a noun)",
+            "Giulivi & Boracchi, Concept Visualization: Explaining the CLIP Multi-modal "
+            "Embedding Using WordNet, IJCNN 2024",
+            options=("synsets", "variant", "vocabulary", "embed", "seed", "window_batch"),
+        ),
         Method(
             "random",
             random_map,

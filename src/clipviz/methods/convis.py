@@ -1,0 +1,82 @@
+"""ConVis — concept maps from WordNet (Giulivi et al. 2024); machinery in `clipviz.convis`.
+
+Each text names a concept: the `synsets` option (one synset per text, or one for all), else the prompt
+itself when it is a synset name (`dog.n.01`), else the prompt's most frequent noun sense.
+Grid and stochastic maps are `[B, T, 224, 224]` over the input, which `explain` hands over
+already resized by the backend (`--crop center` gives the paper's centre crop); `dense`
+(ours) is `[B, T, h, w]` from one forward pass.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+
+from ..backend import Backend, Texts
+from ..convis import (
+    VARIANTS,
+    concept_bank,
+    dense_maps,
+    grid_maps,
+    square_from_batch,
+    stochastic_maps,
+)
+from ..errors import ClipvizError
+from ..wordnet import resolve_concepts
+from . import MapResult
+
+_SYNSET = re.compile(r"^.+\.n\.\d+$")
+
+
+def text_concepts(prompts: Sequence[str], synsets: str | Sequence[str] | None = None) -> list[str]:
+    """The synset each prompt stands for (see the module docstring)."""
+    if synsets is not None:
+        names = synsets.split(",") if isinstance(synsets, str) else list(synsets)
+        if len(names) == 1:
+            names = names * len(prompts)  # one concept for every class (the WSOL setting)
+        if len(names) != len(prompts):
+            raise ClipvizError(
+                f"convis: {len(names)} synsets for {len(prompts)} texts; give one per text, "
+                "or one for all"
+            )
+        return [resolve_concepts(synsets=[n.strip()])[0][0] for n in names]
+    out = []
+    for p in prompts:
+        found, _ = (
+            resolve_concepts(synsets=[p])
+            if _SYNSET.match(p.strip())
+            else resolve_concepts(words=[p])
+        )
+        out.append(found[0])
+    return out
+
+
+def convis(
+    backend: Backend,
+    images: torch.Tensor,
+    texts: Texts,
+    synsets: str | Sequence[str] | None = None,
+    variant: str = "grid",
+    vocabulary: str = "default",
+    embed: str = "definitions",
+    seed: int = 0,
+    window_batch: int = 256,
+) -> MapResult:
+    if variant not in VARIANTS:
+        raise ClipvizError(
+            f"unknown convis variant {variant!r}; choose from: {', '.join(VARIANTS)}"
+        )
+    names = text_concepts(texts.prompts, synsets)
+    bank = concept_bank(backend, vocabulary, embed, extra=names)
+    idx = [bank.hierarchy.index(n) for n in names]
+    if variant == "dense":
+        return MapResult(dense_maps(backend, images, bank, idx))
+    maps = []
+    for square in square_from_batch(backend, images):
+        if variant == "grid":
+            maps.append(grid_maps(backend, square, bank, idx, seed, window_batch)[0])
+        else:
+            maps.append(stochastic_maps(backend, square, bank, idx, seed))
+    return MapResult(torch.stack(maps))
