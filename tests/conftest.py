@@ -83,3 +83,27 @@ def random_image(seed: int = 0, size: tuple[int, int] = (96, 80)) -> Image.Image
     arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
     arr[10:40, 20:50] = (250, 30, 30)
     return Image.fromarray(arr)
+
+
+def testbed_cache() -> Path:
+    """Where the trained tiny CLIP is cached between test sessions (trained once per change
+    of its code or config; about a minute and a half on 2 CPU cores)."""
+    env = os.environ.get("CLIPVIZ_TESTBED_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "clipviz-testbed"
+
+
+@pytest.fixture(scope="session")
+def trained_clip():
+    """The tiny CLIP trained on the synthetic world: (config JSON, safetensors weights)."""
+    from clipviz.tinyclip import ensure_tiny_clip
+
+    tiny = ensure_tiny_clip(testbed_cache())
+    return tiny.config_path, tiny.weights_path
+
+
+@pytest.fixture(scope="session")
+def trained_backend(trained_clip):
+    from clipviz.loading import load_backend
+
+    config, weights = trained_clip
+    return load_backend(model_config=config, pretrained=str(weights), device="cpu")

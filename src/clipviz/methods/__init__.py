@@ -38,7 +38,7 @@ class Method:
 
 
 def _registry() -> dict[str, Method]:
-    from .baseline import random_map
+    from .baseline import attention_map, random_map
     from .convis import convis
     from .eclip import eclip
     from .gradients import GRADIENT_METHODS
@@ -70,6 +70,12 @@ def _registry() -> dict[str, Method]:
             "Giulivi & Boracchi, Concept Visualization: Explaining the CLIP Multi-modal "
             "Embedding Using WordNet, IJCNN 2024",
             options=("synsets", "variant", "vocabulary", "embed", "seed", "window_batch"),
+        ),
+        Method(
+            "attention",
+            attention_map,
+            "The class token's attention over the patches in the last block (text-agnostic)",
+            "the free attention of Li et al. (ECLIP), 2022",
         ),
         Method(
             "random",

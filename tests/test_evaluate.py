@@ -1,0 +1,156 @@
+"""`clipviz eval`: outputs, chance-level baseline, resume, bad inputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from clipviz.cli import app
+from clipviz.datasets import open_dataset
+from clipviz.evaluate import EvalOptions, evaluate, reduce_records
+from clipviz.synthetic import write_voc
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def synth_voc(tmp_path_factory):
+    root = tmp_path_factory.mktemp("voc")
+    write_voc(root, 40, seed=7, size=64)
+    return root
+
+
+def _model_args(tiny_weights, tower="vit"):
+    config, weights = tiny_weights[tower]
+    return ["--model-config", str(config), "--pretrained", str(weights)]
+
+
+def test_eval_prints_a_table_and_writes_json_and_per_image_csv(synth_voc, tmp_path, tiny_weights):
+    out = tmp_path / "res.json"
+    result = runner.invoke(
+        app,
+        ["eval", str(synth_voc), "--format", "voc", "-m", "itsm", "-m", "random", "--limit", "6",
+         "--pointing-tolerance", "0", "--json", str(out), *_model_args(tiny_weights)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "mIoU %" in result.output and "random" in result.output
+    data = json.loads(out.read_text())
+    assert data["dataset"]["size"] == 6 and data["dataset"]["scored"] == 6
+    assert data["model"]["model"] == "tiny-vit"
+    assert set(data["results"]) == {"itsm", "random"}
+    itsm = data["results"]["itsm"]
+    assert 0.05 <= itsm["miou_threshold"] <= 0.95 and 0 <= itsm["miou"] <= 100
+    assert -100 <= itsm["msc"] <= 100 and 0 <= itsm["pointing"] <= 1
+
+    ds = open_dataset(synth_voc, "voc", limit=6)
+    pairs = sum(len(ds[i].classes) for i in range(6))
+    with open(out.with_suffix(".per_image.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * pairs
+    itsm_msc = [float(r["msc"]) for r in rows if r["method"] == "itsm"]
+    assert math.isclose(np.mean(itsm_msc), itsm["msc"], rel_tol=1e-4)
+
+
+def test_uniform_random_maps_score_chance(synth_voc, vit_backend, tmp_path):
+    ds = open_dataset(synth_voc, "voc")
+    texts = vit_backend.encode_texts([c for c in ds.classes])
+    opts = EvalOptions(methods=("random",), metrics=("msc", "pointing", "energy"),
+                       pointing_tolerance=0)  # fmt: skip
+    results, _ = evaluate(vit_backend, ds, texts, opts, tmp_path / "r.jsonl")
+    res = results["random"]
+    assert abs(res["msc"]) < 3.0  # a map that prefers nothing
+    assert abs(res["pointing"] - res["area"]) < 0.08  # a random point hits as often as area
+    assert abs(res["energy"] - res["area"]) < 0.03
+
+
+def test_interrupted_eval_resumes_without_recomputing(
+    synth_voc, vit_backend, tmp_path, monkeypatch
+):
+    import clipviz.evaluate as ev
+
+    texts = vit_backend.encode_texts(open_dataset(synth_voc, "voc").classes)
+    opts = EvalOptions(methods=("itsm",), metrics=("miou", "msc", "maxboxacc"), batch_size=4)
+    records = tmp_path / "r.jsonl"
+    evaluate(vit_backend, open_dataset(synth_voc, "voc", limit=8), texts, opts, records)
+
+    calls = []
+    real = ev.explain
+    monkeypatch.setattr(
+        ev, "explain", lambda b, x, *a, **k: calls.append(len(x)) or real(b, x, *a, **k)
+    )
+    resumed, recs = evaluate(
+        vit_backend, open_dataset(synth_voc, "voc", limit=12), texts, opts, records
+    )
+    assert sum(calls) == 4  # only the 4 new images ran
+
+    fresh, _ = evaluate(vit_backend, open_dataset(synth_voc, "voc", limit=12), texts, opts,
+                        tmp_path / "fresh.jsonl")  # fmt: skip
+    assert resumed["itsm"]["miou"] == pytest.approx(fresh["itsm"]["miou"])
+    assert resumed["itsm"]["msc"] == pytest.approx(fresh["itsm"]["msc"])
+    assert reduce_records(recs, opts)["itsm"]["maxboxacc"] == pytest.approx(
+        fresh["itsm"]["maxboxacc"]
+    )
+
+
+def test_a_missing_image_is_reported_and_the_rest_scored(tmp_path, tiny_weights):
+    write_voc(tmp_path / "voc", 5, seed=3, size=64)
+    (tmp_path / "voc" / "JPEGImages" / "synth_00002.png").unlink()
+    out = tmp_path / "r.json"
+    result = runner.invoke(
+        app, ["eval", str(tmp_path / "voc"), "--json", str(out), *_model_args(tiny_weights, "rn")]
+    )
+    assert result.exit_code == 1
+    data = json.loads(out.read_text())
+    assert data["dataset"]["scored"] == 4
+    assert (
+        "synth_00002"
+        in data["dataset"]["failed"][0]["image"] + data["dataset"]["failed"][0]["error"]
+    )
+
+
+def test_classes_file_rewords_prompts(synth_voc, tmp_path, tiny_weights):
+    cf = tmp_path / "classes.txt"
+    cf.write_text("red circle: a photo of a red disc\n")
+    out = tmp_path / "r.json"
+    result = runner.invoke(
+        app,
+        ["eval", str(synth_voc), "--limit", "2", "--classes-file", str(cf), "--json", str(out),
+         "--metric", "msc", *_model_args(tiny_weights)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    prompts = json.loads(out.read_text())["prompts"]
+    assert prompts["red circle"] == "a photo of a red disc" and prompts["blue star"] == "blue star"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--metric", "accuracy"], "unknown metric 'accuracy'"),
+        (["--method", "nope"], "unknown method 'nope'"),
+        (["--format", "generic"], "no images/ folder"),
+    ],
+)
+def test_eval_usage_errors_exit_2(synth_voc, tiny_weights, args, message):
+    result = runner.invoke(app, ["eval", str(synth_voc), *args, *_model_args(tiny_weights)])
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_mask_metrics_on_box_only_data_are_refused(tmp_path, tiny_weights):
+    root = tmp_path / "cub"
+    (root / "images" / "001.Bird").mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(root / "images" / "001.Bird" / "a.jpg")
+    (root / "images.txt").write_text("1 001.Bird/a.jpg\n")
+    (root / "bounding_boxes.txt").write_text("1 2 2 10 10\n")
+    (root / "image_class_labels.txt").write_text("1 1\n")
+    (root / "classes.txt").write_text("1 001.Bird\n")
+    result = runner.invoke(app, ["eval", str(root), "--format", "cub", "--metric", "miou",
+                                 *_model_args(tiny_weights)])  # fmt: skip
+    assert result.exit_code == 2 and "needs masks" in result.output
