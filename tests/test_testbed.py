@@ -85,3 +85,23 @@ def test_eclip_makes_maps_follow_the_object(trained_backend, held_out, tmp_path)
     assert eclip["msc"] > 5
     assert eclip["msc"] > stock["msc"] + 15
     assert eclip["pointing"] > stock["pointing"] + 0.08
+
+
+def test_convis_map_of_circle_peaks_on_the_circle(trained_backend, tmp_path):
+    from PIL import Image
+
+    from clipviz.convis import concept_map, square_mask
+
+    vocabulary = tmp_path / "words.txt"
+    vocabulary.write_text("circle\nsquare\ntriangle\nstar\ngrass\nsky\ndog\ncar\ntree\nball\n")
+    scenes = make_scenes(100, seed=77, size=64, n_objects=1)
+    circles = [s for s in scenes if s.objects[0].shape == "circle"][:10]
+    hits = 0
+    for scene in circles:
+        m = concept_map(trained_backend, Image.fromarray(scene.image), "circle.n.01",
+                        embed="lemmas", vocabulary=str(vocabulary))  # fmt: skip
+        y, x = np.unravel_index(np.argmax(m), m.shape)
+        hits += bool(square_mask(scene.objects[0].mask)[y, x])
+    area = np.mean([s.objects[0].mask.mean() for s in circles])
+    print(f"circle.n.01 peaks on the circle in {hits}/{len(circles)} scenes (area {area:.2f})")
+    assert hits >= 6  # most scenes; a random peak would hit about 20% of the time

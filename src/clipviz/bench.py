@@ -14,6 +14,8 @@ from .errors import ClipvizError
 from .explain import explain
 from .methods import METHODS, get_method
 
+NOT_BY_DEFAULT = frozenset({"random", "eclip", "convis"})
+
 
 @dataclass(frozen=True)
 class BenchRow:
@@ -46,12 +48,15 @@ def bench(
     batch_size: int = 8,
     n_prompts: int = 3,
     repeats: int = 5,
+    options: dict[str, object] | None = None,
 ) -> list[BenchRow]:
     """Median ms per image of each method, and its ratio to `model.encode_image` on the same
     batch. Methods that do not support this model's tower are listed with a note."""
     if batch_size < 1 or n_prompts < 1 or repeats < 1:
         raise ClipvizError("--batch-size, --prompts and --repeats must be at least 1")
-    names = list(methods) if methods else [m for m in METHODS if m != "random"]
+    # by default every method that needs no extra input (eclip needs a checkpoint, convis
+    # WordNet and a concept bank: time them by naming them)
+    names = list(methods) if methods else [m for m in METHODS if m not in NOT_BY_DEFAULT]
     specs = [get_method(m) for m in names]
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, 3, *backend.input_size, generator=generator)
@@ -69,7 +74,7 @@ def bench(
             rows.append(BenchRow(spec.name, float("nan"), float("nan"), f"{backend.tower}: n/a"))
             continue
         seconds = _median_seconds(
-            lambda spec=spec: explain(backend, images, texts, spec.name),  # type: ignore[misc]
+            lambda spec=spec: explain(backend, images, texts, spec.name, options=options),  # type: ignore[misc]
             backend.device,
             repeats,
         )

@@ -479,6 +479,7 @@ def bench_(
     prompts: Annotated[int, typer.Option("--prompts", help="texts per image")] = 3,
     repeats: Annotated[int, typer.Option("--repeats", help="timed runs (median)")] = 5,
     json_path: Annotated[Path | None, typer.Option("--json", help="also write the rows")] = None,
+    eclip: EclipOpt = None,
     model: ModelOpt = None,
     pretrained: PretrainedOpt = None,
     model_config: ModelConfigOpt = None,
@@ -495,7 +496,8 @@ def bench_(
 
     backend = _load(model, pretrained, model_config, device, precision, resolution)
     with err_console.status("timing…"):
-        rows = bench(backend, method, batch_size, prompts, repeats)
+        options = _method_options(None, None, None, None, eclip)
+        rows = bench(backend, method, batch_size, prompts, repeats, options)
     size = "x".join(map(str, backend.input_size))
     table = Table(
         title=f"{backend.identity['model']} at {size} on {backend.device}, "
