@@ -74,6 +74,12 @@ CropOpt = Annotated[
     ),
 ]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="show tracebacks of errors")]
+ColormapOpt = Annotated[str, typer.Option(help="jet, turbo, viridis, inferno or gray")]
+AlphaOpt = Annotated[float, typer.Option(help="overlay opacity of the heatmap, 0–1")]
+MaxPixelsOpt = Annotated[
+    int, typer.Option("--max-pixels", help="refuse images with more pixels than this")
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar or table")]
 # -- method knobs (each method takes the ones it knows) ----------------------------------
 SurgeryDepthOpt = Annotated[
     int | None, typer.Option("--surgery-depth", help="surgery: last K blocks [default: 6]")
@@ -199,8 +205,8 @@ def explain(
         bool, typer.Option("--recursive", "-r", help="descend into folders")
     ] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="redo finished images")] = False,
-    colormap: Annotated[str, typer.Option(help="jet, turbo, viridis, inferno or gray")] = "jet",
-    alpha: Annotated[float, typer.Option(help="overlay opacity of the heatmap, 0–1")] = 0.5,
+    colormap: ColormapOpt = "jet",
+    alpha: AlphaOpt = 0.5,
     crop: CropOpt = "none",
     no_ensemble: Annotated[
         bool, typer.Option("--no-ensemble", help="embed prompts as given, without templates")
@@ -214,10 +220,8 @@ def explain(
     workers: Annotated[
         int | None, typer.Option("--workers", help="image-decoding processes [default: auto]")
     ] = None,
-    max_pixels: Annotated[
-        int, typer.Option("--max-pixels", help="refuse images with more pixels than this")
-    ] = 100_000_000,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar or table")] = False,
+    max_pixels: MaxPixelsOpt = 100_000_000,
+    quiet: QuietOpt = False,
     surgery_depth: SurgeryDepthOpt = None,
     gae_start_layer: GaeStartOpt = None,
     legrad_layers: LegradLayersOpt = None,

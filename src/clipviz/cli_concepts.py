@@ -19,12 +19,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .cli import (
+    AlphaOpt,
+    ColormapOpt,
     DebugOpt,
     DeviceOpt,
+    MaxPixelsOpt,
     ModelConfigOpt,
     ModelOpt,
     PrecisionOpt,
     PretrainedOpt,
+    QuietOpt,
     ResolutionOpt,
     _handle_errors,
     _load,
@@ -114,18 +118,16 @@ def concepts(
     recursive: Annotated[
         bool, typer.Option("--recursive", "-r", help="descend into folders")
     ] = False,
-    colormap: Annotated[str, typer.Option(help="jet, turbo, viridis, inferno or gray")] = "jet",
-    alpha: Annotated[float, typer.Option(help="overlay opacity of the heatmap, 0–1")] = 0.5,
+    colormap: ColormapOpt = "jet",
+    alpha: AlphaOpt = 0.5,
     model: ModelOpt = None,
     pretrained: PretrainedOpt = None,
     model_config: ModelConfigOpt = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     resolution: ResolutionOpt = None,
-    max_pixels: Annotated[
-        int, typer.Option("--max-pixels", help="refuse images with more pixels than this")
-    ] = 100_000_000,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar or table")] = False,
+    max_pixels: MaxPixelsOpt = 100_000_000,
+    quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """ConVis maps of WordNet concepts: `clipviz concepts photo.jpg --synset dog.n.01`, or

@@ -19,6 +19,7 @@ from .cli import (
     CropOpt,
     DebugOpt,
     DeviceOpt,
+    MaxPixelsOpt,
     ModelConfigOpt,
     ModelOpt,
     PrecisionOpt,
@@ -110,9 +111,7 @@ def train_(
     workers: Annotated[
         int | None, typer.Option("--workers", help="image-decoding processes [default: auto]")
     ] = None,
-    max_pixels: Annotated[
-        int, typer.Option("--max-pixels", help="refuse images with more pixels than this")
-    ] = 100_000_000,
+    max_pixels: MaxPixelsOpt = 100_000_000,
     model: ModelOpt = None,
     pretrained: PretrainedOpt = None,
     model_config: ModelConfigOpt = None,
