@@ -205,3 +205,10 @@ def test_offline_default_weights_fail_fast_with_one_line(tmp_path):
     assert len(lines) == 1, proc.stderr
     assert "ViT-B-16/openai" in lines[0] and "--pretrained PATH" in lines[0]
     assert not (tmp_path / "clipviz-out" / "img.jpg").exists()
+
+
+def test_models_lists_architectures_with_their_tags():
+    result = runner.invoke(app, ["models"])
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.output.splitlines() if "│ ViT-B-16 " in line)
+    assert "openai" in row and "laion2b_s34b_b88k" in result.output
