@@ -3,9 +3,11 @@ the same path a user's weights take (`--model-config` + `--pretrained FILE`)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     shutil.rmtree(_CACHE, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Tiny models: on a busy machine, waking torch's second intra-op thread costs far more
+    than the work (up to 100x), and equal thread counts keep repeated runs bitwise equal."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    with single_thread():
+        yield
 
 
 def save_random_weights(config: Path, path: Path, seed: int = 0) -> Path:

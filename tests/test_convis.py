@@ -3,13 +3,12 @@ inversion, the batched pass against a one-window-at-a-time loop, AUROC, the meth
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import numpy as np
 import pytest
 import torch
-from conftest import random_image
+from conftest import random_image, single_thread
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -53,17 +52,6 @@ def vocab(tmp_path_factory):
 @pytest.fixture(scope="module")
 def bank(vit_backend, vocab):
     return concept_bank(vit_backend, vocab)
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """Loops of one-window forward passes: thread hand-offs cost more than the tiny model."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _model_args(tiny_weights):
@@ -132,7 +120,7 @@ def test_batched_pass_equals_one_window_at_a_time(vit_backend, bank):
     canvas, boxes = noise_canvas(square, seed=0), window_boxes()
     # the reference loop: one window per forward pass, every synset ranked, minimum by hand
     x = canvas_tensor(backend, canvas)
-    with _one_thread():
+    with single_thread():
         for k in range(0, len(boxes), 11):
             v = backend.image_embeddings(window_batch(x, boxes[k : k + 1], backend))
             sims = (v @ bank.embeddings.T)[0]
@@ -197,7 +185,7 @@ def test_dense_variant_and_the_method_function(vit_backend, bank, vocab):
 def test_stochastic_variant_is_seeded(vit_backend, bank):
     square = np.asarray(square_image(random_image(0)))
     concepts = [bank.hierarchy.index("dog.n.01"), bank.hierarchy.index("circle.n.01")]
-    with _one_thread():
+    with single_thread():
         a, b, c = (
             stochastic_maps(vit_backend, square, bank, concepts, seed=s, iterations=20, restart=5)
             for s in (0, 0, 1)
@@ -247,3 +235,30 @@ def test_concepts_ood_cli_reports_both_aurocs(tmp_path, tiny_weights):
     data = json.loads(report.read_text())
     assert data["id_images"] == 3 and data["ood_images"] == 2 and data["leaves"] > 50
     assert 0 <= data["auroc_hierarchy"] <= 1 and 0 <= data["auroc_single"] <= 1
+
+
+def test_eval_scores_convis_boxes_on_cub_layout(tmp_path, tiny_weights):
+    import json
+
+    from PIL import Image
+
+    root = tmp_path / "cub"
+    (root / "images" / "001.Bird").mkdir(parents=True)
+    for i in (1, 2):
+        Image.new("RGB", (96, 64), (40 * i, 90, 160)).save(
+            root / "images" / "001.Bird" / f"{i}.jpg"
+        )
+    (root / "images.txt").write_text("1 001.Bird/1.jpg\n2 001.Bird/2.jpg\n")
+    (root / "bounding_boxes.txt").write_text("1 10 8 40 30\n2 0 0 96 64\n")
+    (root / "image_class_labels.txt").write_text("1 1\n2 1\n")
+    (root / "classes.txt").write_text("1 001.Bird\n")
+    out = tmp_path / "res.json"
+    result = runner.invoke(
+        app,
+        ["eval", str(root), "--format", "cub", "--method", "convis", "--synset", "bird.n.01",
+         "--metric", "maxboxacc", "--json", str(out), *_model_args(tiny_weights)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    res = json.loads(out.read_text())["results"]["convis"]
+    # the second image's box is the whole image: a low threshold always finds it
+    assert res["pairs"] == 2 and res["maxboxacc"] >= 50.0

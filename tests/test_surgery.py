@@ -18,14 +18,7 @@ from clipviz.methods.surgery import SURGERY_METHODS, clearclip, feature_surgery,
 PROMPTS = ["a dog", "a red square", "grass"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: with busy cores, waking intra-op threads costs ~100x the
-    work (a tiny ResNet takes 1 s on 2 threads, 15 ms on one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(backend, n=2):

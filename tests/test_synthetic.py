@@ -22,16 +22,6 @@ def _dilate(mask: np.ndarray) -> np.ndarray:
     return np.any([padded[y : y + h, x : x + w] for y in range(3) for x in range(3)], axis=0)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny batches gain nothing from a second thread, and on a busy machine two OpenMP
-    threads made these steps ~4x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def scenes() -> list[synthetic.Scene]:
     return make_scenes(60, seed=3, size=64)
