@@ -116,6 +116,21 @@ def _method_options(
     return {k: v for k, v in options.items() if v is not None}
 
 
+def progress_bar(label: str, quiet: bool, *fields: str, transient: bool = False) -> Progress:
+    """The rich progress bar of every command: label, bar, done/total, `fields` (task field
+    names shown as text), time left; on stderr, so tables on stdout stay clean."""
+    return Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        *(TextColumn(f"{{task.fields[{name}]}}") for name in fields),
+        TimeRemainingColumn(),
+        console=err_console,
+        disable=quiet,
+        transient=transient,
+    )
+
+
 def _handle_errors(fn: F) -> F:
     """Turn `ClipvizError` into one line on stderr and its exit code (tracebacks with --debug)."""
 
@@ -264,16 +279,7 @@ def explain(
     backend = _load(model, pretrained, model_config, device, precision, resolution, crop)
     texts = backend.encode_texts(all_prompts, ensemble=not no_ensemble)
     started = time.perf_counter()
-    progress = Progress(
-        TextColumn("[bold]explaining"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeRemainingColumn(),
-        console=err_console,
-        disable=quiet,
-        transient=False,
-    )
+    progress = progress_bar("explaining", quiet, "rate")
     task = progress.add_task("explain", total=len(items), rate="")
 
     def on_record(rec: dict[str, Any]) -> None:
@@ -421,14 +427,7 @@ def eval_(
 
     backend = _load(model, pretrained, model_config, device, precision, resolution, crop)
     texts = backend.encode_texts(prompts, ensemble=not no_ensemble)
-    progress = Progress(
-        TextColumn("[bold]evaluating"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err_console,
-        disable=quiet,
-    )
+    progress = progress_bar("evaluating", quiet)
     task = progress.add_task("eval", total=len(dataset))
     with progress:
         results, records = evaluate(

@@ -15,7 +15,6 @@ from typing import Annotated, Any, Literal
 import numpy as np
 import torch
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from .cli import (
@@ -35,6 +34,7 @@ from .cli import (
     app,
     err_console,
     out_console,
+    progress_bar,
 )
 from .errors import ClipvizError
 
@@ -55,15 +55,7 @@ EmbedOpt = Annotated[
 @contextmanager
 def _embedding_progress(quiet: bool) -> Iterator[Callable[[int, int], None]]:
     """A progress bar that appears only if concept texts actually need embedding."""
-    progress = Progress(
-        TextColumn("[bold]embedding concepts"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err_console,
-        disable=quiet,
-        transient=True,
-    )
+    progress = progress_bar("embedding concepts", quiet, transient=True)
     task: list[Any] = []
 
     def update(done: int, total: int) -> None:
@@ -185,14 +177,7 @@ def concepts(
             "started": datetime.now(UTC).isoformat(timespec="seconds"),
         },
     )
-    progress = Progress(
-        TextColumn("[bold]concepts"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err_console,
-        disable=quiet,
-    )
+    progress = progress_bar("concepts", quiet)
     records: list[dict[str, Any]] = []
     render = RenderOptions(colormap, alpha)
     options = {"variant": variant, "seed": seed, "top": top, "batch_size": batch_size}
