@@ -21,6 +21,7 @@ from PIL import Image
 from .backend import Backend
 from .errors import ClipvizError
 from .files import atomic_path, cache_root
+from .metrics import normalize_maps
 from .wordnet import Hierarchy, load_hierarchy, noun_database
 
 SIDE = 224  # the image is centre-cropped to a square and resized to SIDE × SIDE
@@ -312,9 +313,7 @@ def accumulate(boxes: np.ndarray, scores: torch.Tensor, canvas: int = CANVAS) ->
 
 def minmax(maps: torch.Tensor) -> torch.Tensor:
     """Min-max normalise each `[..., h, w]` map to [0, 1] (a flat map becomes 0)."""
-    flat = maps.flatten(-2).double()
-    lo, hi = flat.min(-1, keepdim=True).values, flat.max(-1, keepdim=True).values
-    return ((flat - lo) / (hi - lo).clamp_min(1e-12)).view(maps.shape).float()
+    return normalize_maps(maps.double()).float()  # float64: accumulated ranks are large
 
 
 def crop_padding(acc: torch.Tensor) -> torch.Tensor:

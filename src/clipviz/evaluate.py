@@ -41,6 +41,7 @@ from .metrics import (
     energy_pointing,
     iou_counts,
     mean_score_contrast,
+    normalize_maps,
     pointing_hit,
     score_contrast,
 )
@@ -284,9 +285,7 @@ def evaluate(
                     )
                     for mode in ("deletion", "insertion"):
                         if mode in opts.metrics:
-                            raw = exp.maps[j, t]
-                            lo, hi = raw.min(), raw.max()
-                            small = (raw - lo) / (hi - lo).clamp_min(1e-12)
+                            small = normalize_maps(exp.maps[j, t])
                             text = texts.embeddings[t].to(backend.device)
                             pair[mode] = _faithfulness(
                                 backend, image.to(backend.device), small, text, mode

@@ -13,6 +13,7 @@ from PIL import Image
 from .backend import Backend, Texts
 from .errors import ClipvizError
 from .methods import get_method
+from .metrics import normalize_maps
 
 
 @dataclass(frozen=True)
@@ -33,14 +34,6 @@ class Explanation:
     def upsampled(self, index: int, size: tuple[int, int]) -> torch.Tensor:
         """Maps of image `index`, min-max normalised per prompt, bilinear to `size` (H, W)."""
         return upsample_normalized(self.maps[index], size)
-
-
-def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
-    """Min-max normalise each map over its spatial positions (last two dims) to [0, 1]."""
-    flat = maps.flatten(-2)
-    lo = flat.min(dim=-1, keepdim=True).values
-    hi = flat.max(dim=-1, keepdim=True).values
-    return ((flat - lo) / (hi - lo).clamp_min(1e-12)).view_as(maps)
 
 
 def upsample_normalized(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -34,6 +34,15 @@ def normalize_map(m: npt.ArrayLike) -> np.ndarray:
     return (a - lo) / (hi - lo)
 
 
+def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
+    """Min-max each map `[..., h, w]` over its positions to [0, 1] (a flat map becomes 0);
+    the tensor counterpart of `normalize_map`, in the input's dtype."""
+    flat = maps.flatten(-2)
+    lo = flat.min(dim=-1, keepdim=True).values
+    hi = flat.max(dim=-1, keepdim=True).values
+    return ((flat - lo) / (hi - lo).clamp_min(1e-12)).view_as(maps)
+
+
 def _map_and_mask(saliency: npt.ArrayLike, mask: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     s, m = normalize_map(saliency), np.asarray(mask, dtype=bool)
     if s.ndim != 2 or s.shape != m.shape:

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..backend import Backend, Texts
 from ..errors import ClipvizError
+from ..metrics import normalize_maps
 from . import MapResult, Method
 
 
@@ -45,14 +46,6 @@ def _similarity_gradients(
 def _check_grad_allowed(name: str) -> None:
     if torch.is_inference_mode_enabled():
         raise ClipvizError(f"{name} needs gradients; call it outside torch.inference_mode()")
-
-
-def _min_max(maps: Tensor) -> Tensor:
-    """Min-max each map `[..., h, w]` over its positions to [0, 1]."""
-    flat = maps.flatten(-2)
-    lo = flat.min(dim=-1, keepdim=True).values
-    hi = flat.max(dim=-1, keepdim=True).values
-    return ((flat - lo) / (hi - lo).clamp_min(1e-12)).view_as(maps)
 
 
 def _block_index(index: int, count: int, option: str) -> int:
@@ -207,7 +200,7 @@ def legrad(backend: Backend, images: Tensor, texts: Texts, layers: int = 2) -> M
         per_layer = [g.float().clamp(min=0).mean(dim=(1, 2))[:, 1:] for g in grads]  # [B, N]
         maps.append(torch.stack(per_layer).sum(dim=0))
     h, w = backend.grid_size(images)
-    maps_t = _min_max(torch.stack(maps, dim=1).reshape(len(images), -1, h, w))
+    maps_t = normalize_maps(torch.stack(maps, dim=1).reshape(len(images), -1, h, w))
     return MapResult(maps_t, F.normalize(embeddings[-1].detach().float(), dim=-1))
 
 
@@ -222,7 +215,7 @@ def _masked_image_scores(
         up = F.interpolate(
             channels[i : i + batch_size, None], size=image.shape[-2:], mode="bilinear"
         )[:, 0]  # [k, H, W]
-        masks = _min_max(up)
+        masks = normalize_maps(up)
         embeddings = backend.image_embeddings(image[None] * masks[:, None])  # [k, D]
         scores.append((backend.logit_scale * _cosine(embeddings, texts)).softmax(dim=-1))
     return torch.cat(scores)
