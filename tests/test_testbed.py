@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from clipviz.datasets import open_dataset
 from clipviz.evaluate import EvalOptions, evaluate
@@ -38,6 +39,7 @@ def _score(backend, dataset, tmp_path, methods=("itsm",), options=None):
 
 def test_trained_clip_maps_are_far_from_random(trained_clip, trained_backend, held_out, tmp_path):
     config, _ = trained_clip
+    torch.manual_seed(0)  # the random-weight model must not depend on earlier tests' RNG use
     random_weights = load_backend(model_config=config, pretrained="random", device="cpu")
     trained = _score(trained_backend, held_out, tmp_path / "t", methods=("itsm", "random"))
     untrained = _score(random_weights, held_out, tmp_path / "u")
