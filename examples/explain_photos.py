@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 import clipviz
-from clipviz.batch import run_explain
-from clipviz.data import collect_inputs
+from clipviz.data.inputs import collect_inputs
+from clipviz.runs.explain import run_explain
 
 PHOTOS = Path(__file__).parent / "photos"
 PROMPTS = ["an astronaut", "a cat", "a cup of coffee", "a rocket", "a flag"]

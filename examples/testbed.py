@@ -18,8 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from clipviz.synthetic import CLASSES, class_prompt, write_captions_csv, write_voc
-from clipviz.tinyclip import ensure_tiny_clip
+from clipviz.testbed.tinyclip import ensure_tiny_clip
+from clipviz.testbed.world import CLASSES, class_prompt, write_captions_csv, write_voc
 
 HELD_OUT_SEED, TRAIN_SEED = 1234, 99
 METHODS = [
@@ -58,7 +58,7 @@ def zero_shot(config: Path, weights: Path, n: int = 200) -> dict[str, float]:
     from PIL import Image
 
     import clipviz
-    from clipviz.synthetic import make_scenes
+    from clipviz.testbed.world import make_scenes
 
     model = clipviz.load_model(model_config=config, pretrained=str(weights))
     scenes = make_scenes(n, seed=HELD_OUT_SEED + 1, n_objects=1)

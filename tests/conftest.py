@@ -49,7 +49,7 @@ def save_random_weights(config: Path, path: Path, seed: int = 0) -> Path:
     """Build the architecture in `config` with seeded random weights and save its state dict."""
     from safetensors.torch import save_file
 
-    from clipviz.loading import load_backend
+    from clipviz.backend import load_backend
 
     torch.manual_seed(seed)
     backend = load_backend(model_config=config, pretrained="random", device="cpu", text_cache=False)
@@ -78,7 +78,7 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Pa
 
 @pytest.fixture(scope="session")
 def vit_backend(tiny_weights):
-    from clipviz.loading import load_backend
+    from clipviz.backend import load_backend
 
     config, weights = tiny_weights["vit"]
     return load_backend(model_config=config, pretrained=str(weights), device="cpu")
@@ -86,7 +86,7 @@ def vit_backend(tiny_weights):
 
 @pytest.fixture(scope="session")
 def rn_backend(tiny_weights):
-    from clipviz.loading import load_backend
+    from clipviz.backend import load_backend
 
     config, weights = tiny_weights["rn"]
     return load_backend(model_config=config, pretrained=str(weights), device="cpu")
@@ -115,7 +115,7 @@ def testbed_cache() -> Path:
 @pytest.fixture(scope="session")
 def trained_clip():
     """The tiny CLIP trained on the synthetic world: (config JSON, safetensors weights)."""
-    from clipviz.tinyclip import ensure_tiny_clip
+    from clipviz.testbed.tinyclip import ensure_tiny_clip
 
     tiny = ensure_tiny_clip(testbed_cache())
     return tiny.config_path, tiny.weights_path
@@ -123,7 +123,7 @@ def trained_clip():
 
 @pytest.fixture(scope="session")
 def trained_backend(trained_clip):
-    from clipviz.loading import load_backend
+    from clipviz.backend import load_backend
 
     config, weights = trained_clip
     return load_backend(model_config=config, pretrained=str(weights), device="cpu")

@@ -152,7 +152,7 @@ def test_resolution_interpolates_positions_and_grows_the_grid(tiny_weights):
     grid = pos[1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
     expected = F.interpolate(grid, size=(8, 8), mode="bilinear", align_corners=False)
     expected = expected.permute(0, 2, 3, 1).reshape(64, -1)
-    x = b.vit_embed(torch.zeros(1, 3, 128, 128))
+    x = b.vit.embed(torch.zeros(1, 3, 128, 128))
     v = b.model.visual
     with torch.no_grad():
         manual = v.ln_pre(
@@ -215,7 +215,7 @@ def test_unknown_tag_lists_the_model_tags():
 def test_broken_model_config_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    with pytest.raises(ClipvizError, match="not valid JSON"):
+    with pytest.raises(ClipvizError, match="not valid UTF-8 JSON"):
         clipviz.load_model(model_config=bad, pretrained="random")
     bad.write_text('{"embed_dim": 8}')
     with pytest.raises(ClipvizError, match="vision_cfg"):
@@ -229,9 +229,9 @@ def test_offline_tag_without_cache_fails_without_trying_to_download(monkeypatch,
         raise AssertionError("tried to download while offline")
 
     monkeypatch.setattr(open_clip.pretrained, "download_pretrained", no_download)
-    monkeypatch.setattr("clipviz.loading._cached_hf_file", lambda repo, names: None)
+    monkeypatch.setattr("clipviz.backend.hub.cached_hf_file", lambda repo, names: None)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ClipvizError, match="--pretrained PATH") as e:
+    with pytest.raises(ClipvizError, match="`pretrained` PATH") as e:
         clipviz.load_model("ViT-B-16", pretrained="openai")
     assert "ViT-B-16/openai" in str(e.value) and e.value.exit_code == 2
 
@@ -240,7 +240,7 @@ def test_unreachable_hub_is_detected_without_retries(monkeypatch):
     import open_clip.pretrained
 
     monkeypatch.setattr(open_clip.pretrained, "download_pretrained", lambda *a, **k: 1 / 0)
-    monkeypatch.setattr("clipviz.loading._cached_hf_file", lambda repo, names: None)
+    monkeypatch.setattr("clipviz.backend.hub.cached_hf_file", lambda repo, names: None)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # closed port: refused at once
     with pytest.raises(ClipvizError, match="cannot be reached"):
@@ -254,7 +254,7 @@ def test_default_weights_of_vit_b_16_are_the_quickgelu_openai_ones(monkeypatch):
         seen.update(model=model, tag=tag, quick_gelu=cfg.get("quick_gelu"))
         raise ClipvizError("stop here")
 
-    monkeypatch.setattr("clipviz.loading._tag_weights_file", fake_weights)
+    monkeypatch.setattr("clipviz.backend.hub.tag_weights_file", fake_weights)
     with pytest.raises(ClipvizError, match="stop here"):
         clipviz.load_model()
     assert seen == {"model": "ViT-B-16", "tag": "openai", "quick_gelu": True}
@@ -262,11 +262,11 @@ def test_default_weights_of_vit_b_16_are_the_quickgelu_openai_ones(monkeypatch):
 
 def test_explicit_attention_reproduces_the_stock_block(vit_backend):
     b = vit_backend
-    x = b.vit_embed(_batch(b))
-    for block in b.vit_blocks():
+    x = b.vit.embed(_batch(b))
+    for i, block in enumerate(b.model.visual.transformer.resblocks):
         with torch.no_grad():
-            stock = b.run_block(block, x)
-            explicit, probs = b.run_block_with_attention(block, x)
+            stock = block(x)
+            explicit, probs = b.vit.block_with_attention(i, x)
             # nn.MultiheadAttention's own weights, averaged over heads, as an independent check
             _, mha = block.attn(*(block.ln_1(x),) * 3, need_weights=True)
         torch.testing.assert_close(explicit, stock, atol=1e-5, rtol=1e-5)

@@ -6,12 +6,12 @@ import json
 
 from typer.testing import CliRunner
 
-from clipviz.bench import bench
 from clipviz.cli import app
+from clipviz.runs.bench import run_bench
 
 
 def test_bench_rows_are_relative_to_the_forward_pass(vit_backend):
-    rows = bench(vit_backend, ["itsm"], batch_size=2, n_prompts=2, repeats=2)
+    rows = run_bench(vit_backend, ["itsm"], batch_size=2, n_prompts=2, repeats=2)
     assert [r.name for r in rows] == ["forward (encode_image)", "itsm"]
     forward, itsm = rows
     assert forward.ratio == 1.0

@@ -9,8 +9,8 @@ from PIL import Image
 
 from clipviz import ClipvizError
 from clipviz.backend import Preprocess
-from clipviz.captions import CaptionImages, describe_skipped, read_captions
-from clipviz.synthetic import write_captions_csv
+from clipviz.data.captions import CaptionImages, describe_skipped, read_captions
+from clipviz.testbed.world import write_captions_csv
 
 
 def _png(path, colour=(200, 30, 30)):

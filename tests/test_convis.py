@@ -12,32 +12,25 @@ from conftest import random_image, single_thread
 from PIL import Image
 from typer.testing import CliRunner
 
-import clipviz.cli_concepts  # noqa: F401 - registers `concepts` and `concepts-ood`
 from clipviz.backend import Preprocess
 from clipviz.cli import app
-from clipviz.convis import (
+from clipviz.convis.bank import ConceptBank, concept_bank
+from clipviz.convis.hierarchy import Hierarchy
+from clipviz.convis.maps import concept_map, dense_maps, grid_maps, rank_map, stochastic_maps
+from clipviz.convis.ood import auroc
+from clipviz.convis.ranks import synset_ranks, window_ranks
+from clipviz.convis.windows import (
     CANVAS,
-    ConceptBank,
-    auroc,
     canvas_tensor,
-    concept_bank,
-    concept_map,
-    dense_maps,
-    grid_maps,
     noise_canvas,
-    rank_map,
     square_from_batch,
     square_image,
-    stochastic_maps,
-    synset_ranks,
     window_batch,
     window_boxes,
-    window_ranks,
 )
 from clipviz.errors import ClipvizError
 from clipviz.methods.convis import convis, text_concepts
 from clipviz.render import load_npz
-from clipviz.wordnet import Hierarchy
 
 runner = CliRunner()
 

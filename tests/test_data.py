@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipviz.data import ImageError, collect_inputs, load_image
+from clipviz.data.images import ImageError, load_image
+from clipviz.data.inputs import collect_inputs
 
 
 def test_exif_orientation_is_applied(tmp_path):

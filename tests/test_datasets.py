@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipviz.datasets import (
+from clipviz.data.datasets import (
     cub_display_name,
     decode_rle,
     open_dataset,

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from clipviz import ClipvizError
-from clipviz.methods.eclip import (
+from clipviz.eclip.head import (
     ExplainHead,
     free_attention_mask,
     frozen_features,
@@ -41,10 +41,10 @@ def test_free_attention_is_the_class_token_row_of_the_last_block(vit_backend):
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     feats = frozen_features(b, x)
     with torch.no_grad():
-        h = b.vit_embed(x)
-        for block in b.vit_blocks()[:-1]:
-            h = b.run_block(block, h)
-        last = b.vit_blocks()[-1]
+        *first, last = b.model.visual.transformer.resblocks
+        h = b.vit.embed(x)
+        for block in first:
+            h = block(h)
         _, weights = last.attn(*(last.ln_1(h),) * 3, need_weights=True)  # head-averaged
     torch.testing.assert_close(feats.free_attention, weights[:, 0, 1:])
     torch.testing.assert_close(

@@ -11,9 +11,10 @@ import pytest
 from typer.testing import CliRunner
 
 from clipviz.cli import app
-from clipviz.datasets import open_dataset
-from clipviz.evaluate import EvalOptions, evaluate, reduce_records
-from clipviz.synthetic import write_voc
+from clipviz.data.datasets import open_dataset
+from clipviz.runs.eval_results import reduce_records
+from clipviz.runs.evaluate import EvalOptions, evaluate
+from clipviz.testbed.world import write_voc
 
 runner = CliRunner()
 
@@ -71,7 +72,7 @@ def test_uniform_random_maps_score_chance(synth_voc, vit_backend, tmp_path):
 def test_interrupted_eval_resumes_without_recomputing(
     synth_voc, vit_backend, tmp_path, monkeypatch
 ):
-    import clipviz.evaluate as ev
+    import clipviz.runs.evaluate as ev
 
     texts = vit_backend.encode_texts(open_dataset(synth_voc, "voc").classes)
     opts = EvalOptions(methods=("itsm",), metrics=("miou", "msc", "maxboxacc"), batch_size=4)

@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from clipviz.losses import contrastive_loss
+from clipviz.eclip.losses import contrastive_loss
 
 
 def test_unique_captions_give_clip_loss():

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from clipviz.errors import ClipvizError
+from clipviz.maps import normalize_map
 from clipviz.metrics import (
     MIOU_THRESHOLDS,
     MaxBoxAcc,
@@ -21,7 +22,6 @@ from clipviz.metrics import (
     gaussian_blur,
     largest_component_box,
     mean_score_contrast,
-    normalize_map,
     pointing_hit,
     score_contrast,
 )

@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from clipviz import synthetic, tinyclip
-from clipviz.synthetic import CLASSES, COLOURS, make_scenes
+from clipviz.testbed import tinyclip
+from clipviz.testbed import world as synthetic
+from clipviz.testbed.world import CLASSES, COLOURS, make_scenes
 
 
 def _dilate(mask: np.ndarray) -> np.ndarray:

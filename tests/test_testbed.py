@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from clipviz.datasets import open_dataset
-from clipviz.evaluate import EvalOptions, evaluate
-from clipviz.loading import load_backend
-from clipviz.synthetic import CLASSES, class_prompt, make_scenes, write_captions_csv, write_voc
+from clipviz.backend import load_backend
+from clipviz.data.datasets import open_dataset
+from clipviz.runs.evaluate import EvalOptions, evaluate
+from clipviz.testbed.world import CLASSES, class_prompt, make_scenes, write_captions_csv, write_voc
 
 HELD_OUT_SEED = 1234
 METRICS = ("msc", "pointing", "miou")
@@ -46,8 +46,28 @@ def test_trained_clip_maps_are_far_from_random(trained_clip, trained_backend, he
     print(f"trained ITSM {trained['itsm']}, random weights {untrained['itsm']}")
     assert abs(trained["itsm"]["msc"]) > abs(untrained["itsm"]["msc"]) + 5
     assert abs(trained["random"]["msc"]) < 3  # uniform random maps: no preference
-    area = trained["random"]["area"]
-    assert abs(trained["random"]["pointing"] - area) < 0.08
+    # Chance for a random *map* is not the area share: its maximum, upsampled from the 4x4
+    # patch grid, lands on a few pixels per patch (at the border, on the image edge). Draw
+    # uniform maps here and score them the same way; the method must be within noise of that.
+    chance = _random_map_pointing(held_out, draws=20)
+    n = trained["random"]["pairs"]
+    bound = 4 * (chance * (1 - chance) / n) ** 0.5
+    assert abs(trained["random"]["pointing"] - chance) < bound, (chance, bound)
+
+
+def _random_map_pointing(dataset, draws):
+    from clipviz.maps import upsample_normalized
+    from clipviz.metrics import pointing_hit
+
+    generator = torch.Generator().manual_seed(0)
+    hits = [
+        pointing_hit(upsample_normalized(torch.rand(1, 4, 4, generator=generator),
+                                         s.size[::-1])[0].numpy(), s.masks[c], 0)
+        for s in dataset
+        for c in s.classes
+        for _ in range(draws)
+    ]  # fmt: skip
+    return float(np.mean(hits))
 
 
 def test_trained_clip_recognises_colours_zero_shot(trained_backend):
@@ -70,8 +90,9 @@ def _pil(array):
 
 
 def test_eclip_makes_maps_follow_the_object(trained_backend, held_out, tmp_path):
-    from clipviz.captions import read_captions
-    from clipviz.train import TrainConfig, train
+    from clipviz.data.captions import read_captions
+    from clipviz.eclip.config import TrainConfig
+    from clipviz.eclip.train import train
 
     write_captions_csv(tmp_path / "world", 1500, seed=99, size=64)
     data = read_captions(tmp_path / "world" / "captions.csv")
@@ -80,7 +101,7 @@ def test_eclip_makes_maps_follow_the_object(trained_backend, held_out, tmp_path)
     stock = _score(trained_backend, held_out, tmp_path / "s")["itsm"]
     eclip = _score(
         trained_backend, held_out, tmp_path / "e", methods=("eclip",),
-        options={"eclip": str(result.final)},
+        options={"eclip": {"checkpoint": str(result.final)}},
     )["eclip"]  # fmt: skip
     print(f"stock ITSM {stock}\nECLIP {eclip}")
     assert stock["msc"] < 0  # the paper's finding: stock ITSM prefers the background
@@ -92,7 +113,7 @@ def test_eclip_makes_maps_follow_the_object(trained_backend, held_out, tmp_path)
 def test_convis_map_of_circle_peaks_on_the_circle(trained_backend, tmp_path):
     from PIL import Image
 
-    from clipviz.convis import concept_map, square_mask
+    from clipviz.convis.maps import concept_map, square_mask
 
     vocabulary = tmp_path / "words.txt"
     vocabulary.write_text("circle\nsquare\ntriangle\nstar\ngrass\nsky\ndog\ncar\ntree\nball\n")

@@ -16,24 +16,17 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import clipviz.cli_train  # noqa: F401 - registers `clipviz train`
 from clipviz import ClipvizError
-from clipviz.captions import read_captions
 from clipviz.cli import app
-from clipviz.methods.eclip import eclip, load_head
+from clipviz.data.captions import read_captions
+from clipviz.eclip.config import TrainConfig
+from clipviz.eclip.head import load_head
+from clipviz.eclip.schedule import GlobalBatches, epoch_order, learning_rate
+from clipviz.eclip.state import Dist
+from clipviz.eclip.train import CHECKPOINT, FINAL, METRICS, train
+from clipviz.methods.eclip import eclip
 from clipviz.methods.itsm import itsm
-from clipviz.synthetic import write_captions_csv
-from clipviz.train import (
-    CHECKPOINT,
-    FINAL,
-    METRICS,
-    Dist,
-    GlobalBatches,
-    TrainConfig,
-    epoch_order,
-    learning_rate,
-    train,
-)
+from clipviz.testbed.world import write_captions_csv
 
 runner = CliRunner()
 
@@ -86,13 +79,13 @@ def test_loss_falls_checkpoint_loads_and_maps_leave_stock_itsm(vit_backend, worl
     images = torch.stack([vit_backend.preprocess(_image(p)) for p in data.images[:4]])
     texts = vit_backend.encode_texts(["a red circle", "a blue square"], ensemble=False)
     stock = itsm(vit_backend, images, texts).maps
-    trained = eclip(vit_backend, images, texts, eclip=str(final)).maps
+    trained = eclip(vit_backend, images, texts, checkpoint=str(final)).maps
     assert stock.shape == trained.shape == (4, 2, 4, 4)
     assert (trained - stock).abs().max() > 0.05
 
 
 def _image(path):
-    from clipviz.data import load_image
+    from clipviz.data.images import load_image
 
     return load_image(path)
 

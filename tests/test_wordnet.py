@@ -7,19 +7,11 @@ import random
 
 import pytest
 
-from clipviz import wordnet
+from clipviz.convis import wordnet
+from clipviz.convis.hierarchy import leaves, load_hierarchy, resolve_concepts, vocabulary_synsets
+from clipviz.convis.nouns import ALL_NOUN_SYNSETS, DEFAULT_VOCABULARY_SIZE, noun_database
+from clipviz.convis.wordnet import LEXNAMES, ensure_wordnet
 from clipviz.errors import ClipvizError
-from clipviz.wordnet import (
-    ALL_NOUN_SYNSETS,
-    DEFAULT_VOCABULARY_SIZE,
-    LEXNAMES,
-    ensure_wordnet,
-    leaves,
-    load_hierarchy,
-    noun_database,
-    resolve_concepts,
-    vocabulary_synsets,
-)
 
 
 @pytest.fixture(scope="module")

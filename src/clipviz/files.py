@@ -1,14 +1,21 @@
-"""The cache root and atomic file writes: a killed run never leaves a half-written file."""
+"""The cache root, atomic file writes (a killed run never leaves a half-written file), content
+hashes of large files, and the provenance every output carries."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import os
 import tempfile
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+# Version of the layout of run.json, manifest records, eval JSON and checkpoints.
+SCHEMA_VERSION = 1
 
 
 def cache_root() -> Path:
@@ -20,10 +27,31 @@ def cache_root() -> Path:
     return Path.home() / ".cache" / "clipviz"
 
 
+@functools.cache
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def package_version(name: str) -> str | None:
+    """An installed distribution's version, read from its metadata (nothing is imported)."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def provenance() -> dict[str, Any]:
+    """`schema_version` and the versions of clipviz, open_clip and torch, for every output."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "versions": {
+            "clipviz": package_version("clipviz"),
+            "open_clip": package_version("open_clip_torch"),
+            "torch": package_version("torch"),
+        },
+    }
 
 
 @contextlib.contextmanager
@@ -36,6 +64,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     )
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs follow the umask
         yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -76,3 +105,28 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         if isinstance(rec, dict):
             records.append(rec)
     return records
+
+
+def content_digest(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file's bytes, remembered per (path, size, mtime) under the cache root so
+    that gigabytes of weights are read once, not on every run."""
+    p = Path(path).resolve()
+    st = p.stat()
+    stamp = f"{p}:{st.st_size}:{st.st_mtime_ns}"
+    store = cache_root() / "digests.json"
+    known: dict[str, str] = {}
+    with contextlib.suppress(OSError, ValueError):
+        known = json.loads(store.read_text(encoding="utf-8"))
+    if isinstance(known, dict) and isinstance(known.get(stamp), str):
+        return known[stamp]
+    digest = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    value = digest.hexdigest()
+    known = {k: v for k, v in (known if isinstance(known, dict) else {}).items()
+             if not k.startswith(f"{p}:")}  # fmt: skip
+    known[stamp] = value
+    with contextlib.suppress(OSError):
+        write_text_atomic(store, json.dumps(known, indent=0, sort_keys=True))
+    return value

@@ -17,30 +17,13 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 
-from clipviz.errors import ClipvizError
+from .errors import ClipvizError
+from .maps import normalize_map
 
 Box = tuple[float, float, float, float]
 
 MIOU_THRESHOLDS: np.ndarray = np.round(np.arange(1, 20) * 0.05, 2)  # 0.05, 0.10, …, 0.95
 BOX_THRESHOLDS: np.ndarray = np.arange(100) / 100  # 0.00, 0.01, …, 0.99
-
-
-def normalize_map(m: npt.ArrayLike) -> np.ndarray:
-    """Min-max normalise a map to [0, 1] (float64); a constant map becomes all zeros."""
-    a = np.asarray(m, dtype=np.float64)
-    lo, hi = a.min(), a.max()
-    if hi <= lo:
-        return np.zeros_like(a)
-    return (a - lo) / (hi - lo)
-
-
-def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
-    """Min-max each map `[..., h, w]` over its positions to [0, 1] (a flat map becomes 0);
-    the tensor counterpart of `normalize_map`, in the input's dtype."""
-    flat = maps.flatten(-2)
-    lo = flat.min(dim=-1, keepdim=True).values
-    hi = flat.max(dim=-1, keepdim=True).values
-    return ((flat - lo) / (hi - lo).clamp_min(1e-12)).view_as(maps)
 
 
 def _map_and_mask(saliency: npt.ArrayLike, mask: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:

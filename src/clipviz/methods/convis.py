@@ -11,21 +11,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 
 from ..backend import Backend, Texts
-from ..convis import (
-    VARIANTS,
-    concept_bank,
-    dense_maps,
-    grid_maps,
-    square_from_batch,
-    stochastic_maps,
-)
+from ..convis.bank import concept_bank
+from ..convis.hierarchy import resolve_concepts
+from ..convis.maps import VARIANTS, dense_maps, grid_maps, stochastic_maps
+from ..convis.windows import square_from_batch
 from ..errors import ClipvizError
-from ..wordnet import resolve_concepts
-from . import MapResult
+from .registry import MapResult, register
 
 _SYNSET = re.compile(r"^.+\.n\.\d+$")
 
@@ -53,17 +49,37 @@ def text_concepts(prompts: Sequence[str], synsets: str | Sequence[str] | None = 
     return out
 
 
+@register(
+    "convis",
+    towers=("vit", "rn"),
+    summary="ConVis: maps of WordNet concepts from the ranks of every synset's definition over "
+    "1,800 windows (a text = a synset: the synsets option, a 'dog.n.01' prompt, or a noun)",
+    citation="Giulivi & Boracchi, Concept Visualization: Explaining the CLIP Multi-modal "
+    "Embedding Using WordNet, IJCNN 2024",
+    reference="the paper's grid and stochastic window procedures (METHODS.md, ConVis)",
+)
 def convis(
     backend: Backend,
     images: torch.Tensor,
     texts: Texts,
-    synsets: str | Sequence[str] | None = None,
-    variant: str = "grid",
+    synsets: Sequence[str] | None = None,
+    variant: Literal["grid", "stochastic", "dense"] = "grid",
     vocabulary: str = "default",
-    embed: str = "definitions",
+    embed: Literal["definitions", "lemmas"] = "definitions",
     seed: int = 0,
     window_batch: int = 256,
 ) -> MapResult:
+    """ConVis maps of the concept each text stands for.
+
+    synsets: the WordNet synset of each text, in order (one synset: the same for every text).
+    variant: grid (the paper's 1,800 windows), stochastic (the paper's sampled windows) or
+        dense (ours: ranks per patch token from one forward pass).
+    vocabulary: default (2,066 common physical-object nouns), all (every noun synset) or a file
+        of words or synsets.
+    embed: embed each synset's definition or its lemma names.
+    seed: seed of the noise padding.
+    window_batch: windows per forward pass.
+    """
     if variant not in VARIANTS:
         raise ClipvizError(
             f"unknown convis variant {variant!r}; choose from: {', '.join(VARIANTS)}"

@@ -1,214 +1,44 @@
-"""ECLIP — Explainable CLIP with Masked Max Pooling (Li et al., "Exploring Visual
-Interpretability for CLIP", 2022). The paper's code was never published; this is our
-implementation of its description:
-
-- the stock CLIP stays frozen; a trainable *explain projection* `P_e` (a copy of the stock
-  `proj` for ViT, of the attention pool's `c_proj` for ResNets; optionally a copy of
-  `ln_post` too) gives dense explain features `E = normalise(ln_post(x_tokens) @ P_e)`
-  (RN: the attention pool's value path, then `P_e`), while the stock projection keeps
-  serving recognition;
-- *free attention*: the class token's attention over the patches in the last block (ViT,
-  mean over heads), or the mean-token query's attention in the attention pool (RN) — it
-  comes out of the same forward pass;
-- mask `M`: positions whose free attention is at least its mean (or a top-k share, or a
-  fixed threshold); masked max pooling `z = normalise(max_{n∈M} E[n])` per channel;
-- training aligns `z` with the frozen text embeddings (see `clipviz.train`);
-- the ECLIP map is ITSM on `E` (no mask).
-"""
+"""ECLIP's map: ITSM on the explain features of a head trained by `clipviz train` (the head,
+its checkpoints and its training are in `clipviz.eclip`)."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from ..backend import Backend, Texts
+from ..eclip.head import frozen_features, load_head
 from ..errors import ClipvizError
-from . import MapResult
-
-MaskRule = Literal["mean", "topk", "threshold"]
+from .registry import MapResult, register
 
 
-@dataclass(frozen=True)
-class FrozenFeatures:
-    """What one frozen forward pass gives ECLIP.
-
-    tokens: ViT last-block output `[B, 1+N, W]` (before `ln_post`); RN attention-pool
-        inputs `[B, 1+N, C]` (mean token first).
-    free_attention: `[B, N]`, the global query's attention over the positions.
-    stock_embedding: the stock global image embedding `[B, D]`, unit length.
-    """
-
-    tokens: torch.Tensor
-    free_attention: torch.Tensor
-    stock_embedding: torch.Tensor
-
-
-def frozen_features(backend: Backend, images: torch.Tensor) -> FrozenFeatures:
-    """Run the frozen tower once: tokens for the explain head, free attention, stock embedding."""
-    with torch.no_grad(), backend.autocast():
-        if backend.tower == "vit":
-            x = backend.vit_embed(images)
-            blocks = backend.vit_blocks()
-            for block in blocks[:-1]:
-                x = backend.run_block(block, x)
-            x, probs = backend.run_block_with_attention(blocks[-1], x)
-            free = probs[:, :, 0, 1:].mean(dim=1)  # [B, N]
-            stock = backend.vit_head(x)[:, 0]
-        else:
-            x = backend.rn_pool_inputs(backend.rn_features(images))  # [B, 1+N, C]
-            pool = backend.visual.attnpool
-            B, L, C = x.shape
-            heads = pool.num_heads
-            q = pool.q_proj(x[:, :1]).view(B, 1, heads, C // heads).transpose(1, 2)
-            k = pool.k_proj(x).view(B, L, heads, C // heads).transpose(1, 2)
-            probs = ((q * (C // heads) ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
-            free = probs[:, :, 0, 1:].mean(dim=1)  # [B, N]
-            stock = backend.rn_attention_pool(x)[:, 0]
-    return FrozenFeatures(x.float(), free.float(), F.normalize(stock.float(), dim=-1))
-
-
-class ExplainHead(nn.Module):
-    """The trainable part of ECLIP: the explain projection (and optionally `ln_post`)."""
-
-    _stock_ln: nn.Module
-    _v_proj: nn.Module
-
-    def __init__(self, backend: Backend, train_ln_post: bool = False) -> None:
-        super().__init__()
-        self.tower = backend.tower
-        self.train_ln_post = train_ln_post
-        visual = backend.visual
-        if self.tower == "vit":
-            self.proj = nn.Parameter(visual.proj.detach().float().clone())  # [W, D]
-            self.ln_post = _copy_layernorm(visual.ln_post) if train_ln_post else None
-            # frozen stock modules are used, not owned: kept out of parameters() and state_dict()
-            object.__setattr__(self, "_stock_ln", visual.ln_post)
-        else:
-            pool = visual.attnpool
-            self.proj = nn.Parameter(pool.c_proj.weight.detach().float().clone().T)  # [C, D]
-            self.bias = nn.Parameter(pool.c_proj.bias.detach().float().clone())
-            object.__setattr__(self, "_v_proj", pool.v_proj)
-
-    def features(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Dense explain features `E` `[B, N, D]`, unit length, from frozen `tokens`."""
-        patches = tokens[:, 1:]
-        if self.tower == "vit":
-            ln = self.ln_post if self.ln_post is not None else self._stock_ln
-            e = ln(patches) @ self.proj
-        else:
-            e = self._v_proj(patches) @ self.proj + self.bias
-        return F.normalize(e.float(), dim=-1)
-
-    def trained_tensors(self) -> dict[str, torch.Tensor]:
-        """The tensors a checkpoint holds (names are stable across versions)."""
-        return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-
-
-def _copy_layernorm(ln: nn.LayerNorm) -> nn.LayerNorm:
-    copy = nn.LayerNorm(ln.normalized_shape, eps=ln.eps)
-    copy.load_state_dict({k: v.detach().float().clone() for k, v in ln.state_dict().items()})
-    return copy
-
-
-def free_attention_mask(
-    attention: torch.Tensor, rule: MaskRule = "mean", value: float | None = None
-) -> torch.Tensor:
-    """Confident foreground `[B, N]` from free attention `[B, N]`.
-
-    mean: attention ≥ its mean over positions; topk: the `value` share of positions with the
-    highest attention (at least one); threshold: attention ≥ `value`. Every image keeps at
-    least its most attended position, so pooling is always defined.
-    """
-    if rule == "mean":
-        mask = attention >= attention.mean(dim=-1, keepdim=True)
-    elif rule == "topk":
-        if value is None or not 0 < value <= 1:
-            raise ClipvizError("mask rule topk needs a share in (0, 1], e.g. --mask-value 0.3")
-        k = max(1, round(value * attention.shape[-1]))
-        kth = attention.topk(k, dim=-1).values[..., -1:]
-        mask = attention >= kth
-    elif rule == "threshold":
-        if value is None:
-            raise ClipvizError("mask rule threshold needs a value, e.g. --mask-value 0.01")
-        mask = attention >= value
-    else:
-        raise ClipvizError(f"unknown mask rule {rule!r}; use mean, topk or threshold")
-    top = attention.argmax(dim=-1, keepdim=True)
-    return mask.scatter(-1, top, True)
-
-
-def masked_max_pool(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """`normalise(max_{n ∈ mask} E[n, :])` per channel: `[B, N, D]`, `[B, N]` -> `[B, D]`."""
-    masked = features.masked_fill(~mask[..., None], float("-inf"))
-    return F.normalize(masked.max(dim=1).values, dim=-1)
-
-
-# -- checkpoints --------------------------------------------------------------------------
-
-
-def base_identity(backend: Backend) -> dict[str, Any]:
-    """What a checkpoint must match: the base model's architecture and weights."""
-    return {k: backend.identity[k] for k in ("model", "pretrained", "weights", "config")}
-
-
-def load_head(backend: Backend, path: str | Path) -> ExplainHead:
-    """An `ExplainHead` from an ECLIP checkpoint; refuses one made for another base model."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise ClipvizError(f"--eclip {path}: no such checkpoint; train one with `clipviz train`")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            names = [k for k in f.keys() if k.startswith("head.")]  # noqa: SIM118
-            tensors = {k[len("head.") :]: f.get_tensor(k) for k in names}
-    except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
-        raise ClipvizError(f"--eclip {path} is not a readable safetensors checkpoint ({e})") from e
-    if "base" not in meta:
-        raise ClipvizError(f"--eclip {path} has no base-model identity; is it an ECLIP checkpoint?")
-    base = json.loads(meta["base"])
-    mine = base_identity(backend)
-    if base != mine:
-        raise ClipvizError(
-            f"--eclip {path} was trained for {_describe(base)}, but the loaded model is "
-            f"{_describe(mine)}; pass the same --model/--pretrained as in training"
-        )
-    config = json.loads(meta.get("config", "{}"))
-    head = ExplainHead(backend, train_ln_post=bool(config.get("train_ln_post", False)))
-    try:
-        head.load_state_dict(tensors)
-    except RuntimeError as e:
-        raise ClipvizError(
-            f"--eclip {path} does not fit this model: {str(e).splitlines()[0]}"
-        ) from e
-    return head.to(backend.device).eval()
-
-
-def _describe(identity: dict[str, Any]) -> str:
-    weights = identity.get("pretrained") or identity.get("weights")
-    return f"{identity.get('model')} ({weights})"
-
-
-_HEADS: dict[tuple[int, str], ExplainHead] = {}
-
-
+@register(
+    "eclip",
+    towers=("vit", "rn"),
+    summary="ITSM on the explain projection trained by `clipviz train` (masked max pooling)",
+    citation="Li et al., Exploring Visual Interpretability for CLIP (ECLIP), arXiv:2209.07046, "
+    "2022 — our implementation",
+    reference="the paper's description (its code was never published); clipviz.eclip",
+)
 def eclip(
-    backend: Backend, images: torch.Tensor, texts: Texts, eclip: str | None = None
+    backend: Backend, images: torch.Tensor, texts: Texts, checkpoint: str | None = None
 ) -> MapResult:
-    """ECLIP map: ITSM on the explain features `E` (no mask)."""
-    if eclip is None:
-        raise ClipvizError("method eclip needs a checkpoint: --eclip RUN_DIR/eclip.safetensors")
-    key = (id(backend), str(Path(eclip).resolve()))
-    if key not in _HEADS:
-        _HEADS[key] = load_head(backend, eclip)
-    head = _HEADS[key]
+    """ECLIP map: ITSM on the explain features `E` (no mask).
+
+    checkpoint: an ECLIP checkpoint from `clipviz train` (RUN_DIR/eclip.safetensors).
+    """
+    if checkpoint is None:
+        raise ClipvizError(
+            "method eclip needs a checkpoint: `checkpoint` RUN_DIR/eclip.safetensors"
+        )
+    path = Path(checkpoint).expanduser()
+    try:
+        st = path.resolve().stat()
+        stamp = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    except OSError:
+        stamp = (str(path), 0, 0)  # load_head reports the missing file
+    head = backend.memo(("eclip-head", stamp), lambda: load_head(backend, path))
     feats = frozen_features(backend, images)
     with torch.no_grad():
         e = head.features(feats.tokens)  # [B, N, D]

@@ -9,10 +9,19 @@ from __future__ import annotations
 import torch
 
 from ..backend import Backend, Texts
-from . import MapResult
+from .registry import MapResult, register
 
 
+@register(
+    "itsm",
+    towers=("vit", "rn"),
+    summary="Image-Text Similarity Map: cosine of every projected patch token with the text",
+    citation="Li et al., Exploring Visual Interpretability for CLIP (ECLIP), arXiv:2209.07046, 2022",
+    reference="the paper's formula (no released code); ViT: last block → ln_post → proj, "
+    "RN: the attention pool with every position as a query",
+)
 def itsm(backend: Backend, images: torch.Tensor, texts: Texts) -> MapResult:
+    """ITSM: the cosine of every projected patch token with each text."""
     tokens = backend.dense_tokens(images)  # [B, 1+N, D], unit length
     h, w = backend.grid_size(images)
     sim = tokens[:, 1:] @ texts.embeddings.T  # [B, N, T]

@@ -2,24 +2,22 @@
 
 All three replace the attention of the last block(s) by a path whose tokens keep their own
 content (v-v, value-only or q-q attention), then read the tokens through the stock head
-(`ln_post`, `proj`). The model is never modified: the new paths call the blocks' own
-submodules (`ln_1`, the `in_proj` of the attention, `out_proj`, `ls_1`, `mlp`) on the side.
-
-`SURGERY_METHODS` describes the methods for the registry in `clipviz.methods`.
+(`ln_post`, `proj`). The model is never modified: the new paths run the blocks' own pieces
+(`ln_1`, q/k/v, `out_proj`, the MLP branch), which the backend's tower adapter gives.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ..backend import Backend, Texts
+from ..backend import Backend, ResNetTower, Texts, ViTTower
 from ..errors import ClipvizError
-from . import MapResult, Method
+from .registry import MapResult, register
 
+SURGERY_DEPTH = 6  # the reference's v-v blocks: the last 6
 # (q, k, v), each [B, heads, L, head_dim] -> mixed values [B, heads, L, head_dim]
 Mixing = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -42,29 +40,19 @@ def value_only(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tenso
     return v
 
 
-def attention_branch(backend: Backend, block: Any, x: torch.Tensor, mix: Mixing) -> torch.Tensor:
-    """`block`'s attention branch on the residual stream `x` `[B, L, W]` with its attention
-    replaced by `mix`: `ls_1(out_proj(mix(q, k, v)))`, q/k/v from `ln_1(x)`.
-
-    `ls_1` (layer scale, identity in CLIP's own models) applies as in the stock block, so the
-    branch is what the block would add to the residual stream.
+def attention_branch(vit: ViTTower, i: int, x: torch.Tensor, mix: Mixing) -> torch.Tensor:
+    """Block `i`'s attention branch on the residual stream `x` `[B, L, W]` with its attention
+    replaced by `mix`: `ls_1(out_proj(mix(q, k, v)))`, q/k/v from `ln_1(x)` — what the block
+    would add to the residual stream (`ls_1`, layer scale, is the identity in CLIP's models).
     """
-    q, k, v = backend.attention_qkv(block, block.ln_1(x))
-    return block.ls_1(backend.attention_out(block, mix(q, k, v)))
+    q, k, v = vit.qkv(i, vit.norm1(i, x))
+    return vit.attn_out(i, mix(q, k, v))
 
 
-def pool_branch(backend: Backend, x: torch.Tensor, mix: Mixing) -> torch.Tensor:
+def pool_branch(rn: ResNetTower, x: torch.Tensor, mix: Mixing) -> torch.Tensor:
     """ModifiedResNet's attention pool on `x` `[B, L, C]` with every position as a query and
     its attention replaced by `mix`: `c_proj(mix(q, k, v))` -> `[B, L, D]`."""
-    pool = backend.visual.attnpool
-    B, L, C = x.shape
-    heads = pool.num_heads
-
-    def split(t: torch.Tensor) -> torch.Tensor:
-        return t.view(B, L, heads, C // heads).transpose(1, 2)
-
-    out = mix(split(pool.q_proj(x)), split(pool.k_proj(x)), split(pool.v_proj(x)))
-    return pool.c_proj(out.transpose(1, 2).reshape(B, L, C))
+    return rn.pool_out(mix(*rn.pool_qkv(x)))
 
 
 # -- shared pieces -------------------------------------------------------------------------
@@ -113,23 +101,15 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.float(), dim=-1)
 
 
-def _vit_stream(backend: Backend, images: torch.Tensor, blocks: list[Any]) -> torch.Tensor:
-    """The residual stream `[B, 1+N, W]` after the stock `blocks` (the first ones)."""
-    x = backend.vit_embed(images)
-    for block in blocks:
-        x = backend.run_block(block, x)
-    return x
-
-
 def _vit_last_block_variant(
-    backend: Backend, images: torch.Tensor, tokens_of: Callable[[Any, torch.Tensor], torch.Tensor]
+    vit: ViTTower, images: torch.Tensor, tokens_of: Callable[[int, torch.Tensor], torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unit patch tokens `[B, N, D]` from `tokens_of(last_block, x)` in place of the last
-    block, and the stock global embeddings `[B, D]`."""
-    *first, last = backend.vit_blocks()
-    x = _vit_stream(backend, images, first)
-    tokens = _unit(backend.vit_head(tokens_of(last, x)))[:, 1:]
-    stock = _unit(backend.vit_head(backend.run_block(last, x)))[:, 0]
+    """Unit patch tokens `[B, N, D]` from `tokens_of(last, x)` in place of the last block, and
+    the stock global embeddings `[B, D]`."""
+    last = vit.depth - 1
+    x = vit.run_blocks(vit.embed(images), stop=last)
+    tokens = _unit(vit.head(tokens_of(last, x)))[:, 1:]
+    stock = _unit(vit.head(vit.run_block(last, x)))[:, 0]
     return tokens, stock
 
 
@@ -144,39 +124,60 @@ def _itsm(
 # -- methods -------------------------------------------------------------------------------
 
 
-def surgery(backend: Backend, images: torch.Tensor, texts: Texts, depth: int = 6) -> MapResult:
+@register(
+    "surgery",
+    towers=("vit", "rn"),
+    summary="CLIP Surgery: v-v attention in the last blocks plus feature surgery across the texts",
+    citation="Yi Li, Hualiang Wang, Yiqun Duan, Jiheng Zhang, Xiaomeng Li: A Closer Look at the "
+    "Explainability of Contrastive Language-Image Pre-training, Pattern Recognition 162, 2025 "
+    "(arXiv:2304.05653, 2023, first titled CLIP Surgery for Better Explainability with "
+    "Enhancement in Open-Vocabulary Tasks)",
+    reference="xmed-lab/CLIP_Surgery, clip/clip_surgery_model.py (VisionTransformer.forward, "
+    "Attention) and clip/clip.py clip_feature_surgery",
+)
+def surgery(
+    backend: Backend, images: torch.Tensor, texts: Texts, depth: int | None = None
+) -> MapResult:
     """CLIP Surgery: v-v attention in the last `depth` blocks, then feature surgery.
 
-    ViT: from the last `depth` blocks on (clamped to the number of blocks) two paths run. The
-    original path is the stock block. The new one, per block, adds
-    `ls_1(out_proj(vv_attention(ln_1(x_orig_in))))` and no MLP, starting from the residual
-    stream at the first surgery block. Patch tokens come from the new path, the global
-    embedding (token 0, which weights the texts) from the original one; both go through
-    `ln_post` and `proj`.
+    depth: how many of the last blocks get the v-v path (ViT; 1 … number of blocks); None:
+        the reference's 6, or every block of a shallower tower.
+
+    ViT: from the last `depth` blocks on two paths run. The original path is the stock block.
+    The new one, per block, adds `ls_1(out_proj(vv_attention(ln_1(x_orig_in))))` and no MLP,
+    starting from the residual stream at the first surgery block. Patch tokens come from the
+    new path, the global embedding (token 0, which weights the texts) from the original one;
+    both go through `ln_post` and `proj`.
     RN: the attention pool with q = k = v = the `v_proj` output, every position a query, then
     `c_proj` (no key normalisation or temperature: the reference builds its ResNet pool
     without them). Token 0 is the stock pool's (the reference's ResNet "original path" is
     the v-v path too; we weight the texts by the model's own global embedding, as for ViTs).
     One text: the empty prompt "" (embedded with the same ensemble setting) is subtracted.
     """
-    if depth < 1:
-        raise ClipvizError(f"--depth must be at least 1 (got {depth}): the number of last blocks")
     with torch.no_grad():
         with backend.autocast():
             if backend.tower == "vit":
-                blocks = backend.vit_blocks()
-                depth = min(depth, len(blocks))
-                x = _vit_stream(backend, images, blocks[:-depth])
+                vit = backend.vit
+                if depth is None:
+                    depth = min(SURGERY_DEPTH, vit.depth)
+                if not 1 <= depth <= vit.depth:
+                    raise ClipvizError(
+                        f"surgery: depth={depth} is outside 1…{vit.depth}, the blocks of "
+                        f"{backend.identity['model']}"
+                    )
+                first = vit.depth - depth
+                x = vit.run_blocks(vit.embed(images), stop=first)
                 x_new = x
-                for block in blocks[-depth:]:
-                    x_new = x_new + attention_branch(backend, block, x, vv_attention)
-                    x = backend.run_block(block, x)
-                tokens = _unit(backend.vit_head(x_new))[:, 1:]
-                token0 = _unit(backend.vit_head(x))[:, 0]
+                for i in range(first, vit.depth):
+                    x_new = x_new + attention_branch(vit, i, x, vv_attention)
+                    x = vit.run_block(i, x)
+                tokens = _unit(vit.head(x_new))[:, 1:]
+                token0 = _unit(vit.head(x))[:, 0]
             else:
-                x = backend.rn_pool_inputs(backend.rn_features(images))
-                tokens = _unit(pool_branch(backend, x, vv_attention))[:, 1:]
-                token0 = _unit(backend.rn_attention_pool(x))[:, 0]
+                rn = backend.rn
+                x = rn.pool_inputs(rn.features(images))
+                tokens = _unit(pool_branch(rn, x, vv_attention))[:, 1:]
+                token0 = _unit(rn.attention_pool(x))[:, 0]
         redundant = None
         if len(texts.prompts) == 1:
             redundant = backend.encode_texts([""], ensemble=texts.ensemble).embeddings.float()
@@ -184,6 +185,14 @@ def surgery(backend: Backend, images: torch.Tensor, texts: Texts, depth: int = 6
     return MapResult(_maps(sim, backend.grid_size(images)), image_embeddings=token0)
 
 
+@register(
+    "maskclip",
+    towers=("vit", "rn"),
+    summary="MaskCLIP: the last attention's value path (no query-key mixing), cosine with the text",
+    citation="Chong Zhou, Chen Change Loy, Bo Dai: Extract Free Dense Labels from CLIP, ECCV 2022",
+    reference="chongzhou96/MaskCLIP, mmseg/models/backbones/vit.py (last layer, v path) and "
+    "mmseg/models/decode_heads/maskclip_head.py",
+)
 def maskclip(backend: Backend, images: torch.Tensor, texts: Texts) -> MapResult:
     """MaskCLIP: the last attention's value path in place of its attention, then ITSM.
 
@@ -194,22 +203,32 @@ def maskclip(backend: Backend, images: torch.Tensor, texts: Texts) -> MapResult:
     features `f` (1x1 convolutions: no positional embedding, no mean token), normalised.
     The returned global embeddings are the stock ones.
     """
-
-    def value_block(block: Any, x: torch.Tensor) -> torch.Tensor:
-        y = x + attention_branch(backend, block, x, value_only)
-        return y + block.ls_2(block.mlp(block.ln_2(y)))
-
     with torch.no_grad(), backend.autocast():
         if backend.tower == "vit":
-            tokens, stock = _vit_last_block_variant(backend, images, value_block)
+            vit = backend.vit
+
+            def value_block(i: int, x: torch.Tensor) -> torch.Tensor:
+                y = x + attention_branch(vit, i, x, value_only)
+                return y + vit.mlp(i, y)
+
+            tokens, stock = _vit_last_block_variant(vit, images, value_block)
         else:
-            features = backend.rn_features(images)
-            pool = backend.visual.attnpool
-            tokens = _unit(pool.c_proj(pool.v_proj(features.flatten(2).transpose(1, 2))))
-            stock = _unit(backend.rn_attention_pool(backend.rn_pool_inputs(features)))[:, 0]
+            rn = backend.rn
+            features = rn.features(images)
+            tokens = _unit(rn.value_tokens(features))
+            stock = _unit(rn.attention_pool(rn.pool_inputs(features)))[:, 0]
     return _itsm(backend, images, texts, tokens, stock)
 
 
+@register(
+    "clearclip",
+    towers=("vit",),
+    summary="ClearCLIP: last block reduced to q-q attention without residual or MLP, cosine",
+    citation="Mengcheng Lan, Chaofeng Chen, Yiping Ke, Xinjiang Wang, Litong Feng, Wayne Zhang: "
+    "ClearCLIP: Decomposing CLIP Representations for Dense Vision-Language Inference, ECCV 2024",
+    reference="mc-lan/ClearCLIP, open_clip/transformer.py (the last block's custom "
+    "attention: q-q, no residual, no FFN) and clearclip_segmentor.py",
+)
 def clearclip(backend: Backend, images: torch.Tensor, texts: Texts) -> MapResult:
     """ClearCLIP: the last block reduced to q-q attention, then ITSM (ViT only).
 
@@ -217,45 +236,11 @@ def clearclip(backend: Backend, images: torch.Tensor, texts: Texts) -> MapResult
     residual connection, no MLP; then `ln_post`, `proj`, normalise, cosine with the texts.
     The returned global embeddings are the stock ones.
     """
-    if backend.tower != "vit":
-        raise ClipvizError(
-            "clearclip is defined for ViT towers; use maskclip or surgery for ResNets"
-        )
+    vit = backend.vit
 
-    def qq_block(block: Any, x: torch.Tensor) -> torch.Tensor:
-        return attention_branch(backend, block, x, qq_attention)
+    def qq_block(i: int, x: torch.Tensor) -> torch.Tensor:
+        return attention_branch(vit, i, x, qq_attention)
 
     with torch.no_grad(), backend.autocast():
-        tokens, stock = _vit_last_block_variant(backend, images, qq_block)
+        tokens, stock = _vit_last_block_variant(vit, images, qq_block)
     return _itsm(backend, images, texts, tokens, stock)
-
-
-SURGERY_METHODS: tuple[Method, ...] = (
-    Method(
-        "surgery",
-        surgery,
-        "CLIP Surgery: v-v attention in the last blocks plus feature surgery across the texts",
-        "Yi Li, Hualiang Wang, Yiqun Duan, Jiheng Zhang, Xiaomeng Li: A Closer Look at the "
-        "Explainability of Contrastive Language-Image Pre-training, Pattern Recognition 162, "
-        "2025 (arXiv:2304.05653, 2023, first titled CLIP Surgery for Better Explainability "
-        "with Enhancement in Open-Vocabulary Tasks)",
-        towers=("vit", "rn"),
-        options=("depth",),
-    ),
-    Method(
-        "maskclip",
-        maskclip,
-        "MaskCLIP: the last attention's value path (no query-key mixing), cosine with the text",
-        "Chong Zhou, Chen Change Loy, Bo Dai: Extract Free Dense Labels from CLIP, ECCV 2022",
-        towers=("vit", "rn"),
-    ),
-    Method(
-        "clearclip",
-        clearclip,
-        "ClearCLIP: last block reduced to q-q attention without residual or MLP, cosine",
-        "Mengcheng Lan, Chaofeng Chen, Yiping Ke, Xinjiang Wang, Litong Feng, Wayne Zhang: "
-        "ClearCLIP: Decomposing CLIP Representations for Dense Vision-Language Inference, "
-        "ECCV 2024",
-        towers=("vit",),
-    ),
-)

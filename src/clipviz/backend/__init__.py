@@ -1,0 +1,23 @@
+"""The only code that touches open_clip: loading, network/offline handling, text encoding and
+its caches, and per image-tower family an adapter (`vit`, `resnet`) that gives the methods
+the token stream, attention q/k/v, the pooling head and the grid."""
+
+from .base import Backend, Precision
+from .loading import load_backend, resolve_device
+from .preprocess import Crop, Preprocess
+from .resnet import ResNetTower
+from .text import Texts, ensemble_templates
+from .vit import ViTTower
+
+__all__ = [
+    "Backend",
+    "Crop",
+    "Precision",
+    "Preprocess",
+    "ResNetTower",
+    "Texts",
+    "ViTTower",
+    "ensemble_templates",
+    "load_backend",
+    "resolve_device",
+]

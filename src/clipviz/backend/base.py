@@ -1,0 +1,158 @@
+"""A loaded CLIP model as the methods see it.
+
+Preprocesses images, embeds texts (prompt ensembles, cached in memory and on disk) and
+gives the image tower through its family's adapter (`vision`). Nothing here renders or
+writes user outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Literal, TypeVar
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ClipvizError
+from .preprocess import Preprocess
+from .resnet import ResNetTower, resnet_tower
+from .text import TextCache, Texts, ensemble_templates
+from .vit import ViTTower
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+T = TypeVar("T")
+
+
+def tower_adapter(visual: Any, memo: Any, name: str) -> ViTTower | ResNetTower:
+    """The adapter of an open_clip image tower's family, or a usage error naming it."""
+    from open_clip.modified_resnet import ModifiedResNet
+    from open_clip.transformer import VisionTransformer
+
+    if isinstance(visual, VisionTransformer):
+        return ViTTower(visual, memo, name)
+    if isinstance(visual, ModifiedResNet):
+        return resnet_tower(visual, memo, name)
+    raise ClipvizError(
+        f"{name}: the vision tower {type(visual).__name__} is not supported; "
+        "use an open_clip ViT or ModifiedResNet (RN50, RN101, …) model"
+    )
+
+
+@dataclass(eq=False)
+class Backend:
+    """A loaded CLIP model on a device, with everything methods need to read from it."""
+
+    model: Any  # open_clip.CLIP / CustomTextCLIP
+    tokenizer: Any
+    device: torch.device
+    preprocess: Preprocess
+    identity: dict[str, Any]
+    autocast_dtype: torch.dtype | None = None
+    text_cache: TextCache = field(default_factory=lambda: TextCache(None))
+    _memo: dict[Hashable, Any] = field(default_factory=dict, repr=False)
+
+    # -- model facts -------------------------------------------------------------------------
+
+    @cached_property
+    def vision(self) -> ViTTower | ResNetTower:
+        """The image tower's adapter (`ViTTower` or `ResNetTower`)."""
+        return tower_adapter(self.model.visual, self.memo, str(self.identity.get("model")))
+
+    @property
+    def tower(self) -> Literal["vit", "rn"]:
+        """The image tower's family: `vit` or `rn`."""
+        return self.vision.kind  # type: ignore[return-value]
+
+    @property
+    def vit(self) -> ViTTower:
+        """The ViT adapter (a usage error for other towers)."""
+        if not isinstance(self.vision, ViTTower):
+            raise ClipvizError(self._tower_message("a ViT"))
+        return self.vision
+
+    @property
+    def rn(self) -> ResNetTower:
+        """The ModifiedResNet adapter (a usage error for other towers)."""
+        if not isinstance(self.vision, ResNetTower):
+            raise ClipvizError(self._tower_message("a ResNet"))
+        return self.vision
+
+    def _tower_message(self, needed: str) -> str:
+        names = {"vit": "a ViT", "rn": "a ResNet"}
+        return (
+            f"this needs {needed} image tower, and {self.identity.get('model')} has "
+            f"{names.get(self.tower, self.tower)} one; `clipviz methods` lists the methods "
+            "for each tower"
+        )
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.preprocess.size
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.exp().item())
+
+    @property
+    def key(self) -> str:
+        """A short hash of the model's identity (architecture and weights), for caches."""
+        blob = json.dumps(
+            {k: self.identity.get(k) for k in ("model", "pretrained", "weights", "config")},
+            sort_keys=True,
+        )
+        return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+    def memo(self, key: Hashable, build: Callable[[], T]) -> T:
+        """A value cached on this backend (positions per grid, ECLIP heads, concept banks):
+        built once per key, gone with the backend."""
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]  # type: ignore[no-any-return]
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    # -- text --------------------------------------------------------------------------------
+
+    def encode_texts(self, prompts: Sequence[str], ensemble: bool = True) -> Texts:
+        """Unit-length embeddings of `prompts`, through the template ensemble unless disabled."""
+        rows = self.text_cache.get(list(prompts), ensemble, self.embed_texts)
+        return Texts(list(prompts), torch.stack(rows).to(self.device), ensemble)
+
+    @torch.no_grad()
+    def embed_texts(self, prompts: list[str], ensemble: bool) -> list[torch.Tensor]:
+        """Unit-length embeddings (on the CPU) computed now, without the caches: for bulk
+        texts such as thousands of WordNet definitions, which keep a cache of their own."""
+        templates = ensemble_templates() if ensemble else ["{}"]
+        sentences = [t.format(p) for p in prompts for t in templates]
+        chunks = []
+        for i in range(0, len(sentences), 256):
+            tokens = self.tokenizer(sentences[i : i + 256]).to(self.device)
+            with self.autocast():
+                chunks.append(F.normalize(self.model.encode_text(tokens).float(), dim=-1))
+        per_template = torch.cat(chunks).view(len(prompts), len(templates), -1)
+        mean = F.normalize(per_template.mean(dim=1), dim=-1)
+        return [row.cpu() for row in mean]
+
+    # -- images ------------------------------------------------------------------------------
+
+    def grid_size(self, images: torch.Tensor) -> tuple[int, int]:
+        """Spatial size `(h, w)` of the dense maps for inputs shaped like `images`."""
+        return self.vision.grid((images.shape[-2], images.shape[-1]))
+
+    def dense_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Unit-length joint-space tokens `[B, 1+N, D]`; token 0 is the global image embedding."""
+        with torch.no_grad(), self.autocast():
+            tokens = self.vision.tokens(images.to(self.device))
+        return F.normalize(tokens.float(), dim=-1)
+
+    def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """The stock global image embeddings `[B, D]`, unit length (at the backend's resolution)."""
+        return self.dense_tokens(images)[:, 0]

@@ -1,0 +1,185 @@
+"""open_clip's `VisionTransformer`, as the methods read it.
+
+Methods address blocks by index and never touch open_clip modules: this adapter gives the
+token stream block by block, a block's attention q/k/v and its branches, and the pooling
+head. Nothing here modifies the model: positional embeddings for other input sizes are
+interpolated copies, cached on the backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ClipvizError
+
+Memo = Callable[[Hashable, Callable[[], Any]], Any]
+
+
+def interpolate_positions(
+    pos: torch.Tensor, src: tuple[int, int], grid: tuple[int, int], prefix: int = 1
+) -> torch.Tensor:
+    """`pos` (`[prefix + N, C]`, laid out on `src` after `prefix` tokens) resized to `grid`,
+    bilinearly; the prefix rows are kept as they are."""
+    if tuple(src) == tuple(grid):
+        return pos
+    with torch.no_grad():
+        spatial = pos[prefix:].detach().float().reshape(1, *src, -1).permute(0, 3, 1, 2)
+        spatial = F.interpolate(spatial, size=grid, mode="bilinear", align_corners=False)
+        spatial = spatial.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)
+        return torch.cat([pos[:prefix].detach().float(), spatial]).to(pos.dtype)
+
+
+class ViTTower:
+    """An open_clip ViT image tower: class token, then `h × w` patch tokens."""
+
+    kind = "vit"
+    prefix = 1  # tokens before the patches (the class token), kept as keys, left out of maps
+
+    def __init__(self, visual: Any, memo: Memo, name: str) -> None:
+        from open_clip.transformer import ResidualAttentionBlock
+
+        self.visual = visual
+        self._memo = memo
+        self._name = name
+        self._blocks = list(visual.transformer.resblocks)
+        # newer open_clip versions dropped the attribute: their blocks are always batch-first
+        self._batch_first = bool(getattr(visual.transformer, "batch_first", True))
+        self.explicit_attention = all(isinstance(b, ResidualAttentionBlock) for b in self._blocks)
+        if getattr(visual, "attn_pool", None) is not None:
+            raise ClipvizError(
+                f"{name}: attentional-pooling vision towers are not supported yet; "
+                "use a class-token or average-pooled ViT"
+            )
+
+    # -- shape ------------------------------------------------------------------------------
+
+    @property
+    def depth(self) -> int:
+        """Number of transformer blocks."""
+        return len(self._blocks)
+
+    @property
+    def heads(self) -> int:
+        return int(self._blocks[0].attn.num_heads)
+
+    def grid(self, size: tuple[int, int]) -> tuple[int, int]:
+        """Patch grid `(h, w)` for an input of `size` (H, W)."""
+        ph, pw = self.visual.patch_size
+        return size[0] // ph, size[1] // pw
+
+    def check_size(self, size: tuple[int, int]) -> None:
+        ph, pw = self.visual.patch_size
+        if size[0] % ph or size[1] % pw:
+            raise ClipvizError(
+                f"input size {size[0]}x{size[1]} is not a multiple of the patch size {ph}; "
+                "choose a `resolution` that is"
+            )
+
+    # -- the token stream -------------------------------------------------------------------
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch + class embeddings with (interpolated) positions, after `ln_pre`: `[B, 1+N, W]`."""
+        v = self.visual
+        self.check_size((images.shape[-2], images.shape[-1]))
+        x = v.conv1(images)  # [B, W, h, w]
+        grid = (x.shape[-2], x.shape[-1])
+        x = x.flatten(2).transpose(1, 2)
+        cls = v.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        src = tuple(v.grid_size)
+        pos = self._memo(
+            ("vit-positions", grid),
+            lambda: interpolate_positions(v.positional_embedding, src, grid),  # type: ignore[arg-type]
+        )
+        return v.ln_pre(x + pos.to(x.dtype))
+
+    def run_block(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Stock block `i` on batch-first tokens `[B, L, W]`."""
+        block = self._blocks[i]
+        if self._batch_first:
+            return block(x)
+        return block(x.transpose(0, 1)).transpose(0, 1)
+
+    def run_blocks(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Stock blocks `start … stop-1` in turn."""
+        for i in range(start, self.depth if stop is None else stop):
+            x = self.run_block(i, x)
+        return x
+
+    def _explicit(self, i: int) -> Any:
+        if not self.explicit_attention:
+            raise ClipvizError(
+                f"{self._name}: this method needs explicit attention, which clipviz implements "
+                f"for standard open_clip ViT blocks only (not {type(self._blocks[i]).__name__})"
+            )
+        return self._blocks[i]
+
+    def norm1(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Block `i`'s pre-attention norm `ln_1(x)`."""
+        return self._explicit(i).ln_1(x)
+
+    def qkv(self, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values of block `i` on `h` (`[B, L, W]`, already through
+        `norm1`), each `[B, heads, L, head_dim]`, from the block's own weights."""
+        attn = self._explicit(i).attn
+        B, L, W = h.shape
+        heads = attn.num_heads
+        qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)  # [B, L, 3W]
+        qkv = qkv.view(B, L, 3, heads, W // heads).permute(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1], qkv[2]
+
+    def attn_out(self, i: int, heads_out: torch.Tensor) -> torch.Tensor:
+        """Block `i`'s attention branch from per-head outputs `[B, heads, L, head_dim]`:
+        merge heads, `out_proj`, layer scale -> what the block adds to the stream `[B, L, W]`."""
+        block = self._explicit(i)
+        B, H, L, d = heads_out.shape
+        merged = heads_out.transpose(1, 2).reshape(B, L, H * d)
+        return block.ls_1(block.attn.out_proj(merged))
+
+    def mlp(self, i: int, y: torch.Tensor) -> torch.Tensor:
+        """Block `i`'s MLP branch `ls_2(mlp(ln_2(y)))`."""
+        block = self._explicit(i)
+        return block.ls_2(block.mlp(block.ln_2(y)))
+
+    def block_with_attention(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block `i` computed explicitly: its output `[B, L, W]` and attention probabilities
+        `[B, heads, L, L]` (open_clip's own forward never materialises them)."""
+        q, k, v = self.qkv(i, self.norm1(i, x))
+        probs = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+        x = x + self.attn_out(i, probs @ v)
+        return x + self.mlp(i, x), probs
+
+    # -- the head ---------------------------------------------------------------------------
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens `[..., W]` into the joint space: `ln_post(x) @ proj` (not normalised)."""
+        return self.post_norm(x) @ self.proj
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Last-block tokens `[B, 1+N, W]` -> joint-space tokens `[B, 1+N, D]` (not normalised).
+
+        Token 0 is the model's own pooled image embedding (its pooling: class token or
+        average); the patches go through `ln_post` and `proj`.
+        """
+        v = self.visual
+        pooled, _ = v._pool(x)  # open_clip's pooling; no public API returns it unprojected
+        patches = v.ln_post(x[:, self.prefix :])
+        return torch.cat([pooled[:, None], patches], dim=1) @ v.proj
+
+    @property
+    def proj(self) -> torch.Tensor:
+        """The stock projection `[W, D]`."""
+        return self.visual.proj
+
+    @property
+    def post_norm(self) -> Any:
+        """The stock `ln_post` module."""
+        return self.visual.ln_post
+
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """The stock forward as joint-space tokens `[B, 1+N, D]` (not normalised)."""
+        return self.head(self.run_blocks(self.embed(images)))

@@ -1,0 +1,45 @@
+"""`clipviz models` and `clipviz methods`: what can be explained, and how."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from ..methods.catalog import catalog
+from .options import DebugOpt
+from .output import print_table
+
+
+def models(debug: DebugOpt = False) -> None:
+    """List open_clip architectures, their pretrained tags, and which weights are cached."""
+    import open_clip
+
+    from ..backend.hub import cached_tags
+
+    cached = cached_tags()
+    table = Table(title="open_clip models (clipviz supports ViT and ModifiedResNet towers)")
+    table.add_column("model")
+    table.add_column("pretrained tags (* = cached locally)", overflow="fold")
+    for name in open_clip.list_models():
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if not tags:
+            continue
+        shown = [f"{t}*" if (name, t) in cached else t for t in tags]
+        table.add_row(name, ", ".join(shown))
+    print_table(table)
+
+
+def methods(debug: DebugOpt = False) -> None:
+    """List the methods: the towers they run on, their options with defaults, their reference."""
+    table = Table(title="clipviz methods (options: -O KEY=VALUE)", show_lines=True)
+    table.add_column("method", no_wrap=True)
+    table.add_column("towers", no_wrap=True)
+    table.add_column("what it computes")
+    table.add_column("options (default)")
+    table.add_column("reference code")
+    for info in catalog().values():
+        opts = "\n".join(
+            f"{o.name}: {o.type} = {o.default!r}" + (f" — {o.help}" if o.help else "")
+            for o in info.options
+        )
+        table.add_row(info.name, ", ".join(info.towers), info.summary, opts or "—", info.reference)
+    print_table(table)

@@ -1,0 +1,176 @@
+"""`clipviz eval DATASET`: score methods on a dataset with masks or boxes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from ..errors import ClipvizError
+from .options import (
+    CropOpt,
+    DebugOpt,
+    DeviceOpt,
+    EclipOpt,
+    GaeStartOpt,
+    GscorecamTopkOpt,
+    LegradLayersOpt,
+    MethodOpt,
+    ModelConfigOpt,
+    ModelOpt,
+    OptionOpt,
+    PrecisionOpt,
+    PretrainedOpt,
+    QuietOpt,
+    ResolutionOpt,
+    SurgeryDepthOpt,
+    chosen_methods,
+    gather_method_options,
+    load,
+)
+from .output import err_console, out_console, print_table, progress_bar
+
+COLUMNS = {  # metric -> (result key, header, decimals)
+    "miou": [("miou", "mIoU %", 1), ("miou_threshold", "τ", 2)],
+    "msc": [("msc", "mSC %", 1)],
+    "pointing": [("pointing", "pointing", 3), ("area", "area", 3)],
+    "energy": [("energy", "energy", 3)],
+    "maxboxacc": [("maxboxacc", "MaxBoxAcc %", 1), ("maxboxacc_threshold", "τ box", 2)],
+    "deletion": [("deletion", "deletion ↓", 3)],
+    "insertion": [("insertion", "insertion ↑", 3)],
+}
+
+
+def evaluate(
+    root: Annotated[
+        Path, typer.Argument(help="dataset root (or a COCO instances JSON)", show_default=False)
+    ],
+    format: Annotated[
+        Literal["voc", "coco", "cub", "generic"], typer.Option("--format", "-f", help="layout")
+    ] = "voc",
+    method: MethodOpt = None,
+    option: OptionOpt = None,
+    metric: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--metric",
+            help="miou, msc, pointing, energy, maxboxacc, deletion, insertion "
+            "(default: those the layout supports, without deletion/insertion)",
+            show_default=False,
+        ),
+    ] = None,
+    split: Annotated[
+        str | None,
+        typer.Option(help="split name (default: voc val, coco val2017)", show_default=False),
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option(help="score the first N images only", show_default=False)
+    ] = None,
+    classes_file: Annotated[
+        Path | None, typer.Option("--classes-file", help="'class: prompt' lines")
+    ] = None,
+    json_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--json", help="results JSON (default: clipviz-eval/<dataset>.json)", show_default=False
+        ),
+    ] = None,
+    pointing_tolerance: Annotated[
+        float, typer.Option("--pointing-tolerance", help="pixels (15 for ~500 px photos)")
+    ] = 15.0,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="images per pass")] = 16,
+    no_ensemble: Annotated[
+        bool, typer.Option("--no-ensemble", help="embed prompts as given, without templates")
+    ] = False,
+    fresh: Annotated[bool, typer.Option("--fresh", help="ignore records of earlier runs")] = False,
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    model_config: ModelConfigOpt = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    resolution: ResolutionOpt = None,
+    crop: CropOpt = "none",
+    quiet: QuietOpt = False,
+    surgery_depth: SurgeryDepthOpt = None,
+    gae_start_layer: GaeStartOpt = None,
+    legrad_layers: LegradLayersOpt = None,
+    gscorecam_topk: GscorecamTopkOpt = None,
+    eclip: EclipOpt = None,
+    synset: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--synset",
+            help="convis: the WordNet synset of each class, in class order (= -O convis.synsets)",
+            show_default=False,
+        ),
+    ] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Score methods on a dataset with masks or boxes: a methods × metrics table and a JSON."""
+    from ..data.datasets import open_dataset
+    from ..runs.eval_results import write_report
+    from ..runs.evaluate import EvalOptions, check_metrics, class_prompts, default_metrics
+    from ..runs.evaluate import evaluate as run_eval
+
+    methods = tuple(chosen_methods(method, eclip))
+    options = gather_method_options(
+        list(methods), option, surgery_depth, gae_start_layer, legrad_layers, gscorecam_topk,
+        eclip, {"convis.synsets": list(synset)} if synset else None,
+    )  # fmt: skip
+    dataset = open_dataset(root, format, split=split, limit=limit)
+    if len(dataset) == 0:
+        raise ClipvizError(f"{dataset.name} has no images; check --split and the layout")
+    opts = EvalOptions(
+        methods=methods,
+        metrics=tuple(dict.fromkeys(metric or default_metrics(dataset))),
+        pointing_tolerance=pointing_tolerance,
+        batch_size=batch_size,
+        method_options=options,
+    )
+    check_metrics(opts.metrics, dataset)
+    prompts = class_prompts(dataset, classes_file)
+    json_path = json_path or Path("clipviz-eval") / f"{_safe_name(dataset.name)}.json"
+    records_path = json_path.with_suffix(".records.jsonl")
+    if fresh and records_path.exists():
+        records_path.unlink()
+
+    backend = load(model, pretrained, model_config, device, precision, resolution, crop)
+    texts = backend.encode_texts(prompts, ensemble=not no_ensemble)
+    progress = progress_bar("evaluating", quiet)
+    task = progress.add_task("eval", total=len(dataset))
+    with progress:
+        results, records = run_eval(
+            backend, dataset, texts, opts, records_path, on_image=lambda r: progress.advance(task)
+        )
+    csv_path = write_report(json_path, results, records, backend, dataset, texts, opts)
+    failed = [r for r in records if r["status"] == "failed"]
+    if not quiet:
+        print_eval_table(results, opts.metrics, dataset.name, len(records) - len(failed))
+        for r in failed[:20]:
+            err_console.print(
+                f"[red]failed[/] {escape(r['image'])}: {escape(str(r['error']))}", highlight=False
+            )
+        out_console.print(f"results: {json_path}, per image: {csv_path}", highlight=False)
+    raise typer.Exit(1 if failed else 0)
+
+
+def _safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("_") or "dataset"
+
+
+def print_eval_table(results: dict[str, Any], metrics: Any, name: str, scored: int) -> None:
+    columns = [c for m in metrics for c in COLUMNS[m]]
+    table = Table(title=f"{name}: {scored} images", title_justify="left")
+    table.add_column("method", no_wrap=True)
+    for _, header, _ in columns:
+        table.add_column(header, justify="right", no_wrap=True)
+    for method, res in results.items():
+        cells = []
+        for key, _, digits in columns:
+            value = res.get(key)
+            cells.append("—" if value is None or value != value else f"{value:.{digits}f}")
+        table.add_row(method, *cells)
+    print_table(table)

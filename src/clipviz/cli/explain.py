@@ -1,0 +1,190 @@
+"""`clipviz explain INPUT PROMPT…`: saliency maps of images, written per image with a manifest."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from ..errors import ClipvizError
+from .options import (
+    AlphaOpt,
+    ColormapOpt,
+    CropOpt,
+    DebugOpt,
+    DeviceOpt,
+    EclipOpt,
+    GaeStartOpt,
+    GscorecamTopkOpt,
+    LegradLayersOpt,
+    MaxPixelsOpt,
+    MethodOpt,
+    ModelConfigOpt,
+    ModelOpt,
+    OptionOpt,
+    PrecisionOpt,
+    PretrainedOpt,
+    QuietOpt,
+    ResolutionOpt,
+    SurgeryDepthOpt,
+    chosen_methods,
+    gather_method_options,
+    load,
+)
+from .output import err_console, out_console, print_table, progress_bar
+
+
+def explain(
+    input: Annotated[
+        str | None,
+        typer.Argument(
+            help="an image, a folder or a quoted glob ('photos/*.jpg')", show_default=False
+        ),
+    ] = None,
+    prompts: Annotated[
+        list[str] | None,
+        typer.Argument(help="texts to explain, e.g. dog 'a red car'", show_default=False),
+    ] = None,
+    prompt: Annotated[
+        list[str] | None,
+        typer.Option("-p", "--prompt", help="a text to explain (repeatable)", show_default=False),
+    ] = None,
+    prompts_file: Annotated[
+        str | None, typer.Option("--prompts-file", help="one prompt per line ('-' for stdin)")
+    ] = None,
+    inputs_file: Annotated[
+        str | None,
+        typer.Option(
+            "--inputs-file",
+            help="one image path per line ('-' for stdin); then every positional is a prompt",
+        ),
+    ] = None,
+    method: MethodOpt = None,
+    option: OptionOpt = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder")] = Path("clipviz-out"),
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="images per pass")] = 16,
+    recursive: Annotated[
+        bool, typer.Option("--recursive", "-r", help="descend into folders")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="redo finished images")] = False,
+    colormap: ColormapOpt = "jet",
+    alpha: AlphaOpt = 0.5,
+    crop: CropOpt = "none",
+    no_ensemble: Annotated[
+        bool, typer.Option("--no-ensemble", help="embed prompts as given, without templates")
+    ] = False,
+    model: ModelOpt = None,
+    pretrained: PretrainedOpt = None,
+    model_config: ModelConfigOpt = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    resolution: ResolutionOpt = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers", help="image-decoding processes (default: up to 4)", show_default=False
+        ),
+    ] = None,
+    max_pixels: MaxPixelsOpt = 100_000_000,
+    quiet: QuietOpt = False,
+    surgery_depth: SurgeryDepthOpt = None,
+    gae_start_layer: GaeStartOpt = None,
+    legrad_layers: LegradLayersOpt = None,
+    gscorecam_topk: GscorecamTopkOpt = None,
+    eclip: EclipOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Saliency maps of INPUT for each prompt: `clipviz explain photo.jpg dog "a red car"`."""
+    from ..data.inputs import collect_inputs, read_list_file
+    from ..render import COLORMAPS
+    from ..runs.explain import RenderOptions, run_explain
+
+    positional = list(prompts or [])
+    inputs = [input] if input is not None else []
+    if inputs_file is not None:
+        positional, inputs = inputs + positional, []
+    all_prompts = positional + list(prompt or [])
+    if prompts_file is not None:
+        all_prompts += read_list_file(prompts_file, "prompts file")
+    if not inputs and inputs_file is None:
+        raise ClipvizError("no input given; pass an image, a folder, a glob or --inputs-file")
+    if not all_prompts:
+        raise ClipvizError(
+            "no prompts given; add them after the input (clipviz explain img.jpg dog) "
+            "or use -p/--prompts-file"
+        )
+    if colormap not in COLORMAPS:
+        raise ClipvizError(f"unknown colormap {colormap!r}; choose from: {', '.join(COLORMAPS)}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ClipvizError(f"--alpha {alpha} is outside [0, 1]")
+    methods = chosen_methods(method, eclip)
+    options = gather_method_options(
+        methods, option, surgery_depth, gae_start_layer, legrad_layers, gscorecam_topk, eclip
+    )
+    items, ignored = collect_inputs(inputs, recursive=recursive, inputs_file=inputs_file)
+    if not items:
+        raise ClipvizError(f"no images found in {', '.join(inputs) or inputs_file}", exit_code=1)
+
+    backend = load(model, pretrained, model_config, device, precision, resolution, crop)
+    texts = backend.encode_texts(all_prompts, ensemble=not no_ensemble)
+    started = time.perf_counter()
+    progress = progress_bar("explaining", quiet, "rate")
+    task = progress.add_task("explain", total=len(items), rate="")
+
+    def on_record(rec: dict[str, Any]) -> None:
+        n = progress.tasks[0].completed + 1
+        rate = n / max(time.perf_counter() - started, 1e-9)
+        progress.update(task, advance=1, rate=f"{rate:.1f} img/s")
+
+    with progress:
+        summary = run_explain(
+            backend,
+            items,
+            texts,
+            out,
+            methods=methods,
+            batch_size=batch_size,
+            overwrite=overwrite,
+            render=RenderOptions(colormap, alpha),
+            workers=workers,
+            max_pixels=max_pixels,
+            on_record=on_record,
+            method_options=options,
+        )
+    if not quiet:
+        print_summary(summary, out, ignored)
+    raise typer.Exit(summary.exit_code)
+
+
+def print_summary(summary: Any, out: Path, ignored: int, rows: int = 20) -> None:
+    done = [r for r in summary.records if r["status"] != "failed"]
+    if done:
+        table = Table(title="Top prompt per image", title_justify="left")
+        table.add_column("image", overflow="fold")
+        table.add_column("top prompt")
+        table.add_column("p", justify="right")
+        table.add_column("status")
+        for r in done[:rows]:
+            top = r.get("top", "")
+            p = r.get("probs", {}).get(top)
+            table.add_row(r["output"], top, f"{p:.3f}" if p is not None else "", r["status"])
+        if len(done) > rows:
+            table.add_row(f"… {len(done) - rows} more in {out / 'manifest.jsonl'}", "", "", "")
+        print_table(table)
+    failed = [r for r in summary.records if r["status"] == "failed"]
+    for r in failed[:50]:
+        err_console.print(
+            f"[red]failed[/] {escape(r['input'])}: {escape(str(r['error']))}", highlight=False
+        )
+    if len(failed) > 50:
+        err_console.print(f"… and {len(failed) - 50} more failures in the manifest")
+    extra = f", {ignored} non-image files ignored" if ignored else ""
+    out_console.print(
+        f"{summary.ok} ok, {summary.skipped} skipped, {summary.failed} failed{extra} — "
+        f"outputs in {out}/, manifest {out / 'manifest.jsonl'}",
+        highlight=False,
+    )

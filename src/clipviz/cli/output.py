@@ -1,0 +1,127 @@
+"""What the command line prints: the consoles, progress bars, tables that stay readable when
+piped, and errors as one line with the flag names the user typed."""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import traceback
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from ..errors import ClipvizError
+
+out_console = Console()
+err_console = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Library errors name parameters in backticks (`batch_size`); on the command line they are
+# the flags. One table for every command; names not listed stay as they are.
+FLAGS = {
+    "model": "--model",
+    "pretrained": "--pretrained",
+    "model_config": "--model-config",
+    "device": "--device",
+    "precision": "--precision",
+    "resolution": "--resolution",
+    "crop": "--crop",
+    "batch_size": "--batch-size",
+    "workers": "--workers",
+    "max_pixels": "--max-pixels",
+    "colormap": "--colormap",
+    "alpha": "--alpha",
+    "method": "--method",
+    "metric": "--metric",
+    "prompts": "--prompts",
+    "repeats": "--repeats",
+    "out": "--out",
+    "checkpoint": "--eclip",
+    "embed": "--embed",
+    "vocabulary": "--vocabulary",
+    "variant": "--variant",
+    "top": "--top",
+    "split": "--split",
+    "limit": "--limit",
+    "epochs": "--epochs",
+    "steps": "--steps",
+    "accum_steps": "--accum-steps",
+    "checkpoint_every": "--checkpoint-every",
+    "log_every": "--log-every",
+    "lr": "--lr",
+    "weight_decay": "--weight-decay",
+    "warmup": "--warmup",
+    "distill": "--distill",
+    "mask_value": "--mask-value",
+    "train_ln_post": "--train-ln-post",
+    "resume": "--resume",
+}
+
+
+def as_flags(message: str) -> str:
+    """A library message with its backticked parameter names as command-line flags."""
+    return re.sub(r"`(\w+)`", lambda m: FLAGS.get(m.group(1), m.group(0)), message)
+
+
+def progress_bar(label: str, quiet: bool, *fields: str, transient: bool = False) -> Progress:
+    """The rich progress bar of every command: label, bar, done/total, `fields` (task field
+    names shown as text), time left; on stderr, so tables on stdout stay clean."""
+    return Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        *(TextColumn(f"{{task.fields[{name}]}}") for name in fields),
+        TimeRemainingColumn(),
+        console=err_console,
+        disable=quiet,
+        transient=transient,
+    )
+
+
+def print_table(table: Any) -> None:
+    """A table on stdout; when stdout is not a terminal, wide enough that no cell is cut."""
+    if out_console.is_terminal:
+        out_console.print(table)
+        return
+    Console(width=10_000, force_terminal=False).print(table, crop=False)
+
+
+def handle_errors(fn: F) -> F:
+    """Turn `ClipvizError` into one line on stderr and its exit code (tracebacks with --debug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = kwargs.get("debug") or os.environ.get("CLIPVIZ_DEBUG") == "1"
+        try:
+            return fn(*args, **kwargs)
+        except ClipvizError as e:
+            if debug:
+                traceback.print_exc()
+            err_console.print(
+                f"[bold red]error:[/] {escape(as_flags(str(e)))}", highlight=False, soft_wrap=True
+            )
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted; finished results are kept (re-run to resume)")
+            raise typer.Exit(130) from None
+        except (typer.Exit, click.exceptions.ClickException):
+            raise
+        except Exception as e:
+            if debug:
+                traceback.print_exc()
+            err_console.print(
+                f"[bold red]error:[/] internal error: {type(e).__name__}: {escape(str(e))} "
+                "(run with --debug for the traceback)",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]

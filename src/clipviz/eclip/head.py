@@ -1,0 +1,193 @@
+"""ECLIP — Explainable CLIP with Masked Max Pooling (Li et al., "Exploring Visual
+Interpretability for CLIP", 2022). The paper's code was never published; this is our
+implementation of its description:
+
+- the stock CLIP stays frozen; a trainable *explain projection* `P_e` (a copy of the stock
+  `proj` for ViT, of the attention pool's `c_proj` for ResNets; optionally a copy of
+  `ln_post` too) gives dense explain features `E = normalise(ln_post(x_tokens) @ P_e)`
+  (RN: the attention pool's value path, then `P_e`), while the stock projection keeps
+  serving recognition;
+- *free attention*: the class token's attention over the patches in the last block (ViT,
+  mean over heads), or the mean-token query's attention in the attention pool (RN) — it
+  comes out of the same forward pass;
+- mask `M`: positions whose free attention is at least its mean (or a top-k share, or a
+  fixed threshold); masked max pooling `z = normalise(max_{n∈M} E[n])` per channel;
+- training aligns `z` with the frozen text embeddings (see `clipviz.eclip.train`);
+- the ECLIP map is ITSM on `E` (no mask).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backend import Backend
+from ..errors import ClipvizError
+
+MaskRule = Literal["mean", "topk", "threshold"]
+
+
+@dataclass(frozen=True)
+class FrozenFeatures:
+    """What one frozen forward pass gives ECLIP.
+
+    tokens: ViT last-block output `[B, 1+N, W]` (before `ln_post`); RN attention-pool
+        inputs `[B, 1+N, C]` (mean token first).
+    free_attention: `[B, N]`, the global query's attention over the positions.
+    stock_embedding: the stock global image embedding `[B, D]`, unit length.
+    """
+
+    tokens: torch.Tensor
+    free_attention: torch.Tensor
+    stock_embedding: torch.Tensor
+
+
+def frozen_features(backend: Backend, images: torch.Tensor) -> FrozenFeatures:
+    """Run the frozen tower once: tokens for the explain head, free attention, stock embedding."""
+    with torch.no_grad(), backend.autocast():
+        if backend.tower == "vit":
+            vit = backend.vit
+            last = vit.depth - 1
+            x = vit.run_blocks(vit.embed(images), stop=last)
+            x, probs = vit.block_with_attention(last, x)
+            free = probs[:, :, 0, vit.prefix :].mean(dim=1)  # [B, N]
+            stock = vit.head(x)[:, 0]
+        else:
+            rn = backend.rn
+            x = rn.pool_inputs(rn.features(images))  # [B, 1+N, C]
+            q, k, _ = rn.pool_qkv(x)
+            q = q[:, :, :1]  # the mean token's query
+            probs = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+            free = probs[:, :, 0, rn.prefix :].mean(dim=1)  # [B, N]
+            stock = rn.attention_pool(x)[:, 0]
+    return FrozenFeatures(x.float(), free.float(), F.normalize(stock.float(), dim=-1))
+
+
+class ExplainHead(nn.Module):
+    """The trainable part of ECLIP: the explain projection (and optionally `ln_post`)."""
+
+    _stock_ln: nn.Module
+    _v_proj: nn.Module
+
+    def __init__(self, backend: Backend, train_ln_post: bool = False) -> None:
+        super().__init__()
+        self.tower = backend.tower
+        self.train_ln_post = train_ln_post
+        if self.tower == "vit":
+            vit = backend.vit
+            self.proj = nn.Parameter(vit.proj.detach().float().clone())  # [W, D]
+            self.ln_post = _copy_layernorm(vit.post_norm) if train_ln_post else None
+            # frozen stock modules are used, not owned: kept out of parameters() and state_dict()
+            object.__setattr__(self, "_stock_ln", vit.post_norm)
+        else:
+            rn = backend.rn
+            out = rn.output_projection
+            self.proj = nn.Parameter(out.weight.detach().float().clone().T)  # [C, D]
+            self.bias = nn.Parameter(out.bias.detach().float().clone())
+            object.__setattr__(self, "_v_proj", rn.value_projection)
+
+    def features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Dense explain features `E` `[B, N, D]`, unit length, from frozen `tokens`."""
+        patches = tokens[:, 1:]
+        if self.tower == "vit":
+            ln = self.ln_post if self.ln_post is not None else self._stock_ln
+            e = ln(patches) @ self.proj
+        else:
+            e = self._v_proj(patches) @ self.proj + self.bias
+        return F.normalize(e.float(), dim=-1)
+
+    def trained_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors a checkpoint holds (names are stable across versions)."""
+        return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+
+
+def _copy_layernorm(ln: nn.LayerNorm) -> nn.LayerNorm:
+    copy = nn.LayerNorm(ln.normalized_shape, eps=ln.eps)
+    copy.load_state_dict({k: v.detach().float().clone() for k, v in ln.state_dict().items()})
+    return copy
+
+
+def free_attention_mask(
+    attention: torch.Tensor, rule: MaskRule = "mean", value: float | None = None
+) -> torch.Tensor:
+    """Confident foreground `[B, N]` from free attention `[B, N]`.
+
+    mean: attention ≥ its mean over positions; topk: the `value` share of positions with the
+    highest attention (at least one); threshold: attention ≥ `value`. Every image keeps at
+    least its most attended position, so pooling is always defined.
+    """
+    if rule == "mean":
+        mask = attention >= attention.mean(dim=-1, keepdim=True)
+    elif rule == "topk":
+        if value is None or not 0 < value <= 1:
+            raise ClipvizError("mask rule topk needs a share in (0, 1], e.g. --mask-value 0.3")
+        k = max(1, round(value * attention.shape[-1]))
+        kth = attention.topk(k, dim=-1).values[..., -1:]
+        mask = attention >= kth
+    elif rule == "threshold":
+        if value is None:
+            raise ClipvizError("mask rule threshold needs a value, e.g. --mask-value 0.01")
+        mask = attention >= value
+    else:
+        raise ClipvizError(f"unknown mask rule {rule!r}; use mean, topk or threshold")
+    top = attention.argmax(dim=-1, keepdim=True)
+    return mask.scatter(-1, top, True)
+
+
+def masked_max_pool(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`normalise(max_{n ∈ mask} E[n, :])` per channel: `[B, N, D]`, `[B, N]` -> `[B, D]`."""
+    masked = features.masked_fill(~mask[..., None], float("-inf"))
+    return F.normalize(masked.max(dim=1).values, dim=-1)
+
+
+# -- checkpoints --------------------------------------------------------------------------
+
+
+def base_identity(backend: Backend) -> dict[str, Any]:
+    """What a checkpoint must match: the base model's architecture and weights."""
+    return {k: backend.identity[k] for k in ("model", "pretrained", "weights", "config")}
+
+
+def load_head(backend: Backend, path: str | Path) -> ExplainHead:
+    """An `ExplainHead` from an ECLIP checkpoint; refuses one made for another base model."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ClipvizError(f"--eclip {path}: no such checkpoint; train one with `clipviz train`")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            names = [k for k in f.keys() if k.startswith("head.")]  # noqa: SIM118
+            tensors = {k[len("head.") :]: f.get_tensor(k) for k in names}
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
+        raise ClipvizError(f"--eclip {path} is not a readable safetensors checkpoint ({e})") from e
+    if "base" not in meta:
+        raise ClipvizError(f"--eclip {path} has no base-model identity; is it an ECLIP checkpoint?")
+    base = json.loads(meta["base"])
+    mine = base_identity(backend)
+    if base != mine:
+        raise ClipvizError(
+            f"--eclip {path} was trained for {describe_identity(base)}, but the loaded model is "
+            f"{describe_identity(mine)}; pass the same --model/--pretrained as in training"
+        )
+    config = json.loads(meta.get("config", "{}"))
+    head = ExplainHead(backend, train_ln_post=bool(config.get("train_ln_post", False)))
+    try:
+        head.load_state_dict(tensors)
+    except RuntimeError as e:
+        raise ClipvizError(
+            f"--eclip {path} does not fit this model: {str(e).splitlines()[0]}"
+        ) from e
+    return head.to(backend.device).eval()
+
+
+def describe_identity(identity: dict[str, Any]) -> str:
+    weights = identity.get("pretrained") or identity.get("weights")
+    return f"{identity.get('model')} ({weights})"

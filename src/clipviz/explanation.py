@@ -1,0 +1,84 @@
+"""The library entry point: `explain(backend, images, prompts)` -> `Explanation`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .backend import Backend, Texts
+from .errors import ClipvizError
+from .maps import upsample_normalized
+from .methods import check_methods, get_method
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Maps and scores of one method for a batch of images and a set of prompts.
+
+    maps: raw method output `[B, T, h, w]` (float32, not normalised).
+    scores: `cos(image embedding, text)` `[B, T]`.
+    probs: softmax of `logit_scale * scores` over the prompts `[B, T]`.
+    """
+
+    method: str
+    prompts: list[str]
+    maps: torch.Tensor
+    scores: torch.Tensor
+    probs: torch.Tensor
+
+    def upsampled(self, index: int, size: tuple[int, int]) -> torch.Tensor:
+        """Maps of image `index`, min-max normalised per prompt, bilinear to `size` (H, W)."""
+        return upsample_normalized(self.maps[index], size)
+
+
+def to_batch(backend: Backend, images: torch.Tensor | Sequence[Image.Image]) -> torch.Tensor:
+    if isinstance(images, torch.Tensor):
+        return images[None] if images.dim() == 3 else images
+    return torch.stack([backend.preprocess(im) for im in images])
+
+
+def explain(
+    backend: Backend,
+    images: torch.Tensor | Sequence[Image.Image],
+    prompts: Sequence[str] | Texts,
+    method: str = "itsm",
+    ensemble: bool = True,
+    options: dict[str, Any] | None = None,
+) -> Explanation:
+    """Explain why `backend`'s CLIP matches each image with each prompt.
+
+    images: PIL images (preprocessed with the backend's transform) or a preprocessed batch
+        `[B, 3, H, W]`.
+    prompts: strings (embedded through the template ensemble unless `ensemble=False`) or
+        ready `Texts`.
+    options: the method's options (e.g. `{"depth": 6}` for surgery); an unknown or ill-typed
+        option is a `ClipvizError` that lists the method's options.
+    """
+    spec = get_method(method)
+    bound = spec.info.bind(options)
+    texts = prompts if isinstance(prompts, Texts) else None
+    if texts is None:
+        prompts = [str(p) for p in prompts]  # type: ignore[union-attr]
+        if not prompts:
+            raise ClipvizError("no prompts given; pass at least one text to explain")
+        texts = backend.encode_texts(prompts, ensemble=ensemble)
+    check_methods(backend, [spec.name])
+    batch = to_batch(backend, images).to(backend.device)
+    result = spec.fn(backend, batch, texts, **bound)
+    image_emb = result.image_embeddings
+    if image_emb is None:
+        image_emb = backend.image_embeddings(batch)
+    scores = F.normalize(image_emb.float(), dim=-1) @ texts.embeddings.float().T  # [B, T]
+    probs = (backend.logit_scale * scores).softmax(dim=-1)
+    return Explanation(
+        method=spec.name,
+        prompts=list(texts.prompts),
+        maps=result.maps.float().cpu(),
+        scores=scores.cpu(),
+        probs=probs.cpu(),
+    )

@@ -1,0 +1,152 @@
+"""Class-activation maps of a CLIP similarity: Grad-CAM and gScoreCAM.
+
+Both read one layer's activations `A` `[B, C, h, w]` and weight its channels: Grad-CAM by
+the mean gradient of the similarity, gScoreCAM by the scores of the image masked by each of
+the channels with the largest gradients. The shared gradient mechanism is in `gradients.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..backend import Backend, Texts
+from ..errors import ClipvizError
+from ..maps import normalize_maps
+from .gradients import block_index, check_grad_allowed, cosine, similarity_gradients, unit
+from .registry import MapResult, register
+
+
+def cam_layer(backend: Backend, images: Tensor, layer: int) -> tuple[Tensor, Tensor]:
+    """The activations a CAM reads, requiring grad, and the image embeddings `[B, D]`
+    computed from them, as a spatial map `[B, C, h, w]` is read by `as_grid`.
+
+    ViT: the output of block `layer`'s `ln_1` `[B, 1+N, W]` (that block is then computed
+    explicitly from it, the later ones stock); RN: the output of stage `layer`
+    (`layer4` = −1) `[B, C, h, w]`.
+    """
+    check_grad_allowed("Grad-CAM")
+    if backend.tower == "vit":
+        vit = backend.vit
+        i = block_index(layer, vit.depth, "layer", "gradcam")
+        with torch.no_grad():
+            x = vit.run_blocks(vit.embed(images), stop=i)
+            read = vit.norm1(i, x)
+        read.requires_grad_(True)
+        q, k, v = vit.qkv(i, read)
+        probs = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+        y = x + vit.attn_out(i, probs @ v)
+        y = vit.run_blocks(y + vit.mlp(i, y), start=i + 1)
+        return read, vit.head(y)[:, 0]
+    rn = backend.rn
+    i = block_index(layer, rn.depth, "layer", "gradcam")
+    with torch.no_grad():
+        read = rn.run_stages(rn.stem(images), stop=i + 1)
+    read.requires_grad_(True)
+    features = rn.run_stages(read, start=i + 1)
+    return read, rn.attention_pool(rn.pool_inputs(features))[:, 0]
+
+
+def as_grid(backend: Backend, images: Tensor, layer: Tensor) -> Tensor:
+    """A CAM layer (or its gradient) as a spatial map `[B, C, h, w]`, in float32."""
+    if backend.tower == "vit":
+        h, w = backend.grid_size(images)
+        layer = layer[:, backend.vit.prefix :].transpose(1, 2).reshape(layer.shape[0], -1, h, w)
+    return layer.float()
+
+
+@register(
+    "gradcam",
+    towers=("vit", "rn"),
+    summary="Grad-CAM on the image-text cosine: channel activations weighted by mean gradients",
+    citation="Selvaraju et al., Grad-CAM: Visual Explanations from Deep Networks via "
+    "Gradient-based Localization, ICCV 2017",
+    reference="jacobgil/pytorch-grad-cam, pytorch_grad_cam/grad_cam.py (GradCAM.get_cam_weights) "
+    "with a ViT reshape transform; target: the image-text cosine",
+)
+def gradcam(backend: Backend, images: Tensor, texts: Texts, layer: int = -1) -> MapResult:
+    """Grad-CAM on the CLIP similarity: `ReLU(Σ_c α_c A_c)`, `α_c = mean_spatial ∂s/∂A_c`.
+
+    layer: ViT: the block whose `ln_1` output is read (−1 = the last); RN: the residual
+        stage whose output is read (−1 = `layer4`).
+    """
+    with torch.enable_grad():
+        with backend.autocast():
+            read, embeddings = cam_layer(backend, images, layer)
+        similarities = cosine(embeddings, texts)  # [B, T]
+    acts = as_grid(backend, images, read.detach())  # [B, C, h, w]
+    maps = []
+    for (grad,) in similarity_gradients(similarities, [read]):
+        alpha = as_grid(backend, images, grad).mean(dim=(2, 3), keepdim=True)  # [B, C, 1, 1]
+        maps.append((alpha * acts).sum(dim=1).relu())
+    return MapResult(torch.stack(maps, dim=1), unit(embeddings))
+
+
+def _masked_image_scores(
+    backend: Backend, image: Tensor, channels: Tensor, texts: Texts, batch_size: int
+) -> Tensor:
+    """Score-CAM's masking: each channel `[K, h, w]`, upsampled and min-max normalised, masks
+    the preprocessed `image` `[3, H, W]`; returns the softmax over the texts of every masked
+    image's similarities `[K, T]`."""
+    scores = []
+    for i in range(0, len(channels), batch_size):
+        up = F.interpolate(
+            channels[i : i + batch_size, None], size=image.shape[-2:], mode="bilinear"
+        )[:, 0]  # [k, H, W]
+        masks = normalize_maps(up)
+        embeddings = backend.image_embeddings(image[None] * masks[:, None])  # [k, D]
+        scores.append((backend.logit_scale * cosine(embeddings, texts)).softmax(dim=-1))
+    return torch.cat(scores)
+
+
+@register(
+    "gscorecam",
+    towers=("rn",),
+    summary="Score-CAM over the top-gradient layer4 channels, scored by masked-image softmax",
+    citation="Chen, Li, Biaz, Bui and Nguyen, gScoreCAM: What Objects Is CLIP Looking At?, "
+    "ACCV 2022",
+    reference="anguyen8/gScoreCAM, pytorch_grad_cam/gscore_cam.py (get_cam_weights) and "
+    "base_cam.py, called as in predict.py",
+)
+def gscorecam(
+    backend: Backend, images: Tensor, texts: Texts, topk: int = 300, batch_size: int = 64
+) -> MapResult:
+    """gScoreCAM: `ReLU(Σ_k score_k A_k)` over the `topk` `layer4` channels of highest mean
+    gradient, `score_k` the text's softmax probability of the image masked by channel `k`.
+
+    topk: channels kept per (image, text), clamped to the channel count.
+    batch_size: masked images per forward pass.
+    """
+    backend.rn  # noqa: B018 - a usage error for other towers
+    if topk < 1 or batch_size < 1:
+        raise ClipvizError(
+            f"gscorecam: topk ({topk}) and batch_size ({batch_size}) must be at least 1"
+        )
+    images = images.to(backend.device)
+    with torch.enable_grad():
+        with backend.autocast():
+            read, embeddings = cam_layer(backend, images, -1)
+        similarities = cosine(embeddings, texts)
+    acts = read.detach().float()  # [B, C, h, w]
+    B, C = acts.shape[:2]
+    k = min(topk, C)
+    kept = torch.stack(
+        [
+            grad.float().mean(dim=(2, 3)).topk(k, dim=1).indices  # [B, k]
+            for (grad,) in similarity_gradients(similarities, [read])
+        ],
+        dim=1,
+    )  # [B, T, k]
+    weights = torch.zeros(B, texts.embeddings.shape[0], C, device=acts.device)  # [B, T, C]
+    for b in range(B):
+        # A masked image's softmax covers every text at once: score the union of kept channels.
+        channels = kept[b].unique()
+        scores = torch.zeros(C, weights.shape[1], device=acts.device)  # [C, T]
+        scores[channels] = _masked_image_scores(
+            backend, images[b], acts[b, channels], texts, batch_size
+        )
+        chosen = torch.zeros_like(weights[b], dtype=torch.bool).scatter_(1, kept[b], True)
+        weights[b] = scores.T * chosen
+    maps = torch.einsum("btc,bchw->bthw", weights, acts).relu()
+    return MapResult(maps, unit(embeddings))

@@ -1,0 +1,59 @@
+"""The registered methods read from their source files, without importing them.
+
+`--help` and `clipviz methods` must not pay for importing torch, so they read each
+`@register(...)` decorator's literal arguments and its function's signature and docstring with
+`ast`. The method contract test checks that this catalogue equals the imported registry.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from .registry import FIXED_PARAMETERS, NOT_METHOD_MODULES, MethodInfo, Option, option_help
+
+
+def _register_call(fn: ast.FunctionDef) -> ast.Call | None:
+    for deco in fn.decorator_list:
+        if isinstance(deco, ast.Call) and getattr(deco.func, "id", None) == "register":
+            return deco
+    return None
+
+
+def _info(fn: ast.FunctionDef, call: ast.Call) -> MethodInfo:
+    kw = {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg}
+    args = fn.args.args + fn.args.kwonlyargs
+    defaults = [None] * (len(fn.args.args) - len(fn.args.defaults)) + list(fn.args.defaults)
+    defaults += list(fn.args.kw_defaults)
+    params = [
+        (a.arg, ast.unparse(a.annotation) if a.annotation else "", d)
+        for a, d in zip(args, defaults, strict=True)
+    ][len(FIXED_PARAMETERS) :]
+    helps = option_help(ast.get_docstring(fn), [p[0] for p in params])
+    options = tuple(
+        Option(name, annotation, ast.literal_eval(default) if default else None,
+               helps.get(name, ""))
+        for name, annotation, default in params
+    )  # fmt: skip
+    return MethodInfo(
+        name=ast.literal_eval(call.args[0]),
+        summary=kw["summary"],
+        citation=kw["citation"],
+        reference=kw["reference"],
+        towers=tuple(kw["towers"]),
+        options=options,
+    )
+
+
+def catalog() -> dict[str, MethodInfo]:
+    """Every method registered in this package's modules, in registration order."""
+    found: dict[str, MethodInfo] = {}
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        if path.stem in NOT_METHOD_MODULES or path.stem.startswith("_"):
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and (call := _register_call(node)):
+                info = _info(node, call)
+                found[info.name] = info
+    return found

@@ -1,0 +1,333 @@
+"""The method registry: a method registers itself where it is defined, and its options are the
+keyword parameters of its function.
+
+    @register("gradcam", towers=("vit", "rn"), summary="…", citation="…", reference="…")
+    def gradcam(backend, images, texts, layer: int = -1) -> MapResult:
+        '''…
+        layer: the block whose `ln_1` output is read (−1 = last).
+        '''
+
+A method function takes `(backend, images [B, 3, H, W], texts)` and its options, and returns
+raw maps `[B, T, h, w]` (float32) in a `MapResult`; normalising, upsampling and rendering
+happen once, outside the methods. Option names, types (from the annotation) and defaults come
+from the signature, their help from the docstring's `name: text` lines. This module imports
+neither torch nor open_clip: `catalog.py` reads the same facts from the source for `--help`.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import pkgutil
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ClipvizError
+
+if TYPE_CHECKING:
+    import torch
+
+TOWERS = ("vit", "rn")
+# parameters every method takes before its options
+FIXED_PARAMETERS = ("backend", "images", "texts")
+_BASIC = {"int": int, "float": float, "str": str, "bool": bool}
+_SEQUENCES = {"Sequence", "list", "tuple"}
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+@dataclass(frozen=True)
+class MapResult:
+    """Raw maps `[B, T, h, w]`, plus the global image embeddings `[B, D]` when the method
+    computed them on the way (so the caller need not run the model again for scores)."""
+
+    maps: torch.Tensor
+    image_embeddings: torch.Tensor | None = None
+
+
+# -- options -------------------------------------------------------------------------------
+
+
+def _members(annotation: str) -> list[ast.expr]:
+    """The alternatives of a union annotation (`int | None` -> [int, None])."""
+
+    def split(node: ast.expr) -> list[ast.expr]:
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
+            return split(node.left) + split(node.right)
+        return [node]
+
+    try:
+        return split(ast.parse(annotation, mode="eval").body)
+    except SyntaxError:
+        raise ClipvizError(f"unsupported option annotation {annotation!r}") from None
+
+
+def _convert(node: ast.expr, value: Any, from_text: bool) -> Any:
+    """`value` as the type `node` describes, or raise ValueError."""
+    if isinstance(node, ast.Constant) and node.value is None:
+        if value is None or (from_text and str(value).lower() in ("none", "null")):
+            return None
+        raise ValueError
+    if isinstance(node, ast.Name) and node.id in _BASIC:
+        kind = _BASIC[node.id]
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if from_text and str(value).lower() in _TRUE | _FALSE:
+                return str(value).lower() in _TRUE
+            raise ValueError
+        if from_text:
+            return kind(value)
+        if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, kind) and not isinstance(value, bool):
+            return value
+        raise ValueError
+    if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name):
+        outer = node.value.id
+        if outer == "Literal":
+            choices = [ast.literal_eval(e) for e in _literal_elements(node)]
+            for c in choices:
+                if value == c or (from_text and str(value) == str(c)):
+                    return c
+            raise ValueError
+        if outer in _SEQUENCES:
+            inner = node.slice.elts[0] if isinstance(node.slice, ast.Tuple) else node.slice
+            items = value.split(",") if from_text and isinstance(value, str) else value
+            if isinstance(items, str) or not isinstance(items, Sequence):
+                raise ValueError
+            return [
+                _convert(inner, v.strip() if isinstance(v, str) else v, from_text) for v in items
+            ]
+    raise ValueError
+
+
+def _literal_elements(node: ast.Subscript) -> list[ast.expr]:
+    return list(node.slice.elts) if isinstance(node.slice, ast.Tuple) else [node.slice]
+
+
+@dataclass(frozen=True)
+class Option:
+    """One method knob: its name, type (the annotation's text), default and help."""
+
+    name: str
+    type: str
+    default: Any
+    help: str = ""
+
+    def convert(self, value: Any, from_text: bool = False) -> Any:
+        """`value` checked against the type (`from_text`: parse a command-line string)."""
+        for member in _members(self.type):
+            try:
+                return _convert(member, value, from_text)
+            except (ValueError, TypeError):
+                continue
+        raise ValueError(f"expected {self.type}")
+
+    @property
+    def choices(self) -> list[Any]:
+        """The allowed values of a `Literal[...]` option (empty for other types)."""
+        return [
+            ast.literal_eval(e)
+            for m in _members(self.type)
+            if isinstance(m, ast.Subscript) and getattr(m.value, "id", "") == "Literal"
+            for e in _literal_elements(m)
+        ]
+
+    def describe(self) -> str:
+        """`name: type = default — help`, as `clipviz methods` and errors list it."""
+        text = f"{self.name}: {self.type} = {self.default!r}"
+        return f"{text} — {self.help}" if self.help else text
+
+
+def option_help(doc: str | None, names: Sequence[str]) -> dict[str, str]:
+    """The `name: text` lines of a docstring for the given parameter names (continuation
+    lines, indented deeper, are joined)."""
+    helps: dict[str, str] = {}
+    current, indent = None, 0
+    for line in (doc or "").splitlines():
+        stripped = line.strip()
+        m = re.match(r"^(\s*)(\w+): (.+)$", line)
+        if m and m.group(2) in names:
+            current, indent = m.group(2), len(m.group(1))
+            helps[current] = m.group(3).strip()
+        elif current and stripped and len(line) - len(line.lstrip()) > indent:
+            helps[current] += " " + stripped
+        else:
+            current = None
+    return helps
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """What a method is, without its code: enough for `--help`, `clipviz methods` and errors."""
+
+    name: str
+    summary: str
+    citation: str
+    reference: str
+    towers: tuple[str, ...]
+    options: tuple[Option, ...] = ()
+
+    def option(self, name: str) -> Option:
+        for opt in self.options:
+            if opt.name == name:
+                return opt
+        raise ClipvizError(f"method {self.name} has no option {name!r}; {self.options_text()}")
+
+    def options_text(self) -> str:
+        if not self.options:
+            return f"{self.name} takes no options"
+        return f"{self.name} options: " + "; ".join(o.describe() for o in self.options)
+
+    def bind(self, values: Mapping[str, Any] | None, from_text: bool = False) -> dict[str, Any]:
+        """Checked option values for a call; an unknown or ill-typed option is a usage error
+        that lists the method's options."""
+        if values is not None and not isinstance(values, Mapping):
+            raise ClipvizError(
+                f"method {self.name}: options must be a mapping of name to value, not "
+                f"{type(values).__name__}; {self.options_text()}"
+            )
+        bound: dict[str, Any] = {}
+        for key, value in (values or {}).items():
+            opt = self.option(key)
+            try:
+                bound[key] = opt.convert(value, from_text)
+            except ValueError:
+                raise ClipvizError(
+                    f"method {self.name}: option {key}={value!r} is not {opt.type}"
+                    + (f" (one of {', '.join(map(str, opt.choices))})" if opt.choices else "")
+                    + f"; {self.options_text()}"
+                ) from None
+        return bound
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered method: its function and what it is."""
+
+    info: MethodInfo
+    fn: Callable[..., MapResult] = field(repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def towers(self) -> tuple[str, ...]:
+        return self.info.towers
+
+    @property
+    def options(self) -> tuple[Option, ...]:
+        return self.info.options
+
+
+def signature_options(fn: Callable[..., Any]) -> tuple[Option, ...]:
+    """The options of a method function: its parameters after `FIXED_PARAMETERS`."""
+    params = list(inspect.signature(fn).parameters.values())
+    names = tuple(p.name for p in params[: len(FIXED_PARAMETERS)])
+    if names != FIXED_PARAMETERS:
+        raise TypeError(f"{fn.__name__} must take {FIXED_PARAMETERS} first, not {names}")
+    rest = params[len(FIXED_PARAMETERS) :]
+    helps = option_help(inspect.getdoc(fn), [p.name for p in rest])
+    options = []
+    for p in rest:
+        if p.default is inspect.Parameter.empty or p.annotation is inspect.Parameter.empty:
+            raise TypeError(f"{fn.__name__}: option {p.name} needs an annotation and a default")
+        annotation = p.annotation if isinstance(p.annotation, str) else p.annotation.__name__
+        options.append(Option(p.name, annotation, p.default, helps.get(p.name, "")))
+    return tuple(options)
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(
+    name: str, *, towers: tuple[str, ...], summary: str, citation: str, reference: str
+) -> Callable[[Callable[..., MapResult]], Callable[..., MapResult]]:
+    """Register a method function under `name` (arguments must be literals: `catalog.py`
+    reads them from the source)."""
+    if unknown := set(towers) - set(TOWERS):
+        raise ValueError(f"unknown towers {unknown}")
+
+    def decorate(fn: Callable[..., MapResult]) -> Callable[..., MapResult]:
+        if name in _REGISTRY and _REGISTRY[name].fn.__qualname__ != fn.__qualname__:
+            raise ValueError(f"method {name!r} is registered twice")
+        info = MethodInfo(name, summary, citation, reference, towers, signature_options(fn))
+        _REGISTRY[name] = Method(info, fn)
+        return fn
+
+    return decorate
+
+
+# modules of this package that define no methods
+NOT_METHOD_MODULES = frozenset({"registry", "catalog"})
+
+
+def methods() -> dict[str, Method]:
+    """Every registered method, by name (importing the method modules on first use)."""
+    for mod in pkgutil.iter_modules([str(Path(__file__).parent)]):
+        if mod.name not in NOT_METHOD_MODULES:
+            importlib.import_module(f"{__package__}.{mod.name}")
+    return dict(_REGISTRY)
+
+
+def get_method(name: str) -> Method:
+    """The method called `name`, or a usage error listing the choices."""
+    registry = methods()
+    try:
+        return registry[name.lower()]
+    except KeyError:
+        raise ClipvizError(f"unknown method {name!r}; choose from: {', '.join(registry)}") from None
+
+
+def check_methods(backend: Any, names: Sequence[str]) -> None:
+    """Refuse, before any work, a method that is unknown or does not fit the model's tower
+    (the message lists the methods that do)."""
+    for name in names:
+        spec = get_method(name)
+        if backend.tower not in spec.towers:
+            fitting = [m.name for m in methods().values() if backend.tower in m.towers]
+            raise ClipvizError(
+                f"method {spec.name} is defined for {'/'.join(spec.towers)} image towers, and "
+                f"{backend.identity.get('model')} has a {backend.tower} one; methods for it: "
+                f"{', '.join(fitting)} (choose another `method` or `model`)"
+            )
+
+
+def method_options(
+    methods_run: Sequence[str], raw: Sequence[str] = (), values: Mapping[str, Any] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Per-method option values from `KEY=VALUE` strings (`-O layer=-2`, or `-O gradcam.layer=-2`
+    for one method) and from already-typed `values` keyed the same way.
+
+    An unqualified key goes to every method run that has that option; a key no method run
+    has, or a method not run, is a usage error.
+    """
+    specs = [get_method(m) for m in methods_run]
+    out: dict[str, dict[str, Any]] = {s.name: {} for s in specs}
+    items: list[tuple[str, Any, bool]] = []
+    for text in raw:
+        key, sep, value = text.partition("=")
+        if not sep or not key.strip():
+            raise ClipvizError(f"method option {text!r} is not KEY=VALUE (e.g. -O layer=-2)")
+        items.append((key.strip(), value.strip(), True))
+    items += [(k, v, False) for k, v in (values or {}).items()]
+    for key, value, from_text in items:
+        method, dot, name = key.rpartition(".")
+        targets = [s for s in specs if s.name == method] if dot else specs
+        if dot and not targets:
+            raise ClipvizError(
+                f"method option {key}: {method} is not among the methods run "
+                f"({', '.join(s.name for s in specs)}); add `method` {method}"
+            )
+        having = [s for s in targets if any(o.name == name for o in s.options)]
+        if not having:
+            listed = " | ".join(s.info.options_text() for s in targets)
+            raise ClipvizError(f"unknown method option {name!r}; {listed}")
+        for s in having:
+            out[s.name].update(s.info.bind({name: value}, from_text))
+    return out

@@ -1,0 +1,114 @@
+"""Attention-gradient relevance of ViT blocks: GAE (Chefer et al.) and LeGrad.
+
+Both take gradients of a CLIP similarity with respect to the attention probabilities of
+blocks (computed explicitly: open_clip's fused attention never returns them), keep their
+positive part and read the class token's row or every row. The shared gradient mechanism is
+in `gradients.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..backend import Backend, Texts, ViTTower
+from ..errors import ClipvizError
+from ..maps import normalize_maps
+from .gradients import block_index, check_grad_allowed, cosine, similarity_gradients, unit
+from .registry import MapResult, register
+
+
+def attention_graph(
+    vit: ViTTower, images: Tensor, first: int, separate_blocks: bool = False
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Attention probabilities `[B, heads, L, L]` and outputs `[B, L, W]` of blocks `first`…
+
+    The blocks before `first` run without grad. `separate_blocks` cuts the residual stream
+    between blocks, so that a target read after block `l` reaches block `l`'s attention but
+    no earlier one (LeGrad's per-layer targets then share one backward).
+    """
+    check_grad_allowed("this method")
+    with torch.no_grad():
+        x = vit.run_blocks(vit.embed(images), stop=first)
+    probs: list[Tensor] = []
+    outputs: list[Tensor] = []
+    for i in range(first, vit.depth):
+        if separate_blocks or not outputs:
+            x = x.detach().requires_grad_(True)
+        x, p = vit.block_with_attention(i, x)
+        probs.append(p)
+        outputs.append(x)
+    return probs, outputs
+
+
+@register(
+    "gae",
+    towers=("vit",),
+    summary="Gradient-weighted attention relevance propagated through the ViT blocks",
+    citation="Chefer, Gur and Wolf, Generic Attention-model Explainability for Interpreting "
+    "Bi-Modal and Encoder-Decoder Transformers, ICCV 2021",
+    reference="hila-chefer/Transformer-MM-Explainability, CLIP notebook, interpret()",
+)
+def gae(backend: Backend, images: Tensor, texts: Texts, start_layer: int = 0) -> MapResult:
+    """Chefer et al.'s relevance: `R = I`, `R += mean_heads(clamp(∇A ⊙ A, min=0)) @ R` per block.
+
+    start_layer: first block whose attention is propagated (0 = all; −1 = the last only;
+        negative values count from the end).
+    """
+    vit = backend.vit
+    first = block_index(start_layer, vit.depth, "start_layer", "gae")
+    with torch.enable_grad():
+        with backend.autocast():
+            probs, outputs = attention_graph(vit, images, first)
+            embeddings = vit.head(outputs[-1])[:, 0]
+        similarities = cosine(embeddings, texts)
+    attention = [p.detach().float() for p in probs]
+    B, _, L, _ = attention[0].shape
+    maps = []
+    for grads in similarity_gradients(similarities, probs):
+        # Only row 0 of R = (I + Ā_n)…(I + Ā_first) is read, so it is built as a row vector
+        # from the last block back: O(L²) per block instead of O(L³), the same numbers.
+        row = torch.zeros(B, 1, L, device=attention[0].device)
+        row[:, 0, 0] = 1.0
+        for a, g in zip(reversed(attention), reversed(grads), strict=True):
+            cam = (g.float() * a).clamp(min=0).mean(dim=1)  # Ā [B, L, L]
+            row = row + row @ cam
+        maps.append(row[:, 0, vit.prefix :])
+    h, w = backend.grid_size(images)
+    maps_t = torch.stack(maps, dim=1).reshape(B, -1, h, w)
+    return MapResult(maps_t, unit(embeddings))
+
+
+@register(
+    "legrad",
+    towers=("vit",),
+    summary="Positive gradients of per-layer similarities w.r.t. the last blocks' attention",
+    citation="Bousselham, Boggust, Chaybouti, Strobelt and Kuehne, LeGrad: An Explainability "
+    "Method for Vision Transformers via Feature Formation Sensitivity, ICCV 2025 "
+    "(arXiv:2404.03214, 2024)",
+    reference="WalBouss/LeGrad, legrad/wrapper.py, compute_legrad_clip",
+)
+def legrad(backend: Backend, images: Tensor, texts: Texts, layers: int = 2) -> MapResult:
+    """LeGrad: `Σ_l mean_{heads, queries} ReLU(∂s_l/∂A_l)` over the last blocks, min-max.
+
+    `s_l = cos(proj(ln_post(x_l[:, 0])), text)` with `x_l` the output of block `l`.
+    layers: how many of the last blocks contribute.
+    """
+    vit = backend.vit
+    if not 1 <= layers <= vit.depth:
+        raise ClipvizError(
+            f"legrad: layers={layers} must be between 1 and the tower's {vit.depth} blocks"
+        )
+    with torch.enable_grad():
+        with backend.autocast():
+            probs, outputs = attention_graph(vit, images, vit.depth - layers, separate_blocks=True)
+            embeddings = [vit.head(x)[:, 0] for x in outputs]
+        # Σ_l s_l: with the blocks separated, ∂/∂A_l of the sum is ∂s_l/∂A_l.
+        similarities = torch.stack([cosine(e, texts) for e in embeddings]).sum(dim=0)
+    maps = []
+    for grads in similarity_gradients(similarities, probs):
+        per_layer = [g.float().clamp(min=0).mean(dim=(1, 2))[:, vit.prefix :] for g in grads]
+        maps.append(torch.stack(per_layer).sum(dim=0))  # [B, N]
+    h, w = backend.grid_size(images)
+    maps_t = normalize_maps(torch.stack(maps, dim=1).reshape(len(images), -1, h, w))
+    return MapResult(maps_t, unit(embeddings[-1]))

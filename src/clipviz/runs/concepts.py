@@ -1,0 +1,159 @@
+"""`clipviz concepts` runs: ConVis maps of chosen or discovered concepts for many images, with
+the same outputs and manifest as an explain run, and image embeddings for the OOD check."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..backend import Backend
+from ..convis.bank import ConceptBank
+from ..convis.maps import concept_maps
+from ..convis.nouns import noun_database
+from ..convis.windows import square_box
+from ..data.images import ImageError, load_image
+from ..data.inputs import InputItem
+from ..errors import ClipvizError
+from ..explanation import Explanation
+from ..files import SCHEMA_VERSION, append_jsonl, provenance, write_json_atomic
+from .explain import MANIFEST
+from .outputs import RenderOptions, write_outputs
+
+
+def _describe(name: str) -> tuple[str, str]:
+    """A synset's first lemma and its definition."""
+    db = noun_database()
+    i = db.position[name]
+    return db.lemmas[i][0].replace("_", " "), db.definitions[i]
+
+
+def concepts_one(
+    backend: Backend,
+    bank: ConceptBank,
+    item: InputItem,
+    chosen: Sequence[str],
+    options: dict[str, Any],
+    out: Path,
+    render: RenderOptions,
+    max_pixels: int,
+) -> dict[str, Any]:
+    """Maps, files and the manifest record of one image (written to the manifest too).
+
+    options: `variant`, `seed`, `top`, `batch_size` of `concept_maps`.
+    """
+    started = time.perf_counter()
+    rec: dict[str, Any] = {"input": str(item.path.resolve()), "output": str(item.rel)}
+    try:
+        image = load_image(item.path, max_pixels)
+    except ImageError as e:
+        rec.update(status="failed", error=str(e), outputs=[], seconds=0.0)
+        return _record(out, rec)
+    result = concept_maps(backend, image, chosen, bank=bank, **options)
+    x = backend.preprocess(Image.fromarray(result.square))[None]
+    idx = [bank.hierarchy.index(c) for c in result.concepts]
+    image_emb = backend.image_embeddings(x).float()
+    scores = (image_emb @ bank.embeddings[idx].float().T).cpu()  # [1, S]
+    probs = (backend.logit_scale * scores).softmax(dim=-1)
+    explanation = Explanation(
+        method=f"convis-{options['variant']}",
+        prompts=result.concepts,
+        maps=result.maps[None].float(),
+        scores=scores,
+        probs=probs,
+    )
+    square = np.asarray(image.crop(square_box(image.size)))
+    files = write_outputs(out / item.rel, square, [explanation], 0, render)
+    found = {d.synset for d in result.discovered}
+    rec.update(
+        status="ok",
+        error=None,
+        outputs=files,
+        size=[image.width, image.height],
+        crop=list(square_box(image.size)),
+        concepts=[
+            {
+                "synset": name,
+                "lemma": _describe(name)[0],
+                "definition": _describe(name)[1],
+                "best_rank": rank,
+                "score": float(score),
+                "discovered": name in found,
+            }
+            for name, rank, score in zip(
+                result.concepts, result.best_ranks, scores[0].tolist(), strict=True
+            )
+        ],
+        seconds=round(time.perf_counter() - started, 4),
+    )
+    return _record(out, rec)
+
+
+def _record(out: Path, rec: dict[str, Any]) -> dict[str, Any]:
+    rec["schema_version"] = SCHEMA_VERSION
+    append_jsonl(out / MANIFEST, rec)
+    return rec
+
+
+def run_concepts(
+    backend: Backend,
+    bank: ConceptBank,
+    items: Sequence[InputItem],
+    chosen: Sequence[str],
+    out: Path,
+    options: dict[str, Any],
+    render: RenderOptions = RenderOptions(),
+    max_pixels: int = 100_000_000,
+    run_info: dict[str, Any] | None = None,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """ConVis maps of `chosen` (and `options["top"]` discovered) concepts for every item;
+    writes `run.json`, each image's outputs and one manifest record per image."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(
+        out / "run.json",
+        {
+            **provenance(),
+            "model": backend.identity,
+            "device": str(backend.device),
+            "method": f"convis-{options['variant']}",
+            "concepts": list(chosen),
+            "hierarchy_size": len(bank.hierarchy),
+            **(run_info or {}),
+            **options,
+            "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        },
+    )
+    records = []
+    for item in items:
+        records.append(concepts_one(backend, bank, item, chosen, options, out, render, max_pixels))
+        if on_record:
+            on_record(records[-1])
+    return records
+
+
+def embed_images(
+    backend: Backend, items: Sequence[InputItem], batch_size: int
+) -> tuple[torch.Tensor, list[tuple[str, str]]]:
+    """Image embeddings `[N, D]` of the readable items, and (path, error) of the others."""
+    if batch_size < 1:
+        raise ClipvizError(f"`batch_size` {batch_size} must be at least 1")
+    tensors, failed = [], []
+    for item in items:
+        try:
+            tensors.append(backend.preprocess(load_image(item.path)))
+        except ImageError as e:
+            failed.append((str(item.path), str(e)))
+    if not tensors:
+        raise ClipvizError("none of the images could be read", exit_code=1)
+    chunks = [
+        backend.image_embeddings(torch.stack(tensors[i : i + batch_size])).cpu()
+        for i in range(0, len(tensors), batch_size)
+    ]
+    return torch.cat(chunks), failed

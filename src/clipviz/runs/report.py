@@ -1,0 +1,102 @@
+"""One static HTML page over the outputs of a `clipviz explain` run directory."""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import ClipvizError
+from ..files import read_jsonl, write_text_atomic
+
+STYLE = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; }
+h1 { font-size: 20px; } h2 { font-size: 15px; margin: 24px 0 6px; word-break: break-all; }
+.meta { color: #555; } .failed { color: #b00; }
+.row { display: flex; flex-wrap: wrap; gap: 10px; }
+figure { margin: 0; width: 240px; } figure img { width: 240px; border: 1px solid #ddd; }
+figcaption { font-size: 12px; } .top { font-weight: bold; }
+table { border-collapse: collapse; } td, th { padding: 2px 8px; border-bottom: 1px solid #eee; }
+"""
+
+
+def _latest_records(run_dir: Path) -> list[dict[str, Any]]:
+    latest: dict[str, dict[str, Any]] = {}
+    for rec in read_jsonl(run_dir / "manifest.jsonl"):
+        if "input" in rec:
+            latest[rec["input"]] = rec
+    return sorted(latest.values(), key=lambda r: str(r.get("output", "")))
+
+
+def build_report(
+    run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None = None
+) -> Path:
+    """Write `RUN_DIR/report.html` (or `out`): per image, its overlays with the prompts'
+    probabilities, the comparison sheet if there is one, and the failures with reasons."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "manifest.jsonl").is_file():
+        raise ClipvizError(
+            f"{run_dir} has no manifest.jsonl; pass the --out folder of a `clipviz explain` run"
+        )
+    target = Path(out) if out is not None else run_dir / "report.html"
+    run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    records = _latest_records(run_dir)
+    ok = [r for r in records if r.get("status") in ("ok", "skipped")]
+    failed = [r for r in records if r.get("status") == "failed"]
+    base = os.path.relpath(run_dir, target.parent)
+
+    def src(rec: dict[str, Any], name: str) -> str:
+        return html.escape(Path(base, rec["output"], name).as_posix(), quote=True)
+
+    model = run.get("model", {})
+    parts = [
+        "<!doctype html><meta charset='utf-8'><title>clipviz report</title>",
+        f"<style>{STYLE}</style><h1>clipviz report — {html.escape(run_dir.name)}</h1>",
+        "<p class='meta'>"
+        + html.escape(
+            f"model {model.get('model')} ({model.get('pretrained') or model.get('weights')}), "
+            f"methods {', '.join(run.get('methods', []))}, {len(ok)} images, "
+            f"{len(failed)} failed"
+        )
+        + "</p>",
+    ]
+    for rec in ok:
+        parts.append(f"<h2>{html.escape(rec['output'])}</h2>")
+        probs: dict[str, float] = rec.get("probs", {})
+        files = rec.get("outputs", [])
+        if "comparison.png" in files:
+            parts.append(f"<img src='{src(rec, 'comparison.png')}' style='max-width:100%'>")
+        parts.append("<div class='row'>")
+        for name in (f for f in files if f.endswith(".overlay.png")):
+            prompt = _prompt_of(name, probs)
+            p = probs.get(prompt)
+            label = html.escape(prompt) + (f" — p = {p:.3f}" if p is not None else "")
+            cls = " class='top'" if prompt == rec.get("top") else ""
+            parts.append(
+                f"<figure><img loading='lazy' src='{src(rec, name)}'>"
+                f"<figcaption{cls}>{label}</figcaption></figure>"
+            )
+        parts.append("</div>")
+    if failed:
+        parts.append("<h2 class='failed'>Failed inputs</h2><table>")
+        for rec in failed:
+            parts.append(
+                f"<tr><td>{html.escape(rec['input'])}</td>"
+                f"<td class='failed'>{html.escape(str(rec.get('error')))}</td></tr>"
+            )
+        parts.append("</table>")
+    write_text_atomic(target, "\n".join(parts) + "\n")
+    return target
+
+
+def _prompt_of(file_name: str, probs: dict[str, float]) -> str:
+    """The prompt whose slug starts `file_name` (`a-red-car.overlay.png` -> "a red car")."""
+    from ..render import prompt_slugs
+
+    stem = file_name.split(".")[0]
+    for prompt, slug in zip(probs, prompt_slugs(list(probs)), strict=True):
+        if slug == stem:
+            return prompt
+    return stem
