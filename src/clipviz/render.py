@@ -83,7 +83,7 @@ def colorize(norm_map: np.ndarray, colormap: str = "jet") -> np.ndarray:
 def overlay(image: np.ndarray, norm_map: np.ndarray, colormap: str = "jet", alpha: float = 0.5):
     """Blend the colorized map over `image` (uint8 `[H, W, 3]`): `(1-α)·image + α·heat`."""
     if not 0.0 <= alpha <= 1.0:
-        raise ClipvizError(f"--alpha {alpha} is outside [0, 1]")
+        raise ClipvizError(f"`alpha` {alpha} is outside [0, 1]")
     heat = colorize(norm_map, colormap).astype(np.float32)
     out = (1.0 - alpha) * image.astype(np.float32) + alpha * heat
     return (out + 0.5).astype(np.uint8)

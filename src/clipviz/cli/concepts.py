@@ -26,7 +26,7 @@ from .options import (
     ResolutionOpt,
     load,
 )
-from .output import err_console, out_console, print_table, progress_bar
+from .output import err_console, out_console, print_failure, print_table, progress_bar
 
 VocabularyOpt = Annotated[
     str,
@@ -161,9 +161,7 @@ def concepts(
     if not quiet:
         _print_concepts_table(records, discovery=top > 0)
         for r in failed[:50]:
-            err_console.print(
-                f"[red]failed[/] {escape(r['input'])}: {escape(str(r['error']))}", highlight=False
-            )
+            print_failure(r["input"], r["error"])
         extra = f", {ignored} non-image files ignored" if ignored else ""
         out_console.print(
             f"{len(records) - len(failed)} ok, {len(failed)} failed{extra} — outputs in {out}/, "
@@ -285,5 +283,5 @@ def concepts_ood(
         table.add_row("single definition", f"{result.auroc_single:.3f}")
         print_table(table)
         for path, error in failed[:20]:
-            err_console.print(f"[red]failed[/] {escape(path)}: {escape(error)}", highlight=False)
+            print_failure(path, error)
     raise typer.Exit(1 if failed else 0)

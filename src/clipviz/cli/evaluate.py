@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from ..errors import ClipvizError
@@ -31,7 +30,7 @@ from .options import (
     gather_method_options,
     load,
 )
-from .output import err_console, out_console, print_table, progress_bar
+from .output import out_console, print_failure, print_table, progress_bar
 
 COLUMNS = {  # metric -> (result key, header, decimals)
     "miou": [("miou", "mIoU %", 1), ("miou_threshold", "τ", 2)],
@@ -150,9 +149,7 @@ def evaluate(
     if not quiet:
         print_eval_table(results, opts.metrics, dataset.name, len(records) - len(failed))
         for r in failed[:20]:
-            err_console.print(
-                f"[red]failed[/] {escape(r['image'])}: {escape(str(r['error']))}", highlight=False
-            )
+            print_failure(r["image"], r["error"])
         out_console.print(f"results: {json_path}, per image: {csv_path}", highlight=False)
     raise typer.Exit(1 if failed else 0)
 

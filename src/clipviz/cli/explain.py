@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
 from ..errors import ClipvizError
@@ -35,7 +34,7 @@ from .options import (
     gather_method_options,
     load,
 )
-from .output import err_console, out_console, print_table, progress_bar
+from .output import err_console, out_console, print_failure, print_table, progress_bar
 
 
 def explain(
@@ -177,9 +176,7 @@ def print_summary(summary: Any, out: Path, ignored: int, rows: int = 20) -> None
         print_table(table)
     failed = [r for r in summary.records if r["status"] == "failed"]
     for r in failed[:50]:
-        err_console.print(
-            f"[red]failed[/] {escape(r['input'])}: {escape(str(r['error']))}", highlight=False
-        )
+        print_failure(r["input"], r["error"])
     if len(failed) > 50:
         err_console.print(f"… and {len(failed) - 50} more failures in the manifest")
     extra = f", {ignored} non-image files ignored" if ignored else ""

@@ -62,6 +62,11 @@ FLAGS = {
     "mask_value": "--mask-value",
     "train_ln_post": "--train-ln-post",
     "resume": "--resume",
+    "images": "--images",
+    "format": "--format",
+    "synset": "--synset",
+    "word": "--word",
+    "classes_file": "--classes-file",
 }
 
 
@@ -91,6 +96,13 @@ def print_table(table: Any) -> None:
         out_console.print(table)
         return
     Console(width=10_000, force_terminal=False).print(table, crop=False)
+
+
+def print_failure(source: str, error: object) -> None:
+    """One failed input on stderr: its path and the reason (flags named as typed)."""
+    err_console.print(
+        f"[red]failed[/] {escape(str(source))}: {escape(as_flags(str(error)))}", highlight=False
+    )
 
 
 def handle_errors(fn: F) -> F:

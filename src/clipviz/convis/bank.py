@@ -32,7 +32,7 @@ class ConceptBank:
 
 def _check_embed(embed: str) -> None:
     if embed not in EMBED_MODES:
-        raise ClipvizError(f"unknown --embed {embed!r}; choose from: {', '.join(EMBED_MODES)}")
+        raise ClipvizError(f"unknown `embed` {embed!r}; choose from: {', '.join(EMBED_MODES)}")
 
 
 def concept_embeddings(

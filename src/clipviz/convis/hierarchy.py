@@ -43,7 +43,7 @@ class Hierarchy:
             noun_database().synset(name)  # unknown to WordNet: the error with suggestions
             raise ClipvizError(
                 f"{name} is not in the {self.vocabulary} vocabulary's hierarchy; "
-                "add it to the vocabulary or choose another --vocabulary"
+                "add it to the vocabulary or choose another `vocabulary`"
             )
         return i
 
@@ -86,7 +86,7 @@ def vocabulary_synsets(vocabulary: str = "default") -> tuple[tuple[str, ...], fr
     path = Path(vocabulary)
     if not path.is_file():
         raise ClipvizError(
-            f"--vocabulary {vocabulary!r} is neither default, all nor a file of words"
+            f"`vocabulary` {vocabulary!r} is neither default, all nor a file of words"
         )
     words, members, problems = [], set(), []
     for entry in _read_words_file(path):

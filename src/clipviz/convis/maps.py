@@ -190,9 +190,9 @@ def concept_maps(
 ) -> ConceptMaps:
     """ConVis maps of `image` for synsets `concepts` and/or the `top` discovered concepts."""
     if variant not in VARIANTS:
-        raise ClipvizError(f"unknown --variant {variant!r}; choose from: {', '.join(VARIANTS)}")
+        raise ClipvizError(f"unknown `variant` {variant!r}; choose from: {', '.join(VARIANTS)}")
     if not concepts and top < 1:
-        raise ClipvizError("no concepts asked for; pass --synset, --word or --top K")
+        raise ClipvizError("no concepts asked for; pass `synset`, `word` or `top` K")
     bank = bank or concept_bank(backend, vocabulary, embed, extra=concepts)
     idx = [bank.hierarchy.index(c) for c in concepts]
     square = np.asarray(square_image(image))

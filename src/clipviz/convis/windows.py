@@ -114,7 +114,7 @@ def embed_windows(
 ) -> torch.Tensor:  # [K, D]
     """`v_W` for every window: unit image embeddings, all windows in batches."""
     if batch_size < 1:
-        raise ClipvizError(f"--batch-size {batch_size} must be at least 1")
+        raise ClipvizError(f"`batch_size` {batch_size} must be at least 1")
     x = canvas_tensor(backend, canvas)
     out = [
         backend.image_embeddings(window_batch(x, boxes[i : i + batch_size], backend)).float()

@@ -108,13 +108,13 @@ def read_captions(
     kind = _guess_format(path) if fmt == "auto" else fmt
     base = Path(images_dir) if images_dir is not None else None
     if base is not None and not base.is_dir():
-        raise ClipvizError(f"--images {base} is not a folder")
+        raise ClipvizError(f"`images` {base} is not a folder")
     if kind == "folder":
         if not path.is_dir():
-            raise ClipvizError(f"{path} is not a folder; --format folder needs one")
+            raise ClipvizError(f"{path} is not a folder; `format` folder needs one")
         return _read_folder(path)
     if not path.is_file():
-        raise ClipvizError(f"{path} is a folder; pass a caption file or use --format folder")
+        raise ClipvizError(f"{path} is a folder; pass a caption file or use `format` folder")
     text = _read_text(path)
     if kind in ("csv", "tsv"):
         return _read_table(path, text, kind, base or path.parent)

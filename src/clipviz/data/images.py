@@ -69,7 +69,7 @@ def load_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXEL
                 if w * h > max_pixels:
                     raise ImageError(
                         f"image is {w}x{h} ({w * h / 1e6:.0f} MP), above the limit of "
-                        f"{max_pixels / 1e6:g} MP; raise it with --max-pixels"
+                        f"{max_pixels / 1e6:g} MP; raise it with `max_pixels`"
                     )
                 im.seek(0)
                 im.load()

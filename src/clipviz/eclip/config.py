@@ -69,25 +69,25 @@ def check_options(config: TrainConfig, backend: Backend, d: Dist, n: int) -> Non
         if value < 1:
             raise ClipvizError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
     if config.epochs is not None and config.steps is not None:
-        raise ClipvizError("pass --epochs or --steps, not both")
+        raise ClipvizError("pass `epochs` or `steps`, not both")
     for name, count in (("epochs", config.epochs), ("steps", config.steps)):
         if count is not None and count < 1:
             raise ClipvizError(f"--{name} must be at least 1 (got {count})")
     if config.lr <= 0 or config.weight_decay < 0 or config.warmup < 0 or config.distill < 0:
         raise ClipvizError(
-            "--lr must be positive; --weight-decay, --warmup, --distill not negative"
+            "`lr` must be positive; `weight_decay`, `warmup`, `distill` not negative"
         )
     if config.batch_size % d.world:
         raise ClipvizError(
-            f"--batch-size {config.batch_size} (the global batch) is not divisible by the "
+            f"`batch_size` {config.batch_size} (the global batch) is not divisible by the "
             f"{d.world} processes; use a multiple of {d.world}"
         )
     if config.train_ln_post and backend.tower != "vit":
-        raise ClipvizError("--train-ln-post applies to ViT towers only (ResNets have no ln_post)")
+        raise ClipvizError("`train_ln_post` applies to ViT towers only (ResNets have no ln_post)")
     free_attention_mask(torch.ones(1, 2), config.mask_rule, config.mask_value)  # checks the rule
     if n // config.batch_size // config.accum_steps == 0:
         raise ClipvizError(
             f"the training data has {n} usable pairs, fewer than one optimizer step "
-            f"(--batch-size {config.batch_size} × --accum-steps {config.accum_steps}); "
+            f"(`batch_size` {config.batch_size} × `accum_steps` {config.accum_steps}); "
             "lower them or add data"
         )

@@ -126,13 +126,13 @@ def free_attention_mask(
         mask = attention >= attention.mean(dim=-1, keepdim=True)
     elif rule == "topk":
         if value is None or not 0 < value <= 1:
-            raise ClipvizError("mask rule topk needs a share in (0, 1], e.g. --mask-value 0.3")
+            raise ClipvizError("mask rule topk needs a share in (0, 1], e.g. `mask_value` 0.3")
         k = max(1, round(value * attention.shape[-1]))
         kth = attention.topk(k, dim=-1).values[..., -1:]
         mask = attention >= kth
     elif rule == "threshold":
         if value is None:
-            raise ClipvizError("mask rule threshold needs a value, e.g. --mask-value 0.01")
+            raise ClipvizError("mask rule threshold needs a value, e.g. `mask_value` 0.01")
         mask = attention >= value
     else:
         raise ClipvizError(f"unknown mask rule {rule!r}; use mean, topk or threshold")
@@ -160,22 +160,26 @@ def load_head(backend: Backend, path: str | Path) -> ExplainHead:
 
     path = Path(path)
     if not path.is_file():
-        raise ClipvizError(f"--eclip {path}: no such checkpoint; train one with `clipviz train`")
+        raise ClipvizError(f"`checkpoint` {path}: no such file; train one with `clipviz train`")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             names = [k for k in f.keys() if k.startswith("head.")]  # noqa: SIM118
             tensors = {k[len("head.") :]: f.get_tensor(k) for k in names}
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
-        raise ClipvizError(f"--eclip {path} is not a readable safetensors checkpoint ({e})") from e
+        raise ClipvizError(
+            f"`checkpoint` {path} is not a readable safetensors checkpoint ({e})"
+        ) from e
     if "base" not in meta:
-        raise ClipvizError(f"--eclip {path} has no base-model identity; is it an ECLIP checkpoint?")
+        raise ClipvizError(
+            f"`checkpoint` {path} has no base-model identity; is it an ECLIP checkpoint?"
+        )
     base = json.loads(meta["base"])
     mine = base_identity(backend)
     if base != mine:
         raise ClipvizError(
-            f"--eclip {path} was trained for {describe_identity(base)}, but the loaded model is "
-            f"{describe_identity(mine)}; pass the same --model/--pretrained as in training"
+            f"`checkpoint` {path} was trained for {describe_identity(base)}, but the loaded model is "
+            f"{describe_identity(mine)}; pass the same `model`/`pretrained` as in training"
         )
     config = json.loads(meta.get("config", "{}"))
     head = ExplainHead(backend, train_ln_post=bool(config.get("train_ln_post", False)))
@@ -183,7 +187,7 @@ def load_head(backend: Backend, path: str | Path) -> ExplainHead:
         head.load_state_dict(tensors)
     except RuntimeError as e:
         raise ClipvizError(
-            f"--eclip {path} does not fit this model: {str(e).splitlines()[0]}"
+            f"`checkpoint` {path} does not fit this model: {str(e).splitlines()[0]}"
         ) from e
     return head.to(backend.device).eval()
 

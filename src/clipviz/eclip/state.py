@@ -143,7 +143,7 @@ def _check_base(meta: dict[str, str], backend: Backend, path: Path) -> None:
     if base != mine:
         raise ClipvizError(
             f"{path} was trained for {describe_identity(base)}, but the loaded model is "
-            f"{describe_identity(mine)}; pass the same --model/--pretrained as in training"
+            f"{describe_identity(mine)}; pass the same `model`/`pretrained` as in training"
         )
 
 
@@ -158,7 +158,7 @@ def _check_config(
     if diffs:
         raise ClipvizError(
             f"cannot resume {path}: it was made with {', '.join(diffs)}; resume with the same "
-            "data and options, or start a new --out"
+            "data and options, or start a new `out`"
         )
 
 

@@ -117,14 +117,14 @@ def train(
     step = 0
     if resume:
         if not checkpoint.is_file():
-            raise ClipvizError(f"nothing to resume: {checkpoint} does not exist; drop --resume")
+            raise ClipvizError(f"nothing to resume: {checkpoint} does not exist; drop `resume`")
         step = load_checkpoint(
             checkpoint, backend, head, log_scale, optimizer, named, run_config, NOT_COMPARED
         )
     elif checkpoint.exists() or (out / FINAL).exists():
         raise ClipvizError(
-            f"{out} already holds a training run; pass --resume to continue it, "
-            "or choose another --out"
+            f"{out} already holds a training run; pass `resume` to continue it, "
+            "or choose another `out`"
         )
     if d.main:
         out.mkdir(parents=True, exist_ok=True)

@@ -65,7 +65,7 @@ def read_class_prompts(path: str | Path, classes: Sequence[str]) -> dict[str, st
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as e:
-        raise ClipvizError(f"cannot read --classes-file {path}: {e.strerror or e}") from e
+        raise ClipvizError(f"cannot read `classes_file` {path}: {e.strerror or e}") from e
     for n, line in enumerate(lines, 1):
         if not line.strip() or line.startswith("#"):
             continue
@@ -103,7 +103,7 @@ def check_metrics(metrics: Sequence[str], dataset: EvalDataset) -> None:
     if dataset.format == "cub" and (need := [m for m in metrics if m in MASK_METRICS]):
         raise ClipvizError(
             f"metric {need[0]} needs masks, and a CUB dataset has boxes only; "
-            "use --metric maxboxacc/pointing/energy"
+            "use `metric` maxboxacc/pointing/energy"
         )
 
 
@@ -199,7 +199,7 @@ def evaluate(
     for m in opts.methods:  # bad options fail before the first image
         get_method(m).info.bind(opts.method_options.get(m))
     if opts.batch_size < 1:
-        raise ClipvizError(f"--batch-size {opts.batch_size} must be at least 1")
+        raise ClipvizError(f"`batch_size` {opts.batch_size} must be at least 1")
     key = request_key(backend, dataset, texts, opts)
     records_path.parent.mkdir(parents=True, exist_ok=True)
     records = [

@@ -38,7 +38,7 @@ def build_report(
     run_dir = Path(run_dir)
     if not (run_dir / "manifest.jsonl").is_file():
         raise ClipvizError(
-            f"{run_dir} has no manifest.jsonl; pass the --out folder of a `clipviz explain` run"
+            f"{run_dir} has no manifest.jsonl; pass the `out` folder of a `clipviz explain` run"
         )
     target = Path(out) if out is not None else run_dir / "report.html"
     run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
