@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test test-compat lint format clean
 
 install: $(VENV)/.installed wordnet
 
@@ -43,10 +43,25 @@ lint: install
 
 test: install lint
 	$(BIN)/pytest -q
+	$(MAKE) --no-print-directory test-compat
+
+# The oldest open_clip that pyproject.toml allows, in a venv that borrows everything else
+# (torch, timm, …) from .venv: a .pth line adds .venv's site-packages after its own, so the
+# pinned open_clip shadows the newest one. About a minute (the download is 1.5 MB).
+COMPAT_OPEN_CLIP ?= 3.0.0
+COMPAT_VENV ?= .venv-compat
+test-compat: install
+	@rm -rf $(COMPAT_VENV) && $(PYTHON) -m venv $(COMPAT_VENV)
+	@main=$$($(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"); \
+	  own=$$($(COMPAT_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"); \
+	  echo "import site; site.addsitedir('$$main')" > "$$own/zz-clipviz-main.pth"
+	$(COMPAT_VENV)/bin/python -m pip install -q --no-deps open_clip_torch==$(COMPAT_OPEN_CLIP)
+	$(COMPAT_VENV)/bin/python -c "import open_clip; assert open_clip.__version__ == '$(COMPAT_OPEN_CLIP)', open_clip.__version__"
+	$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider
 
 format: install
 	$(BIN)/ruff check --fix src tests examples
 	$(BIN)/ruff format src tests examples
 
 clean:
-	rm -rf $(VENV) clipviz-out .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(COMPAT_VENV) clipviz-out .pytest_cache .mypy_cache .ruff_cache

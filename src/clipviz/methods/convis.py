@@ -1,7 +1,7 @@
 """ConVis — concept maps from WordNet (Giulivi et al. 2024); machinery in `clipviz.convis`.
 
 Each text names a concept: the `synsets` option (one synset per text, or one for all), else the prompt
-itself when it is a synset name (`dog.n.01`), else the prompt's most frequent noun sense.
+itself when it is a synset name (`dog.n.01`), else the prompt's most frequent noun sense (a leading article dropped: "a dog" is dog).
 Grid and stochastic maps are `[B, T, 224, 224]` over the input, which `explain` hands over
 already resized by the backend (`--crop center` gives the paper's centre crop); `dense`
 (ours) is `[B, T, h, w]` from one forward pass.
@@ -24,6 +24,7 @@ from ..errors import ClipvizError
 from .registry import MapResult, register
 
 _SYNSET = re.compile(r"^.+\.n\.\d+$")
+_ARTICLE = re.compile(r"^(a|an|the)\s+", re.IGNORECASE)
 
 
 def text_concepts(prompts: Sequence[str], synsets: str | Sequence[str] | None = None) -> list[str]:
@@ -40,11 +41,10 @@ def text_concepts(prompts: Sequence[str], synsets: str | Sequence[str] | None = 
         return [resolve_concepts(synsets=[n.strip()])[0][0] for n in names]
     out = []
     for p in prompts:
-        found, _ = (
-            resolve_concepts(synsets=[p])
-            if _SYNSET.match(p.strip())
-            else resolve_concepts(words=[p])
-        )
+        if _SYNSET.match(p.strip()):
+            found, _ = resolve_concepts(synsets=[p])
+        else:  # "a dog" names the noun dog
+            found, _ = resolve_concepts(words=[_ARTICLE.sub("", p.strip())])
         out.append(found[0])
     return out
 
