@@ -14,6 +14,7 @@ from conftest import random_image
 
 from clipviz import ClipvizError
 from clipviz.backend import Texts
+from clipviz.maps import normalize_maps
 from clipviz.methods import methods
 from clipviz.methods.cam import gradcam, gscorecam
 from clipviz.methods.relevance import gae, legrad
@@ -145,12 +146,14 @@ def test_vit_gradcam_weights_equal_float64_finite_differences(vit_backend):
 # -- GAE -------------------------------------------------------------------------------------
 
 
-def _gae_reference(backend, image, texts, start):
+def _gae_reference(backend, image, texts, start, scale):
+    """The notebook's `interpret`: target `scale · cos` (its `logits_per_image` when
+    `scale` is the logit scale), relevance from block `start` on."""
     probs, outputs = _explicit_vit(backend, image)
     embedding = _pooled(backend, outputs[-1][None, :1])[0]
     maps = []
     for text in texts.embeddings:
-        grads = torch.autograd.grad(embedding @ text, probs[start:], retain_graph=True)
+        grads = torch.autograd.grad(scale * embedding @ text, probs[start:], retain_graph=True)
         L = probs[0].shape[-1]
         R = torch.eye(L)
         for p, g in zip(probs[start:], grads, strict=True):
@@ -160,57 +163,85 @@ def _gae_reference(backend, image, texts, start):
     return torch.stack(maps), embedding.detach()
 
 
-@pytest.mark.parametrize("start_layer", [0, -1])
-def test_gae_equals_an_explicit_relevance_loop_over_the_blocks(vit_backend, start_layer):
+@pytest.mark.parametrize(
+    "options,start,logit",
+    [
+        ({}, 1, True),
+        ({"start_layer": 0}, 0, True),
+        ({"start_layer": 0, "target": "cosine"}, 0, False),
+    ],
+)
+def test_gae_equals_an_explicit_relevance_loop_over_the_blocks(vit_backend, options, start, logit):
     b = vit_backend
     images, texts = _batch(b), _texts(b)
-    result = gae(b, images, texts, start_layer=start_layer)
+    result = gae(b, images, texts, **options)
     assert result.maps.shape == (2, 3, 4, 4)
+    scale = b.model.logit_scale.exp().item() if logit else 1.0
     for i, image in enumerate(images):
-        expected, embedding = _gae_reference(b, image, texts, start_layer % 2)
+        expected, embedding = _gae_reference(b, image, texts, start, scale)
         torch.testing.assert_close(result.maps[i], expected, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(result.image_embeddings[i], embedding)
         stock = F.normalize(b.model.encode_image(image[None]), dim=-1)[0]
         torch.testing.assert_close(embedding, stock, rtol=1e-5, atol=1e-5)
 
 
-def test_gae_start_layer_changes_the_map(vit_backend):
+def test_gae_defaults_are_the_notebooks_last_block_and_logit(vit_backend):
     b = vit_backend
     images, texts = _batch(b), _texts(b)
-    every = gae(b, images, texts).maps
-    last = gae(b, images, texts, start_layer=-1).maps
-    assert not torch.allclose(every, last)
-    torch.testing.assert_close(last, gae(b, images, texts, start_layer=1).maps)
+    default = gae(b, images, texts).maps
+    torch.testing.assert_close(default, gae(b, images, texts, start_layer=1).maps)
+    assert not torch.allclose(default, gae(b, images, texts, start_layer=0).maps)
+    # with several blocks the relevance is not scale-invariant: logit and cosine differ
+    every = dict(start_layer=0)
+    cosine_maps = gae(b, images, texts, target="cosine", **every).maps
+    assert not torch.allclose(
+        normalize_maps(cosine_maps), normalize_maps(gae(b, images, texts, **every).maps)
+    )
 
 
 # -- LeGrad ----------------------------------------------------------------------------------
 
 
-def _legrad_reference(backend, image, texts, layers):
+def _legrad_reference(backend, image, texts, layers, feature="mean"):
+    """`compute_legrad_clip`: per layer, `proj(ln_post(mean over all tokens))` (or the class
+    token), cosine with the text, positive gradient w.r.t. the attention, mean over heads
+    and queries, columns 1:, summed over layers and min-maxed."""
     probs, outputs = _explicit_vit(backend, image)
     maps = []
     for text in texts.embeddings:
         total = torch.zeros(16)
         for block in range(len(probs) - layers, len(probs)):
-            s = _pooled(backend, outputs[block][None, :1])[0] @ text
+            x = outputs[block]  # [L, W]
+            tokens = x.mean(dim=0, keepdim=True) if feature == "mean" else x[:1]
+            s = _pooled(backend, tokens[None])[0] @ text
             (g,) = torch.autograd.grad(s, probs[block], retain_graph=True)
             total += g.clamp(min=0).mean(dim=0).mean(dim=0)[1:]
         maps.append(((total - total.min()) / (total.max() - total.min())).reshape(4, 4))
     return torch.stack(maps)
 
 
-@pytest.mark.parametrize("layers", [1, 2])
-def test_legrad_equals_per_layer_gradients_of_the_full_graph(vit_backend, layers):
+@pytest.mark.parametrize("layers,feature", [(1, "mean"), (2, "mean"), (2, "class")])
+def test_legrad_equals_per_layer_gradients_of_the_full_graph(vit_backend, layers, feature):
     b = vit_backend
     images, texts = _batch(b), _texts(b)
-    result = legrad(b, images, texts, layers=layers)
+    result = legrad(b, images, texts, layers=layers, feature=feature)
     assert result.maps.shape == (2, 3, 4, 4)
     for i, image in enumerate(images):
-        expected = _legrad_reference(b, image, texts, layers)
+        expected = _legrad_reference(b, image, texts, layers, feature)
         torch.testing.assert_close(result.maps[i], expected, rtol=1e-4, atol=1e-5)
     flat = result.maps.flatten(2)
     torch.testing.assert_close(flat.amin(-1), torch.zeros(2, 3))
     torch.testing.assert_close(flat.amax(-1), torch.ones(2, 3))
+    stock = F.normalize(b.model.encode_image(images), dim=-1)  # scores stay the model's own
+    torch.testing.assert_close(result.image_embeddings, stock.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_legrad_default_feature_is_the_mean_over_tokens(vit_backend):
+    b = vit_backend
+    images, texts = _batch(b), _texts(b)
+    default = legrad(b, images, texts).maps
+    torch.testing.assert_close(default, legrad(b, images, texts, feature="mean").maps)
+    assert not torch.allclose(default, legrad(b, images, texts, feature="class").maps)
 
 
 def test_legrad_layers_change_the_map(vit_backend):
@@ -225,33 +256,67 @@ def test_legrad_layers_change_the_map(vit_backend):
 
 
 def _gscorecam_reference(backend, image, texts, topk):
+    """`gscore_cam.py` as `predict.py` calls it, one text at a time: masks upsampled with
+    `nn.UpsamplingBilinear2d` and normalised with 1e-6; the masked image's raw logit for the
+    text; a softmax over all channels, 0 for those not kept."""
     model = backend.model
     leaf, embedding = _stock_with_leaf(model, model.visual.layer4, image)
     acts = leaf[0].detach()  # [C, h, w]
+    upsample = torch.nn.UpsamplingBilinear2d(size=image.shape[-2:])
     maps = []
-    for t, text in enumerate(texts.embeddings):
+    for text in texts.embeddings:
         (grad,) = torch.autograd.grad(embedding @ text, leaf, retain_graph=True)
-        total = torch.zeros(acts.shape[1:])
+        scores = torch.zeros(acts.shape[0])
         for c in grad[0].mean(dim=(1, 2)).topk(topk).indices:
-            up = F.interpolate(acts[c][None, None], size=image.shape[-2:], mode="bilinear")[0, 0]
-            mask = (up - up.min()) / (up.max() - up.min()).clamp_min(1e-12)  # dead channel: 0
+            up = upsample(acts[c][None, None])[0, 0]
+            mask = (up - up.min()) / (up.max() - up.min() + 1e-6)
             with torch.no_grad():
                 masked = F.normalize(model.encode_image((image * mask)[None]), dim=-1)[0]
-            score = (model.logit_scale.exp() * masked @ texts.embeddings.T).softmax(-1)[t]
-            total += score * acts[c]
-        maps.append(total.relu())
+            scores[c] = model.logit_scale.exp() * masked @ text
+        weights = torch.softmax(scores, dim=0)
+        maps.append((weights[:, None, None] * acts).sum(dim=0).relu())
     return torch.stack(maps)
 
 
-def test_gscorecam_equals_a_per_channel_masking_loop(rn_backend):
+@pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS[:2]])
+def test_gscorecam_equals_the_reference_masking_loop(rn_backend, prompts):
     b = rn_backend
-    images, texts = _batch(b), _texts(b, PROMPTS[:2])
+    images, texts = _batch(b), _texts(b, prompts)
     result = gscorecam(b, images, texts, topk=5)
-    assert result.maps.shape == (2, 2, 2, 2)
+    assert result.maps.shape == (2, len(prompts), 2, 2)
     for i, image in enumerate(images):
         expected = _gscorecam_reference(b, image, texts, topk=5)
         torch.testing.assert_close(result.maps[i], expected, rtol=1e-4, atol=1e-6)
     assert result.maps.amax() > 0
+
+
+def test_gscorecam_text_softmax_variant_weights_kept_channels_by_prompt_probability(rn_backend):
+    b = rn_backend
+    image, texts = _batch(b, 1), _texts(b, PROMPTS[:2])
+    model = b.model
+    leaf, embedding = _stock_with_leaf(model, model.visual.layer4, image[0])
+    acts = leaf[0].detach()
+    result = gscorecam(b, image, texts, topk=4, score="text_softmax", channel_softmax=False)
+    for t, text in enumerate(texts.embeddings):
+        (grad,) = torch.autograd.grad(embedding @ text, leaf, retain_graph=True)
+        total = torch.zeros(acts.shape[1:])
+        for c in grad[0].mean(dim=(1, 2)).topk(4).indices:
+            up = torch.nn.UpsamplingBilinear2d(size=image.shape[-2:])(acts[c][None, None])[0, 0]
+            mask = (up - up.min()) / (up.max() - up.min() + 1e-6)
+            with torch.no_grad():
+                masked = F.normalize(model.encode_image(image * mask), dim=-1)[0]
+            total += (model.logit_scale.exp() * masked @ texts.embeddings.T).softmax(-1)[t] * acts[
+                c
+            ]
+        torch.testing.assert_close(result.maps[0, t], total.relu(), rtol=1e-4, atol=1e-6)
+
+
+def test_gscorecam_with_one_prompt_depends_on_the_masked_passes(rn_backend):
+    b = rn_backend
+    images, texts = _batch(b), _texts(b, PROMPTS[:1])
+    assert not torch.allclose(
+        gscorecam(b, images, texts, topk=5).maps, gscorecam(b, images, texts, topk=20).maps
+    )
 
 
 def test_gscorecam_topk_changes_the_map_and_batch_size_does_not(rn_backend):

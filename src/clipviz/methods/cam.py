@@ -7,13 +7,14 @@ the channels with the largest gradients. The shared gradient mechanism is in `gr
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..backend import Backend, Texts
 from ..errors import ClipvizError
-from ..maps import normalize_maps
 from .gradients import block_index, check_grad_allowed, cosine, similarity_gradients, unit
 from .registry import MapResult, register
 
@@ -83,53 +84,72 @@ def gradcam(backend: Backend, images: Tensor, texts: Texts, layer: int = -1) -> 
     return MapResult(torch.stack(maps, dim=1), unit(embeddings))
 
 
-def _masked_image_scores(
+def _channel_masks(channels: Tensor, size: tuple[int, int]) -> Tensor:
+    """Score-CAM's masks as the reference builds them: each channel `[K, h, w]` upsampled
+    with `nn.UpsamplingBilinear2d` (corners aligned) to the input size and normalised as
+    `(x − min) / (max − min + 1e-6)` -> `[K, H, W]`."""
+    up = F.interpolate(channels[:, None], size=size, mode="bilinear", align_corners=True)[:, 0]
+    flat = up.flatten(1)
+    lo, hi = flat.min(dim=1, keepdim=True).values, flat.max(dim=1, keepdim=True).values
+    return ((flat - lo) / (hi - lo + 1e-6)).view_as(up)
+
+
+def _masked_image_logits(
     backend: Backend, image: Tensor, channels: Tensor, texts: Texts, batch_size: int
 ) -> Tensor:
-    """Score-CAM's masking: each channel `[K, h, w]`, upsampled and min-max normalised, masks
-    the preprocessed `image` `[3, H, W]`; returns the softmax over the texts of every masked
-    image's similarities `[K, T]`."""
-    scores = []
+    """`logit_scale · cos` of the preprocessed `image` `[3, H, W]` masked by each channel,
+    with every text: `[K, T]` (a NaN score counts 0, as in the reference)."""
+    logits = []
     for i in range(0, len(channels), batch_size):
-        up = F.interpolate(
-            channels[i : i + batch_size, None], size=image.shape[-2:], mode="bilinear"
-        )[:, 0]  # [k, H, W]
-        masks = normalize_maps(up)
+        size = (image.shape[-2], image.shape[-1])
+        masks = _channel_masks(channels[i : i + batch_size], size)  # [k, H, W]
         embeddings = backend.image_embeddings(image[None] * masks[:, None])  # [k, D]
-        scores.append((backend.logit_scale * cosine(embeddings, texts)).softmax(dim=-1))
-    return torch.cat(scores)
+        logits.append(backend.logit_scale * cosine(embeddings, texts))
+    return torch.cat(logits).nan_to_num(nan=0.0)
 
 
 @register(
     "gscorecam",
     towers=("rn",),
-    summary="Score-CAM over the top-gradient layer4 channels, scored by masked-image softmax",
+    summary="Score-CAM over the top-gradient layer4 channels, weighted by a softmax over the "
+    "channels of the masked images' logits",
     citation="Chen, Li, Biaz, Bui and Nguyen, gScoreCAM: What Objects Is CLIP Looking At?, "
     "ACCV 2022",
     reference="anguyen8/gScoreCAM, pytorch_grad_cam/gscore_cam.py (get_cam_weights) and "
     "base_cam.py, called as in predict.py",
 )
 def gscorecam(
-    backend: Backend, images: Tensor, texts: Texts, topk: int = 300, batch_size: int = 64
+    backend: Backend,
+    images: Tensor,
+    texts: Texts,
+    topk: int = 300,
+    batch_size: int = 128,
+    score: Literal["logit", "text_softmax"] = "logit",
+    channel_softmax: bool = True,
 ) -> MapResult:
-    """gScoreCAM: `ReLU(Σ_k score_k A_k)` over the `topk` `layer4` channels of highest mean
-    gradient, `score_k` the text's softmax probability of the image masked by channel `k`.
+    """gScoreCAM: `ReLU(Σ_c w_c A_c)` on `layer4` `A`. Per (image, text), the `topk` channels
+    of highest mean gradient each mask the image; the masked image's score for the text gives
+    `s_c` (0 for the channels not kept) and `w = softmax_c(s)` over all channels.
 
     topk: channels kept per (image, text), clamped to the channel count.
     batch_size: masked images per forward pass.
+    score: logit (`logit_scale · cos` of the masked image with the text, the reference) or
+        text_softmax (the softmax of those logits over the texts given).
+    channel_softmax: weights by the softmax over all channels (the reference); False uses the
+        scores of the kept channels as they are.
     """
     backend.rn  # noqa: B018 - a usage error for other towers
     if topk < 1 or batch_size < 1:
         raise ClipvizError(
             f"gscorecam: topk ({topk}) and batch_size ({batch_size}) must be at least 1"
         )
-    images = images.to(backend.device)
     with torch.enable_grad():
         with backend.autocast():
             read, embeddings = cam_layer(backend, images, -1)
-        similarities = cosine(embeddings, texts)
+        similarities = cosine(embeddings, texts)  # the logit ranks channels the same way
     acts = read.detach().float()  # [B, C, h, w]
     B, C = acts.shape[:2]
+    T = texts.embeddings.shape[0]
     k = min(topk, C)
     kept = torch.stack(
         [
@@ -138,15 +158,18 @@ def gscorecam(
         ],
         dim=1,
     )  # [B, T, k]
-    weights = torch.zeros(B, texts.embeddings.shape[0], C, device=acts.device)  # [B, T, C]
+    weights = torch.zeros(B, T, C, device=acts.device)  # [B, T, C]
     for b in range(B):
-        # A masked image's softmax covers every text at once: score the union of kept channels.
+        # A masked image's score for one text does not depend on the others: score the union
+        # of the channels kept for any text once, with every text.
         channels = kept[b].unique()
-        scores = torch.zeros(C, weights.shape[1], device=acts.device)  # [C, T]
-        scores[channels] = _masked_image_scores(
+        logits = torch.zeros(C, T, device=acts.device)  # [C, T]
+        logits[channels] = _masked_image_logits(
             backend, images[b], acts[b, channels], texts, batch_size
         )
-        chosen = torch.zeros_like(weights[b], dtype=torch.bool).scatter_(1, kept[b], True)
-        weights[b] = scores.T * chosen
+        scores = logits.softmax(dim=1) if score == "text_softmax" else logits
+        chosen = torch.zeros(T, C, dtype=torch.bool, device=acts.device).scatter_(1, kept[b], True)
+        kept_scores = scores.T * chosen  # [T, C], 0 for the channels not kept
+        weights[b] = kept_scores.softmax(dim=1) if channel_softmax else kept_scores
     maps = torch.einsum("btc,bchw->bthw", weights, acts).relu()
     return MapResult(maps, unit(embeddings))

@@ -8,6 +8,8 @@ in `gradients.py`.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
 
@@ -47,21 +49,31 @@ def attention_graph(
     summary="Gradient-weighted attention relevance propagated through the ViT blocks",
     citation="Chefer, Gur and Wolf, Generic Attention-model Explainability for Interpreting "
     "Bi-Modal and Encoder-Decoder Transformers, ICCV 2021",
-    reference="hila-chefer/Transformer-MM-Explainability, CLIP notebook, interpret()",
+    reference="hila-chefer/Transformer-MM-Explainability, CLIP_explainability.ipynb, interpret",
 )
-def gae(backend: Backend, images: Tensor, texts: Texts, start_layer: int = 0) -> MapResult:
-    """Chefer et al.'s relevance: `R = I`, `R += mean_heads(clamp(∇A ⊙ A, min=0)) @ R` per block.
+def gae(
+    backend: Backend,
+    images: Tensor,
+    texts: Texts,
+    start_layer: int = -1,
+    target: Literal["logit", "cosine"] = "logit",
+) -> MapResult:
+    """Chefer et al.'s relevance: `R = I`, `R += mean_heads(clamp(∇A ⊙ A, min=0)) @ R` per
+    block from `start_layer`, map `R[0, 1:]` (the notebook's `interpret`).
 
-    start_layer: first block whose attention is propagated (0 = all; −1 = the last only;
-        negative values count from the end).
+    start_layer: first block whose attention is propagated (−1 = the last only, the
+        reference's default; 0 = all; negative values count from the end).
+    target: logit (`logit_scale · cos`, the reference's `logits_per_image`) or cosine; with
+        several blocks the relevance is not scale-invariant, so the two differ.
     """
     vit = backend.vit
     first = block_index(start_layer, vit.depth, "start_layer", "gae")
+    scale = backend.logit_scale if target == "logit" else 1.0
     with torch.enable_grad():
         with backend.autocast():
             probs, outputs = attention_graph(vit, images, first)
             embeddings = vit.head(outputs[-1])[:, 0]
-        similarities = cosine(embeddings, texts)
+        similarities = scale * cosine(embeddings, texts)
     attention = [p.detach().float() for p in probs]
     B, _, L, _ = attention[0].shape
     maps = []
@@ -88,11 +100,19 @@ def gae(backend: Backend, images: Tensor, texts: Texts, start_layer: int = 0) ->
     "(arXiv:2404.03214, 2024)",
     reference="WalBouss/LeGrad, legrad/wrapper.py, compute_legrad_clip",
 )
-def legrad(backend: Backend, images: Tensor, texts: Texts, layers: int = 2) -> MapResult:
+def legrad(
+    backend: Backend,
+    images: Tensor,
+    texts: Texts,
+    layers: int = 2,
+    feature: Literal["mean", "class"] = "mean",
+) -> MapResult:
     """LeGrad: `Σ_l mean_{heads, queries} ReLU(∂s_l/∂A_l)` over the last blocks, min-max.
 
-    `s_l = cos(proj(ln_post(x_l[:, 0])), text)` with `x_l` the output of block `l`.
+    `s_l = cos(proj(ln_post(f_l)), text)` with `f_l` a feature of block `l`'s output `x_l`.
     layers: how many of the last blocks contribute.
+    feature: mean (the mean over all tokens, class token included — the reference) or class
+        (the model's own pooled token, `x_l[:, 0]` for class-token pooling).
     """
     vit = backend.vit
     if not 1 <= layers <= vit.depth:
@@ -102,7 +122,10 @@ def legrad(backend: Backend, images: Tensor, texts: Texts, layers: int = 2) -> M
     with torch.enable_grad():
         with backend.autocast():
             probs, outputs = attention_graph(vit, images, vit.depth - layers, separate_blocks=True)
-            embeddings = [vit.head(x)[:, 0] for x in outputs]
+            if feature == "mean":
+                embeddings = [vit.project(x.mean(dim=1)) for x in outputs]
+            else:
+                embeddings = [vit.head(x)[:, 0] for x in outputs]
         # Σ_l s_l: with the blocks separated, ∂/∂A_l of the sum is ∂s_l/∂A_l.
         similarities = torch.stack([cosine(e, texts) for e in embeddings]).sum(dim=0)
     maps = []
@@ -111,4 +134,6 @@ def legrad(backend: Backend, images: Tensor, texts: Texts, layers: int = 2) -> M
         maps.append(torch.stack(per_layer).sum(dim=0))  # [B, N]
     h, w = backend.grid_size(images)
     maps_t = normalize_maps(torch.stack(maps, dim=1).reshape(len(images), -1, h, w))
-    return MapResult(maps_t, unit(embeddings[-1]))
+    with torch.no_grad(), backend.autocast():
+        stock = vit.head(outputs[-1].detach())[:, 0]  # the model's own embedding, for scores
+    return MapResult(maps_t, unit(stock))
