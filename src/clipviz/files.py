@@ -84,7 +84,8 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
 
 def append_jsonl(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
     """Append one JSON line with a single write, so a crash loses at most that line."""
-    line = json.dumps(record, ensure_ascii=False) + "\n"
+    # ASCII escapes keep file names that are not UTF-8 (surrogates) readable and exact
+    line = json.dumps(record, ensure_ascii=True) + "\n"
     with open(path, "a", encoding="utf-8") as f:
         f.write(line)
         f.flush()

@@ -30,3 +30,15 @@ def upsample_normalized(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tens
     """`[T, h, w]` raw maps -> `[T, H, W]` normalised maps at the image's size."""
     norm = normalize_maps(maps.float())
     return F.interpolate(norm[None], size=size, mode="bilinear", align_corners=False)[0]
+
+
+def place_in_box(
+    maps: torch.Tensor, box: tuple[int, int, int, int], size: tuple[int, int]
+) -> torch.Tensor:
+    """`[T, h, w]` raw maps of the part `box` (`left, top, right, bottom`) of an image of
+    `size` (H, W) the model saw -> `[T, H, W]` normalised maps, NaN outside the box (no data)."""
+    left, top, right, bottom = box
+    full = torch.full((maps.shape[0], *size), float("nan"))
+    if right > left and bottom > top:
+        full[:, top:bottom, left:right] = upsample_normalized(maps, (bottom - top, right - left))
+    return full

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from collections.abc import Callable, Sequence
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -69,23 +72,33 @@ COLORMAPS = tuple(_COLORMAPS)
 
 
 def colorize(norm_map: np.ndarray, colormap: str = "jet") -> np.ndarray:
-    """A `[H, W]` map in [0, 1] -> uint8 RGB `[H, W, 3]`."""
+    """A `[H, W]` map in [0, 1] -> uint8 RGB `[H, W, 3]`; NaN (no data) -> RGBA `[H, W, 4]`
+    with those pixels transparent."""
     try:
         cmap = _COLORMAPS[colormap]
     except KeyError:
         raise ClipvizError(
             f"unknown colormap {colormap!r}; choose from: {', '.join(COLORMAPS)}"
         ) from None
-    rgb = cmap(np.clip(norm_map.astype(np.float64), 0.0, 1.0))
-    return (np.clip(rgb, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    missing = np.isnan(norm_map)
+    rgb = cmap(np.clip(np.nan_to_num(norm_map.astype(np.float64)), 0.0, 1.0))
+    out = (np.clip(rgb, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    if missing.any():
+        alpha = np.where(missing, 0, 255).astype(np.uint8)
+        out = np.concatenate([out, alpha[..., None]], axis=-1)
+    return out
 
 
-def overlay(image: np.ndarray, norm_map: np.ndarray, colormap: str = "jet", alpha: float = 0.5):
-    """Blend the colorized map over `image` (uint8 `[H, W, 3]`): `(1-α)·image + α·heat`."""
+def overlay(
+    image: np.ndarray, norm_map: np.ndarray, colormap: str = "jet", alpha: float = 0.5
+) -> np.ndarray:
+    """Blend the colorized map over `image` (uint8 `[H, W, 3]`): `(1-α)·image + α·heat`;
+    where the map is NaN (no data) the image shows as it is."""
     if not 0.0 <= alpha <= 1.0:
         raise ClipvizError(f"`alpha` {alpha} is outside [0, 1]")
-    heat = colorize(norm_map, colormap).astype(np.float32)
-    out = (1.0 - alpha) * image.astype(np.float32) + alpha * heat
+    heat = colorize(norm_map, colormap).astype(np.float32)[..., :3]
+    weight = np.where(np.isnan(norm_map), 0.0, alpha)[..., None].astype(np.float32)
+    out = (1.0 - weight) * image.astype(np.float32) + weight * heat
     return (out + 0.5).astype(np.uint8)
 
 
@@ -107,8 +120,52 @@ def save_png(path: str | os.PathLike[str], rgb: np.ndarray) -> None:
 
 
 def save_npz(path: str | os.PathLike[str], **arrays: np.ndarray) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez_compressed(f, **arrays)  # type: ignore[arg-type]
+    with npz_writer(path) as npz:
+        for name, array in arrays.items():
+            npz.add(name, array)
+
+
+class NpzWriter:
+    """Arrays written one at a time into an open NPZ (see `npz_writer`)."""
+
+    def __init__(self, zf: zipfile.ZipFile) -> None:
+        self._zf = zf
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        with self._zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
+
+    @contextlib.contextmanager
+    def rows(
+        self, name: str, shape: tuple[int, ...], dtype: Any
+    ) -> Iterator[Callable[[np.ndarray], None]]:
+        """An array of `shape` written row by row (`shape[0]` rows, in order): the caller
+        never holds more than one row."""
+        dt = np.dtype(dtype)
+        with self._zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+            header = {"descr": np.lib.format.dtype_to_descr(dt), "fortran_order": False,
+                      "shape": tuple(shape)}  # fmt: skip
+            np.lib.format.write_array_header_1_0(f, header)
+            written = [0]
+
+            def write(row: np.ndarray) -> None:
+                f.write(np.ascontiguousarray(row, dtype=dt).tobytes())
+                written[0] += 1
+
+            yield write
+            if written[0] != shape[0]:
+                raise ValueError(f"{name}: {written[0]} rows written, {shape[0]} declared")
+
+
+@contextlib.contextmanager
+def npz_writer(path: str | os.PathLike[str]) -> Iterator[NpzWriter]:
+    """Write a compressed NPZ one array (or one row) at a time, so a file of many large maps
+    never needs them all in memory; atomically. `np.load` reads it like `np.savez`'s."""
+    with (
+        atomic_path(path) as tmp,
+        zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf,
+    ):
+        yield NpzWriter(zf)
 
 
 def load_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:

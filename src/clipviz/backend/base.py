@@ -121,10 +121,25 @@ class Backend:
 
     # -- text --------------------------------------------------------------------------------
 
-    def encode_texts(self, prompts: Sequence[str], ensemble: bool = True) -> Texts:
-        """Unit-length embeddings of `prompts`, through the template ensemble unless disabled."""
-        rows = self.text_cache.get(list(prompts), ensemble, self.embed_texts)
+    def encode_texts(
+        self,
+        prompts: Sequence[str],
+        ensemble: bool = True,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Texts:
+        """Unit-length embeddings of `prompts`, through the template ensemble unless disabled.
+
+        progress: called with (done, total) prompts as uncached ones are embedded in chunks.
+        """
+        rows = self.text_cache.get(list(prompts), ensemble, self.embed_texts, progress)
         return Texts(list(prompts), torch.stack(rows).to(self.device), ensemble)
+
+    def truncated(self, prompts: Sequence[str], ensemble: bool = True) -> list[str]:
+        """The prompts the tokenizer cuts at its context length (through the longest ensemble
+        template when `ensemble`): their ends do not reach the text tower."""
+        template = max(ensemble_templates(), key=len) if ensemble else "{}"
+        tokens = self.tokenizer([template.format(p) for p in prompts])
+        return [p for p, last in zip(prompts, tokens[:, -1].tolist(), strict=True) if last != 0]
 
     @torch.no_grad()
     def embed_texts(self, prompts: list[str], ensemble: bool) -> list[torch.Tensor]:

@@ -39,6 +39,9 @@ class Texts:
 
 
 Embed = Callable[[list[str], bool], list[torch.Tensor]]  # (prompts, ensemble) -> rows
+Progress = Callable[[int, int], None]  # (done, total)
+# prompts embedded (and cached) at a time: 32 x 85 templates = 2,720 sentences
+PROMPT_CHUNK_ENSEMBLE, PROMPT_CHUNK = 32, 512
 
 
 @dataclass
@@ -49,17 +52,32 @@ class TextCache:
     folder: Path | None
     memory: dict[tuple[str, bool], torch.Tensor] = field(default_factory=dict, repr=False)
 
-    def get(self, prompts: Sequence[str], ensemble: bool, embed: Embed) -> list[torch.Tensor]:
-        """The embeddings of `prompts` (CPU), computing with `embed` only what no cache has."""
+    def get(
+        self,
+        prompts: Sequence[str],
+        ensemble: bool,
+        embed: Embed,
+        progress: Progress | None = None,
+    ) -> list[torch.Tensor]:
+        """The embeddings of `prompts` (CPU), computing with `embed` only what no cache has.
+
+        Missing prompts are embedded in chunks, each stored as soon as it is done (a killed
+        run loses at most one chunk; memory holds one chunk's template embeddings);
+        `progress(done, total)` follows the chunks.
+        """
         missing = [p for p in dict.fromkeys(prompts) if (p, ensemble) not in self.memory]
         for p in list(missing):
             if (cached := self._load(p, ensemble)) is not None:
                 self.memory[(p, ensemble)] = cached
                 missing.remove(p)
-        if missing:
-            for p, emb in zip(missing, embed(missing, ensemble), strict=True):
+        step = PROMPT_CHUNK_ENSEMBLE if ensemble else PROMPT_CHUNK
+        for start in range(0, len(missing), step):
+            chunk = missing[start : start + step]
+            for p, emb in zip(chunk, embed(chunk, ensemble), strict=True):
                 self.memory[(p, ensemble)] = emb
                 self._store(p, ensemble, emb)
+            if progress:
+                progress(min(start + step, len(missing)), len(missing))
         return [self.memory[(p, ensemble)] for p in prompts]
 
     def _file(self, prompt: str, ensemble: bool) -> Path | None:

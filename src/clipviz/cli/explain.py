@@ -31,8 +31,11 @@ from .options import (
     ResolutionOpt,
     SurgeryDepthOpt,
     chosen_methods,
+    encode_with_progress,
     gather_method_options,
     load,
+    unique_prompts,
+    warn_truncated,
 )
 from .output import err_console, out_console, print_failure, print_table, progress_bar
 
@@ -116,6 +119,7 @@ def explain(
             "no prompts given; add them after the input (clipviz explain img.jpg dog) "
             "or use -p/--prompts-file"
         )
+    all_prompts = unique_prompts(all_prompts)
     if colormap not in COLORMAPS:
         raise ClipvizError(f"unknown colormap {colormap!r}; choose from: {', '.join(COLORMAPS)}")
     if not 0.0 <= alpha <= 1.0:
@@ -124,12 +128,23 @@ def explain(
     options = gather_method_options(
         methods, option, surgery_depth, gae_start_layer, legrad_layers, gscorecam_topk, eclip
     )
-    items, ignored = collect_inputs(inputs, recursive=recursive, inputs_file=inputs_file)
+    if out.exists() and not out.is_dir():
+        raise ClipvizError(f"--out {out} is a file; pass a folder (it is created if missing)")
+    if workers is not None and workers < 0:
+        raise ClipvizError(f"--workers {workers} must be 0 (decode in this process) or more")
+    if max_pixels < 1:
+        raise ClipvizError(f"--max-pixels {max_pixels} must be at least 1")
+    if batch_size < 1:
+        raise ClipvizError(f"--batch-size {batch_size} must be at least 1")
+    items, ignored = collect_inputs(
+        inputs, recursive=recursive, inputs_file=inputs_file, exclude=[out]
+    )
     if not items:
         raise ClipvizError(f"no images found in {', '.join(inputs) or inputs_file}", exit_code=1)
 
     backend = load(model, pretrained, model_config, device, precision, resolution, crop)
-    texts = backend.encode_texts(all_prompts, ensemble=not no_ensemble)
+    warn_truncated(backend, all_prompts, not no_ensemble)
+    texts = encode_with_progress(backend, all_prompts, not no_ensemble, quiet)
     started = time.perf_counter()
     progress = progress_bar("explaining", quiet, "rate")
     task = progress.add_task("explain", total=len(items), rate="")

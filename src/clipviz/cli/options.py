@@ -181,3 +181,56 @@ def load(
             resolution=resolution,
             crop=crop,  # type: ignore[arg-type]
         )
+
+
+def unique_prompts(prompts: list[str]) -> list[str]:
+    """The prompts once each, in order, with a warning for repeats; blank ones refused
+    (their files and scores are keyed by the prompt's text)."""
+    from collections import Counter
+
+    from ..errors import ClipvizError
+
+    if blank := [p for p in prompts if not p.strip()]:
+        raise ClipvizError(
+            f"{len(blank)} blank prompt(s) given; every prompt needs some text (check the "
+            "prompts file for empty quotes)"
+        )
+    for prompt, n in Counter(prompts).items():
+        if n > 1:
+            err_console.print(
+                f"[yellow]warning:[/] {escape(repr(prompt))} is given {n} times; using it once",
+                highlight=False,
+            )
+    return list(dict.fromkeys(prompts))
+
+
+def warn_truncated(backend: Any, prompts: list[str], ensemble: bool) -> None:
+    """One warning for prompts longer than the text tower's context (they are cut)."""
+    cut = backend.truncated(prompts, ensemble)
+    if cut:
+        more = f" and {len(cut) - 1} more" if len(cut) > 1 else ""
+        err_console.print(
+            f"[yellow]warning:[/] {escape(repr(cut[0][:60]))}{more} exceed the text tower's "
+            "context length and are cut; shorten them or pass --no-ensemble",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+def encode_with_progress(backend: Any, prompts: list[str], ensemble: bool, quiet: bool) -> Any:
+    """Text embeddings of the prompts, with a progress bar when many must be computed."""
+    from .output import progress_bar
+
+    progress = progress_bar("embedding prompts", quiet, transient=True)
+    task: list[Any] = []
+
+    def update(done: int, total: int) -> None:
+        if not task:
+            progress.start()
+            task.append(progress.add_task("embed", total=total))
+        progress.update(task[0], completed=done)
+
+    try:
+        return backend.encode_texts(prompts, ensemble=ensemble, progress=update)
+    finally:
+        progress.stop()

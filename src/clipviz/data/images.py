@@ -58,7 +58,9 @@ def load_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXEL
     """
     path = Path(path)
     if not path.is_file():
-        raise ImageError("no such file")
+        if path.is_symlink():
+            raise ImageError("dangling or looping symbolic link; its target cannot be read")
+        raise ImageError("not a file" if path.exists() else "no such file")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         old_limit = Image.MAX_IMAGE_PIXELS

@@ -23,7 +23,7 @@ from ..data.inputs import InputItem
 from ..errors import ClipvizError
 from ..explanation import Explanation
 from ..files import SCHEMA_VERSION, append_jsonl, provenance, write_json_atomic
-from .explain import MANIFEST
+from .manifest import MANIFEST, remove_stale_temporaries, repair_manifest, run_lock
 from .outputs import RenderOptions, write_outputs
 
 
@@ -69,12 +69,13 @@ def concepts_one(
         probs=probs,
     )
     square = np.asarray(image.crop(square_box(image.size)))
-    files = write_outputs(out / item.rel, square, [explanation], 0, render)
+    written = write_outputs(out / item.rel, square, [explanation], 0, render)
     found = {d.synset for d in result.discovered}
     rec.update(
         status="ok",
         error=None,
-        outputs=files,
+        outputs=written.files,
+        prompt_files=written.prompt_files,
         size=[image.width, image.height],
         crop=list(square_box(image.size)),
         concepts=[
@@ -115,26 +116,29 @@ def run_concepts(
 ) -> list[dict[str, Any]]:
     """ConVis maps of `chosen` (and `options["top"]` discovered) concepts for every item;
     writes `run.json`, each image's outputs and one manifest record per image."""
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(
-        out / "run.json",
-        {
-            **provenance(),
-            "model": backend.identity,
-            "device": str(backend.device),
-            "method": f"convis-{options['variant']}",
-            "concepts": list(chosen),
-            "hierarchy_size": len(bank.hierarchy),
-            **(run_info or {}),
-            **options,
-            "started": datetime.now(UTC).isoformat(timespec="seconds"),
-        },
-    )
-    records = []
-    for item in items:
-        records.append(concepts_one(backend, bank, item, chosen, options, out, render, max_pixels))
-        if on_record:
-            on_record(records[-1])
+    with run_lock(out):
+        repair_manifest(out / MANIFEST)
+        remove_stale_temporaries(out)
+        write_json_atomic(
+            out / "run.json",
+            {
+                **provenance(),
+                "model": backend.identity,
+                "device": str(backend.device),
+                "method": f"convis-{options['variant']}",
+                "concepts": list(chosen),
+                "hierarchy_size": len(bank.hierarchy),
+                **(run_info or {}),
+                **options,
+                "started": datetime.now(UTC).isoformat(timespec="seconds"),
+            },
+        )
+        records = []
+        for item in items:
+            rec = concepts_one(backend, bank, item, chosen, options, out, render, max_pixels)
+            records.append(rec)
+            if on_record:
+                on_record(rec)
     return records
 
 

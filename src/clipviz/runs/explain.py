@@ -3,9 +3,13 @@
 Layout of a run directory::
 
     OUT/run.json                       what was asked (model, methods, prompts, options)
-    OUT/manifest.jsonl                 one line per image and run: status, files, scores, error
+    OUT/manifest.jsonl                 one line per image per run: status, files, scores, error
     OUT/<input path>/maps.npz          raw maps [T, h, w], upsampled maps, prompts, scores
     OUT/<input path>/<slug>.overlay.png, <slug>.heatmap.png
+
+One run writes into a folder at a time (a lock); a killed run leaves no half files (its
+temporaries are removed by the next run, a torn manifest line is cut); a full disk stops the
+run with the finished images kept; an input replaced since it was done is done again.
 """
 
 from __future__ import annotations
@@ -20,19 +24,27 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..backend import Backend, Texts
-from ..data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
+from ..data.images import DEFAULT_MAX_PIXELS
 from ..data.inputs import InputItem
 from ..errors import ClipvizError
-from ..explanation import explain
-from ..files import SCHEMA_VERSION, append_jsonl, provenance, read_jsonl, write_json_atomic
+from ..explanation import Explanation, explain
+from ..files import SCHEMA_VERSION, append_jsonl, provenance, write_json_atomic
 from ..methods import check_methods, get_method
+from .decode import Decoded, image_loader
+from .manifest import (
+    DISK_FULL,
+    MANIFEST,
+    disk_full,
+    finished,
+    remove_stale_temporaries,
+    repair_manifest,
+    run_lock,
+    source_stamp,
+)
 from .outputs import RenderOptions, write_outputs
-
-MANIFEST = "manifest.jsonl"
 
 
 @dataclass
@@ -47,29 +59,6 @@ class RunSummary:
         return 1 if self.failed else 0
 
 
-class _DecodedImages(torch.utils.data.Dataset):
-    """Decodes and preprocesses in DataLoader workers; a bad file yields its error, not an exception."""
-
-    def __init__(self, items: Sequence[InputItem], preprocess: Any, max_pixels: int) -> None:
-        self.items, self.preprocess, self.max_pixels = items, preprocess, max_pixels
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, np.ndarray | None, str | None]:
-        try:
-            image = load_image(self.items[i].path, self.max_pixels)
-            return i, self.preprocess(image), np.asarray(image), None
-        except ImageError as e:
-            return i, None, None, str(e)
-        except Exception as e:  # noqa: BLE001 - one bad file must not stop the run
-            return i, None, None, f"{type(e).__name__}: {e}"
-
-
-def _as_list(batch: list[Any]) -> list[Any]:
-    return batch
-
-
 def request_key(
     backend: Backend,
     methods: Sequence[str],
@@ -80,7 +69,7 @@ def request_key(
     """What makes two runs' outputs interchangeable; a finished image is skipped only on a match."""
     blob = json.dumps(
         {
-            **provenance(),
+            "schema_version": SCHEMA_VERSION,
             "model": backend.identity,
             "crop": backend.preprocess.crop,
             "methods": list(methods),
@@ -95,19 +84,14 @@ def request_key(
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
-def _finished(out: Path, key: str) -> dict[str, dict[str, Any]]:
-    """Inputs whose latest manifest record is complete for this request and whose files exist."""
-    latest: dict[str, dict[str, Any]] = {}
-    for rec in read_jsonl(out / MANIFEST):
-        if "input" in rec:
-            latest[rec["input"]] = rec
-    return {
-        inp: rec
-        for inp, rec in latest.items()
-        if rec.get("status") in ("ok", "skipped")
-        and rec.get("key") == key
-        and (out / rec.get("output", "") / "maps.npz").is_file()
-    }
+def check_prompts(prompts: Sequence[str]) -> None:
+    """Prompts of a run: none blank, none twice (their files and scores are keyed by prompt)."""
+    if blank := [p for p in prompts if not p.strip()]:
+        raise ClipvizError(f"{len(blank)} blank prompt(s); every prompt needs some text")
+    seen: set[str] = set()
+    twice = [p for p in prompts if p in seen or seen.add(p)]  # type: ignore[func-returns-value]
+    if twice:
+        raise ClipvizError(f"prompt {twice[0]!r} is given twice; pass each prompt once")
 
 
 def run_explain(
@@ -132,38 +116,73 @@ def run_explain(
     """
     if batch_size < 1:
         raise ClipvizError(f"`batch_size` {batch_size} must be at least 1")
+    if workers is not None and workers < 0:
+        raise ClipvizError(f"`workers` {workers} must be 0 (decode here) or more")
+    if max_pixels < 1:
+        raise ClipvizError(f"`max_pixels` {max_pixels} must be at least 1")
+    check_prompts(texts.prompts)
     check_methods(backend, methods)
     options = {m: get_method(m).info.bind((method_options or {}).get(m)) for m in methods}
-    out.mkdir(parents=True, exist_ok=True)
+    with run_lock(out):
+        repair_manifest(out / MANIFEST)
+        remove_stale_temporaries(out)
+        return _run(backend, items, texts, out, methods, batch_size, overwrite, render,
+                    workers, max_pixels, on_record, options)  # fmt: skip
+
+
+def _run(
+    backend: Backend,
+    items: Sequence[InputItem],
+    texts: Texts,
+    out: Path,
+    methods: Sequence[str],
+    batch_size: int,
+    overwrite: bool,
+    render: RenderOptions,
+    workers: int | None,
+    max_pixels: int,
+    on_record: Callable[[dict[str, Any]], None] | None,
+    options: dict[str, dict[str, Any]],
+) -> RunSummary:
     key = request_key(backend, methods, texts, render, options)
-    write_json_atomic(
-        out / "run.json",
-        {
-            **provenance(),
-            "model": backend.identity,
-            "device": str(backend.device),
-            "crop": backend.preprocess.crop,
-            "methods": list(methods),
-            "prompts": texts.prompts,
-            "ensemble": texts.ensemble,
-            "render": asdict(render),
-            "options": options,
-            "key": key,
-            "started": datetime.now(UTC).isoformat(timespec="seconds"),
-        },
-    )
     summary = RunSummary()
 
     def record(rec: dict[str, Any]) -> None:
         rec["key"] = key
         rec["schema_version"] = SCHEMA_VERSION
-        append_jsonl(out / MANIFEST, rec)
+        try:
+            append_jsonl(out / MANIFEST, rec)
+        except OSError as e:
+            if e.errno in DISK_FULL:
+                raise disk_full(e, out / MANIFEST) from None
+            raise
         summary.records.append(rec)
         setattr(summary, rec["status"], getattr(summary, rec["status"]) + 1)
         if on_record:
             on_record(rec)
 
-    done = {} if overwrite else _finished(out, key)
+    try:
+        write_json_atomic(
+            out / "run.json",
+            {
+                **provenance(),
+                "model": backend.identity,
+                "device": str(backend.device),
+                "crop": backend.preprocess.crop,
+                "methods": list(methods),
+                "prompts": texts.prompts,
+                "ensemble": texts.ensemble,
+                "render": asdict(render),
+                "options": options,
+                "key": key,
+                "started": datetime.now(UTC).isoformat(timespec="seconds"),
+            },
+        )
+    except OSError as e:
+        if e.errno in DISK_FULL:
+            raise disk_full(e, out / "run.json") from None
+        raise
+    done = {} if overwrite else finished(out, key)
     todo = []
     for it in items:
         prev = done.get(str(it.path.resolve()))
@@ -174,36 +193,39 @@ def run_explain(
 
     if workers is None:
         workers = 0 if len(todo) <= 1 else min(4, os.cpu_count() or 1)
-    loader = torch.utils.data.DataLoader(
-        _DecodedImages(todo, backend.preprocess, max_pixels),
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=_as_list,
-    )
+    loader = image_loader(todo, backend.preprocess, batch_size, workers, max_pixels)
     for batch in loader:
         started = time.perf_counter()
-        good = [(i, x, img) for i, x, img, err in batch if err is None]
-        for i, _, _, err in batch:
-            if err is not None:
-                record(_failure(todo[i], err))
+        good: list[Decoded] = [d for d in batch if d.error is None]
+        for d in batch:
+            if d.error is not None:
+                record(_failure(todo[d.index], d.error))
         if not good:
             continue
-        images = torch.stack([x for _, x, _ in good])
+        images = torch.stack([d.tensor for d in good])  # type: ignore[misc]
         try:
             explanations = [explain(backend, images, texts, m, options=options[m]) for m in methods]
         except ClipvizError:
             raise
         except Exception as e:  # noqa: BLE001 - report and go on with the next batch
-            for i, _, _ in good:
-                record(_failure(todo[i], f"model failed: {type(e).__name__}: {e}"))
+            for d in good:
+                record(_failure(todo[d.index], f"model failed: {type(e).__name__}: {e}"))
             continue
         model_seconds = (time.perf_counter() - started) / len(good)
-        for j, (i, _, img) in enumerate(good):
+        for j, d in enumerate(good):
             t0 = time.perf_counter()
-            item = todo[i]
+            item = todo[d.index]
+            if bad := _non_finite(explanations, j):
+                record(_failure(item, bad))
+                continue
             try:
-                files = write_outputs(out / item.rel, img, explanations, j, render)
+                assert d.display is not None  # decoded without error
+                written = write_outputs(
+                    out / item.rel, d.display, explanations, j, render, d.crop, d.size
+                )
             except OSError as e:
+                if e.errno in DISK_FULL:
+                    raise disk_full(e, out / item.rel) from None
                 record(_failure(item, f"could not write outputs: {e}"))
                 continue
             first = explanations[0]
@@ -215,8 +237,11 @@ def run_explain(
                     "output": str(item.rel),
                     "status": "ok",
                     "error": None,
-                    "outputs": files,
-                    "size": [int(img.shape[1]), int(img.shape[0])],
+                    "source": source_stamp(item.path),
+                    "outputs": written.files,
+                    "prompt_files": written.prompt_files,
+                    "size": list(d.size),
+                    "crop": list(d.crop),
                     "scores": scores,
                     "probs": probs,
                     "top": max(probs, key=probs.__getitem__),
@@ -224,6 +249,16 @@ def run_explain(
                 }
             )
     return summary
+
+
+def _non_finite(explanations: Sequence[Explanation], j: int) -> str | None:
+    """The reason image `j` cannot be reported: a method's maps or scores are NaN or inf."""
+    for exp in explanations:
+        if not bool(torch.isfinite(exp.maps[j]).all()):
+            return f"method {exp.method} gave non-finite maps (NaN or inf) for this image"
+        if not bool(torch.isfinite(exp.scores[j]).all()):
+            return f"non-finite scores (NaN or inf) with method {exp.method} for this image"
+    return None
 
 
 def _failure(item: InputItem, error: str) -> dict[str, Any]:

@@ -1,17 +1,32 @@
 """The files of one explained image: overlays and heatmaps per prompt (and method), the
-comparison sheet, and `maps.npz` with the raw and upsampled maps."""
+comparison sheet, and `maps.npz` with the raw and upsampled maps.
+
+Maps cover the part of the image the model saw (`crop`): with `--crop center` the centre
+crop, elsewhere no data (transparent in heatmaps, the bare photo in overlays, 0 in the
+upsampled maps). Rendering is done one prompt at a time, at the display size, so memory
+stays bounded by one map whatever the number of prompts.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from ..explanation import Explanation
-from ..maps import upsample_normalized
-from ..render import colorize, comparison_sheet, overlay, prompt_slugs, save_npz, save_png
+from ..maps import place_in_box
+from ..render import colorize, comparison_sheet, npz_writer, overlay, prompt_slugs, save_png
+from .decode import scaled_box
+
+SHEET_CELL = 224
+# files a run writes into an image's folder: a re-run removes the ones it no longer writes
+OUTPUT_FILE = re.compile(r"^(.+\.(overlay|heatmap)\.png|comparison\.png|maps\.npz)$")
 
 
 @dataclass(frozen=True)
@@ -20,45 +35,97 @@ class RenderOptions:
     alpha: float = 0.5
 
 
+@dataclass(frozen=True)
+class Written:
+    """The files of one image and, per prompt, the names of its overlay and heatmap (by
+    method when several ran), so manifest, NPZ and report name the same files."""
+
+    files: list[str]
+    prompt_files: dict[str, dict[str, str]]
+
+
 def write_outputs(
     folder: Path,
     image: np.ndarray,
     explanations: Sequence[Explanation],
     index: int,
     render: RenderOptions,
-) -> list[str]:
-    """Write overlays, heatmaps and `maps.npz` of image `index`; returns the file names."""
-    size = (image.shape[0], image.shape[1])
+    crop: tuple[int, int, int, int] | None = None,
+    size: tuple[int, int] | None = None,
+) -> Written:
+    """Write overlays, heatmaps, the comparison sheet and `maps.npz` of image `index`.
+
+    image: the display image, uint8 `[H, W, 3]`; crop: the box (left, top, right, bottom) of
+    it the model saw (default: all of it); size: the original image's (width, height).
+    """
+    H, W = image.shape[:2]
+    crop = crop or (0, 0, W, H)
     first = explanations[0]
     slugs = prompt_slugs(first.prompts)
+    several = len(explanations) > 1
     files: list[str] = []
-    arrays: dict[str, np.ndarray] = {
-        "prompts": np.array(first.prompts),
-        "methods": np.array([e.method for e in explanations]),
-        "scores": first.scores[index].numpy(),
-        "probs": first.probs[index].numpy(),
-        "size": np.array(size),
-    }
-    upsampled: dict[str, np.ndarray] = {}
-    for k, exp in enumerate(explanations):
-        up = upsample_normalized(exp.maps[index], size).numpy()  # [T, H, W] in [0, 1]
-        upsampled[exp.method] = up
-        suffix = "" if len(explanations) == 1 else f".{exp.method}"
-        for slug, norm in zip(slugs, up, strict=True):
-            for kind, rgb in (
-                ("overlay", overlay(image, norm, render.colormap, render.alpha)),
-                ("heatmap", colorize(norm, render.colormap)),
-            ):
-                name = f"{slug}{suffix}.{kind}.png"
-                save_png(folder / name, rgb)
-                files.append(name)
-        key = "" if k == 0 else f"_{exp.method}"
-        arrays[f"maps{key}"] = exp.maps[index].numpy()
-        arrays[f"upsampled{key}"] = (up * 255.0 + 0.5).astype(np.uint8)
-    if len(explanations) > 1:
-        sheet = comparison_sheet(image, upsampled, first.prompts, render.colormap, render.alpha)
-        save_png(folder / "comparison.png", sheet)
+    prompt_files: dict[str, dict[str, str]] = {p: {} for p in first.prompts}
+    folder.mkdir(parents=True, exist_ok=True)
+    with npz_writer(folder / "maps.npz") as npz:
+        npz.add("prompts", np.array(first.prompts))
+        npz.add("methods", np.array([e.method for e in explanations]))
+        npz.add("scores", first.scores[index].numpy())
+        npz.add("probs", first.probs[index].numpy())
+        npz.add("size", np.array(size or (W, H)))  # (width, height) of the original image
+        npz.add("render_size", np.array((W, H)))  # (width, height) of the upsampled maps
+        npz.add("crop", np.array(crop))  # (left, top, right, bottom) in render pixels
+        for k, exp in enumerate(explanations):
+            key = "" if k == 0 else f"_{exp.method}"
+            npz.add(f"maps{key}", exp.maps[index].numpy())
+            with npz.rows(f"upsampled{key}", (len(exp.prompts), H, W), np.uint8) as row:
+                for t, (prompt, slug) in enumerate(zip(exp.prompts, slugs, strict=True)):
+                    norm = place_in_box(exp.maps[index, t : t + 1], crop, (H, W))[0].numpy()
+                    row((np.nan_to_num(norm) * 255.0 + 0.5).astype(np.uint8))
+                    for kind, rgb in (
+                        ("overlay", overlay(image, norm, render.colormap, render.alpha)),
+                        ("heatmap", colorize(norm, render.colormap)),
+                    ):
+                        name = (
+                            f"{slug}.{exp.method}.{kind}.png" if several else f"{slug}.{kind}.png"
+                        )
+                        save_png(folder / name, rgb)
+                        files.append(name)
+                        prompt_files[prompt][f"{exp.method}.{kind}" if several else kind] = name
+    if several:
+        save_png(folder / "comparison.png", _sheet(image, explanations, index, crop, render))
         files.append("comparison.png")
-    save_npz(folder / "maps.npz", **arrays)
     files.append("maps.npz")
-    return files
+    _remove_stale(folder, files)
+    return Written(files, prompt_files)
+
+
+def _sheet(
+    image: np.ndarray,
+    explanations: Sequence[Explanation],
+    index: int,
+    crop: tuple[int, int, int, int],
+    render: RenderOptions,
+) -> np.ndarray:
+    """The comparison sheet, its maps computed at the sheet's cell size."""
+    H, W = image.shape[:2]
+    scale = SHEET_CELL / max(H, W)
+    small = (max(1, round(W * scale)), max(1, round(H * scale)))
+    picture = np.asarray(Image.fromarray(image).resize(small, Image.Resampling.BILINEAR))
+    box = scaled_box(crop, (W, H), small)
+    maps: dict[str, Any] = {
+        exp.method: place_in_box(exp.maps[index], box, (small[1], small[0])).numpy()
+        for exp in explanations
+    }
+    return comparison_sheet(
+        picture, maps, explanations[0].prompts, render.colormap, render.alpha, SHEET_CELL
+    )
+
+
+def _remove_stale(folder: Path, kept: Sequence[str]) -> None:
+    """Remove output files an earlier run wrote here that this one did not (other prompts or
+    methods), so the folder shows this run only."""
+    keep = set(kept)
+    for path in folder.iterdir():
+        if path.is_file() and OUTPUT_FILE.match(path.name) and path.name not in keep:
+            with contextlib.suppress(OSError):
+                path.unlink()

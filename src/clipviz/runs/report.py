@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ClipvizError
-from ..files import read_jsonl, write_text_atomic
+from ..files import write_text_atomic
+from .manifest import latest_records
 
 STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; }
@@ -23,11 +24,7 @@ table { border-collapse: collapse; } td, th { padding: 2px 8px; border-bottom: 1
 
 
 def _latest_records(run_dir: Path) -> list[dict[str, Any]]:
-    latest: dict[str, dict[str, Any]] = {}
-    for rec in read_jsonl(run_dir / "manifest.jsonl"):
-        if "input" in rec:
-            latest[rec["input"]] = rec
-    return sorted(latest.values(), key=lambda r: str(r.get("output", "")))
+    return sorted(latest_records(run_dir).values(), key=lambda r: str(r.get("output", "")))
 
 
 def build_report(
@@ -69,14 +66,13 @@ def build_report(
         if "comparison.png" in files:
             parts.append(f"<img src='{src(rec, 'comparison.png')}' style='max-width:100%'>")
         parts.append("<div class='row'>")
-        for name in (f for f in files if f.endswith(".overlay.png")):
-            prompt = _prompt_of(name, probs)
+        for prompt, name, label in _overlays(rec):
             p = probs.get(prompt)
-            label = html.escape(prompt) + (f" — p = {p:.3f}" if p is not None else "")
+            text = html.escape(label) + (f" — p = {p:.3f}" if p is not None else "")
             cls = " class='top'" if prompt == rec.get("top") else ""
             parts.append(
                 f"<figure><img loading='lazy' src='{src(rec, name)}'>"
-                f"<figcaption{cls}>{label}</figcaption></figure>"
+                f"<figcaption{cls}>{text}</figcaption></figure>"
             )
         parts.append("</div>")
     if failed:
@@ -91,12 +87,27 @@ def build_report(
     return target
 
 
-def _prompt_of(file_name: str, probs: dict[str, float]) -> str:
-    """The prompt whose slug starts `file_name` (`a-red-car.overlay.png` -> "a red car")."""
+def _overlays(rec: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(prompt, overlay file, caption) of a record: from its `prompt_files`, which name each
+    prompt's files (and method, when several ran); older records are read by file name."""
+    if "prompt_files" in rec:
+        out = []
+        for prompt, files in rec["prompt_files"].items():
+            for kind, name in files.items():
+                if kind.endswith("overlay"):
+                    method = kind[: -len(".overlay")] if "." in kind else ""
+                    out.append((prompt, name, f"{prompt} — {method}" if method else prompt))
+        return out
     from ..render import prompt_slugs
 
-    stem = file_name.split(".")[0]
-    for prompt, slug in zip(probs, prompt_slugs(list(probs)), strict=True):
-        if slug == stem:
-            return prompt
-    return stem
+    probs: dict[str, float] = rec.get("probs", {})
+    slug_to_prompt = dict(zip(prompt_slugs(list(probs)), probs, strict=True))
+    return [
+        (
+            slug_to_prompt.get(name.split(".")[0], name),
+            name,
+            slug_to_prompt.get(name.split(".")[0], name),
+        )
+        for name in rec.get("outputs", [])
+        if name.endswith(".overlay.png")
+    ]
