@@ -99,6 +99,12 @@ class Backend:
         return float(self.model.logit_scale.exp().item())
 
     @property
+    def content_identity(self) -> dict[str, Any]:
+        """What the model computes with: architecture, weights (by content), input size —
+        not where the weights file lies. Resume keys and caches use it."""
+        return {k: v for k, v in self.identity.items() if k != "weights_file"}
+
+    @property
     def key(self) -> str:
         """A short hash of the model's identity (architecture and weights), for caches."""
         blob = json.dumps(

@@ -77,6 +77,19 @@ def register_model_config(path: str | os.PathLike[str]) -> str:
             f"`model_config` {p} is not an open_clip model config "
             "(needs embed_dim, vision_cfg and text_cfg)"
         )
+    for section, key, low in (("text_cfg", "context_length", 2), ("vision_cfg", "image_size", 1)):
+        value = cfg[section].get(key, low) if isinstance(cfg[section], dict) else None
+        values = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= low for v in values):
+            raise ClipvizError(
+                f"`model_config` {p}: {section}.{key} is {value!r}; it must be an integer "
+                f"of at least {low}"
+            )
+    embed_dim = cfg.get("embed_dim")
+    if not isinstance(embed_dim, int) or embed_dim < 1:
+        raise ClipvizError(
+            f"`model_config` {p}: embed_dim is {embed_dim!r}; use a positive integer"
+        )
     open_clip.add_model_config(p)
     return p.stem
 
@@ -138,6 +151,7 @@ def load_backend(
     dev = resolve_device(device)
     schema, identifier = parse_model_name(model)
     weights_id: str | None = None
+    weights_file: str | None = None
     preprocess_cfg: dict[str, Any] = {}
     kwargs: dict[str, Any] = {}
 
@@ -184,6 +198,7 @@ def load_backend(
                 )
             kwargs["pretrained"] = str(path)
             weights_id = "sha256:" + content_digest(path)
+            weights_file = str(path)
 
     try:
         with hub.quiet_open_clip():
@@ -216,8 +231,10 @@ def load_backend(
         size = (resolution, resolution)
     identity = {
         "model": model,
-        "pretrained": pretrained if schema is None else None,
+        # a weights file is identified by its bytes ("weights"), not by where it lies
+        "pretrained": None if weights_file or schema is not None else pretrained,
         "weights": weights_id,
+        "weights_file": weights_file,
         "config": hashlib.sha1(config_text.encode()).hexdigest()[:16] if config_text else None,
         "resolution": size[0],
     }

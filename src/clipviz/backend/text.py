@@ -83,7 +83,9 @@ class TextCache:
     def _file(self, prompt: str, ensemble: bool) -> Path | None:
         if self.folder is None:
             return None
-        digest = hashlib.sha1(f"{int(ensemble)}\0{prompt}".encode()).hexdigest()
+        digest = hashlib.sha1(
+            f"{int(ensemble)}\0{prompt}".encode("utf-8", "surrogateescape")
+        ).hexdigest()
         return self.folder / f"{digest}.npy"
 
     def _load(self, prompt: str, ensemble: bool) -> torch.Tensor | None:

@@ -142,7 +142,7 @@ def concepts(
     backend = load(model, pretrained, model_config, device, precision, resolution)
     with _embedding_progress(quiet) as on_embed:
         bank = concept_bank(backend, vocabulary, embed, extra=chosen, progress=on_embed)
-    progress = progress_bar("concepts", quiet)
+    progress = progress_bar("concepts", quiet, transient=True)
     with progress:
         task = progress.add_task("concepts", total=len(items))
         records = run_concepts(

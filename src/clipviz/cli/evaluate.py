@@ -138,7 +138,7 @@ def evaluate(
 
     backend = load(model, pretrained, model_config, device, precision, resolution, crop)
     texts = backend.encode_texts(prompts, ensemble=not no_ensemble)
-    progress = progress_bar("evaluating", quiet)
+    progress = progress_bar("evaluating", quiet, transient=True)
     task = progress.add_task("eval", total=len(dataset))
     with progress:
         results, records = run_eval(

@@ -146,7 +146,7 @@ def explain(
     warn_truncated(backend, all_prompts, not no_ensemble)
     texts = encode_with_progress(backend, all_prompts, not no_ensemble, quiet)
     started = time.perf_counter()
-    progress = progress_bar("explaining", quiet, "rate")
+    progress = progress_bar("explaining", quiet, "rate", transient=True)
     task = progress.add_task("explain", total=len(items), rate="")
 
     def on_record(rec: dict[str, Any]) -> None:

@@ -85,7 +85,7 @@ class CaptionSet:
         h = hashlib.sha1()
         for image, caption in zip(self.images, self.captions, strict=True):
             name = image.relative_to(root) if image.is_relative_to(root) else image
-            h.update(f"{name}\0{caption}\n".encode())
+            h.update(f"{name}\0{caption}\n".encode("utf-8", "surrogateescape"))
         return h.hexdigest()[:16]
 
 

@@ -24,6 +24,12 @@ class InputItem:
     rel: Path
     error: str | None = None
 
+    @property
+    def key(self) -> str:
+        """The input's real path (links followed; a looping link stays as it is): how runs
+        record it and tell two inputs apart."""
+        return os.path.realpath(self.path)
+
 
 def _is_image_name(p: Path) -> bool:
     return p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
@@ -68,7 +74,7 @@ def link_problem(path: Path) -> str | None:
 
 
 def _inside(path: Path, folders: list[Path]) -> bool:
-    real = path.resolve()
+    real = Path(os.path.realpath(path))
     return any(real == f or f in real.parents for f in folders)
 
 
@@ -127,7 +133,7 @@ def collect_inputs(
     is reported; in folders only files with image extensions are taken. Nothing inside an
     `exclude` folder (the run's own output folder) is ever an input.
     """
-    skip = [Path(e).resolve() for e in exclude]
+    skip = [Path(os.path.realpath(e)) for e in exclude]
     items: list[InputItem] = []
     ignored = 0
     explicit: list[Path] = []
@@ -157,11 +163,10 @@ def collect_inputs(
         parents = [str(_absolute(p).parent) for p in explicit]
         base = Path(os.path.commonpath(parents))
         items.extend(InputItem(p, _rel_dir(p, base), link_problem(p)) for p in explicit)
-    seen: set[Path] = set()
+    seen: set[str] = set()
     unique = []
     for it in items:
-        key = it.path.resolve()
-        if key not in seen:
-            seen.add(key)
+        if it.key not in seen:
+            seen.add(it.key)
             unique.append(it)
     return unique, ignored

@@ -181,6 +181,11 @@ def load_head(backend: Backend, path: str | Path) -> ExplainHead:
             f"`checkpoint` {path} was trained for {describe_identity(base)}, but the loaded model is "
             f"{describe_identity(mine)}; pass the same `model`/`pretrained` as in training"
         )
+    if bad := [k for k, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()]:
+        raise ClipvizError(
+            f"`checkpoint` {path} holds non-finite values (NaN or inf) in {', '.join(bad)}; "
+            "the training diverged — train again (e.g. with a lower `lr`)"
+        )
     config = json.loads(meta.get("config", "{}"))
     head = ExplainHead(backend, train_ln_post=bool(config.get("train_ln_post", False)))
     try:

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..backend import Backend
 from ..errors import ClipvizError
-from ..files import atomic_path, read_jsonl, write_text_atomic
+from ..files import atomic_path, provenance, read_jsonl, write_text_atomic
 from .head import ExplainHead, base_identity, describe_identity
 
 FORMAT = "clipviz-eclip/1"
@@ -131,7 +131,8 @@ def save_checkpoint(
                 t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
                 tensors[f"optim.{name}.{key}"] = t.detach().cpu().contiguous().clone()
         tensors.update(_rng_tensors(log_scale.device))
-    metadata = {**meta, "format": FORMAT, "kind": kind, "step": str(step)}
+    metadata = {**meta, "format": FORMAT, "kind": kind, "step": str(step),
+                "provenance": json.dumps(provenance(), sort_keys=True)}  # fmt: skip
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
 
@@ -188,6 +189,32 @@ def load_checkpoint(
     _check_config(json.loads(meta.get("config", "{}")), config, path, ignore)
     if meta.get("kind") != "checkpoint":
         raise ClipvizError(f"{path} holds no training state; it cannot be resumed")
+    needed = {"train.logit_scale", "train.step", "rng.torch"} | {
+        f"head.{k}" for k in head.state_dict()
+    }
+    if missing := sorted(needed - tensors.keys()):
+        raise ClipvizError(
+            f"cannot resume {path}: it lacks {', '.join(missing[:4])}"
+            f"{' …' if len(missing) > 4 else ''}; it is damaged or not a clipviz training "
+            "checkpoint — start a new `out` or drop `resume`"
+        )
+    try:
+        _restore(tensors, head, log_scale, optimizer, names)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ClipvizError(
+            f"cannot resume {path}: its state does not fit this run "
+            f"({str(e).splitlines()[0][:200]}); start a new `out` or drop `resume`"
+        ) from e
+    return int(tensors["train.step"].item())
+
+
+def _restore(
+    tensors: dict[str, torch.Tensor],
+    head: ExplainHead,
+    log_scale: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    names: Sequence[tuple[str, nn.Parameter]],
+) -> None:
     head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
     with torch.no_grad():
         log_scale.copy_(tensors["train.logit_scale"].reshape(log_scale.shape))
@@ -202,13 +229,12 @@ def load_checkpoint(
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and log_scale.device.type == "cuda":
         torch.cuda.set_rng_state(tensors["rng.cuda"], log_scale.device)
-    return int(tensors["train.step"].item())
 
 
 def trim_metrics(path: Path, step: int) -> None:
     """Drop log lines written after the checkpoint a resumed run restarts from."""
     kept = [r for r in read_jsonl(path) if int(r.get("step", 0)) <= step]
-    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 # -- validation and the loop ---------------------------------------------------------------

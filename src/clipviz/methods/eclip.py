@@ -3,6 +3,7 @@ its checkpoints and its training are in `clipviz.eclip`)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -34,8 +35,8 @@ def eclip(
         )
     path = Path(checkpoint).expanduser()
     try:
-        st = path.resolve().stat()
-        stamp = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        st = path.stat()
+        stamp = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
     except OSError:
         stamp = (str(path), 0, 0)  # load_head reports the missing file
     head = backend.memo(("eclip-head", stamp), lambda: load_head(backend, path))

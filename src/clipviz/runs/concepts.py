@@ -49,7 +49,7 @@ def concepts_one(
     options: `variant`, `seed`, `top`, `batch_size` of `concept_maps`.
     """
     started = time.perf_counter()
-    rec: dict[str, Any] = {"input": str(item.path.resolve()), "output": str(item.rel)}
+    rec: dict[str, Any] = {"input": item.key, "output": str(item.rel)}
     try:
         image = load_image(item.path, max_pixels)
     except ImageError as e:

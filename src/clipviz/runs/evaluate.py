@@ -14,7 +14,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from ..backend import Backend, Texts
+from ..convis.classes import CLASS_SYNSETS
 from ..data.datasets import EvalDataset, Sample
-from ..data.images import ImageError, load_image
+from ..data.datasets.common import crop_sample
+from ..data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
 from ..errors import ClipvizError
 from ..explanation import explain
 from ..files import SCHEMA_VERSION, append_jsonl, read_jsonl
@@ -41,6 +43,8 @@ from ..metrics import (
     score_contrast,
 )
 from .eval_results import reduce_records
+from .explain import non_finite
+from .manifest import DISK_FULL, disk_full, repair_manifest
 
 METRICS = ("miou", "msc", "pointing", "energy", "maxboxacc", "deletion", "insertion")
 MASK_METRICS = frozenset({"miou", "msc"})
@@ -56,6 +60,7 @@ class EvalOptions:
     metrics: tuple[str, ...] = DEFAULT_METRICS
     pointing_tolerance: float = 15.0
     batch_size: int = 16
+    max_pixels: int = DEFAULT_MAX_PIXELS
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # by method
 
 
@@ -89,9 +94,24 @@ def class_prompts(dataset: EvalDataset, classes_file: str | Path | None) -> list
     return [overrides.get(c, base.get(c, c.replace("_", " "))) for c in dataset.classes]
 
 
+def with_class_synsets(opts: EvalOptions, dataset: EvalDataset) -> EvalOptions:
+    """ConVis on a VOC or COCO layout without `synsets`: each class's WordNet synset from the
+    shipped table (class names are not all nouns WordNet knows, some are ambiguous)."""
+    table = CLASS_SYNSETS.get(dataset.format, {})
+    convis = opts.method_options.get("convis", {})
+    if "convis" not in opts.methods or "synsets" in convis:
+        return opts
+    if not all(c in table for c in dataset.classes):
+        return opts  # renamed classes (classes.txt): each class name is read as a noun
+    synsets = [table[c] for c in dataset.classes]
+    return replace(
+        opts, method_options={**opts.method_options, "convis": {**convis, "synsets": synsets}}
+    )
+
+
 def default_metrics(dataset: EvalDataset) -> tuple[str, ...]:
-    """The default metrics a layout supports: box-only layouts (CUB) drop the mask metrics."""
-    if dataset.format == "cub":
+    """The default metrics a dataset supports: box-only ones (CUB) drop the mask metrics."""
+    if not dataset.has_masks:
         return tuple(m for m in DEFAULT_METRICS if m not in MASK_METRICS)
     return DEFAULT_METRICS
 
@@ -100,9 +120,9 @@ def check_metrics(metrics: Sequence[str], dataset: EvalDataset) -> None:
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ClipvizError(f"unknown metric {unknown[0]!r}; choose from: {', '.join(METRICS)}")
-    if dataset.format == "cub" and (need := [m for m in metrics if m in MASK_METRICS]):
+    if not dataset.has_masks and (need := [m for m in metrics if m in MASK_METRICS]):
         raise ClipvizError(
-            f"metric {need[0]} needs masks, and a CUB dataset has boxes only; "
+            f"metric {need[0]} needs masks, and {dataset.name} has boxes only; "
             "use `metric` maxboxacc/pointing/energy"
         )
 
@@ -110,7 +130,7 @@ def check_metrics(metrics: Sequence[str], dataset: EvalDataset) -> None:
 def request_key(backend: Backend, dataset: EvalDataset, texts: Texts, opts: EvalOptions) -> str:
     blob = json.dumps(
         {
-            "model": backend.identity,
+            "model": backend.content_identity,
             "crop": backend.preprocess.crop,
             "dataset": [str(dataset.root), dataset.format, dataset.name],
             "prompts": texts.prompts,
@@ -196,12 +216,14 @@ def evaluate(
     """
     check_metrics(opts.metrics, dataset)
     check_methods(backend, opts.methods)
+    opts = with_class_synsets(opts, dataset)
     for m in opts.methods:  # bad options fail before the first image
         get_method(m).info.bind(opts.method_options.get(m))
     if opts.batch_size < 1:
         raise ClipvizError(f"`batch_size` {opts.batch_size} must be at least 1")
     key = request_key(backend, dataset, texts, opts)
     records_path.parent.mkdir(parents=True, exist_ok=True)
+    repair_manifest(records_path)
     records = [
         r for r in read_jsonl(records_path) if r.get("key") == key and r.get("status") == "ok"
     ]
@@ -212,7 +234,12 @@ def evaluate(
     def emit(rec: dict[str, Any]) -> None:
         rec["key"] = key
         rec["schema_version"] = SCHEMA_VERSION
-        append_jsonl(records_path, rec)
+        try:
+            append_jsonl(records_path, rec)
+        except OSError as e:
+            if e.errno in DISK_FULL:
+                raise disk_full(e, records_path) from None
+            raise
         (records if rec["status"] == "ok" else failed).append(rec)
         if on_image:
             on_image(rec)
@@ -223,12 +250,20 @@ def evaluate(
         for i in todo[start : start + opts.batch_size]:
             try:
                 sample = dataset[i]
-                image = backend.preprocess(load_image(sample.image_path))
+                picture = load_image(sample.image_path, opts.max_pixels)
+                if picture.size != sample.size:
+                    raise ImageError(
+                        f"image is {picture.width}x{picture.height} but its annotations are "
+                        f"{sample.size[0]}x{sample.size[1]}"
+                    )
+                image = backend.preprocess(picture)
+                # --crop center: the map covers the crop, and only the crop is scored
+                sample = crop_sample(sample, backend.preprocess.crop_box(*sample.size))
             except (ClipvizError, ImageError) as e:
                 emit(
                     {
                         "index": i,
-                        "image": str(dataset.entries[i]),
+                        "image": dataset.entry_name(i),
                         "status": "failed",
                         "error": str(e),
                     }
@@ -247,6 +282,10 @@ def evaluate(
         for j, (i, sample, image) in enumerate(batch):
             w, h = sample.size
             pairs = []
+            if bad := non_finite(list(per_method.values()), j):
+                emit({"index": i, "image": str(sample.image_path), "status": "failed",
+                      "error": bad})  # fmt: skip
+                continue
             for method, exp in per_method.items():
                 for cls in sample.classes:
                     t = class_index[cls]

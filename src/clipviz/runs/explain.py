@@ -70,7 +70,7 @@ def request_key(
     blob = json.dumps(
         {
             "schema_version": SCHEMA_VERSION,
-            "model": backend.identity,
+            "model": backend.content_identity,
             "crop": backend.preprocess.crop,
             "methods": list(methods),
             "prompts": texts.prompts,
@@ -185,7 +185,7 @@ def _run(
     done = {} if overwrite else finished(out, key)
     todo = []
     for it in items:
-        prev = done.get(str(it.path.resolve()))
+        prev = done.get(it.key)
         if prev is None:
             todo.append(it)
             continue
@@ -215,7 +215,7 @@ def _run(
         for j, d in enumerate(good):
             t0 = time.perf_counter()
             item = todo[d.index]
-            if bad := _non_finite(explanations, j):
+            if bad := non_finite(explanations, j):
                 record(_failure(item, bad))
                 continue
             try:
@@ -233,7 +233,7 @@ def _run(
             probs = dict(zip(first.prompts, first.probs[j].tolist(), strict=True))
             record(
                 {
-                    "input": str(item.path.resolve()),
+                    "input": item.key,
                     "output": str(item.rel),
                     "status": "ok",
                     "error": None,
@@ -251,7 +251,7 @@ def _run(
     return summary
 
 
-def _non_finite(explanations: Sequence[Explanation], j: int) -> str | None:
+def non_finite(explanations: Sequence[Explanation], j: int) -> str | None:
     """The reason image `j` cannot be reported: a method's maps or scores are NaN or inf."""
     for exp in explanations:
         if not bool(torch.isfinite(exp.maps[j]).all()):
@@ -263,7 +263,7 @@ def _non_finite(explanations: Sequence[Explanation], j: int) -> str | None:
 
 def _failure(item: InputItem, error: str) -> dict[str, Any]:
     return {
-        "input": str(item.path.resolve()),
+        "input": item.key,
         "output": str(item.rel),
         "status": "failed",
         "error": error,

@@ -16,6 +16,7 @@ from .common import (
     Box,
     EvalDataset,
     Sample,
+    check_pixels,
     dataset_name,
     mask_box,
     missing_image,
@@ -144,6 +145,7 @@ def _open_coco(root: Path, split: str | None) -> EvalDataset:
 def _decode_coco(
     json_path: Path, folders: list[Path], categories: dict[Any, str], image: _CocoImage
 ) -> Sample:
+    check_pixels((image.width, image.height), f"{json_path}: image {image.file_name}")
     candidates = [folder / image.file_name for folder in folders]
     image_path = next((p for p in candidates if p.is_file()), candidates[0])
     if not image_path.is_file():

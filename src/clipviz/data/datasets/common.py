@@ -46,6 +46,7 @@ class EvalDataset(Sequence[Sample]):
     classes: list[str]  # every class name of the dataset, in label order
     entries: list[Any]  # what `decode` needs for one sample: an id, a path, a record
     decode: Callable[[Any], Sample]
+    has_masks: bool = True  # False: boxes only (CUB, a generic set without masks/)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -60,6 +61,17 @@ class EvalDataset(Sequence[Sample]):
         if isinstance(index, slice):
             return replace(self, entries=self.entries[index])
         return self.decode(self.entries[index])
+
+    def entry_name(self, index: int) -> str:
+        """What to call sample `index` in a report before (or without) decoding it: its image
+        file where the entry names one."""
+        entry = self.entries[index]
+        if isinstance(entry, tuple) and entry and isinstance(entry[0], Path):
+            return str(entry[0])
+        for attr in ("file_name", "image_path"):
+            if hasattr(entry, attr):
+                return str(getattr(entry, attr))
+        return str(entry)
 
     def __repr__(self) -> str:
         return f"EvalDataset({self.name!r}, format={self.format!r}, samples={len(self)})"
@@ -81,6 +93,43 @@ def missing_image(path: Path) -> ClipvizError:
     )
 
 
+# An annotation (or a declared image size) above this is refused before anything of its size
+# is allocated: a COCO entry declaring 100000 x 100000 must not reach the OOM killer.
+MAX_ANNOTATION_PIXELS = 100_000_000
+
+
+def check_pixels(size: tuple[int, int], where: Path | str) -> None:
+    """Refuse a (width, height) above `MAX_ANNOTATION_PIXELS` (the image fails, the run goes on)."""
+    w, h = size
+    if w < 1 or h < 1 or w * h > MAX_ANNOTATION_PIXELS:
+        raise ClipvizError(
+            f"{where} declares {w}x{h} pixels, outside 1…{MAX_ANNOTATION_PIXELS / 1e6:g} MP; "
+            "fix its size or drop it from the dataset",
+            exit_code=1,
+        )
+
+
+def crop_sample(sample: Sample, box: tuple[int, int, int, int]) -> Sample:
+    """The ground truth inside `box` (left, top, right, bottom): masks, valid pixels and boxes
+    cut to it and shifted; classes with nothing left inside are dropped."""
+    left, top, right, bottom = box
+    if (left, top, right, bottom) == (0, 0, *sample.size):
+        return sample
+    masks = {c: m[top:bottom, left:right] for c, m in sample.masks.items()}
+    masks = {c: m for c, m in masks.items() if m.any()}
+    boxes: dict[str, list[Box]] = {}
+    for c, bs in sample.boxes.items():
+        cut = [
+            (max(x0, left) - left, max(y0, top) - top, min(x1, right) - left, min(y1, bottom) - top)
+            for x0, y0, x1, y1 in bs
+        ]
+        cut = [b for b in cut if b[2] > b[0] and b[3] > b[1]]
+        if cut and (c in masks or c not in sample.masks):
+            boxes[c] = cut
+    valid = None if sample.valid is None else sample.valid[top:bottom, left:right]
+    return Sample(sample.image_path, (right - left, bottom - top), masks, boxes, valid)
+
+
 def image_size(path: Path) -> tuple[int, int]:
     """(width, height) from the image header, without decoding the pixels."""
     if not path.is_file():
@@ -88,7 +137,7 @@ def image_size(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as image:
             return image.size
-    except OSError as err:
+    except (OSError, Image.DecompressionBombError) as err:
         raise ClipvizError(f"cannot read image {path} ({err}); replace it", exit_code=1) from err
 
 
@@ -98,8 +147,9 @@ def read_png(path: Path) -> tuple[np.ndarray, str]:
         raise ClipvizError(f"annotation {path} is missing; restore it", exit_code=1)
     try:
         with Image.open(path) as image:
+            check_pixels(image.size, path)
             return np.asarray(image), image.mode
-    except OSError as err:
+    except (OSError, Image.DecompressionBombError) as err:
         raise ClipvizError(f"cannot read annotation {path} ({err})", exit_code=1) from err
 
 

@@ -53,7 +53,9 @@ def _open_cub(root: Path, split: str | None) -> EvalDataset:
                 "check bounding_boxes.txt, image_class_labels.txt and classes.txt"
             ) from err
     classes = [class_names[c] for c in sorted(class_names, key=_number)]
-    return EvalDataset(dataset_name(root, split), root, "cub", classes, entries, _decode_cub)
+    return EvalDataset(
+        dataset_name(root, split), root, "cub", classes, entries, _decode_cub, has_masks=False
+    )
 
 
 def _decode_cub(entry: tuple[Path, str, Box]) -> Sample:

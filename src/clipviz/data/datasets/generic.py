@@ -64,11 +64,19 @@ def _open_generic(root: Path, split: str | None) -> EvalDataset:
     listing = (root / "images").iterdir()
     images = sorted(p for p in listing if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     box_table = _read_generic_boxes(root / "boxes.json")
-    classes = {p.stem for p in (root / "masks").glob("*/*.png")}
-    classes |= {name for per_class in box_table.values() for name in per_class}
+    mask_classes = {p.stem for p in (root / "masks").glob("*/*.png")}
+    classes = mask_classes | {name for per_class in box_table.values() for name in per_class}
+    if not classes:
+        raise ClipvizError(
+            f"generic dataset {root} has no masks/<stem>/<class>.png and no boxes.json: "
+            f"nothing to score the maps against; expected {expected}"
+        )
     entries = [(p, box_table.get(p.name, box_table.get(p.stem, {}))) for p in images]
     decode = partial(_decode_generic, root)
-    return EvalDataset(dataset_name(root, split), root, "generic", sorted(classes), entries, decode)
+    return EvalDataset(
+        dataset_name(root, split), root, "generic", sorted(classes), entries, decode,
+        has_masks=bool(mask_classes),
+    )  # fmt: skip
 
 
 def _decode_generic(root: Path, entry: tuple[Path, dict[str, list[Box]]]) -> Sample:

@@ -12,6 +12,7 @@ from .common import (
     EvalDataset,
     Sample,
     dataset_name,
+    image_size,
     mask_box,
     missing_image,
     read_png,
@@ -82,6 +83,13 @@ def _decode_voc(root: Path, names: list[str], image_id: str) -> Sample:
         image_path = image_path.with_suffix(".png")
     if not image_path.is_file():
         raise missing_image(image_path)
+    height, width = labels.shape
+    if (size := image_size(image_path)) != (width, height):
+        raise ClipvizError(
+            f"{image_path} is {size[0]}x{size[1]} but its labels {label_path.name} are "
+            f"{width}x{height}; the mask must have the image's size",
+            exit_code=1,
+        )
     valid = labels != VOC_IGNORE
     masks: dict[str, np.ndarray] = {}
     for value in np.unique(labels[valid]):
@@ -95,5 +103,4 @@ def _decode_voc(root: Path, names: list[str], image_id: str) -> Sample:
             )
         masks[names[int(value)]] = labels == value
     boxes = {name: [mask_box(mask)] for name, mask in masks.items()}
-    height, width = labels.shape
     return Sample(image_path, (width, height), masks, boxes, valid)
