@@ -323,3 +323,60 @@ def test_convis_eval_on_voc_class_names_uses_the_shipped_synsets():
     assert opts.method_options["convis"]["synsets"] == [VOC_SYNSETS[c] for c in VOC_CLASSES]
     chosen = EvalOptions(methods=("convis",), method_options={"convis": {"synsets": ["bird.n.01"]}})
     assert with_class_synsets(chosen, dataset) == chosen  # the user's choice wins
+
+
+def _cub(root):
+    (root / "images" / "001.Bird").mkdir(parents=True)
+    for i in (1, 2):
+        Image.new("RGB", (96, 64), (40 * i, 90, 160)).save(root / "images" / "001.Bird" / f"{i}.jpg")
+    (root / "images.txt").write_text("1 001.Bird/1.jpg\n2 001.Bird/2.jpg\n")
+    (root / "bounding_boxes.txt").write_text("1 10 8 40 30\n2 0 0 96 64\n")
+    (root / "image_class_labels.txt").write_text("1 1\n2 1\n")
+    (root / "classes.txt").write_text("1 001.Bird\n")
+    return root
+
+
+def test_eval_on_a_box_only_layout_defaults_to_the_metrics_it_supports(tmp_path, tiny_weights):
+    config, weights = tiny_weights["vit"]
+    out = tmp_path / "r.json"
+    result = runner.invoke(app, ["eval", str(_cub(tmp_path / "cub")), "--format", "cub",
+                                 "--json", str(out), *_args(config, weights)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    saved = json.loads(out.read_text())
+    assert saved["metrics"] == ["pointing", "energy", "maxboxacc"]
+    assert saved["results"]["itsm"]["pairs"] == 2
+
+
+def test_eclip_flag_alone_runs_eclip_and_bench_adds_it(tmp_path, tiny_weights, vit_backend):
+    from clipviz.eclip.head import ExplainHead, base_identity
+    from clipviz.eclip.state import save_checkpoint
+
+    config, weights = tiny_weights["vit"]
+    ckpt = tmp_path / "eclip.safetensors"
+    meta = {"base": json.dumps(base_identity(vit_backend), sort_keys=True), "config": "{}"}
+    save_checkpoint(ckpt, ExplainHead(vit_backend), vit_backend.model.logit_scale, 1, meta)
+    random_image(0).save(tmp_path / "a.png")
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["explain", str(tmp_path / "a.png"), "a dog", "--eclip",
+                                 str(ckpt), "-o", str(out), "-q", *_args(config, weights)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert list(load_npz(out / "a.png" / "maps.npz")["methods"]) == ["eclip"]
+    bench = tmp_path / "bench.json"
+    result = runner.invoke(app, ["bench", "-m", "itsm", "--eclip", str(ckpt), "--repeats", "1",
+                                 "-b", "1", "--json", str(bench), *_args(config, weights)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = [r["name"] for r in json.loads(bench.read_text())["rows"]]
+    assert rows == ["forward (encode_image)", "itsm", "eclip"]
+
+
+def test_bench_times_convis_on_noun_prompts(tmp_path, tiny_weights):
+    config, weights = tiny_weights["vit"]
+    vocab = tmp_path / "words.txt"
+    vocab.write_text("dog\ncat\ncar\n")
+    bench = tmp_path / "bench.json"
+    result = runner.invoke(app, ["bench", "-m", "convis", "-O", f"vocabulary={vocab}", "-O",
+                                 "variant=dense", "--prompts", "2", "--repeats", "1", "-b", "1",
+                                 "--json", str(bench), *_args(config, weights)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (forward, convis) = json.loads(bench.read_text())["rows"]
+    assert convis["name"] == "convis" and convis["ratio"] > 0

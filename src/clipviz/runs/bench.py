@@ -42,6 +42,16 @@ def _median_seconds(fn: Callable[[], object], device: torch.device, repeats: int
     return statistics.median(times)
 
 
+# WordNet nouns, so every method (ConVis reads a prompt as a concept) takes them
+NOUNS = ("dog", "cat", "car", "tree", "bird", "house", "boat", "chair", "flower", "bicycle")
+
+
+def bench_prompts(n: int) -> list[str]:
+    """`n` distinct prompts that are nouns ("dog", …, then "dog 2", … past ten)."""
+    return [NOUNS[i % len(NOUNS)] + (f" {i // len(NOUNS) + 1}" if i >= len(NOUNS) else "")
+            for i in range(n)]  # fmt: skip
+
+
 def default_methods() -> list[str]:
     """Every method that needs no extra input (eclip needs a checkpoint, convis WordNet and a
     concept bank: time them by naming them)."""
@@ -65,7 +75,7 @@ def run_bench(
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, 3, *backend.input_size, generator=generator)
     images = images.to(backend.device)
-    texts = backend.encode_texts([f"object number {i}" for i in range(n_prompts)])
+    texts = backend.encode_texts(bench_prompts(n_prompts))
 
     def forward() -> object:
         with torch.no_grad(), backend.autocast():
