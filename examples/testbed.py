@@ -31,6 +31,7 @@ METHODS = [
     "gradcam",
     "gae",
     "legrad",
+    "rollout",
     "random",
 ]
 

@@ -328,7 +328,9 @@ def test_convis_eval_on_voc_class_names_uses_the_shipped_synsets():
 def _cub(root):
     (root / "images" / "001.Bird").mkdir(parents=True)
     for i in (1, 2):
-        Image.new("RGB", (96, 64), (40 * i, 90, 160)).save(root / "images" / "001.Bird" / f"{i}.jpg")
+        Image.new("RGB", (96, 64), (40 * i, 90, 160)).save(
+            root / "images" / "001.Bird" / f"{i}.jpg"
+        )
     (root / "images.txt").write_text("1 001.Bird/1.jpg\n2 001.Bird/2.jpg\n")
     (root / "bounding_boxes.txt").write_text("1 10 8 40 30\n2 0 0 96 64\n")
     (root / "image_class_labels.txt").write_text("1 1\n2 1\n")

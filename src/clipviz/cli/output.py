@@ -90,12 +90,22 @@ def progress_bar(label: str, quiet: bool, *fields: str, transient: bool = False)
     )
 
 
+PIPED_WIDTH = 120
+
+
 def print_table(table: Any) -> None:
-    """A table on stdout; when stdout is not a terminal, wide enough that no cell is cut."""
+    """A table on stdout; when stdout is not a terminal (a file, a pipe), at least 120
+    columns and as wide as the cells that must not wrap, so no number is cut."""
     if out_console.is_terminal:
         out_console.print(table)
         return
-    Console(width=10_000, force_terminal=False).print(table, crop=False)
+    from rich.measure import Measurement
+
+    probe = Console(width=100_000, force_terminal=False, file=out_console.file)
+    needed = Measurement.get(probe, probe.options, table).minimum
+    Console(width=max(PIPED_WIDTH, needed), force_terminal=False, file=out_console.file).print(
+        table, crop=False
+    )
 
 
 def print_failure(source: str, error: object) -> None:

@@ -10,7 +10,14 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from .registry import FIXED_PARAMETERS, NOT_METHOD_MODULES, MethodInfo, Option, option_help
+from .registry import (
+    FIXED_PARAMETERS,
+    NOT_METHOD_MODULES,
+    MethodInfo,
+    Option,
+    display_order,
+    option_help,
+)
 
 
 def _register_call(fn: ast.FunctionDef) -> ast.Call | None:
@@ -46,7 +53,7 @@ def _info(fn: ast.FunctionDef, call: ast.Call) -> MethodInfo:
 
 
 def catalog() -> dict[str, MethodInfo]:
-    """Every method registered in this package's modules, in registration order."""
+    """Every method registered in this package's modules, in display order."""
     found: dict[str, MethodInfo] = {}
     for path in sorted(Path(__file__).parent.glob("*.py")):
         if path.stem in NOT_METHOD_MODULES or path.stem.startswith("_"):
@@ -56,4 +63,4 @@ def catalog() -> dict[str, MethodInfo]:
             if isinstance(node, ast.FunctionDef) and (call := _register_call(node)):
                 info = _info(node, call)
                 found[info.name] = info
-    return found
+    return {name: found[name] for name in display_order(list(found))}

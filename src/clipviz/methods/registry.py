@@ -265,6 +265,14 @@ def register(
 
 # modules of this package that define no methods
 NOT_METHOD_MODULES = frozenset({"registry", "catalog"})
+# how listings order the methods (a method not named here comes after these, by name)
+DISPLAY_ORDER = ("itsm", "eclip", "surgery", "maskclip", "clearclip", "gradcam", "gae",
+                 "legrad", "gscorecam", "rollout", "convis", "attention", "random")  # fmt: skip
+
+
+def display_order(names: Sequence[str]) -> list[str]:
+    rank = {n: i for i, n in enumerate(DISPLAY_ORDER)}
+    return sorted(names, key=lambda n: (rank.get(n, len(rank)), n))
 
 
 def methods() -> dict[str, Method]:
@@ -272,7 +280,7 @@ def methods() -> dict[str, Method]:
     for mod in pkgutil.iter_modules([str(Path(__file__).parent)]):
         if mod.name not in NOT_METHOD_MODULES:
             importlib.import_module(f"{__package__}.{mod.name}")
-    return dict(_REGISTRY)
+    return {name: _REGISTRY[name] for name in display_order(list(_REGISTRY))}
 
 
 def get_method(name: str) -> Method:
