@@ -232,3 +232,37 @@ def test_explain_help_shows_defaults_and_every_method_option():
         assert name in text
         for option in m.options:
             assert f"{option.name}=" in text
+
+
+def test_every_output_carries_the_schema_version_and_the_versions(tmp_path, tiny_weights):
+    from safetensors import safe_open
+
+    from clipviz.runs.manifest import latest_records
+    from clipviz.testbed.world import write_captions_csv, write_voc
+
+    random_image(4).save(tmp_path / "a.png")
+    model = _model_args(tiny_weights)
+    runner.invoke(app, ["explain", str(tmp_path / "a.png"), "a dog", "-o", str(tmp_path / "x"),
+                        "-q", *model])  # fmt: skip
+    write_voc(tmp_path / "voc", 2, seed=1, size=64)
+    runner.invoke(app, ["eval", str(tmp_path / "voc"), "--metric", "msc", "--json",
+                        str(tmp_path / "e.json"), "-q", *model])  # fmt: skip
+    write_captions_csv(tmp_path / "world", 16, seed=2, size=64)
+    runner.invoke(app, ["train", str(tmp_path / "world" / "captions.csv"), "--out",
+                        str(tmp_path / "t"), "-b", "8", "--steps", "1", "--workers", "0", "-q",
+                        *model])  # fmt: skip
+    (record,) = latest_records(tmp_path / "x").values()
+    with safe_open(str(tmp_path / "t" / "eclip.safetensors"), framework="pt") as f:
+        checkpoint = json.loads(f.metadata()["provenance"])
+    outputs = [
+        json.loads((tmp_path / "x" / "run.json").read_text()),
+        record,
+        json.loads((tmp_path / "e.json").read_text()),
+        json.loads((tmp_path / "e.records.jsonl").read_text().splitlines()[0]),
+        json.loads((tmp_path / "t" / "run.json").read_text()),
+        checkpoint,
+    ]
+    for out in outputs:
+        assert out["schema_version"] == 1
+        assert set(out["versions"]) == {"clipviz", "open_clip", "torch"}
+        assert out["versions"]["clipviz"] == clipviz.__version__

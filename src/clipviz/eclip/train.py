@@ -46,7 +46,7 @@ from torch import nn
 from ..backend import Backend
 from ..data.captions import CaptionImages, CaptionSet, as_list
 from ..errors import ClipvizError
-from ..files import append_jsonl, write_json_atomic, write_text_atomic
+from ..files import append_jsonl, provenance, write_json_atomic, write_text_atomic
 from .config import NOT_COMPARED, RUNTIME_FIELDS, TrainConfig, TrainResult, check_options
 from .head import ExplainHead, base_identity
 from .objective import TextBank, micro_step, validate
@@ -135,6 +135,7 @@ def train(
         write_json_atomic(
             out / "run.json",
             {
+                **provenance(),
                 "base": base_identity(backend),
                 "config": run_config,
                 "runtime": {k: getattr(config, k) for k in sorted(RUNTIME_FIELDS)},

@@ -22,7 +22,7 @@ from ..data.images import ImageError, load_image
 from ..data.inputs import InputItem
 from ..errors import ClipvizError
 from ..explanation import Explanation
-from ..files import SCHEMA_VERSION, append_jsonl, provenance, write_json_atomic
+from ..files import append_jsonl, provenance, write_json_atomic
 from .manifest import MANIFEST, remove_stale_temporaries, repair_manifest, run_lock
 from .outputs import RenderOptions, write_outputs
 
@@ -97,7 +97,7 @@ def concepts_one(
 
 
 def _record(out: Path, rec: dict[str, Any]) -> dict[str, Any]:
-    rec["schema_version"] = SCHEMA_VERSION
+    rec.update(provenance())
     append_jsonl(out / MANIFEST, rec)
     return rec
 

@@ -29,7 +29,7 @@ from ..data.datasets.common import crop_sample
 from ..data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
 from ..errors import ClipvizError
 from ..explanation import explain
-from ..files import SCHEMA_VERSION, append_jsonl, read_jsonl
+from ..files import append_jsonl, provenance, read_jsonl
 from ..maps import normalize_maps, upsample_normalized
 from ..methods import check_methods, get_method
 from ..metrics import (
@@ -233,7 +233,7 @@ def evaluate(
 
     def emit(rec: dict[str, Any]) -> None:
         rec["key"] = key
-        rec["schema_version"] = SCHEMA_VERSION
+        rec.update(provenance())
         try:
             append_jsonl(records_path, rec)
         except OSError as e:

@@ -149,7 +149,7 @@ def _run(
 
     def record(rec: dict[str, Any]) -> None:
         rec["key"] = key
-        rec["schema_version"] = SCHEMA_VERSION
+        rec.update(provenance())
         try:
             append_jsonl(out / MANIFEST, rec)
         except OSError as e:
