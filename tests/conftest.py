@@ -127,3 +127,17 @@ def trained_backend(trained_clip):
 
     config, weights = trained_clip
     return load_backend(model_config=config, pretrained=str(weights), device="cpu")
+
+
+def write_cub(root: Path) -> Path:
+    """A two-image CUB-200-2011 layout of one class; the second box is the whole image."""
+    (root / "images" / "001.Bird").mkdir(parents=True)
+    for i in (1, 2):
+        Image.new("RGB", (96, 64), (40 * i, 90, 160)).save(
+            root / "images" / "001.Bird" / f"{i}.jpg"
+        )
+    (root / "images.txt").write_text("1 001.Bird/1.jpg\n2 001.Bird/2.jpg\n")
+    (root / "bounding_boxes.txt").write_text("1 10 8 40 30\n2 0 0 96 64\n")
+    (root / "image_class_labels.txt").write_text("1 1\n2 1\n")
+    (root / "classes.txt").write_text("1 001.Bird\n")
+    return root

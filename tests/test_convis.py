@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import random_image, single_thread
+from conftest import random_image, single_thread, write_cub
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -231,20 +231,7 @@ def test_concepts_ood_cli_reports_both_aurocs(tmp_path, tiny_weights):
 
 
 def test_eval_scores_convis_boxes_on_cub_layout(tmp_path, tiny_weights):
-    import json
-
-    from PIL import Image
-
-    root = tmp_path / "cub"
-    (root / "images" / "001.Bird").mkdir(parents=True)
-    for i in (1, 2):
-        Image.new("RGB", (96, 64), (40 * i, 90, 160)).save(
-            root / "images" / "001.Bird" / f"{i}.jpg"
-        )
-    (root / "images.txt").write_text("1 001.Bird/1.jpg\n2 001.Bird/2.jpg\n")
-    (root / "bounding_boxes.txt").write_text("1 10 8 40 30\n2 0 0 96 64\n")
-    (root / "image_class_labels.txt").write_text("1 1\n2 1\n")
-    (root / "classes.txt").write_text("1 001.Bird\n")
+    root = write_cub(tmp_path / "cub")
     out = tmp_path / "res.json"
     result = runner.invoke(
         app,

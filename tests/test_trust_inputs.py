@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -53,6 +54,12 @@ def test_file_names_that_are_not_utf8_are_explained_and_resumed(tmp_path, tiny_w
         assert rec["status"] == status and rec["input"] == str((photos / name).resolve())
     assert (out / name / "maps.npz").is_file()
     (out / MANIFEST).read_text(encoding="ascii")  # escaped: readable by any tool
+    assert runner.invoke(app, ["report", str(out)]).exit_code == 0
+    page = (out / "report.html").read_text(encoding="utf-8")
+    from urllib.parse import unquote_to_bytes
+
+    sources = re.findall(r"src='([^']+)'", page)
+    assert sources and all((out / os.fsdecode(unquote_to_bytes(s))).is_file() for s in sources)
 
 
 def test_links_that_go_nowhere_or_in_circles_are_failed_records(tmp_path, tiny_weights):
@@ -408,3 +415,29 @@ def test_the_eval_table_keeps_its_numbers_when_piped(tmp_path, tiny_weights):
     saved = json.loads((tmp_path / "r.json").read_text())["results"]["itsm"]
     assert f"{saved['msc']:.1f}" in result.output and f"{saved['pointing']:.3f}" in result.output
     assert "…" not in result.output
+
+
+def test_train_and_eval_take_file_names_that_are_not_utf8(tmp_path, tiny_weights):
+    from clipviz.testbed.world import make_scenes
+
+    stem = os.fsdecode(b"sc\xe8ne")  # Latin-1 bytes: not UTF-8
+    scenes = make_scenes(9, seed=4, size=64, n_objects=1)
+    folder = tmp_path / "captions"
+    folder.mkdir()
+    for i, scene in enumerate(scenes):
+        Image.fromarray(scene.image).save(folder / f"{stem}{i}.png")
+        (folder / f"{stem}{i}.txt").write_text(f"a {scene.objects[0].name}")
+    result = runner.invoke(app, ["train", str(folder), "--out", str(tmp_path / "run"), "-b", "4",
+                                 "--steps", "1", "--workers", "0", "-q", *_args(tiny_weights)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    generic = tmp_path / "generic"
+    (generic / "images").mkdir(parents=True)
+    (generic / "masks" / stem).mkdir(parents=True)
+    Image.fromarray(scenes[0].image).save(generic / "images" / f"{stem}.png")
+    mask = (scenes[0].objects[0].mask * 255).astype("uint8")
+    Image.fromarray(mask).save(generic / "masks" / stem / "object.png")
+    out = tmp_path / "eval.json"
+    result = runner.invoke(app, ["eval", str(generic), "--format", "generic", "--metric", "msc",
+                                 "--json", str(out), "-q", *_args(tiny_weights)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["results"]["itsm"]["pairs"] == 1

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import random_image, save_random_weights
+from conftest import random_image, save_random_weights, write_cub
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -325,23 +325,10 @@ def test_convis_eval_on_voc_class_names_uses_the_shipped_synsets():
     assert with_class_synsets(chosen, dataset) == chosen  # the user's choice wins
 
 
-def _cub(root):
-    (root / "images" / "001.Bird").mkdir(parents=True)
-    for i in (1, 2):
-        Image.new("RGB", (96, 64), (40 * i, 90, 160)).save(
-            root / "images" / "001.Bird" / f"{i}.jpg"
-        )
-    (root / "images.txt").write_text("1 001.Bird/1.jpg\n2 001.Bird/2.jpg\n")
-    (root / "bounding_boxes.txt").write_text("1 10 8 40 30\n2 0 0 96 64\n")
-    (root / "image_class_labels.txt").write_text("1 1\n2 1\n")
-    (root / "classes.txt").write_text("1 001.Bird\n")
-    return root
-
-
 def test_eval_on_a_box_only_layout_defaults_to_the_metrics_it_supports(tmp_path, tiny_weights):
     config, weights = tiny_weights["vit"]
     out = tmp_path / "r.json"
-    result = runner.invoke(app, ["eval", str(_cub(tmp_path / "cub")), "--format", "cub",
+    result = runner.invoke(app, ["eval", str(write_cub(tmp_path / "cub")), "--format", "cub",
                                  "--json", str(out), *_args(config, weights)])  # fmt: skip
     assert result.exit_code == 0, result.output
     saved = json.loads(out.read_text())

@@ -107,7 +107,10 @@ def write_report(
         "deletion",
         "insertion",
     ]
-    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+    with (
+        atomic_path(csv_path) as tmp,
+        open(tmp, "w", newline="", encoding="utf-8", errors="backslashreplace") as f,
+    ):
         writer = csv.writer(f)
         writer.writerow(columns)
         for r in ok:

@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from ..errors import ClipvizError
 from ..files import write_text_atomic
@@ -45,7 +46,8 @@ def build_report(
     base = os.path.relpath(run_dir, target.parent)
 
     def src(rec: dict[str, Any], name: str) -> str:
-        return html.escape(Path(base, rec["output"], name).as_posix(), quote=True)
+        # percent-encoded bytes: any file name (UTF-8 or not) resolves to its file
+        return quote(os.fsencode(Path(base, rec["output"], name).as_posix()))
 
     model = run.get("model", {})
     parts = [
