@@ -53,6 +53,10 @@ def save_random_weights(config: Path, path: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     backend = load_backend(model_config=config, pretrained="random", device="cpu", text_cache=False)
+    pool = getattr(getattr(backend.model.visual, "trunk", None), "attn_pool", None)
+    if pool is not None:  # timm starts the MAP probe at zero: it would attend uniformly
+        with torch.no_grad():
+            pool.latent.normal_(generator=torch.Generator().manual_seed(seed))
     state = {k: v.detach().contiguous().clone() for k, v in backend.model.state_dict().items()}
     if path.suffix == ".safetensors":
         save_file(state, str(path))
@@ -61,19 +65,42 @@ def save_random_weights(config: Path, path: Path, seed: int = 0) -> Path:
     return path
 
 
+# one tiny model per image-tower family: open_clip's ViT and ModifiedResNet, then timm towers
+# through open_clip's TimmModel — a ViT with a MAP head (SigLIP's), PE-Core (EVA blocks with
+# rotary positions and a MAP head that sees the class token), EVA-02 (class token), ConvNeXt
+# and FastViT (MobileCLIP's MCi; pooled feature maps)
+FAMILIES = ("vit", "rn", "map", "pe", "eva", "convnext", "fastvit")
+
+
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
-    """tower -> (config JSON, safetensors weights) for a tiny ViT and a tiny ModifiedResNet."""
+    """family -> (config JSON, safetensors weights), random weights saved to a file."""
     root = tmp_path_factory.mktemp("weights")
     return {
-        tower: (
-            CONFIGS / f"tiny-{tower}.json",
+        family: (
+            CONFIGS / f"tiny-{family}.json",
             save_random_weights(
-                CONFIGS / f"tiny-{tower}.json", root / f"tiny-{tower}.safetensors", seed=i
+                CONFIGS / f"tiny-{family}.json", root / f"tiny-{family}.safetensors", seed=i
             ),
         )
-        for i, tower in enumerate(("vit", "rn"))
+        for i, family in enumerate(FAMILIES)
     }
+
+
+@pytest.fixture(scope="session")
+def family_backends(tiny_weights):
+    """family -> a loaded backend (built on first use)."""
+    from clipviz.backend import load_backend
+
+    cache: dict[str, object] = {}
+
+    def get(family: str):
+        if family not in cache:
+            config, weights = tiny_weights[family]
+            cache[family] = load_backend(model_config=config, pretrained=str(weights), device="cpu")
+        return cache[family]
+
+    return get
 
 
 @pytest.fixture(scope="session")

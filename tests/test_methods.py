@@ -25,7 +25,22 @@ from clipviz.render import load_npz
 
 PROMPTS = ["a dog", "a square"]  # nouns, so ConVis reads them as concepts
 REGISTRY = methods()
-CASES = [(name, tower) for name, m in REGISTRY.items() for tower in m.towers]
+# what each test family's adapter offers (checked against the real adapters below)
+FAMILY_TOWERS = {
+    "vit": ("vit", {"attention", "readout", "class_token", "eclip"}),
+    "rn": ("rn", {"attention", "readout", "class_token", "eclip"}),
+    "map": ("vit", {"attention", "readout", "probe"}),
+    "pe": ("vit", {"attention", "readout", "probe"}),
+    "eva": ("vit", {"attention", "readout", "class_token"}),
+    "convnext": ("conv", set()),
+    "fastvit": ("conv", set()),
+}
+CASES = [
+    (name, family)
+    for name, m in REGISTRY.items()
+    for family, (tower, caps) in FAMILY_TOWERS.items()
+    if m.info.fits(tower, frozenset(caps))
+]
 runner = CliRunner()
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -69,9 +84,21 @@ def _batch(backend, n=3):
     return torch.stack([backend.preprocess(random_image(seed=10 + i)) for i in range(n)])
 
 
+def test_family_capabilities_are_the_adapters_own(family_backends):
+    for family, (tower, caps) in FAMILY_TOWERS.items():
+        b = family_backends(family)
+        assert (b.tower, set(b.vision.capabilities)) == (tower, caps), family
+
+
+def test_every_method_runs_on_some_family_and_every_family_runs_itsm_and_gradcam():
+    assert {name for name, _ in CASES} == set(REGISTRY)
+    for family in FAMILY_TOWERS:
+        assert {("itsm", family), ("gradcam", family)} <= set(CASES), family
+
+
 @pytest.mark.parametrize("name,tower", CASES)
-def test_maps_are_finite_float32_of_shape_b_t_h_w(request, extra_inputs, name, tower):
-    b = request.getfixturevalue(f"{tower}_backend")
+def test_maps_are_finite_float32_of_shape_b_t_h_w(family_backends, extra_inputs, name, tower):
+    b = family_backends(tower)
     images = _batch(b)
     exp = clipviz.explain(b, images, PROMPTS, name, options=_options(extra_inputs, name, tower))
     assert exp.maps.dtype == torch.float32 and exp.maps.dim() == 4
@@ -81,8 +108,10 @@ def test_maps_are_finite_float32_of_shape_b_t_h_w(request, extra_inputs, name, t
 
 
 @pytest.mark.parametrize("name,tower", CASES)
-def test_a_batch_gives_the_maps_of_its_images_one_by_one(request, extra_inputs, name, tower):
-    b = request.getfixturevalue(f"{tower}_backend")
+def test_a_batch_gives_the_maps_of_its_images_one_by_one(
+    family_backends, extra_inputs, name, tower
+):
+    b = family_backends(tower)
     images = _batch(b)
     texts = b.encode_texts(PROMPTS)
     options = _options(extra_inputs, name, tower)
@@ -94,8 +123,10 @@ def test_a_batch_gives_the_maps_of_its_images_one_by_one(request, extra_inputs, 
 
 
 @pytest.mark.parametrize("name,tower", CASES)
-def test_the_model_its_forward_and_its_weights_stay_as_loaded(request, extra_inputs, name, tower):
-    b = request.getfixturevalue(f"{tower}_backend")
+def test_the_model_its_forward_and_its_weights_stay_as_loaded(
+    family_backends, extra_inputs, name, tower
+):
+    b = family_backends(tower)
     images = _batch(b, 2)
     state = {k: v.detach().clone() for k, v in b.model.state_dict().items()}
     with torch.no_grad():
@@ -113,7 +144,7 @@ def test_the_model_its_forward_and_its_weights_stay_as_loaded(request, extra_inp
 def test_every_method_says_what_it_is_and_documents_its_options(name):
     info = REGISTRY[name].info
     assert info.summary and info.citation and info.reference
-    assert set(info.towers) <= {"vit", "rn"} and info.towers
+    assert set(info.towers) <= {"vit", "rn", "conv"} and info.towers
     for option in info.options:
         assert option.help, f"{name}.{option.name} has no `{option.name}: …` docstring line"
         assert option.convert(option.default) == option.default  # the default fits its type

@@ -22,7 +22,8 @@ class Explanation:
 
     maps: raw method output `[B, T, h, w]` (float32, not normalised).
     scores: `cos(image embedding, text)` `[B, T]`.
-    probs: softmax of `logit_scale * scores` over the prompts `[B, T]`.
+    probs: the model's probabilities `[B, T]`: a softmax of `logit_scale * scores` over the
+        prompts, or for SigLIP-style models `sigmoid(logit_scale * scores + logit_bias)`.
     """
 
     method: str
@@ -74,7 +75,7 @@ def explain(
     if image_emb is None:
         image_emb = backend.image_embeddings(batch)
     scores = F.normalize(image_emb.float(), dim=-1) @ texts.embeddings.float().T  # [B, T]
-    probs = (backend.logit_scale * scores).softmax(dim=-1)
+    probs = backend.probabilities(scores)
     return Explanation(
         method=spec.name,
         prompts=list(texts.prompts),

@@ -2,11 +2,13 @@
 its caches, and per image-tower family an adapter (`vit`, `resnet`) that gives the methods
 the token stream, attention q/k/v, the pooling head and the grid."""
 
-from .base import Backend, Precision
+from .base import Backend, Precision, TokenTower, Tower
 from .loading import load_backend, resolve_device
 from .preprocess import Crop, Preprocess
 from .resnet import ResNetTower
 from .text import Texts, ensemble_templates
+from .timm_conv import TimmConvTower
+from .timm_vit import TimmViTTower
 from .vit import ViTTower
 
 __all__ = [
@@ -16,6 +18,10 @@ __all__ = [
     "Preprocess",
     "ResNetTower",
     "Texts",
+    "TimmConvTower",
+    "TokenTower",
+    "Tower",
+    "TimmViTTower",
     "ViTTower",
     "ensemble_templates",
     "load_backend",

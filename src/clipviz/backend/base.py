@@ -22,13 +22,19 @@ from ..errors import ClipvizError
 from .preprocess import Preprocess
 from .resnet import ResNetTower, resnet_tower
 from .text import TextCache, Texts, ensemble_templates
+from .timm_conv import TimmConvTower
+from .timm_vit import TimmViTTower
 from .vit import ViTTower
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 T = TypeVar("T")
 
 
-def tower_adapter(visual: Any, memo: Any, name: str) -> ViTTower | ResNetTower:
+TokenTower = ViTTower | TimmViTTower  # transformer towers: blocks of tokens
+Tower = ViTTower | ResNetTower | TimmViTTower | TimmConvTower
+
+
+def tower_adapter(visual: Any, memo: Any, name: str) -> Tower:
     """The adapter of an open_clip image tower's family, or a usage error naming it."""
     from open_clip.modified_resnet import ModifiedResNet
     from open_clip.transformer import VisionTransformer
@@ -37,10 +43,22 @@ def tower_adapter(visual: Any, memo: Any, name: str) -> ViTTower | ResNetTower:
         return ViTTower(visual, memo, name)
     if isinstance(visual, ModifiedResNet):
         return resnet_tower(visual, memo, name)
+    trunk = getattr(visual, "trunk", None)
+    trunk_kind = type(trunk).__name__
+    if trunk_kind in TIMM_VITS:
+        return TimmViTTower(visual, memo, name)
+    if trunk_kind in TIMM_MAPS:
+        return TimmConvTower(visual, memo, name)
+    what = f"timm {trunk_kind}" if trunk is not None else type(visual).__name__
     raise ClipvizError(
-        f"{name}: the vision tower {type(visual).__name__} is not supported; "
-        "use an open_clip ViT or ModifiedResNet (RN50, RN101, …) model"
+        f"{name}: the image tower {what} is not supported; `clipviz models` lists the "
+        "architectures clipviz explains"
     )
+
+
+# timm trunks by how clipviz reads them: a token stream with blocks, or a pooled feature map
+TIMM_VITS = frozenset({"VisionTransformer", "Eva"})
+TIMM_MAPS = frozenset({"ConvNeXt", "FastVit", "SwinTransformer"})
 
 
 @dataclass(eq=False)
@@ -59,19 +77,30 @@ class Backend:
     # -- model facts -------------------------------------------------------------------------
 
     @cached_property
-    def vision(self) -> ViTTower | ResNetTower:
-        """The image tower's adapter (`ViTTower` or `ResNetTower`)."""
+    def vision(self) -> Tower:
+        """The image tower's adapter (`ViTTower`, `ResNetTower`, `TimmViTTower`, `TimmConvTower`)."""
         return tower_adapter(self.model.visual, self.memo, str(self.identity.get("model")))
 
     @property
-    def tower(self) -> Literal["vit", "rn"]:
-        """The image tower's family: `vit` or `rn`."""
+    def tower(self) -> Literal["vit", "rn", "conv"]:
+        """The image tower's kind: `vit` (token stream and blocks), `rn` (ResNet with an
+        attention pool) or `conv` (a pooled feature map)."""
         return self.vision.kind  # type: ignore[return-value]
 
     @property
-    def vit(self) -> ViTTower:
-        """The ViT adapter (a usage error for other towers)."""
-        if not isinstance(self.vision, ViTTower):
+    def family(self) -> str:
+        """The tower's family in words, e.g. "timm Eva, map head"."""
+        v = self.vision
+        if isinstance(v, TimmViTTower):
+            return f"timm {type(v.trunk).__name__}, {v.pooling} head"
+        if isinstance(v, TimmConvTower):
+            return f"timm {type(v.trunk).__name__}"
+        return {"vit": "open_clip ViT", "rn": "open_clip ModifiedResNet"}[v.kind]
+
+    @property
+    def vit(self) -> TokenTower:
+        """The transformer adapter (a usage error for other towers)."""
+        if not isinstance(self.vision, ViTTower | TimmViTTower):
             raise ClipvizError(self._tower_message("a ViT"))
         return self.vision
 
@@ -83,7 +112,7 @@ class Backend:
         return self.vision
 
     def _tower_message(self, needed: str) -> str:
-        names = {"vit": "a ViT", "rn": "a ResNet"}
+        names = {"vit": "a ViT", "rn": "a ResNet", "conv": "a convolutional"}
         return (
             f"this needs {needed} image tower, and {self.identity.get('model')} has "
             f"{names.get(self.tower, self.tower)} one; `clipviz methods` lists the methods "
@@ -97,6 +126,20 @@ class Backend:
     @property
     def logit_scale(self) -> float:
         return float(self.model.logit_scale.exp().item())
+
+    @property
+    def logit_bias(self) -> float | None:
+        """SigLIP-style models' bias: their scores are `sigmoid(scale · cos + bias)`."""
+        bias = getattr(self.model, "logit_bias", None)
+        return None if bias is None else float(bias.item())
+
+    def probabilities(self, cosines: torch.Tensor) -> torch.Tensor:
+        """The model's own probabilities from `cos(image, text)` `[B, T]`: a softmax over the
+        prompts of `scale · cos` (CLIP), or `sigmoid(scale · cos + bias)` per prompt (SigLIP)."""
+        logits = self.logit_scale * cosines
+        if self.logit_bias is not None:
+            return torch.sigmoid(logits + self.logit_bias)
+        return logits.softmax(dim=-1)
 
     @property
     def content_identity(self) -> dict[str, Any]:

@@ -29,6 +29,10 @@ class ResNetTower:
         self._name = name
         self._pool = visual.attnpool
 
+    # the attention pool reads the image with its mean-token query
+    capabilities = frozenset({"attention", "readout", "class_token", "eclip"})
+    readout = "class"
+
     @property
     def heads(self) -> int:
         return int(self._pool.num_heads)

@@ -49,6 +49,9 @@ class ViTTower:
         # newer open_clip versions dropped the attribute: their blocks are always batch-first
         self._batch_first = bool(getattr(visual.transformer, "batch_first", True))
         self.explicit_attention = all(isinstance(b, ResidualAttentionBlock) for b in self._blocks)
+        self.readout = "class"
+        base = {"readout", "class_token", "eclip"}
+        self.capabilities = frozenset(base | ({"attention"} if self.explicit_attention else set()))
         if getattr(visual, "attn_pool", None) is not None:
             raise ClipvizError(
                 f"{name}: attentional-pooling vision towers are not supported yet; "

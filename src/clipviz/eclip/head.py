@@ -39,7 +39,8 @@ class FrozenFeatures:
 
     tokens: ViT last-block output `[B, 1+N, W]` (before `ln_post`); RN attention-pool
         inputs `[B, 1+N, C]` (mean token first).
-    free_attention: `[B, N]`, the global query's attention over the positions.
+    free_attention: `[B, N]`, the global query's attention over the positions (the class
+        token's in the last block, the MAP probe's, or the ResNet pool's mean query's).
     stock_embedding: the stock global image embedding `[B, D]`, unit length.
     """
 
@@ -51,7 +52,13 @@ class FrozenFeatures:
 def frozen_features(backend: Backend, images: torch.Tensor) -> FrozenFeatures:
     """Run the frozen tower once: tokens for the explain head, free attention, stock embedding."""
     with torch.no_grad(), backend.autocast():
-        if backend.tower == "vit":
+        if backend.tower == "vit" and backend.vit.readout == "latent":
+            vit = backend.vit  # a MAP probe reads the image: its attention is the free one
+            x = vit.run_blocks(vit.embed(images))
+            probs = vit.latent_probs(vit.pool_input(x))  # type: ignore[union-attr]
+            free = vit.patch_columns(probs).mean(dim=(1, 2))  # type: ignore[union-attr]
+            stock = vit.head(x)[:, 0]
+        elif backend.tower == "vit":
             vit = backend.vit
             last = vit.depth - 1
             x = vit.run_blocks(vit.embed(images), stop=last)

@@ -15,7 +15,7 @@ from .registry import MapResult, register
 
 @register(
     "random",
-    towers=("vit", "rn"),
+    towers=("vit", "rn", "conv"),
     summary="Baseline: uniform random maps (chance level for every metric)",
     citation="—",
     reference="—",
@@ -38,7 +38,9 @@ def random_map(backend: Backend, images: torch.Tensor, texts: Texts, seed: int =
 @register(
     "attention",
     towers=("vit", "rn"),
-    summary="The class token's attention over the patches in the last block (text-agnostic)",
+    needs={"vit": ("attention", "readout")},
+    summary="The image's readout attention over the patches: the class token's in the last "
+    "block, or the MAP probe's (text-agnostic)",
     citation="the free attention of Li et al. (ECLIP), 2022",
     reference="the ECLIP paper's free attention; clipviz.eclip.head.frozen_features",
 )

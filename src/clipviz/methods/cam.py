@@ -40,6 +40,16 @@ def cam_layer(backend: Backend, images: Tensor, layer: int) -> tuple[Tensor, Ten
         y = x + vit.attn_out(i, probs @ v)
         y = vit.run_blocks(y + vit.mlp(i, y), start=i + 1)
         return read, vit.head(y)[:, 0]
+    if backend.tower == "conv":
+        conv = backend.vision
+        if layer != -1:
+            raise ClipvizError(
+                "gradcam: a convolutional tower is read at its final map (`layer` -1)"
+            )
+        with torch.no_grad():
+            read = conv.features(images)  # type: ignore[union-attr]
+        read.requires_grad_(True)
+        return read, conv.pooled(read)  # type: ignore[union-attr]
     rn = backend.rn
     i = block_index(layer, rn.depth, "layer", "gradcam")
     with torch.no_grad():
@@ -59,7 +69,8 @@ def as_grid(backend: Backend, images: Tensor, layer: Tensor) -> Tensor:
 
 @register(
     "gradcam",
-    towers=("vit", "rn"),
+    towers=("vit", "rn", "conv"),
+    needs={"vit": ("attention",)},
     summary="Grad-CAM on the image-text cosine: channel activations weighted by mean gradients",
     citation="Selvaraju et al., Grad-CAM: Visual Explanations from Deep Networks via "
     "Gradient-based Localization, ICCV 2017",
@@ -70,7 +81,7 @@ def gradcam(backend: Backend, images: Tensor, texts: Texts, layer: int = -1) -> 
     """Grad-CAM on the CLIP similarity: `ReLU(Σ_c α_c A_c)`, `α_c = mean_spatial ∂s/∂A_c`.
 
     layer: ViT: the block whose `ln_1` output is read (−1 = the last); RN: the residual
-        stage whose output is read (−1 = `layer4`).
+        stage whose output is read (−1 = `layer4`); convolutional towers: the final map (−1).
     """
     with torch.enable_grad():
         with backend.autocast():

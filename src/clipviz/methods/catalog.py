@@ -42,6 +42,7 @@ def _info(fn: ast.FunctionDef, call: ast.Call) -> MethodInfo:
                helps.get(name, ""))
         for name, annotation, default in params
     )  # fmt: skip
+    needs = kw.get("needs") or {}
     return MethodInfo(
         name=ast.literal_eval(call.args[0]),
         summary=kw["summary"],
@@ -49,6 +50,7 @@ def _info(fn: ast.FunctionDef, call: ast.Call) -> MethodInfo:
         reference=kw["reference"],
         towers=tuple(kw["towers"]),
         options=options,
+        needs=tuple(sorted((k, tuple(v)) for k, v in needs.items())),
     )
 
 

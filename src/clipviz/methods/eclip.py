@@ -17,6 +17,7 @@ from .registry import MapResult, register
 @register(
     "eclip",
     towers=("vit", "rn"),
+    needs={"vit": ("eclip",), "rn": ("eclip",)},
     summary="ITSM on the explain projection trained by `clipviz train` (masked max pooling)",
     citation="Li et al., Exploring Visual Interpretability for CLIP (ECLIP), arXiv:2209.07046, "
     "2022 — our implementation",

@@ -14,7 +14,7 @@ from .registry import MapResult, register
 
 @register(
     "itsm",
-    towers=("vit", "rn"),
+    towers=("vit", "rn", "conv"),
     summary="Image-Text Similarity Map: cosine of every projected patch token with the text",
     citation="Li et al., Exploring Visual Interpretability for CLIP (ECLIP), arXiv:2209.07046, 2022",
     reference="the paper's formula (no released code); ViT: last block → ln_post → proj, "

@@ -31,7 +31,7 @@ from ..errors import ClipvizError
 if TYPE_CHECKING:
     import torch
 
-TOWERS = ("vit", "rn")
+TOWERS = ("vit", "rn", "conv")
 # parameters every method takes before its options
 FIXED_PARAMETERS = ("backend", "images", "texts")
 _BASIC = {"int": int, "float": float, "str": str, "bool": bool}
@@ -171,6 +171,14 @@ class MethodInfo:
     reference: str
     towers: tuple[str, ...]
     options: tuple[Option, ...] = ()
+    # per tower family, what the tower's adapter must offer (its `capabilities`): "attention"
+    # (explicit per-block attention), "readout" (a class token or a MAP probe reading the
+    # patches), "class_token", "probe", "eclip" (an explain head can be built)
+    needs: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def fits(self, tower: str, capabilities: frozenset[str]) -> bool:
+        """True if the method is defined for a tower of this family with these capabilities."""
+        return tower in self.towers and set(dict(self.needs).get(tower, ())) <= capabilities
 
     def option(self, name: str) -> Option:
         for opt in self.options:
@@ -246,17 +254,27 @@ _REGISTRY: dict[str, Method] = {}
 
 
 def register(
-    name: str, *, towers: tuple[str, ...], summary: str, citation: str, reference: str
+    name: str,
+    *,
+    towers: tuple[str, ...],
+    summary: str,
+    citation: str,
+    reference: str,
+    needs: dict[str, tuple[str, ...]] | None = None,
 ) -> Callable[[Callable[..., MapResult]], Callable[..., MapResult]]:
     """Register a method function under `name` (arguments must be literals: `catalog.py`
-    reads them from the source)."""
+    reads them from the source). `needs`: per tower family, the adapter capabilities the
+    method reads (see `MethodInfo.needs`)."""
     if unknown := set(towers) - set(TOWERS):
         raise ValueError(f"unknown towers {unknown}")
+    requirements = tuple(sorted((k, tuple(v)) for k, v in (needs or {}).items()))
 
     def decorate(fn: Callable[..., MapResult]) -> Callable[..., MapResult]:
         if name in _REGISTRY and _REGISTRY[name].fn.__qualname__ != fn.__qualname__:
             raise ValueError(f"method {name!r} is registered twice")
-        info = MethodInfo(name, summary, citation, reference, towers, signature_options(fn))
+        info = MethodInfo(
+            name, summary, citation, reference, towers, signature_options(fn), requirements
+        )
         _REGISTRY[name] = Method(info, fn)
         return fn
 
@@ -293,16 +311,17 @@ def get_method(name: str) -> Method:
 
 
 def check_methods(backend: Any, names: Sequence[str]) -> None:
-    """Refuse, before any work, a method that is unknown or does not fit the model's tower
-    (the message lists the methods that do)."""
+    """Refuse, before any work, a method that is unknown or not defined for the model's
+    image tower (the message lists the methods that are)."""
     for name in names:
         spec = get_method(name)
-        if backend.tower not in spec.towers:
-            fitting = [m.name for m in methods().values() if backend.tower in m.towers]
+        caps = backend.vision.capabilities
+        if not spec.info.fits(backend.tower, caps):
+            fitting = [m.name for m in methods().values() if m.info.fits(backend.tower, caps)]
             raise ClipvizError(
-                f"method {spec.name} is defined for {'/'.join(spec.towers)} image towers, and "
-                f"{backend.identity.get('model')} has a {backend.tower} one; methods for it: "
-                f"{', '.join(fitting)} (choose another `method` or `model`)"
+                f"method {spec.name} is not defined for {backend.identity.get('model')}'s "
+                f"image tower ({backend.family}); methods for it: {', '.join(fitting)} "
+                "(choose another `method` or `model`)"
             )
 
 

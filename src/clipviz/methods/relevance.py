@@ -11,9 +11,10 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from ..backend import Backend, Texts, ViTTower
+from ..backend import Backend, Texts, TokenTower
 from ..errors import ClipvizError
 from ..maps import normalize_maps
 from .gradients import block_index, check_grad_allowed, cosine, similarity_gradients, unit
@@ -21,7 +22,7 @@ from .registry import MapResult, register
 
 
 def attention_graph(
-    vit: ViTTower, images: Tensor, first: int, separate_blocks: bool = False
+    vit: TokenTower, images: Tensor, first: int, separate_blocks: bool = False
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Attention probabilities `[B, heads, L, L]` and outputs `[B, L, W]` of blocks `first`…
 
@@ -46,6 +47,7 @@ def attention_graph(
 @register(
     "gae",
     towers=("vit",),
+    needs={"vit": ("attention", "class_token")},
     summary="Gradient-weighted attention relevance propagated through the ViT blocks",
     citation="Chefer, Gur and Wolf, Generic Attention-model Explainability for Interpreting "
     "Bi-Modal and Encoder-Decoder Transformers, ICCV 2021",
@@ -94,6 +96,7 @@ def gae(
 @register(
     "legrad",
     towers=("vit",),
+    needs={"vit": ("attention", "readout")},
     summary="Positive gradients of per-layer similarities w.r.t. the last blocks' attention",
     citation="Bousselham, Boggust, Chaybouti, Strobelt and Kuehne, LeGrad: An Explainability "
     "Method for Vision Transformers via Feature Formation Sensitivity, ICCV 2025 "
@@ -106,19 +109,28 @@ def legrad(
     texts: Texts,
     layers: int = 2,
     feature: Literal["mean", "class"] = "mean",
+    correction: bool = True,
+    correction_threshold: float = 0.8,
 ) -> MapResult:
     """LeGrad: `Σ_l mean_{heads, queries} ReLU(∂s_l/∂A_l)` over the last blocks, min-max.
 
     `s_l = cos(proj(ln_post(f_l)), text)` with `f_l` a feature of block `l`'s output `x_l`.
+    Towers read by a MAP probe (SigLIP, PE-Core) follow `compute_legrad_siglip`: the probe
+    runs on each block's output, and the gradient is taken on the probe's attention.
     layers: how many of the last blocks contribute.
     feature: mean (the mean over all tokens, class token included — the reference) or class
         (the model's own pooled token, `x_l[:, 0]` for class-token pooling).
+    correction: MAP towers: zero the map where the empty prompt's own map (min-maxed) is
+        above `correction_threshold`, as the reference does.
+    correction_threshold: MAP towers: the empty prompt's level above which the map is zeroed.
     """
     vit = backend.vit
     if not 1 <= layers <= vit.depth:
         raise ClipvizError(
             f"legrad: layers={layers} must be between 1 and the tower's {vit.depth} blocks"
         )
+    if vit.readout == "latent":
+        return _legrad_probe(backend, images, texts, layers, correction, correction_threshold)
     with torch.enable_grad():
         with backend.autocast():
             probs, outputs = attention_graph(vit, images, vit.depth - layers, separate_blocks=True)
@@ -137,3 +149,48 @@ def legrad(
     with torch.no_grad(), backend.autocast():
         stock = vit.head(outputs[-1].detach())[:, 0]  # the model's own embedding, for scores
     return MapResult(maps_t, unit(stock))
+
+
+EMPTY_PROMPT = "a photo of a"  # the reference's empty prompt for its correction
+
+
+def _legrad_probe(
+    backend: Backend,
+    images: Tensor,
+    texts: Texts,
+    layers: int,
+    correction: bool,
+    threshold: float,
+) -> MapResult:
+    """`compute_legrad_siglip`: for each of the last `layers` blocks, the MAP probe (its MLP
+    included, the trunk's final norm not) on the block's output; `s_l = cos(pooled, text)`;
+    `ReLU(∂s_l/∂A_probe)` averaged over heads, the latent row; summed over the blocks. With
+    `correction`, where the map of the empty prompt "a photo of a" (min-maxed) exceeds the
+    threshold, the map is 0; then min-max."""
+    vit = backend.vit
+    extra = backend.encode_texts([EMPTY_PROMPT], ensemble=False).embeddings if correction else None
+    targets = texts.embeddings if extra is None else torch.cat([texts.embeddings, extra])
+    with torch.enable_grad():
+        with backend.autocast():
+            _, outputs = attention_graph(vit, images, vit.depth - layers, separate_blocks=True)
+            probs, pooled = [], []
+            for x in outputs:
+                tokens = vit.pool_input(x, norm=False)  # type: ignore[union-attr]
+                p = vit.latent_probs(tokens).detach().requires_grad_(True)  # type: ignore[union-attr]
+                probs.append(p)
+                pooled.append(vit._after_pool(vit.pool_from_probs(tokens, p)))  # type: ignore[union-attr]
+        similarities = torch.stack(
+            [F.normalize(e.float(), dim=-1) @ targets.float().T for e in pooled]
+        ).sum(dim=0)
+    maps = []
+    for grads in similarity_gradients(similarities, probs):
+        per_layer = [vit.patch_columns(g.float().clamp(min=0).mean(dim=1)[:, 0]) for g in grads]  # type: ignore[union-attr]
+        maps.append(torch.stack(per_layer).sum(dim=0))  # [B, N]
+    h, w = backend.grid_size(images)
+    maps_t = torch.stack(maps, dim=1).reshape(len(images), -1, h, w)
+    if extra is not None:
+        empty = normalize_maps(maps_t[:, -1:])
+        maps_t = maps_t[:, :-1].masked_fill(empty > threshold, 0.0)
+    with torch.no_grad(), backend.autocast():
+        stock = vit.head(outputs[-1].detach())[:, 0]
+    return MapResult(normalize_maps(maps_t), unit(stock))

@@ -18,6 +18,7 @@ from .registry import MapResult, register
 @register(
     "rollout",
     towers=("vit",),
+    needs={"vit": ("attention", "class_token")},
     summary="Attention rollout: head-averaged attention with the residual, multiplied through "
     "the blocks (text-agnostic)",
     citation="Samira Abnar and Willem Zuidema, Quantifying Attention Flow in Transformers, "

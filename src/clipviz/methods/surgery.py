@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..backend import Backend, ResNetTower, Texts, ViTTower
+from ..backend import Backend, ResNetTower, Texts, TokenTower
 from ..errors import ClipvizError
 from .registry import MapResult, register
 
@@ -40,7 +40,7 @@ def value_only(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tenso
     return v
 
 
-def attention_branch(vit: ViTTower, i: int, x: torch.Tensor, mix: Mixing) -> torch.Tensor:
+def attention_branch(vit: TokenTower, i: int, x: torch.Tensor, mix: Mixing) -> torch.Tensor:
     """Block `i`'s attention branch on the residual stream `x` `[B, L, W]` with its attention
     replaced by `mix`: `ls_1(out_proj(mix(q, k, v)))`, q/k/v from `ln_1(x)` — what the block
     would add to the residual stream (`ls_1`, layer scale, is the identity in CLIP's models).
@@ -102,7 +102,7 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 
 
 def _vit_last_block_variant(
-    vit: ViTTower, images: torch.Tensor, tokens_of: Callable[[int, torch.Tensor], torch.Tensor]
+    vit: TokenTower, images: torch.Tensor, tokens_of: Callable[[int, torch.Tensor], torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Unit patch tokens `[B, N, D]` from `tokens_of(last, x)` in place of the last block, and
     the stock global embeddings `[B, D]`."""
@@ -127,6 +127,7 @@ def _itsm(
 @register(
     "surgery",
     towers=("vit", "rn"),
+    needs={"vit": ("attention",)},
     summary="CLIP Surgery: v-v attention in the last blocks plus feature surgery across the texts",
     citation="Yi Li, Hualiang Wang, Yiqun Duan, Jiheng Zhang, Xiaomeng Li: A Closer Look at the "
     "Explainability of Contrastive Language-Image Pre-training, Pattern Recognition 162, 2025 "
@@ -188,6 +189,7 @@ def surgery(
 @register(
     "maskclip",
     towers=("vit", "rn"),
+    needs={"vit": ("attention",)},
     summary="MaskCLIP: the last attention's value path (no query-key mixing), cosine with the text",
     citation="Chong Zhou, Chen Change Loy, Bo Dai: Extract Free Dense Labels from CLIP, ECCV 2022",
     reference="chongzhou96/MaskCLIP, mmseg/models/backbones/vit.py (last layer, v path) and "
@@ -223,6 +225,7 @@ def maskclip(backend: Backend, images: torch.Tensor, texts: Texts) -> MapResult:
 @register(
     "clearclip",
     towers=("vit",),
+    needs={"vit": ("attention",)},
     summary="ClearCLIP: last block reduced to q-q attention without residual or MLP, cosine",
     citation="Mengcheng Lan, Chaofeng Chen, Yiping Ke, Xinjiang Wang, Litong Feng, Wayne Zhang: "
     "ClearCLIP: Decomposing CLIP Representations for Dense Vision-Language Inference, ECCV 2024",

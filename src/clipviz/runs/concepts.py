@@ -60,7 +60,7 @@ def concepts_one(
     idx = [bank.hierarchy.index(c) for c in result.concepts]
     image_emb = backend.image_embeddings(x).float()
     scores = (image_emb @ bank.embeddings[idx].float().T).cpu()  # [1, S]
-    probs = (backend.logit_scale * scores).softmax(dim=-1)
+    probs = backend.probabilities(scores)
     explanation = Explanation(
         method=f"convis-{options['variant']}",
         prompts=result.concepts,

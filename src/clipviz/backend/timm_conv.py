@@ -1,0 +1,84 @@
+"""Convolutional and windowed timm towers as open_clip image towers (`TimmModel`): ConvNeXt,
+FastViT (MobileCLIP's MCi) and Swin — the towers whose image embedding is a pooled feature map.
+
+Methods read the final feature map `[B, C, h, w]` and, CAM-style, the head applied at every
+location in place of after the pooling: each location's features go through the head's
+per-channel layers (its norm, its projection) into the joint space. Where everything after
+the pooling is affine (FastViT, Swin), the mean of the location tokens is exactly the pooled
+embedding's pre-normalisation vector; ConvNeXt's head normalises after pooling, so its
+location tokens normalise each location on its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import ClipvizError
+from .vit import Memo
+
+
+class TimmConvTower:
+    """An open_clip `TimmModel` whose trunk pools a feature map (ConvNeXt, FastViT, Swin)."""
+
+    kind = "conv"
+    prefix = 0
+    capabilities: frozenset[str] = frozenset()
+
+    def __init__(self, visual: Any, memo: Memo, name: str) -> None:
+        self.visual = visual
+        self.trunk = visual.trunk
+        self._memo = memo
+        self._name = name
+        self._nhwc = getattr(self.trunk, "output_fmt", "NCHW") == "NHWC"
+        info = getattr(self.trunk, "feature_info", None)
+        self._stride = int(info[-1]["reduction"]) if info else 32
+        # windowed attention is built for one input size
+        self._fixed = type(self.trunk).__name__.startswith("Swin")
+
+    def grid(self, size: tuple[int, int]) -> tuple[int, int]:
+        return size[0] // self._stride, size[1] // self._stride
+
+    def check_size(self, size: tuple[int, int]) -> None:
+        if size[0] % self._stride or size[1] % self._stride:
+            raise ClipvizError(
+                f"input size {size[0]}x{size[1]} is not a multiple of the tower's stride "
+                f"{self._stride}; choose a `resolution` that is"
+            )
+        native = getattr(getattr(self.trunk, "patch_embed", None), "img_size", None)
+        if self._fixed and native is not None and tuple(native) != tuple(size):
+            raise ClipvizError(
+                f"{self._name}: its windowed attention is built for {native[0]}x{native[1]} "
+                "inputs; run it at its own resolution (no `resolution`)"
+            )
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The final feature map `[B, C, h, w]` (before the head's pooling)."""
+        self.check_size((images.shape[-2], images.shape[-1]))
+        f = self.trunk.forward_features(images)
+        return f.permute(0, 3, 1, 2) if self._nhwc else f
+
+    def pooled(self, features: torch.Tensor) -> torch.Tensor:
+        """The stock image embedding `[B, D]` from the feature map (not normalised)."""
+        f = features.permute(0, 2, 3, 1) if self._nhwc else features
+        return self.visual.head(self.trunk.forward_head(f))
+
+    def location_tokens(self, features: torch.Tensor) -> torch.Tensor:
+        """The head at every location: `[B, C, h, w]` -> `[B, h*w, D]` (not normalised)."""
+        head = self.trunk.head
+        f = features
+        norm = getattr(head, "norm", None)
+        if norm is not None:  # ConvNeXt: LayerNorm2d over the channels, here per location
+            f = norm(f)
+        f = f.flatten(2).transpose(1, 2)  # [B, N, C]
+        for name in ("pre_logits", "fc"):
+            layer = getattr(head, name, None)
+            if layer is not None:
+                f = layer(f)
+        return self.visual.head(f)
+
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """`[B, 1 + h*w, D]`: the pooled embedding, then the location tokens."""
+        f = self.features(images)
+        return torch.cat([self.pooled(f)[:, None], self.location_tokens(f)], dim=1)
