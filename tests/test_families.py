@@ -236,3 +236,28 @@ def test_methods_without_meaning_on_a_tower_say_which_apply(family_backends):
     pe = family_backends("pe")
     with pytest.raises(clipviz.ClipvizError, match="gae is not defined"):
         clipviz.explain(pe, _batch(pe, 1), ["a dog"], "gae")
+
+
+def test_post_norm_eva_blocks_are_recomputed_exactly():
+    # EVA-02-E puts its norms after the attention and the MLP; a tiny one of its own
+    from timm.models.eva import Eva
+
+    from clipviz.backend import TimmViTTower
+
+    torch.manual_seed(0)
+    trunk = Eva(img_size=64, patch_size=16, embed_dim=32, depth=2, num_heads=2,
+                use_post_norm=True, num_classes=16).eval()  # fmt: skip
+    visual = torch.nn.Module()
+    visual.trunk, visual.head = trunk, torch.nn.Identity()
+    vit = TimmViTTower(visual, lambda key, build: build(), "post-norm")
+    assert vit.explicit_attention and "attention" in vit.capabilities
+    image = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        x = vit.embed(image)
+        rope = trunk.rope.get_embed() if trunk.rope is not None else None
+        for i, block in enumerate(trunk.blocks):
+            stock = block(x) if rope is None else block(x, rope=rope)
+            explicit, _ = vit.block_with_attention(i, x)
+            torch.testing.assert_close(explicit, stock, atol=1e-5, rtol=1e-4)
+            x = stock
+        torch.testing.assert_close(vit.tokens(image)[:, 0], trunk(image), atol=1e-5, rtol=1e-4)

@@ -49,11 +49,25 @@ def tower_adapter(visual: Any, memo: Any, name: str) -> Tower:
         return TimmViTTower(visual, memo, name)
     if trunk_kind in TIMM_MAPS:
         return TimmConvTower(visual, memo, name)
+    if trunk_kind == "VisionTransformerRelPos":
+        raise ClipvizError(
+            f"{name}: timm's relative-position ViT is not supported (its attention adds a "
+            "learned relative bias that clipviz does not recompute)"
+        )
     what = f"timm {trunk_kind}" if trunk is not None else type(visual).__name__
     raise ClipvizError(
         f"{name}: the image tower {what} is not supported; `clipviz models` lists the "
         "architectures clipviz explains"
     )
+
+
+def tower_family(v: Tower) -> str:
+    """An adapter's tower family in words, e.g. "timm Eva, map head"."""
+    if isinstance(v, TimmViTTower):
+        return f"timm {type(v.trunk).__name__}, {v.pooling} head"
+    if isinstance(v, TimmConvTower):
+        return f"timm {type(v.trunk).__name__}"
+    return {"vit": "open_clip ViT", "rn": "open_clip ModifiedResNet"}[v.kind]
 
 
 # timm trunks by how clipviz reads them: a token stream with blocks, or a pooled feature map
@@ -90,12 +104,7 @@ class Backend:
     @property
     def family(self) -> str:
         """The tower's family in words, e.g. "timm Eva, map head"."""
-        v = self.vision
-        if isinstance(v, TimmViTTower):
-            return f"timm {type(v.trunk).__name__}, {v.pooling} head"
-        if isinstance(v, TimmConvTower):
-            return f"timm {type(v.trunk).__name__}"
-        return {"vit": "open_clip ViT", "rn": "open_clip ModifiedResNet"}[v.kind]
+        return tower_family(self.vision)
 
     @property
     def vit(self) -> TokenTower:

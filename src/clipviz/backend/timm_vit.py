@@ -19,6 +19,10 @@ import torch.nn.functional as F
 from ..errors import ClipvizError
 from .vit import Memo
 
+# timm block classes whose attention clipviz recomputes: norm before (or after) the branches
+PRE_NORM = frozenset({"Block", "EvaBlock"})
+POST_NORM = frozenset({"EvaBlockPostNorm", "ResPostBlock"})
+
 
 def _resample(pos: torch.Tensor, src: tuple[int, int], grid: tuple[int, int], prefix: int) -> Any:
     from timm.layers import resample_abs_pos_embed
@@ -151,11 +155,12 @@ class TimmViTTower:
 
     @staticmethod
     def _attention_kind(block: Any) -> bool:
-        """Blocks whose attention clipviz recomputes: pre-norm, ungated, no relative bias."""
+        """Blocks whose attention clipviz recomputes: pre- or post-norm, ungated, without a
+        relative position bias."""
         attn = getattr(block, "attn", None)
         if attn is None or getattr(attn, "gate", None) is not None:
             return False
-        if type(block).__name__ not in ("Block", "EvaBlock"):
+        if type(block).__name__ not in PRE_NORM | POST_NORM:
             return False
         return hasattr(attn, "qkv") or hasattr(attn, "q_proj")
 
@@ -168,8 +173,13 @@ class TimmViTTower:
             )
         return self._blocks[i]
 
+    def _post_norm(self, block: Any) -> bool:
+        return type(block).__name__ in POST_NORM
+
     def norm1(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        return self._explicit(i).norm1(x)
+        """What block `i`'s attention reads: `norm1(x)`, or `x` itself in post-norm blocks."""
+        block = self._explicit(i)
+        return x if self._post_norm(block) else block.norm1(x)
 
     def qkv(self, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v of block `i` on `h` (after `norm1`), each `[B, heads, L, head_dim]`, with the
@@ -209,10 +219,15 @@ class TimmViTTower:
         block = self._explicit(i)
         B, H, L, d = heads_out.shape
         x = block.attn.proj(block.attn.norm(heads_out.transpose(1, 2).reshape(B, L, H * d)))
+        if self._post_norm(block):  # EVA-02-E: the norm comes after the attention
+            return block.norm1(x)
         return self._scale(block, 1, x)
 
     def mlp(self, i: int, y: torch.Tensor) -> torch.Tensor:
+        """What block `i`'s MLP adds: `ls2(mlp(norm2(y)))`, or `norm2(mlp(y))` post-norm."""
         block = self._explicit(i)
+        if self._post_norm(block):
+            return block.norm2(block.mlp(y))
         return self._scale(block, 2, block.mlp(block.norm2(y)))
 
     @staticmethod

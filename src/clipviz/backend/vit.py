@@ -54,8 +54,8 @@ class ViTTower:
         self.capabilities = frozenset(base | ({"attention"} if self.explicit_attention else set()))
         if getattr(visual, "attn_pool", None) is not None:
             raise ClipvizError(
-                f"{name}: attentional-pooling vision towers are not supported yet; "
-                "use a class-token or average-pooled ViT"
+                f"{name}: CoCa's attentional pooler (latent queries reading the tokens) is not "
+                "supported yet"
             )
 
     # -- shape ------------------------------------------------------------------------------

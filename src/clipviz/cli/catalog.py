@@ -6,25 +6,30 @@ from rich.table import Table
 
 from ..methods.catalog import catalog
 from .options import DebugOpt
-from .output import print_table
+from .output import err_console, print_table
 
 
 def models(debug: DebugOpt = False) -> None:
-    """List open_clip architectures, their pretrained tags, and which weights are cached."""
+    """List open_clip architectures: their image tower, the methods that run on it, their
+    pretrained tags and which weights are cached."""
     import open_clip
 
     from ..backend.hub import cached_tags
+    from ..backend.support import cached_support
 
     cached = cached_tags()
-    table = Table(title="open_clip models (clipviz supports ViT and ModifiedResNet towers)")
-    table.add_column("model")
-    table.add_column("pretrained tags (* = cached locally)", overflow="fold")
-    for name in open_clip.list_models():
-        tags = open_clip.list_pretrained_tags_by_model(name)
-        if not tags:
-            continue
-        shown = [f"{t}*" if (name, t) in cached else t for t in tags]
-        table.add_row(name, ", ".join(shown))
+    with err_console.status("reading the architectures (once per version)…"):
+        support = cached_support()
+    table = Table(title="open_clip architectures (* = weights cached locally)")
+    table.add_column("model", no_wrap=True)
+    table.add_column("image tower")
+    table.add_column("methods")
+    table.add_column("pretrained tags", overflow="fold")
+    for row in support:
+        tags = open_clip.list_pretrained_tags_by_model(row.model)
+        shown = [f"{t}*" if (row.model, t) in cached else t for t in tags]
+        table.add_row(row.model, row.family, ", ".join(row.methods) or f"— {row.reason}",
+                      ", ".join(shown) or "—")  # fmt: skip
     print_table(table)
 
 

@@ -96,7 +96,7 @@ def gae(
 @register(
     "legrad",
     towers=("vit",),
-    needs={"vit": ("attention", "readout")},
+    needs={"vit": ("attention",)},
     summary="Positive gradients of per-layer similarities w.r.t. the last blocks' attention",
     citation="Bousselham, Boggust, Chaybouti, Strobelt and Kuehne, LeGrad: An Explainability "
     "Method for Vision Transformers via Feature Formation Sensitivity, ICCV 2025 "
@@ -136,8 +136,13 @@ def legrad(
             probs, outputs = attention_graph(vit, images, vit.depth - layers, separate_blocks=True)
             if feature == "mean":
                 embeddings = [vit.project(x.mean(dim=1)) for x in outputs]
-            else:
+            elif vit.readout == "class":
                 embeddings = [vit.head(x)[:, 0] for x in outputs]
+            else:
+                raise ClipvizError(
+                    f"legrad: feature=class needs a class token, and {backend.identity['model']} "
+                    "pools its tokens otherwise; use feature=mean"
+                )
         # Σ_l s_l: with the blocks separated, ∂/∂A_l of the sum is ∂s_l/∂A_l.
         similarities = torch.stack([cosine(e, texts) for e in embeddings]).sum(dim=0)
     maps = []
