@@ -96,11 +96,31 @@ def family_backends(tiny_weights):
 
     def get(family: str):
         if family not in cache:
-            config, weights = tiny_weights[family]
-            cache[family] = load_backend(model_config=config, pretrained=str(weights), device="cpu")
+            if family in HF_FAMILIES:
+                cache[family] = load_backend(f"transformers:{hf_dirs()[family]}", device="cpu")
+            else:
+                config, weights = tiny_weights[family]
+                cache[family] = load_backend(
+                    model_config=config, pretrained=str(weights), device="cpu"
+                )
         return cache[family]
 
     return get
+
+
+HF_FAMILIES = ("hf-clip", "hf-siglip")
+_HF_DIRS: dict[str, Path] = {}
+
+
+def hf_dirs() -> dict[str, Path]:
+    """family -> a folder holding a tiny transformers model written by save_pretrained."""
+    if not _HF_DIRS:
+        from hf_tiny import write_tiny_clip, write_tiny_siglip
+
+        root = Path(_CACHE) / "transformers"
+        _HF_DIRS["hf-clip"] = write_tiny_clip(root / "tiny-clip")
+        _HF_DIRS["hf-siglip"] = write_tiny_siglip(root / "tiny-siglip")
+    return _HF_DIRS
 
 
 @pytest.fixture(scope="session")

@@ -34,6 +34,8 @@ FAMILY_TOWERS = {
     "eva": ("vit", {"attention", "readout", "class_token"}),
     "convnext": ("conv", set()),
     "fastvit": ("conv", set()),
+    "hf-clip": ("vit", {"attention", "readout", "class_token"}),
+    "hf-siglip": ("vit", {"attention", "readout", "probe"}),
 }
 CASES = [
     (name, family)

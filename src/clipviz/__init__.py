@@ -17,18 +17,30 @@ from .errors import ClipvizError
 from .files import package_version
 
 if TYPE_CHECKING:
-    from .backend import Backend, Texts
+    from .backend import Backend, Texts, from_open_clip, from_transformers
     from .backend import load_backend as load_model
     from .explanation import Explanation, explain
     from .methods import METHODS
 
-__all__ = ["METHODS", "Backend", "ClipvizError", "Explanation", "Texts", "explain", "load_model"]
+__all__ = [
+    "METHODS",
+    "Backend",
+    "ClipvizError",
+    "Explanation",
+    "Texts",
+    "explain",
+    "from_open_clip",
+    "from_transformers",
+    "load_model",
+]
 __version__ = package_version("clipviz") or "0+unknown"
 
 _LAZY = {
     "Backend": ("backend", "Backend"),
     "Texts": ("backend", "Texts"),
     "load_model": ("backend", "load_backend"),
+    "from_open_clip": ("backend", "from_open_clip"),
+    "from_transformers": ("backend", "from_transformers"),
     "Explanation": ("explanation", "Explanation"),
     "explain": ("explanation", "explain"),
     "METHODS": ("methods", "METHODS"),

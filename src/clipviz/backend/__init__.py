@@ -10,6 +10,7 @@ from .text import Texts, ensemble_templates
 from .timm_conv import TimmConvTower
 from .timm_vit import TimmViTTower
 from .vit import ViTTower
+from .wrap import from_open_clip, from_transformers
 
 __all__ = [
     "Backend",
@@ -24,6 +25,8 @@ __all__ = [
     "TimmViTTower",
     "ViTTower",
     "ensemble_templates",
+    "from_open_clip",
+    "from_transformers",
     "load_backend",
     "resolve_device",
 ]

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ClipvizError
+from .hf import HFVision, HFViTTower
 from .preprocess import Preprocess
 from .resnet import ResNetTower, resnet_tower
 from .text import TextCache, Texts, ensemble_templates
@@ -30,8 +31,8 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 T = TypeVar("T")
 
 
-TokenTower = ViTTower | TimmViTTower  # transformer towers: blocks of tokens
-Tower = ViTTower | ResNetTower | TimmViTTower | TimmConvTower
+TokenTower = ViTTower | TimmViTTower | HFViTTower  # transformer towers: blocks of tokens
+Tower = ViTTower | ResNetTower | TimmViTTower | HFViTTower | TimmConvTower
 
 
 def tower_adapter(visual: Any, memo: Any, name: str) -> Tower:
@@ -43,6 +44,8 @@ def tower_adapter(visual: Any, memo: Any, name: str) -> Tower:
         return ViTTower(visual, memo, name)
     if isinstance(visual, ModifiedResNet):
         return resnet_tower(visual, memo, name)
+    if isinstance(visual, HFVision):
+        return HFViTTower(visual, memo, name)
     trunk = getattr(visual, "trunk", None)
     trunk_kind = type(trunk).__name__
     if trunk_kind in TIMM_VITS:
@@ -67,6 +70,8 @@ def tower_family(v: Tower) -> str:
         return f"timm {type(v.trunk).__name__}, {v.pooling} head"
     if isinstance(v, TimmConvTower):
         return f"timm {type(v.trunk).__name__}"
+    if isinstance(v, HFViTTower):
+        return "transformers SigLIP" if v.siglip else "transformers CLIP"
     return {"vit": "open_clip ViT", "rn": "open_clip ModifiedResNet"}[v.kind]
 
 
@@ -109,7 +114,7 @@ class Backend:
     @property
     def vit(self) -> TokenTower:
         """The transformer adapter (a usage error for other towers)."""
-        if not isinstance(self.vision, ViTTower | TimmViTTower):
+        if not isinstance(self.vision, ViTTower | TimmViTTower | HFViTTower):
             raise ClipvizError(self._tower_message("a ViT"))
         return self.vision
 
@@ -196,7 +201,11 @@ class Backend:
         """The prompts the tokenizer cuts at its context length (through the longest ensemble
         template when `ensemble`): their ends do not reach the text tower."""
         template = max(ensemble_templates(), key=len) if ensemble else "{}"
-        tokens = self.tokenizer([template.format(p) for p in prompts])
+        texts = [template.format(p) for p in prompts]
+        if hasattr(self.tokenizer, "too_long"):  # transformers tokenizers
+            cut = set(self.tokenizer.too_long(texts))
+            return [p for p, t in zip(prompts, texts, strict=True) if t in cut]
+        tokens = self.tokenizer(texts)
         return [p for p, last in zip(prompts, tokens[:, -1].tolist(), strict=True) if last != 0]
 
     @torch.no_grad()

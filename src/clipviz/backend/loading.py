@@ -133,7 +133,8 @@ def load_backend(
 ) -> Backend:
     """Load a CLIP model and wrap it in a `Backend`.
 
-    model: open_clip architecture name, `hf-hub:org/repo` or `local-dir:PATH`; defaults to the
+    model: open_clip architecture name, `hf-hub:org/repo`, `local-dir:PATH`, or
+        `transformers:REPO_OR_DIR` (a transformers CLIPModel or SiglipModel); defaults to the
         `--model-config` file's stem, else ViT-B-16.
     pretrained: open_clip tag (`openai`, `laion2b_s34b_b88k`, …), a weights file, or `random`;
         defaults to `openai` where the architecture has it.
@@ -142,6 +143,14 @@ def load_backend(
     import open_clip
     from open_clip.factory import parse_model_name
 
+    if model is not None and model.startswith("transformers:"):
+        if pretrained or model_config:
+            raise ClipvizError(
+                "`pretrained` and `model_config` do not apply to a transformers: model"
+            )
+        from .wrap import load_transformers
+
+        return load_transformers(model, device, precision, resolution, crop, text_cache)
     config_text = None
     if model_config is not None:
         stem = register_model_config(model_config)
@@ -212,23 +221,10 @@ def load_backend(
             f"could not load {model} with weights {where}: {str(e).splitlines()[0][:300]} — "
             "check that `model` (or `model_config`) matches the weights"
         ) from e
-    clip = clip.to(dev).eval()
-    for p in clip.parameters():
-        p.requires_grad_(False)
-
-    _refuse_non_finite(clip, kwargs.get("pretrained") or model)
-
     visual_cfg = getattr(clip.visual, "preprocess_cfg", {}) or {}
     mean = tuple(preprocess_cfg.get("mean", visual_cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)))
     std = tuple(preprocess_cfg.get("std", visual_cfg.get("std", open_clip.OPENAI_DATASET_STD)))
     size = getattr(clip.visual, "image_size", 224)
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    if resolution is not None:
-        if not 32 <= resolution <= MAX_RESOLUTION:
-            raise ClipvizError(
-                f"`resolution` {resolution} is outside 32…{MAX_RESOLUTION}; use e.g. 224 or 448"
-            )
-        size = (resolution, resolution)
     identity = {
         "model": model,
         # a weights file is identified by its bytes ("weights"), not by where it lies
@@ -236,20 +232,50 @@ def load_backend(
         "weights": weights_id,
         "weights_file": weights_file,
         "config": hashlib.sha1(config_text.encode()).hexdigest()[:16] if config_text else None,
-        "resolution": size[0],
     }
+    return assemble(
+        clip, tokenizer, dev, size, mean, std, crop, identity, precision, resolution, text_cache
+    )
+
+
+def assemble(
+    model: Any,
+    tokenizer: Any,
+    device: torch.device,
+    size: int | tuple[int, int],
+    mean: Any,
+    std: Any,
+    crop: Crop,
+    identity: dict[str, Any],
+    precision: Precision = "auto",
+    resolution: int | None = None,
+    text_cache: bool = True,
+) -> Backend:
+    """A `Backend` around a loaded model (open_clip's, or a wrapped transformers one):
+    frozen, on `device`, refused if its weights are not finite or its tower unsupported."""
+    model = model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    _refuse_non_finite(model, str(identity.get("weights_file") or identity.get("model")))
+    hw: tuple[int, int] = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if resolution is not None:
+        if not 32 <= resolution <= MAX_RESOLUTION:
+            raise ClipvizError(
+                f"`resolution` {resolution} is outside 32…{MAX_RESOLUTION}; use e.g. 224 or 448"
+            )
+        hw = (resolution, resolution)
     backend = Backend(
-        model=clip,
+        model=model,
         tokenizer=tokenizer,
-        device=dev,
-        preprocess=Preprocess(size, mean, std, crop),  # type: ignore[arg-type]
-        identity=identity,
-        autocast_dtype=_autocast_dtype(dev, precision),
+        device=device,
+        preprocess=Preprocess(hw, tuple(mean), tuple(std), crop),  # type: ignore[arg-type]
+        identity={**identity, "resolution": hw[0]},
+        autocast_dtype=_autocast_dtype(device, precision),
     )
     if text_cache:
         backend.text_cache = TextCache(cache_root() / "text" / backend.key)
     # refuse unsupported towers and input sizes at load time, not mid-run
-    backend.vision.check_size(size)
+    backend.vision.check_size(hw)
     return backend
 
 

@@ -1,0 +1,241 @@
+"""Hugging Face `transformers` CLIP and SigLIP models (`CLIPModel`, `SiglipModel`), as the
+methods read them.
+
+`HFVision` holds the vision transformer and its projection; `HFViTTower` gives the methods
+the same interface as the other transformer towers (blocks by index, q/k/v, branches, head),
+recomputing each encoder layer from its own modules. `HFModel` gives the backend what it asks
+of a CLIP: `visual`, `encode_text`, `encode_image`, `logit_scale` (and `logit_bias`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ClipvizError
+from .vit import Memo
+
+
+class HFVision(nn.Module):
+    """A transformers vision tower: `vision_model`, and `projection` (CLIP) or None (SigLIP)."""
+
+    def __init__(self, vision_model: Any, projection: Any | None) -> None:
+        super().__init__()
+        self.vision_model = vision_model
+        self.projection = projection
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        pooled = self.vision_model(pixel_values=images).pooler_output
+        return pooled if self.projection is None else self.projection(pooled)
+
+
+class HFModel(nn.Module):
+    """A transformers CLIP or SigLIP model behind the interface the backend uses."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.hf = model
+        vision = getattr(model.vision_model, "vision_model", model.vision_model)  # v4 nests it
+        self.visual = HFVision(vision, getattr(model, "visual_projection", None))
+        self.logit_scale = model.logit_scale
+        bias = getattr(model, "logit_bias", None)
+        if bias is not None:
+            self.logit_bias = bias
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.visual(images)
+
+    def encode_text(self, tokens: Any) -> torch.Tensor:
+        out = self.hf.get_text_features(**tokens)
+        return out if torch.is_tensor(out) else out.pooler_output
+
+
+class HFTokenizer:
+    """The model's tokenizer as the backend calls it: texts -> padded inputs."""
+
+    def __init__(self, tokenizer: Any, siglip: bool) -> None:
+        self.tokenizer = tokenizer
+        self.siglip = siglip  # SigLIP pools its last token: always pad to the full length
+        self.context_length = int(getattr(tokenizer, "model_max_length", 77))
+
+    def too_long(self, texts: list[str]) -> list[str]:
+        """The texts with more tokens than the context holds (they are cut)."""
+        ids = self.tokenizer(list(texts), truncation=False)["input_ids"]
+        return [t for t, i in zip(texts, ids, strict=True) if len(i) > self.context_length]
+
+    def __call__(self, texts: list[str]) -> Any:
+        return self.tokenizer(
+            list(texts),
+            padding="max_length" if self.siglip else True,
+            truncation=True,
+            max_length=self.context_length,
+            return_tensors="pt",
+        )
+
+
+class HFViTTower:
+    """A transformers CLIP or SigLIP vision transformer."""
+
+    kind = "vit"
+
+    def __init__(self, visual: HFVision, memo: Memo, name: str) -> None:
+        self.visual = visual
+        self.vm = visual.vision_model
+        self._memo = memo
+        self._name = name
+        self._layers = list(self.vm.encoder.layers)
+        self.siglip = getattr(self.vm, "head", None) is not None
+        self.prefix = 0 if self.siglip else 1
+        self.readout = "latent" if self.siglip else "class"
+        self.pooling = "map" if self.siglip else "token"
+        self.explicit_attention = True
+        caps = {"attention", "readout", "probe" if self.siglip else "class_token"}
+        self.capabilities = frozenset(caps)
+
+    @property
+    def depth(self) -> int:
+        return len(self._layers)
+
+    @property
+    def heads(self) -> int:
+        return int(self._layers[0].self_attn.num_heads)
+
+    def grid(self, size: tuple[int, int]) -> tuple[int, int]:
+        p = self.vm.embeddings.patch_size
+        return size[0] // p, size[1] // p
+
+    def check_size(self, size: tuple[int, int]) -> None:
+        p = self.vm.embeddings.patch_size
+        if size[0] % p or size[1] % p:
+            raise ClipvizError(
+                f"input size {size[0]}x{size[1]} is not a multiple of the patch size {p}; "
+                "choose a `resolution` that is"
+            )
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch (and class) embeddings with positions, interpolated for other sizes by the
+        model's own `interpolate_pos_encoding` (its weights untouched)."""
+        self.check_size((images.shape[-2], images.shape[-1]))
+        emb = self.vm.embeddings
+        native = getattr(emb, "image_size", None)
+        other = native is not None and tuple(images.shape[-2:]) != (native, native)
+        x = emb(images, interpolate_pos_encoding=other)
+        pre = getattr(self.vm, "pre_layrnorm", None)
+        return pre(x) if pre is not None else x
+
+    def norm1(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        return self._layers[i].layer_norm1(x)
+
+    def qkv(self, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        attn = self._layers[i].self_attn
+        B, L, _ = h.shape
+        H = attn.num_heads
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(B, L, H, -1).transpose(1, 2)
+
+        return split(attn.q_proj(h)), split(attn.k_proj(h)), split(attn.v_proj(h))
+
+    def attn_out(self, i: int, heads_out: torch.Tensor) -> torch.Tensor:
+        B, H, L, d = heads_out.shape
+        return self._layers[i].self_attn.out_proj(heads_out.transpose(1, 2).reshape(B, L, H * d))
+
+    def mlp(self, i: int, y: torch.Tensor) -> torch.Tensor:
+        layer = self._layers[i]
+        return layer.mlp(layer.layer_norm2(y))
+
+    def block_with_attention(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k, v = self.qkv(i, self.norm1(i, x))
+        scale = getattr(self._layers[i].self_attn, "scale", q.shape[-1] ** -0.5)
+        probs = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        x = x + self.attn_out(i, probs @ v)
+        return x + self.mlp(i, x), probs
+
+    def run_block(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Encoder layer `i`, computed from its modules (the same numbers as its forward)."""
+        return self.block_with_attention(i, x)[0]
+
+    def run_blocks(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        for i in range(start, self.depth if stop is None else stop):
+            x = self.run_block(i, x)
+        return x
+
+    # -- the head ---------------------------------------------------------------------------
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        proj = self.visual.projection
+        return x if proj is None else proj(x)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """A pooled feature `[..., W]` into the joint space."""
+        return self._project(self.vm.post_layernorm(x))
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """`[B, prefix + N, W]` -> `[B, 1 + N, D]`: the model's own pooled embedding, then each
+        patch through the head (SigLIP: the probe's value path, `out_proj(v)` plus its MLP)."""
+        if not self.siglip:
+            tokens = self._project(self.vm.post_layernorm(x))
+            return tokens  # the class token is token 0 already
+        x = self.vm.post_layernorm(x)
+        pooled = self.vm.head(x)
+        return torch.cat([pooled[:, None], self._value_path(x)], dim=1)
+
+    def _value_path(self, tokens: torch.Tensor) -> torch.Tensor:
+        head = self.vm.head
+        W = tokens.shape[-1]
+        attn = head.attention
+        v = F.linear(tokens, attn.in_proj_weight[2 * W :], attn.in_proj_bias[2 * W :])
+        y = attn.out_proj(v)
+        return y + head.mlp(head.layernorm(y))
+
+    # -- the MAP probe (SigLIP) -------------------------------------------------------------
+
+    pool_sees_prefix = False
+
+    def pool_input(self, x: torch.Tensor, norm: bool = True) -> torch.Tensor:
+        return self.vm.post_layernorm(x) if norm else x
+
+    def latent_probs(self, tokens: torch.Tensor) -> torch.Tensor:
+        head = self.vm.head
+        attn = head.attention
+        B, N, W = tokens.shape
+        H = attn.num_heads
+        probe = head.probe.expand(B, -1, -1)
+        q = F.linear(probe, attn.in_proj_weight[:W], attn.in_proj_bias[:W])
+        k = F.linear(tokens, attn.in_proj_weight[W : 2 * W], attn.in_proj_bias[W : 2 * W])
+        q = q.reshape(B, -1, H, W // H).transpose(1, 2)
+        k = k.reshape(B, N, H, W // H).transpose(1, 2)
+        return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+
+    def pool_from_probs(self, tokens: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        head = self.vm.head
+        attn = head.attention
+        B, N, W = tokens.shape
+        H = attn.num_heads
+        v = F.linear(tokens, attn.in_proj_weight[2 * W :], attn.in_proj_bias[2 * W :])
+        v = v.reshape(B, N, H, W // H).transpose(1, 2)
+        y = attn.out_proj((probs @ v).transpose(1, 2).reshape(B, -1, W))
+        y = y + head.mlp(head.layernorm(y))
+        return y[:, 0]
+
+    def patch_columns(self, probs: torch.Tensor) -> torch.Tensor:
+        return probs
+
+    def _after_pool(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self._project(pooled)
+
+    @property
+    def proj(self) -> torch.Tensor:
+        if self.visual.projection is None:
+            raise ClipvizError(f"{self._name}: the image tower has no projection to copy")
+        return self.visual.projection.weight.T
+
+    @property
+    def post_norm(self) -> Any:
+        return self.vm.post_layernorm
+
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.run_blocks(self.embed(images)))
