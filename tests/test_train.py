@@ -226,3 +226,14 @@ def test_cli_usage_errors_are_one_line_with_exit_2(tiny_weights, world, tmp_path
     assert topk.exit_code == 2 and "topk needs a share" in topk.output
     for result in (both, big, nothing, topk):
         assert result.output.count("\n") == 1 and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("family", ["map", "convnext", "hf-clip"])
+def test_training_on_a_tower_without_an_explain_head_is_refused_before_any_work(
+    family, family_backends, world, tmp_path
+):
+    backend = family_backends(family)
+    with pytest.raises(ClipvizError, match="explain head is built for open_clip's own") as err:
+        train(backend, read_captions(world), tmp_path / "run", TrainConfig(batch_size=16, steps=1))
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "run").exists()

@@ -82,6 +82,12 @@ def check_options(config: TrainConfig, backend: Backend, d: Dist, n: int) -> Non
             f"`batch_size` {config.batch_size} (the global batch) is not divisible by the "
             f"{d.world} processes; use a multiple of {d.world}"
         )
+    if "eclip" not in backend.vision.capabilities:
+        raise ClipvizError(
+            f"ECLIP's explain head is built for open_clip's own ViT and ResNet towers; "
+            f"{backend.identity.get('model')}'s image tower ({backend.family}) has none "
+            "(choose another `model`)"
+        )
     if config.train_ln_post and backend.tower != "vit":
         raise ClipvizError("`train_ln_post` applies to ViT towers only (ResNets have no ln_post)")
     free_attention_mask(torch.ones(1, 2), config.mask_rule, config.mask_value)  # checks the rule
