@@ -255,19 +255,33 @@ def test_legrad_layers_change_the_map(vit_backend):
 # -- gScoreCAM -------------------------------------------------------------------------------
 
 
-def _gscorecam_reference(backend, image, texts, topk):
+def _vit_tokens_as_grid(tokens, prefix):
+    """The reference's `reshape_transform` for one image: drop the prefix (class) tokens,
+    `[N, W]` -> `[W, h, w]`."""
+    patches = tokens[prefix:]
+    side = int(patches.shape[0] ** 0.5)
+    return patches.reshape(side, side, -1).permute(2, 0, 1)
+
+
+def _gscorecam_reference(backend, image, texts, topk, module=None, prefix=None):
     """`gscore_cam.py` as `predict.py` calls it, one text at a time: masks upsampled with
     `nn.UpsamplingBilinear2d` and normalised with 1e-6; the masked image's raw logit for the
-    text; a softmax over all channels, 0 for those not kept."""
+    text; a softmax over all channels, 0 for those not kept. `module` (default `layer4`) is
+    the target layer; with `prefix`, its token output is reshaped to a grid as
+    `model_loader/clip_loader.py` does for ViTs."""
     model = backend.model
-    leaf, embedding = _stock_with_leaf(model, model.visual.layer4, image)
-    acts = leaf[0].detach()  # [C, h, w]
+    leaf, embedding = _stock_with_leaf(model, module or model.visual.layer4, image)
+
+    def grid(t):
+        return t[0] if prefix is None else _vit_tokens_as_grid(t[0], prefix)
+
+    acts = grid(leaf).detach()  # [C, h, w]
     upsample = torch.nn.UpsamplingBilinear2d(size=image.shape[-2:])
     maps = []
     for text in texts.embeddings:
         (grad,) = torch.autograd.grad(embedding @ text, leaf, retain_graph=True)
         scores = torch.zeros(acts.shape[0])
-        for c in grad[0].mean(dim=(1, 2)).topk(topk).indices:
+        for c in grid(grad).mean(dim=(1, 2)).topk(topk).indices:
             up = upsample(acts[c][None, None])[0, 0]
             mask = (up - up.min()) / (up.max() - up.min() + 1e-6)
             with torch.no_grad():
@@ -286,6 +300,32 @@ def test_gscorecam_equals_the_reference_masking_loop(rn_backend, prompts):
     assert result.maps.shape == (2, len(prompts), 2, 2)
     for i, image in enumerate(images):
         expected = _gscorecam_reference(b, image, texts, topk=5)
+        torch.testing.assert_close(result.maps[i], expected, rtol=1e-4, atol=1e-6)
+    assert result.maps.amax() > 0
+
+
+def test_gscorecam_on_a_conv_tower_equals_the_reference_on_the_final_map(family_backends):
+    b = family_backends("convnext")
+    trunk = b.model.visual.trunk
+    images, texts = _batch(b), _texts(b, PROMPTS[:2])
+    result = gscorecam(b, images, texts, topk=5)
+    for i, image in enumerate(images):  # the last stage's output is what forward_features returns
+        expected = _gscorecam_reference(b, image, texts, 5, module=trunk.stages[-1])
+        torch.testing.assert_close(result.maps[i], expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["vit", "map"])
+def test_gscorecam_on_vit_tokens_equals_the_reference_on_the_last_block(family, family_backends):
+    b = family_backends(family)
+    visual = b.model.visual
+    last = visual.transformer.resblocks[-1] if family == "vit" else visual.trunk.blocks[-1]
+    prefix = 1 if family == "vit" else getattr(visual.trunk, "num_prefix_tokens", 0)
+    images, texts = _batch(b), _texts(b, PROMPTS[:2])
+    result = gscorecam(b, images, texts, topk=5)
+    h, w = b.grid_size(images)
+    assert result.maps.shape == (2, 2, h, w)
+    for i, image in enumerate(images):
+        expected = _gscorecam_reference(b, image, texts, 5, module=last, prefix=prefix)
         torch.testing.assert_close(result.maps[i], expected, rtol=1e-4, atol=1e-6)
     assert result.maps.amax() > 0
 
@@ -375,7 +415,6 @@ def test_inference_mode_is_a_clear_error(vit_backend):
     [
         (gae, "rn", "needs a ViT image tower.*clipviz methods"),
         (legrad, "rn", "needs a ViT image tower.*clipviz methods"),
-        (gscorecam, "vit", "needs a ResNet image tower.*clipviz methods"),
     ],
 )
 def test_methods_on_the_wrong_tower_say_which_to_use(request, fn, tower, message):

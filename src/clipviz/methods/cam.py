@@ -119,15 +119,31 @@ def _masked_image_logits(
     return torch.cat(logits).nan_to_num(nan=0.0)
 
 
+def _last_features(backend: Backend, images: Tensor) -> tuple[Tensor, Tensor]:
+    """What gScoreCAM reads, requiring grad, and the image embeddings computed from it. ViT:
+    the last block's output `[B, prefix + N, W]` (the reference's `resblocks[-1]`, its
+    reshape transform dropping the class token; `as_grid` drops every prefix token); RN:
+    `layer4`'s output; convolutional towers: the final map."""
+    if backend.tower != "vit":
+        return cam_layer(backend, images, -1)
+    check_grad_allowed("gScoreCAM")
+    vit = backend.vit
+    with torch.no_grad():
+        read = vit.run_blocks(vit.embed(images))
+    read.requires_grad_(True)
+    return read, vit.head(read)[:, 0]
+
+
 @register(
     "gscorecam",
-    towers=("rn",),
-    summary="Score-CAM over the top-gradient layer4 channels, weighted by a softmax over the "
-    "channels of the masked images' logits",
+    towers=("vit", "rn", "conv"),
+    summary="Score-CAM over the top-gradient channels of the last layer, weighted by a softmax "
+    "over the channels of the masked images' logits",
     citation="Chen, Li, Biaz, Bui and Nguyen, gScoreCAM: What Objects Is CLIP Looking At?, "
     "ACCV 2022",
     reference="anguyen8/gScoreCAM, pytorch_grad_cam/gscore_cam.py (get_cam_weights) and "
-    "base_cam.py, called as in predict.py",
+    "base_cam.py, called as in predict.py; ViT: model_loader/clip_loader.py (target "
+    "`resblocks[-1]`, reshape_transform)",
 )
 def gscorecam(
     backend: Backend,
@@ -138,7 +154,8 @@ def gscorecam(
     score: Literal["logit", "text_softmax"] = "logit",
     channel_softmax: bool = True,
 ) -> MapResult:
-    """gScoreCAM: `ReLU(Σ_c w_c A_c)` on `layer4` `A`. Per (image, text), the `topk` channels
+    """gScoreCAM: `ReLU(Σ_c w_c A_c)` on `A`: ViT: the last block's output tokens as a grid
+    (channels = width); RN: `layer4`; convolutional towers: the final map. Per (image, text), the `topk` channels
     of highest mean gradient each mask the image; the masked image's score for the text gives
     `s_c` (0 for the channels not kept) and `w = softmax_c(s)` over all channels.
 
@@ -149,22 +166,21 @@ def gscorecam(
     channel_softmax: weights by the softmax over all channels (the reference); False uses the
         scores of the kept channels as they are.
     """
-    backend.rn  # noqa: B018 - a usage error for other towers
     if topk < 1 or batch_size < 1:
         raise ClipvizError(
             f"gscorecam: topk ({topk}) and batch_size ({batch_size}) must be at least 1"
         )
     with torch.enable_grad():
         with backend.autocast():
-            read, embeddings = cam_layer(backend, images, -1)
+            read, embeddings = _last_features(backend, images)
         similarities = cosine(embeddings, texts)  # the logit ranks channels the same way
-    acts = read.detach().float()  # [B, C, h, w]
+    acts = as_grid(backend, images, read.detach())  # [B, C, h, w]
     B, C = acts.shape[:2]
     T = texts.embeddings.shape[0]
     k = min(topk, C)
     kept = torch.stack(
         [
-            grad.float().mean(dim=(2, 3)).topk(k, dim=1).indices  # [B, k]
+            as_grid(backend, images, grad).mean(dim=(2, 3)).topk(k, dim=1).indices  # [B, k]
             for (grad,) in similarity_gradients(similarities, [read])
         ],
         dim=1,
