@@ -30,3 +30,12 @@ def test_bench_cli_writes_json(tmp_path, tiny_weights):
     data = json.loads(out.read_text())
     assert [r["name"] for r in data["rows"]] == ["forward (encode_image)", "itsm"]
     assert data["batch_size"] == 2 and data["model"]["model"] == "tiny-rn"
+
+
+def test_bench_lists_a_method_the_tower_cannot_run_instead_of_failing(family_backends):
+    # gae runs on ViTs, but needs a class token: a MAP-head tower has none
+    rows = run_bench(family_backends("map"), ["itsm", "gae"], batch_size=1, n_prompts=1,
+                     repeats=1)  # fmt: skip
+    itsm, gae = rows[1:]
+    assert itsm.ratio > 0 and not itsm.note
+    assert gae.ratio != gae.ratio and gae.note.endswith("n/a")  # NaN

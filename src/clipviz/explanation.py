@@ -62,13 +62,13 @@ def explain(
     """
     spec = get_method(method)
     bound = spec.info.bind(options)
+    check_methods(backend, [spec.name])
     texts = prompts if isinstance(prompts, Texts) else None
     if texts is None:
         prompts = [str(p) for p in prompts]  # type: ignore[union-attr]
         if not prompts:
             raise ClipvizError("no prompts given; pass at least one text to explain")
         texts = backend.encode_texts(prompts, ensemble=ensemble)
-    check_methods(backend, [spec.name])
     batch = to_batch(backend, images).to(backend.device)
     result = spec.fn(backend, batch, texts, **bound)
     image_emb = result.image_embeddings

@@ -34,8 +34,10 @@ def _umask() -> int:
     return mask
 
 
+@functools.cache
 def package_version(name: str) -> str | None:
-    """An installed distribution's version, read from its metadata (nothing is imported)."""
+    """An installed distribution's version, read from its metadata once (nothing is
+    imported)."""
     try:
         return metadata.version(name)
     except metadata.PackageNotFoundError:

@@ -119,12 +119,6 @@ def save_png(path: str | os.PathLike[str], rgb: np.ndarray) -> None:
         Image.fromarray(rgb).save(tmp, format="PNG", compress_level=1)
 
 
-def save_npz(path: str | os.PathLike[str], **arrays: np.ndarray) -> None:
-    with npz_writer(path) as npz:
-        for name, array in arrays.items():
-            npz.add(name, array)
-
-
 class NpzWriter:
     """Arrays written one at a time into an open NPZ (see `npz_writer`)."""
 

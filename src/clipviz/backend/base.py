@@ -114,7 +114,7 @@ class Backend:
     @property
     def vit(self) -> TokenTower:
         """The transformer adapter (a usage error for other towers)."""
-        if not isinstance(self.vision, ViTTower | TimmViTTower | HFViTTower):
+        if not isinstance(self.vision, TokenTower):
             raise ClipvizError(self._tower_message("a ViT"))
         return self.vision
 
@@ -150,9 +150,9 @@ class Backend:
     def probabilities(self, cosines: torch.Tensor) -> torch.Tensor:
         """The model's own probabilities from `cos(image, text)` `[B, T]`: a softmax over the
         prompts of `scale · cos` (CLIP), or `sigmoid(scale · cos + bias)` per prompt (SigLIP)."""
-        logits = self.logit_scale * cosines
-        if self.logit_bias is not None:
-            return torch.sigmoid(logits + self.logit_bias)
+        logits, bias = self.logit_scale * cosines, self.logit_bias
+        if bias is not None:
+            return torch.sigmoid(logits + bias)
         return logits.softmax(dim=-1)
 
     @property

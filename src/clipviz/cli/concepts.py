@@ -222,7 +222,7 @@ def concepts_ood(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     resolution: ResolutionOpt = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """ConVis's check of WordNet: AUROC of in- vs out-of-distribution images, scored by the

@@ -10,6 +10,8 @@ import torch
 
 from .bank import ConceptBank
 
+# -- rank tables -----------------------------------------------------------------------------
+# Ranks are competition ranks: `rank_u = #{v : v_W·t_v > v_W·t_u}` (0 = best; ties share the
 # better rank). Then `r_W(s) = min_{u ∈ S(s)} rank_u` is simply the number of synsets that beat
 # the best member of the subtree, so no full sort is needed for a concept's map.
 

@@ -46,7 +46,6 @@ MISSING_IMAGE = "missing image"
 EMPTY_CAPTION = "empty caption"
 MALFORMED_ROW = "malformed row"
 NO_CAPTION_FILE = "no caption file"
-UNREADABLE_IMAGE = "unreadable image"
 
 
 @dataclass

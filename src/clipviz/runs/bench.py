@@ -84,7 +84,7 @@ def run_bench(
     base = _median_seconds(forward, backend.device, repeats)
     rows = [BenchRow("forward (encode_image)", base / batch_size * 1e3, 1.0)]
     for spec in specs:
-        if backend.tower not in spec.towers:
+        if not spec.info.fits(backend.tower, backend.vision.capabilities):
             rows.append(BenchRow(spec.name, float("nan"), float("nan"), f"{backend.tower}: n/a"))
             continue
         seconds = _median_seconds(

@@ -18,7 +18,7 @@ from ..convis.bank import ConceptBank
 from ..convis.maps import concept_maps
 from ..convis.nouns import noun_database
 from ..convis.windows import square_box
-from ..data.images import ImageError, load_image
+from ..data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
 from ..data.inputs import InputItem
 from ..errors import ClipvizError
 from ..explanation import Explanation
@@ -110,7 +110,7 @@ def run_concepts(
     out: Path,
     options: dict[str, Any],
     render: RenderOptions = RenderOptions(),
-    max_pixels: int = 100_000_000,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
     run_info: dict[str, Any] | None = None,
     on_record: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:

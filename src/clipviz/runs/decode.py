@@ -9,13 +9,13 @@ import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from ..backend import Preprocess
+from ..data.captions import as_list
 from ..data.images import ImageError, load_image
 from ..data.inputs import InputItem
 
@@ -89,10 +89,6 @@ class DecodedImages(torch.utils.data.Dataset):  # type: ignore[type-arg]
             return Decoded(i, error="out of memory decoding this image; lower `max_pixels`")
         except Exception as e:  # noqa: BLE001 - one bad file must not stop the run
             return Decoded(i, error=f"{type(e).__name__}: {e}")
-
-
-def as_list(batch: list[Any]) -> list[Any]:
-    return batch
 
 
 def die_with_parent(_worker_id: int = 0) -> None:

@@ -11,7 +11,7 @@ from urllib.parse import quote
 
 from ..errors import ClipvizError
 from ..files import write_text_atomic
-from .manifest import latest_records
+from .manifest import MANIFEST, latest_records
 
 STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; }
@@ -34,9 +34,9 @@ def build_report(
     """Write `RUN_DIR/report.html` (or `out`): per image, its overlays with the prompts'
     probabilities, the comparison sheet if there is one, and the failures with reasons."""
     run_dir = Path(run_dir)
-    if not (run_dir / "manifest.jsonl").is_file():
+    if not (run_dir / MANIFEST).is_file():
         raise ClipvizError(
-            f"{run_dir} has no manifest.jsonl; pass the `out` folder of a `clipviz explain` run"
+            f"{run_dir} has no {MANIFEST}; pass the `out` folder of a `clipviz explain` run"
         )
     target = Path(out) if out is not None else run_dir / "report.html"
     run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
