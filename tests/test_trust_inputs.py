@@ -265,6 +265,24 @@ def test_a_full_disk_stops_the_run_in_one_line_and_keeps_what_is_done(
     assert not list((out / "p1.png").glob(".*.tmp*"))
 
 
+def test_every_manifest_append_turns_a_full_disk_into_one_line(tmp_path, monkeypatch):
+    # explain, eval and concepts all append through `append_record`
+    from clipviz import ClipvizError
+    from clipviz.runs import manifest
+
+    def full(path, rec):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    path = tmp_path / MANIFEST
+    manifest.append_record(path, {"input": "a"})
+    monkeypatch.setattr(manifest, "append_jsonl", full)
+    with pytest.raises(ClipvizError, match="disk full writing .*finished results kept") as err:
+        manifest.append_record(path, {"input": "b"})
+    assert err.value.exit_code == 1 and "\n" not in str(err.value)
+    assert [r["input"] for r in latest_records(tmp_path).values()] == ["a"]
+    assert latest_records(tmp_path)["a"]["versions"]["clipviz"]
+
+
 def test_a_second_run_into_the_same_folder_is_refused(tmp_path, tiny_weights):
     from filelock import FileLock
 

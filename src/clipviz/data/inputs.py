@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import sys
@@ -24,10 +25,10 @@ class InputItem:
     rel: Path
     error: str | None = None
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
         """The input's real path (links followed; a looping link stays as it is): how runs
-        record it and tell two inputs apart."""
+        record it and tell two inputs apart. Resolved once."""
         return os.path.realpath(self.path)
 
 

@@ -22,8 +22,14 @@ from ..data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
 from ..data.inputs import InputItem
 from ..errors import ClipvizError
 from ..explanation import Explanation
-from ..files import append_jsonl, provenance, write_json_atomic
-from .manifest import MANIFEST, remove_stale_temporaries, repair_manifest, run_lock
+from ..files import provenance, write_json_atomic
+from .manifest import (
+    MANIFEST,
+    append_record,
+    remove_stale_temporaries,
+    repair_manifest,
+    run_lock,
+)
 from .outputs import RenderOptions, write_outputs
 
 
@@ -54,7 +60,7 @@ def concepts_one(
         image = load_image(item.path, max_pixels)
     except ImageError as e:
         rec.update(status="failed", error=str(e), outputs=[], seconds=0.0)
-        return _record(out, rec)
+        return append_record(out / MANIFEST, rec)
     result = concept_maps(backend, image, chosen, bank=bank, **options)
     x = backend.preprocess(Image.fromarray(result.square))[None]
     idx = [bank.hierarchy.index(c) for c in result.concepts]
@@ -93,13 +99,7 @@ def concepts_one(
         ],
         seconds=round(time.perf_counter() - started, 4),
     )
-    return _record(out, rec)
-
-
-def _record(out: Path, rec: dict[str, Any]) -> dict[str, Any]:
-    rec.update(provenance())
-    append_jsonl(out / MANIFEST, rec)
-    return rec
+    return append_record(out / MANIFEST, rec)
 
 
 def run_concepts(

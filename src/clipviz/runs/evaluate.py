@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from ..backend import Backend, Texts
 from ..convis.classes import CLASS_SYNSETS
 from ..data.datasets import EvalDataset, Sample
-from ..data.datasets.common import crop_sample
+from ..data.datasets.common import crop_sample, mask_box
 from ..data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
 from ..errors import ClipvizError
 from ..explanation import explain
-from ..files import append_jsonl, provenance, read_jsonl
+from ..files import read_jsonl
 from ..maps import normalize_maps, upsample_normalized
 from ..methods import check_methods, get_method
 from ..metrics import (
@@ -44,7 +44,7 @@ from ..metrics import (
 )
 from .eval_results import reduce_records
 from .explain import non_finite
-from .manifest import DISK_FULL, disk_full, repair_manifest
+from .manifest import append_record, repair_manifest
 
 METRICS = ("miou", "msc", "pointing", "energy", "maxboxacc", "deletion", "insertion")
 MASK_METRICS = frozenset({"miou", "msc"})
@@ -160,8 +160,7 @@ def _region(sample: Sample, cls: str) -> np.ndarray:
 def _boxes(sample: Sample, cls: str) -> list[tuple[float, float, float, float]]:
     if sample.boxes.get(cls):
         return list(sample.boxes[cls])
-    ys, xs = np.nonzero(sample.masks[cls])
-    return [(float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))]
+    return [mask_box(sample.masks[cls])]
 
 
 def score_pair(
@@ -233,17 +232,12 @@ def evaluate(
 
     def emit(rec: dict[str, Any]) -> None:
         rec["key"] = key
-        rec.update(provenance())
-        try:
-            append_jsonl(records_path, rec)
-        except OSError as e:
-            if e.errno in DISK_FULL:
-                raise disk_full(e, records_path) from None
-            raise
+        append_record(records_path, rec)
         (records if rec["status"] == "ok" else failed).append(rec)
         if on_image:
             on_image(rec)
 
+    modes = [m for m in ("deletion", "insertion") if m in opts.metrics]
     todo = [i for i in range(len(dataset)) if i not in done]
     for start in range(0, len(todo), opts.batch_size):
         batch: list[tuple[int, Sample, torch.Tensor]] = []
@@ -286,6 +280,7 @@ def evaluate(
                 emit({"index": i, "image": str(sample.image_path), "status": "failed",
                       "error": bad})  # fmt: skip
                 continue
+            on_device = image.to(backend.device)
             for method, exp in per_method.items():
                 for cls in sample.classes:
                     t = class_index[cls]
@@ -294,13 +289,11 @@ def evaluate(
                     pair.update(
                         score_pair(norm, sample, cls, opts.metrics, opts.pointing_tolerance)
                     )
-                    for mode in ("deletion", "insertion"):
-                        if mode in opts.metrics:
-                            small = normalize_maps(exp.maps[j, t])
-                            text = texts.embeddings[t].to(backend.device)
-                            pair[mode] = _faithfulness(
-                                backend, image.to(backend.device), small, text, mode
-                            )
+                    if modes:
+                        small = normalize_maps(exp.maps[j, t])
+                        text = texts.embeddings[t].to(backend.device)
+                        for mode in modes:
+                            pair[mode] = _faithfulness(backend, on_device, small, text, mode)
                     pairs.append(pair)
             emit(
                 {

@@ -31,13 +31,13 @@ from ..data.images import DEFAULT_MAX_PIXELS
 from ..data.inputs import InputItem
 from ..errors import ClipvizError
 from ..explanation import Explanation, explain
-from ..files import SCHEMA_VERSION, append_jsonl, provenance, write_json_atomic
+from ..files import SCHEMA_VERSION, provenance, write_json_atomic
 from ..methods import check_methods, get_method
 from .decode import Decoded, image_loader
 from .manifest import (
-    DISK_FULL,
     MANIFEST,
-    disk_full,
+    append_record,
+    disk_full_stops,
     finished,
     remove_stale_temporaries,
     repair_manifest,
@@ -149,19 +149,12 @@ def _run(
 
     def record(rec: dict[str, Any]) -> None:
         rec["key"] = key
-        rec.update(provenance())
-        try:
-            append_jsonl(out / MANIFEST, rec)
-        except OSError as e:
-            if e.errno in DISK_FULL:
-                raise disk_full(e, out / MANIFEST) from None
-            raise
-        summary.records.append(rec)
+        summary.records.append(append_record(out / MANIFEST, rec))
         setattr(summary, rec["status"], getattr(summary, rec["status"]) + 1)
         if on_record:
             on_record(rec)
 
-    try:
+    with disk_full_stops(out / "run.json"):
         write_json_atomic(
             out / "run.json",
             {
@@ -178,11 +171,7 @@ def _run(
                 "started": datetime.now(UTC).isoformat(timespec="seconds"),
             },
         )
-    except OSError as e:
-        if e.errno in DISK_FULL:
-            raise disk_full(e, out / "run.json") from None
-        raise
-    done = {} if overwrite else finished(out, key)
+    done = {} if overwrite else finished(out, key, {it.key for it in items})
     todo = []
     for it in items:
         prev = done.get(it.key)
@@ -220,12 +209,11 @@ def _run(
                 continue
             try:
                 assert d.display is not None  # decoded without error
-                written = write_outputs(
-                    out / item.rel, d.display, explanations, j, render, d.crop, d.size
-                )
+                with disk_full_stops(out / item.rel):
+                    written = write_outputs(
+                        out / item.rel, d.display, explanations, j, render, d.crop, d.size
+                    )
             except OSError as e:
-                if e.errno in DISK_FULL:
-                    raise disk_full(e, out / item.rel) from None
                 record(_failure(item, f"could not write outputs: {e}"))
                 continue
             first = explanations[0]

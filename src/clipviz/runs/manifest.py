@@ -6,12 +6,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
 from ..errors import ClipvizError
-from ..files import read_jsonl
+from ..files import append_jsonl, provenance, read_jsonl
 
 MANIFEST = "manifest.jsonl"
 LOCK = ".clipviz.lock"
@@ -48,12 +48,16 @@ def repair_manifest(path: Path) -> int:
     if not path.is_file():
         return 0
     with open(path, "rb+") as f:
-        data = f.read()
-        if not data or data.endswith(b"\n"):
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
             return 0
-        keep = data.rfind(b"\n") + 1
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return 0
+        f.seek(0)
+        keep = f.read().rfind(b"\n") + 1  # torn, which is rare: read it once
         f.truncate(keep)
-        return len(data) - keep
+        return size - keep
 
 
 def remove_stale_temporaries(out: Path) -> int:
@@ -87,13 +91,14 @@ def latest_records(out: Path) -> dict[str, dict[str, Any]]:
     return latest
 
 
-def finished(out: Path, key: str) -> dict[str, dict[str, Any]]:
-    """Inputs whose latest record is complete for this request, whose files exist and whose
-    file has not changed since."""
+def finished(out: Path, key: str, inputs: Collection[str]) -> dict[str, dict[str, Any]]:
+    """Of `inputs` (keys), those whose latest record is complete for this request, whose files
+    exist and whose file has not changed since."""
     return {
         inp: rec
         for inp, rec in latest_records(out).items()
-        if rec.get("status") in ("ok", "skipped")
+        if inp in inputs
+        and rec.get("status") in ("ok", "skipped")
         and rec.get("key") == key
         and (out / rec.get("output", "") / "maps.npz").is_file()
         and rec.get("source") is not None
@@ -108,3 +113,23 @@ def disk_full(error: OSError, where: Path) -> ClipvizError:
         "kept — free some space and run the same command again to resume",
         exit_code=1,
     )
+
+
+@contextlib.contextmanager
+def disk_full_stops(where: Path) -> Iterator[None]:
+    """A full disk inside the block becomes the one-line `disk_full` error; other errors pass."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in DISK_FULL:
+            raise disk_full(e, where) from None
+        raise
+
+
+def append_record(path: Path, rec: dict[str, Any]) -> dict[str, Any]:
+    """Append one record, with the versions that wrote it, to a manifest (a full disk stops
+    the run in one line, what is finished kept)."""
+    rec.update(provenance())
+    with disk_full_stops(path):
+        append_jsonl(path, rec)
+    return rec
