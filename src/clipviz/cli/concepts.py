@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -26,7 +25,14 @@ from .options import (
     ResolutionOpt,
     load,
 )
-from .output import err_console, out_console, print_failure, print_table, progress_bar
+from .output import (
+    err_console,
+    lazy_progress,
+    out_console,
+    print_failure,
+    print_table,
+    progress_bar,
+)
 
 VocabularyOpt = Annotated[
     str,
@@ -40,21 +46,6 @@ EmbedOpt = Annotated[
     Literal["definitions", "lemmas"],
     typer.Option("--embed", help="embed each synset's WordNet definition or its lemma names"),
 ]
-
-
-@contextmanager
-def _embedding_progress(quiet: bool) -> Iterator[Callable[[int, int], None]]:
-    """A progress bar that appears only if concept texts actually need embedding."""
-    progress = progress_bar("embedding concepts", quiet, transient=True)
-    task: list[Any] = []
-
-    def update(done: int, total: int) -> None:
-        if not task:
-            task.append(progress.add_task("embed", total=total))
-        progress.update(task[0], completed=done)
-
-    with progress:
-        yield update
 
 
 def concepts(
@@ -108,7 +99,6 @@ def concepts(
     from ..convis.hierarchy import load_hierarchy, resolve_concepts
     from ..convis.nouns import noun_database
     from ..data.inputs import collect_inputs
-    from ..render import COLORMAPS
     from ..runs.concepts import run_concepts
     from ..runs.outputs import RenderOptions
 
@@ -116,10 +106,7 @@ def concepts(
         raise ClipvizError("no concepts asked for; pass --synset dog.n.01, --word dog or --top K")
     if top < 0:
         raise ClipvizError(f"--top {top} must be positive")
-    if colormap not in COLORMAPS:
-        raise ClipvizError(f"unknown colormap {colormap!r}; choose from: {', '.join(COLORMAPS)}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ClipvizError(f"--alpha {alpha} is outside [0, 1]")
+    render = RenderOptions(colormap, alpha)
     if batch_size < 1:
         raise ClipvizError(f"--batch-size {batch_size} must be at least 1")
     chosen, ambiguous = resolve_concepts(synset or [], word or [])
@@ -140,7 +127,7 @@ def concepts(
         raise ClipvizError(f"no images found in {', '.join(images)}", exit_code=1)
 
     backend = load(model, pretrained, model_config, device, precision, resolution)
-    with _embedding_progress(quiet) as on_embed:
+    with lazy_progress("embedding concepts", quiet) as on_embed:
         bank = concept_bank(backend, vocabulary, embed, extra=chosen, progress=on_embed)
     progress = progress_bar("concepts", quiet, transient=True)
     with progress:
@@ -152,7 +139,7 @@ def concepts(
             chosen,
             out,
             {"variant": variant, "seed": seed, "top": top, "batch_size": batch_size},
-            RenderOptions(colormap, alpha),
+            render,
             max_pixels,
             run_info={"vocabulary": vocabulary, "embed": embed},
             on_record=lambda r: progress.advance(task),
@@ -248,7 +235,7 @@ def concepts_ood(
     for label, items in sets.items():
         embeddings[label], bad = embed_images(backend, items, batch_size)
         failed += bad
-    with _embedding_progress(quiet) as on_embed:
+    with lazy_progress("embedding concepts", quiet) as on_embed:
         result = ood_check(
             backend,
             name,

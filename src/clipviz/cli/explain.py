@@ -102,8 +102,7 @@ def explain(
 ) -> None:
     """Saliency maps of INPUT for each prompt: `clipviz explain photo.jpg dog "a red car"`."""
     from ..data.inputs import collect_inputs, read_list_file
-    from ..render import COLORMAPS
-    from ..runs.explain import RenderOptions, run_explain
+    from ..runs.explain import RenderOptions, check_run_args, run_explain
 
     positional = list(prompts or [])
     inputs = [input] if input is not None else []
@@ -120,22 +119,12 @@ def explain(
             "or use -p/--prompts-file"
         )
     all_prompts = unique_prompts(all_prompts)
-    if colormap not in COLORMAPS:
-        raise ClipvizError(f"unknown colormap {colormap!r}; choose from: {', '.join(COLORMAPS)}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ClipvizError(f"--alpha {alpha} is outside [0, 1]")
+    render = RenderOptions(colormap, alpha)
     methods = chosen_methods(method, eclip)
     options = gather_method_options(
         methods, option, surgery_depth, gae_start_layer, legrad_layers, gscorecam_topk, eclip
     )
-    if out.exists() and not out.is_dir():
-        raise ClipvizError(f"--out {out} is a file; pass a folder (it is created if missing)")
-    if workers is not None and workers < 0:
-        raise ClipvizError(f"--workers {workers} must be 0 (decode in this process) or more")
-    if max_pixels < 1:
-        raise ClipvizError(f"--max-pixels {max_pixels} must be at least 1")
-    if batch_size < 1:
-        raise ClipvizError(f"--batch-size {batch_size} must be at least 1")
+    check_run_args(out, batch_size, workers, max_pixels)
     items, ignored = collect_inputs(
         inputs, recursive=recursive, inputs_file=inputs_file, exclude=[out]
     )
@@ -163,7 +152,7 @@ def explain(
             methods=methods,
             batch_size=batch_size,
             overwrite=overwrite,
-            render=RenderOptions(colormap, alpha),
+            render=render,
             workers=workers,
             max_pixels=max_pixels,
             on_record=on_record,

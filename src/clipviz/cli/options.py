@@ -219,18 +219,7 @@ def warn_truncated(backend: Any, prompts: list[str], ensemble: bool) -> None:
 
 def encode_with_progress(backend: Any, prompts: list[str], ensemble: bool, quiet: bool) -> Any:
     """Text embeddings of the prompts, with a progress bar when many must be computed."""
-    from .output import progress_bar
+    from .output import lazy_progress
 
-    progress = progress_bar("embedding prompts", quiet, transient=True)
-    task: list[Any] = []
-
-    def update(done: int, total: int) -> None:
-        if not task:
-            progress.start()
-            task.append(progress.add_task("embed", total=total))
-        progress.update(task[0], completed=done)
-
-    try:
+    with lazy_progress("embedding prompts", quiet) as update:
         return backend.encode_texts(prompts, ensemble=ensemble, progress=update)
-    finally:
-        progress.stop()

@@ -3,11 +3,12 @@ piped, and errors as one line with the flag names the user typed."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import click
@@ -88,6 +89,25 @@ def progress_bar(label: str, quiet: bool, *fields: str, transient: bool = False)
         disable=quiet,
         transient=transient,
     )
+
+
+@contextlib.contextmanager
+def lazy_progress(label: str, quiet: bool) -> Iterator[Callable[[int, int], None]]:
+    """A `(done, total)` callback whose progress bar appears on its first call, so nothing
+    shows when the work is already cached."""
+    progress = progress_bar(label, quiet, transient=True)
+    task: list[Any] = []
+
+    def update(done: int, total: int) -> None:
+        if not task:
+            progress.start()
+            task.append(progress.add_task(label, total=total))
+        progress.update(task[0], completed=done)
+
+    try:
+        yield update
+    finally:
+        progress.stop()
 
 
 PIPED_WIDTH = 120

@@ -37,6 +37,7 @@ from .decode import Decoded, image_loader
 from .manifest import (
     MANIFEST,
     append_record,
+    check_out,
     disk_full_stops,
     finished,
     remove_stale_temporaries,
@@ -94,6 +95,17 @@ def check_prompts(prompts: Sequence[str]) -> None:
         raise ClipvizError(f"prompt {twice[0]!r} is given twice; pass each prompt once")
 
 
+def check_run_args(out: Path, batch_size: int, workers: int | None, max_pixels: int) -> None:
+    """Refuse, before any work, arguments a run cannot use."""
+    check_out(out)
+    if workers is not None and workers < 0:
+        raise ClipvizError(f"`workers` {workers} must be 0 (decode in this process) or more")
+    if max_pixels < 1:
+        raise ClipvizError(f"`max_pixels` {max_pixels} must be at least 1")
+    if batch_size < 1:
+        raise ClipvizError(f"`batch_size` {batch_size} must be at least 1")
+
+
 def run_explain(
     backend: Backend,
     items: Sequence[InputItem],
@@ -114,12 +126,7 @@ def run_explain(
     `on_record` is called with each manifest record (for progress display);
     `method_options` holds each method's options, by method name.
     """
-    if batch_size < 1:
-        raise ClipvizError(f"`batch_size` {batch_size} must be at least 1")
-    if workers is not None and workers < 0:
-        raise ClipvizError(f"`workers` {workers} must be 0 (decode here) or more")
-    if max_pixels < 1:
-        raise ClipvizError(f"`max_pixels` {max_pixels} must be at least 1")
+    check_run_args(out, batch_size, workers, max_pixels)
     check_prompts(texts.prompts)
     check_methods(backend, methods)
     options = {m: get_method(m).info.bind((method_options or {}).get(m)) for m in methods}

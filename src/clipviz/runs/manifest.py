@@ -18,6 +18,12 @@ LOCK = ".clipviz.lock"
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
+def check_out(out: Path) -> None:
+    """A run folder must be a folder (or not exist yet)."""
+    if out.exists() and not out.is_dir():
+        raise ClipvizError(f"`out` {out} is a file; pass a folder (it is created if missing)")
+
+
 @contextlib.contextmanager
 def run_lock(out: Path) -> Iterator[None]:
     """Hold `OUT/.clipviz.lock` for a run: a second run into the same folder is refused at
@@ -25,8 +31,7 @@ def run_lock(out: Path) -> Iterator[None]:
     process ends, however it ends."""
     from filelock import FileLock, Timeout
 
-    if out.exists() and not out.is_dir():
-        raise ClipvizError(f"`out` {out} is a file; pass a folder (it is created if missing)")
+    check_out(out)
     out.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(out / LOCK), timeout=0)
     try:

@@ -19,9 +19,18 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..errors import ClipvizError
 from ..explanation import Explanation
 from ..maps import place_in_box
-from ..render import colorize, comparison_sheet, npz_writer, overlay, prompt_slugs, save_png
+from ..render import (
+    COLORMAPS,
+    colorize,
+    comparison_sheet,
+    npz_writer,
+    overlay,
+    prompt_slugs,
+    save_png,
+)
 from .decode import scaled_box
 
 SHEET_CELL = 224
@@ -33,6 +42,14 @@ OUTPUT_FILE = re.compile(r"^(.+\.(overlay|heatmap)\.png|comparison\.png|maps\.np
 class RenderOptions:
     colormap: str = "jet"
     alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.colormap not in COLORMAPS:
+            raise ClipvizError(
+                f"unknown colormap {self.colormap!r}; choose from: {', '.join(COLORMAPS)}"
+            )
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ClipvizError(f"`alpha` {self.alpha} is outside [0, 1]")
 
 
 @dataclass(frozen=True)
