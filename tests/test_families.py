@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_image
+from conftest import FAMILIES, HF_FAMILIES, random_image
 
 import clipviz
 from clipviz.methods.cam import gradcam
@@ -27,6 +27,19 @@ def _batch(b, n=2):
 
 def _texts(b, prompts=PROMPTS):
     return b.encode_texts(prompts, ensemble=False)
+
+
+@pytest.mark.parametrize("family", FAMILIES + HF_FAMILIES)
+def test_image_embeddings_are_the_models_own_and_token_0_of_the_dense_tokens(
+    family_backends, family
+):
+    b = family_backends(family)
+    x = _batch(b)
+    embeddings = b.image_embeddings(x)  # computed from the pooled token alone
+    torch.testing.assert_close(embeddings, b.dense_tokens(x)[:, 0], atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        stock = F.normalize(b.model.encode_image(x), dim=-1)
+    torch.testing.assert_close(embeddings, stock, atol=1e-5, rtol=1e-4)
 
 
 def _after_pool(visual, pooled):

@@ -236,5 +236,8 @@ class Backend:
         return F.normalize(tokens.float(), dim=-1)
 
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
-        """The stock global image embeddings `[B, D]`, unit length (at the backend's resolution)."""
-        return self.dense_tokens(images)[:, 0]
+        """The stock global image embeddings `[B, D]`, unit length (at the backend's resolution):
+        token 0 of `dense_tokens`, without computing the others."""
+        with torch.no_grad(), self.autocast():
+            embeddings = self.vision.image_embedding(images.to(self.device))
+        return F.normalize(embeddings.float(), dim=-1)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ClipvizError
-from .vit import Memo
+from .vit import Memo, attention_probs
 
 
 class HFVision(nn.Module):
@@ -147,10 +147,11 @@ class HFViTTower:
         layer = self._layers[i]
         return layer.mlp(layer.layer_norm2(y))
 
-    def block_with_attention(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        q, k, v = self.qkv(i, self.norm1(i, x))
-        scale = getattr(self._layers[i].self_attn, "scale", q.shape[-1] ** -0.5)
-        probs = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+    def block_with_attention(
+        self, i: int, x: torch.Tensor, normed: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k, v = self.qkv(i, self.norm1(i, x) if normed is None else normed)
+        probs = attention_probs(q, k, getattr(self._layers[i].self_attn, "scale", None))
         x = x + self.attn_out(i, probs @ v)
         return x + self.mlp(i, x), probs
 
@@ -173,22 +174,33 @@ class HFViTTower:
         """A pooled feature `[..., W]` into the joint space."""
         return self._project(self.vm.post_layernorm(x))
 
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """Token 0 of `head`, alone: the model's own image embedding `[B, D]` (not normalised)."""
+        if not self.siglip:
+            return self.project(x[:, 0])
+        return self.vm.head(self.vm.post_layernorm(x))
+
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """`[B, prefix + N, W]` -> `[B, 1 + N, D]`: the model's own pooled embedding, then each
         patch through the head (SigLIP: the probe's value path, `out_proj(v)` plus its MLP)."""
         if not self.siglip:
-            tokens = self._project(self.vm.post_layernorm(x))
-            return tokens  # the class token is token 0 already
+            return self.project(x)  # the class token is token 0 already
         x = self.vm.post_layernorm(x)
         pooled = self.vm.head(x)
         return torch.cat([pooled[:, None], self._value_path(x)], dim=1)
 
     def _value_path(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._probe_out(self._probe_values(tokens))
+
+    def _probe_values(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The probe's values of `tokens` `[B, N, W]`, heads not split."""
+        attn, W = self.vm.head.attention, tokens.shape[-1]
+        return F.linear(tokens, attn.in_proj_weight[2 * W :], attn.in_proj_bias[2 * W :])
+
+    def _probe_out(self, mixed: torch.Tensor) -> torch.Tensor:
+        """The probe after its attention: `y = out_proj(mixed)`, `y + mlp(layernorm(y))`."""
         head = self.vm.head
-        W = tokens.shape[-1]
-        attn = head.attention
-        v = F.linear(tokens, attn.in_proj_weight[2 * W :], attn.in_proj_bias[2 * W :])
-        y = attn.out_proj(v)
+        y = head.attention.out_proj(mixed)
         return y + head.mlp(head.layernorm(y))
 
     # -- the MAP probe (SigLIP) -------------------------------------------------------------
@@ -208,18 +220,13 @@ class HFViTTower:
         k = F.linear(tokens, attn.in_proj_weight[W : 2 * W], attn.in_proj_bias[W : 2 * W])
         q = q.reshape(B, -1, H, W // H).transpose(1, 2)
         k = k.reshape(B, N, H, W // H).transpose(1, 2)
-        return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+        return attention_probs(q, k)
 
     def pool_from_probs(self, tokens: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-        head = self.vm.head
-        attn = head.attention
         B, N, W = tokens.shape
-        H = attn.num_heads
-        v = F.linear(tokens, attn.in_proj_weight[2 * W :], attn.in_proj_bias[2 * W :])
-        v = v.reshape(B, N, H, W // H).transpose(1, 2)
-        y = attn.out_proj((probs @ v).transpose(1, 2).reshape(B, -1, W))
-        y = y + head.mlp(head.layernorm(y))
-        return y[:, 0]
+        H = self.vm.head.attention.num_heads
+        v = self._probe_values(tokens).reshape(B, N, H, W // H).transpose(1, 2)
+        return self._probe_out((probs @ v).transpose(1, 2).reshape(B, -1, W))[:, 0]
 
     def patch_columns(self, probs: torch.Tensor) -> torch.Tensor:
         return probs
@@ -239,3 +246,7 @@ class HFViTTower:
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.run_blocks(self.embed(images)))
+
+    def image_embedding(self, images: torch.Tensor) -> torch.Tensor:
+        """The stock forward's image embedding `[B, D]` alone (not normalised)."""
+        return self.pooled(self.run_blocks(self.embed(images)))

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ..errors import ClipvizError
-from .vit import Memo, interpolate_positions
+from .vit import Memo, attention_probs, interpolate_positions
 
 STRIDE = 32  # input pixels per feature-map cell
 
@@ -96,8 +96,18 @@ class ResNetTower:
         Same weights as open_clip's `AttentionPool2d`, whose output is row 0 of this.
         """
         q, k, v = self.pool_qkv(x)
-        attn = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
-        return self.pool_out(attn @ v)
+        return self.pool_out(attention_probs(q, k) @ v)
+
+    def mean_query_pool(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row 0 of `attention_pool` alone (open_clip's `AttentionPool2d` output, the image
+        embedding `[B, D]`, not normalised) and its attention `[B, heads, 1, 1+N]`."""
+        q, k, v = self.pool_qkv(x)
+        probs = attention_probs(q[:, :, :1], k)
+        return self.pool_out(probs @ v)[:, 0], probs
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """The image embedding `[B, D]` from the pool's input `[B, 1+N, C]` (not normalised)."""
+        return self.mean_query_pool(x)[0]
 
     def value_tokens(self, features: torch.Tensor) -> torch.Tensor:
         """The pool's value path at every position of `features` `[B, C, h, w]`, without
@@ -117,6 +127,10 @@ class ResNetTower:
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         """The stock forward as joint-space tokens `[B, 1+N, D]` (not normalised)."""
         return self.attention_pool(self.pool_inputs(self.features(images)))
+
+    def image_embedding(self, images: torch.Tensor) -> torch.Tensor:
+        """The stock forward's image embedding `[B, D]` alone (not normalised)."""
+        return self.pooled(self.pool_inputs(self.features(images)))
 
 
 def resnet_tower(visual: Any, memo: Memo, name: str) -> ResNetTower:

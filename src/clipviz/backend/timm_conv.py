@@ -82,3 +82,7 @@ class TimmConvTower:
         """`[B, 1 + h*w, D]`: the pooled embedding, then the location tokens."""
         f = self.features(images)
         return torch.cat([self.pooled(f)[:, None], self.location_tokens(f)], dim=1)
+
+    def image_embedding(self, images: torch.Tensor) -> torch.Tensor:
+        """The stock forward's image embedding `[B, D]` alone (not normalised)."""
+        return self.pooled(self.features(images))

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ClipvizError
-from .vit import Memo
+from .vit import Memo, attention_probs
 
 # timm block classes whose attention clipviz recomputes: norm before (or after) the branches
 PRE_NORM = frozenset({"Block", "EvaBlock"})
@@ -237,9 +237,11 @@ class TimmViTTower:
             return gamma * x
         return getattr(block, f"ls{n}", lambda t: t)(x)
 
-    def block_with_attention(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        q, k, v = self.qkv(i, self.norm1(i, x))
-        probs = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+    def block_with_attention(
+        self, i: int, x: torch.Tensor, normed: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k, v = self.qkv(i, self.norm1(i, x) if normed is None else normed)
+        probs = attention_probs(q, k)
         x = x + self.attn_out(i, probs @ v)
         return x + self.mlp(i, x), probs
 
@@ -252,6 +254,10 @@ class TimmViTTower:
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """A pooled feature `[..., W]` (e.g. a mean over tokens) into the joint space."""
         return self._after_pool(self.trunk.norm(x))
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """Token 0 of `head`, alone: the model's own image embedding `[B, D]` (not normalised)."""
+        return self._after_pool(self.trunk.pool(self.trunk.norm(x)))
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Last-block tokens `[B, prefix + N, W]` -> joint-space tokens `[B, 1 + N, D]`: token 0
@@ -268,10 +274,16 @@ class TimmViTTower:
     def _value_path(self, tokens: torch.Tensor) -> torch.Tensor:
         """The attention-pool probe applied to each token alone (its attention one-hot on it):
         `y = proj(v(x))`, `y + mlp(norm(y))`."""
+        return self._probe_out(self._probe_values(tokens))
+
+    def _probe_values(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The probe's values of `tokens` `[B, N, C]`, heads not split."""
+        return self.trunk.attn_pool.kv(tokens)[..., tokens.shape[-1] :]
+
+    def _probe_out(self, mixed: torch.Tensor) -> torch.Tensor:
+        """The probe after its attention: `y = proj(mixed)`, `y + mlp(norm(y))`."""
         pool = self.trunk.attn_pool
-        C = tokens.shape[-1]
-        v = pool.kv(tokens)[..., C:]
-        y = pool.proj(v)
+        y = pool.proj(mixed)
         if getattr(pool, "mlp", None) is not None:
             y = y + pool.mlp(pool.norm(y))
         return y
@@ -298,7 +310,7 @@ class TimmViTTower:
         q = pool.q(pool.latent.expand(B, -1, -1)).reshape(B, -1, H, C // H).transpose(1, 2)
         k = pool.kv(tokens)[..., :C].reshape(B, N, H, C // H).transpose(1, 2)
         q, k = pool.q_norm(q), pool.k_norm(k)
-        return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+        return attention_probs(q, k)
 
     def pool_from_probs(self, tokens: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
         """The MAP head's output `[B, W]` given its attention `probs` over `tokens` (so a
@@ -306,10 +318,8 @@ class TimmViTTower:
         pool = self.trunk.attn_pool
         B, N, C = tokens.shape
         H = pool.num_heads
-        v = pool.kv(tokens)[..., C:].reshape(B, N, H, C // H).transpose(1, 2)
-        y = pool.proj((probs @ v).transpose(1, 2).reshape(B, -1, C))
-        if getattr(pool, "mlp", None) is not None:
-            y = y + pool.mlp(pool.norm(y))
+        v = self._probe_values(tokens).reshape(B, N, H, C // H).transpose(1, 2)
+        y = self._probe_out((probs @ v).transpose(1, 2).reshape(B, -1, C))
         return y[:, 0] if getattr(pool, "pool_type", "token") == "token" else y.mean(dim=1)
 
     def patch_columns(self, probs: torch.Tensor) -> torch.Tensor:
@@ -330,3 +340,7 @@ class TimmViTTower:
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.run_blocks(self.embed(images)))
+
+    def image_embedding(self, images: torch.Tensor) -> torch.Tensor:
+        """The stock forward's image embedding `[B, D]` alone (not normalised)."""
+        return self.pooled(self.run_blocks(self.embed(images)))

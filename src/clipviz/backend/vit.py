@@ -33,6 +33,13 @@ def interpolate_positions(
         return torch.cat([pos[:prefix].detach().float(), spatial]).to(pos.dtype)
 
 
+def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Attention probabilities `softmax(q·kᵀ·scale)` `[B, heads, Lq, Lk]` from per-head
+    queries and keys (`scale`: `head_dim^-½` unless given)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+
+
 class ViTTower:
     """An open_clip ViT image tower: class token, then `h × w` patch tokens."""
 
@@ -148,11 +155,14 @@ class ViTTower:
         block = self._explicit(i)
         return block.ls_2(block.mlp(block.ln_2(y)))
 
-    def block_with_attention(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def block_with_attention(
+        self, i: int, x: torch.Tensor, normed: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Block `i` computed explicitly: its output `[B, L, W]` and attention probabilities
-        `[B, heads, L, L]` (open_clip's own forward never materialises them)."""
-        q, k, v = self.qkv(i, self.norm1(i, x))
-        probs = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+        `[B, heads, L, L]` (open_clip's own forward never materialises them). `normed`: the
+        block's `norm1(x)` when the caller holds it (e.g. to take gradients there)."""
+        q, k, v = self.qkv(i, self.norm1(i, x) if normed is None else normed)
+        probs = attention_probs(q, k)
         x = x + self.attn_out(i, probs @ v)
         return x + self.mlp(i, x), probs
 
@@ -173,6 +183,10 @@ class ViTTower:
         patches = v.ln_post(x[:, self.prefix :])
         return torch.cat([pooled[:, None], patches], dim=1) @ v.proj
 
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """Token 0 of `head`, alone: the model's own image embedding `[B, D]` (not normalised)."""
+        return self.visual._pool(x)[0] @ self.visual.proj
+
     @property
     def proj(self) -> torch.Tensor:
         """The stock projection `[W, D]`."""
@@ -186,3 +200,7 @@ class ViTTower:
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         """The stock forward as joint-space tokens `[B, 1+N, D]` (not normalised)."""
         return self.head(self.run_blocks(self.embed(images)))
+
+    def image_embedding(self, images: torch.Tensor) -> torch.Tensor:
+        """The stock forward's image embedding `[B, D]` alone (not normalised)."""
+        return self.pooled(self.run_blocks(self.embed(images)))

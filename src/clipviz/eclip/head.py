@@ -57,22 +57,19 @@ def frozen_features(backend: Backend, images: torch.Tensor) -> FrozenFeatures:
             x = vit.run_blocks(vit.embed(images))
             probs = vit.latent_probs(vit.pool_input(x))  # type: ignore[union-attr]
             free = vit.patch_columns(probs).mean(dim=(1, 2))  # type: ignore[union-attr]
-            stock = vit.head(x)[:, 0]
+            stock = vit.pooled(x)
         elif backend.tower == "vit":
             vit = backend.vit
             last = vit.depth - 1
             x = vit.run_blocks(vit.embed(images), stop=last)
             x, probs = vit.block_with_attention(last, x)
             free = probs[:, :, 0, vit.prefix :].mean(dim=1)  # [B, N]
-            stock = vit.head(x)[:, 0]
+            stock = vit.pooled(x)
         else:
             rn = backend.rn
             x = rn.pool_inputs(rn.features(images))  # [B, 1+N, C]
-            q, k, _ = rn.pool_qkv(x)
-            q = q[:, :, :1]  # the mean token's query
-            probs = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+            stock, probs = rn.mean_query_pool(x)  # the mean token's query
             free = probs[:, :, 0, rn.prefix :].mean(dim=1)  # [B, N]
-            stock = rn.attention_pool(x)[:, 0]
     return FrozenFeatures(x.float(), free.float(), F.normalize(stock.float(), dim=-1))
 
 

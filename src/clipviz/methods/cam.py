@@ -35,11 +35,8 @@ def cam_layer(backend: Backend, images: Tensor, layer: int) -> tuple[Tensor, Ten
             x = vit.run_blocks(vit.embed(images), stop=i)
             read = vit.norm1(i, x)
         read.requires_grad_(True)
-        q, k, v = vit.qkv(i, read)
-        probs = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
-        y = x + vit.attn_out(i, probs @ v)
-        y = vit.run_blocks(y + vit.mlp(i, y), start=i + 1)
-        return read, vit.head(y)[:, 0]
+        y, _ = vit.block_with_attention(i, x, normed=read)
+        return read, vit.pooled(vit.run_blocks(y, start=i + 1))
     if backend.tower == "conv":
         conv = backend.vision
         if layer != -1:
@@ -56,7 +53,7 @@ def cam_layer(backend: Backend, images: Tensor, layer: int) -> tuple[Tensor, Ten
         read = rn.run_stages(rn.stem(images), stop=i + 1)
     read.requires_grad_(True)
     features = rn.run_stages(read, start=i + 1)
-    return read, rn.attention_pool(rn.pool_inputs(features))[:, 0]
+    return read, rn.pooled(rn.pool_inputs(features))
 
 
 def as_grid(backend: Backend, images: Tensor, layer: Tensor) -> Tensor:
@@ -131,7 +128,7 @@ def _last_features(backend: Backend, images: Tensor) -> tuple[Tensor, Tensor]:
     with torch.no_grad():
         read = vit.run_blocks(vit.embed(images))
     read.requires_grad_(True)
-    return read, vit.head(read)[:, 0]
+    return read, vit.pooled(read)
 
 
 @register(

@@ -74,7 +74,7 @@ def gae(
     with torch.enable_grad():
         with backend.autocast():
             probs, outputs = attention_graph(vit, images, first)
-            embeddings = vit.head(outputs[-1])[:, 0]
+            embeddings = vit.pooled(outputs[-1])
         similarities = scale * cosine(embeddings, texts)
     attention = [p.detach().float() for p in probs]
     B, _, L, _ = attention[0].shape
@@ -137,7 +137,7 @@ def legrad(
             if feature == "mean":
                 embeddings = [vit.project(x.mean(dim=1)) for x in outputs]
             elif vit.readout == "class":
-                embeddings = [vit.head(x)[:, 0] for x in outputs]
+                embeddings = [vit.pooled(x) for x in outputs]
             else:
                 raise ClipvizError(
                     f"legrad: feature=class needs a class token, and {backend.identity['model']} "
@@ -152,7 +152,7 @@ def legrad(
     h, w = backend.grid_size(images)
     maps_t = normalize_maps(torch.stack(maps, dim=1).reshape(len(images), -1, h, w))
     with torch.no_grad(), backend.autocast():
-        stock = vit.head(outputs[-1].detach())[:, 0]  # the model's own embedding, for scores
+        stock = vit.pooled(outputs[-1].detach())  # the model's own embedding, for scores
     return MapResult(maps_t, unit(stock))
 
 
@@ -175,9 +175,14 @@ def _legrad_probe(
     vit = backend.vit
     extra = backend.encode_texts([EMPTY_PROMPT], ensemble=False).embeddings if correction else None
     targets = texts.embeddings if extra is None else torch.cat([texts.embeddings, extra])
+    with torch.no_grad(), backend.autocast():  # gradients are taken at the probe only
+        x = vit.run_blocks(vit.embed(images), stop=vit.depth - layers)
+        outputs = []
+        for i in range(vit.depth - layers, vit.depth):
+            x = vit.run_block(i, x)
+            outputs.append(x)
     with torch.enable_grad():
         with backend.autocast():
-            _, outputs = attention_graph(vit, images, vit.depth - layers, separate_blocks=True)
             probs, pooled = [], []
             for x in outputs:
                 tokens = vit.pool_input(x, norm=False)  # type: ignore[union-attr]
@@ -197,5 +202,5 @@ def _legrad_probe(
         empty = normalize_maps(maps_t[:, -1:])
         maps_t = maps_t[:, :-1].masked_fill(empty > threshold, 0.0)
     with torch.no_grad(), backend.autocast():
-        stock = vit.head(outputs[-1].detach())[:, 0]
+        stock = vit.pooled(outputs[-1].detach())
     return MapResult(normalize_maps(maps_t), unit(stock))

@@ -50,7 +50,7 @@ def rollout(
                 a = a + torch.eye(a.shape[-1], device=a.device)
                 a = a / a.sum(dim=-1, keepdim=True)
             rollout = a if rollout is None else a @ rollout
-        stock = vit.head(x)[:, 0]
+        stock = vit.pooled(x)
     assert rollout is not None  # at least one block
     h, w = backend.grid_size(images)
     maps = rollout[:, 0, vit.prefix :].reshape(-1, 1, h, w).expand(-1, len(texts.prompts), h, w)

@@ -109,7 +109,7 @@ def _vit_last_block_variant(
     last = vit.depth - 1
     x = vit.run_blocks(vit.embed(images), stop=last)
     tokens = _unit(vit.head(tokens_of(last, x)))[:, 1:]
-    stock = _unit(vit.head(vit.run_block(last, x)))[:, 0]
+    stock = _unit(vit.pooled(vit.run_block(last, x)))
     return tokens, stock
 
 
@@ -173,12 +173,12 @@ def surgery(
                     x_new = x_new + attention_branch(vit, i, x, vv_attention)
                     x = vit.run_block(i, x)
                 tokens = _unit(vit.head(x_new))[:, 1:]
-                token0 = _unit(vit.head(x))[:, 0]
+                token0 = _unit(vit.pooled(x))
             else:
                 rn = backend.rn
                 x = rn.pool_inputs(rn.features(images))
                 tokens = _unit(pool_branch(rn, x, vv_attention))[:, 1:]
-                token0 = _unit(rn.attention_pool(x))[:, 0]
+                token0 = _unit(rn.pooled(x))
         redundant = None
         if len(texts.prompts) == 1:
             redundant = backend.encode_texts([""], ensemble=texts.ensemble).embeddings.float()
@@ -218,7 +218,7 @@ def maskclip(backend: Backend, images: torch.Tensor, texts: Texts) -> MapResult:
             rn = backend.rn
             features = rn.features(images)
             tokens = _unit(rn.value_tokens(features))
-            stock = _unit(rn.attention_pool(rn.pool_inputs(features)))[:, 0]
+            stock = _unit(rn.pooled(rn.pool_inputs(features)))
     return _itsm(backend, images, texts, tokens, stock)
 
 
