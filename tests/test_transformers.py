@@ -5,6 +5,7 @@ and read against the models' own forward."""
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -135,3 +136,26 @@ def test_a_missing_transformers_model_offline_fails_in_one_line(tmp_path, monkey
                                       "transformers:nobody/no-such-model"])  # fmt: skip
     assert result.exit_code == 2
     assert "cannot be reached" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_a_hub_model_from_the_local_cache_is_identified_by_its_cached_weights_file(tmp_path):
+    import hashlib
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    snapshot = tmp_path / "hub" / "models--someone--tiny-clip" / "snapshots" / "0123abcd"
+    shutil.copytree(hf_dirs()["hf-clip"], snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0123abcd")
+    code = ("import json, clipviz; b = clipviz.load_model('transformers:someone/tiny-clip', "
+            "device='cpu'); print(json.dumps(b.identity))")  # fmt: skip
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    identity = json.loads(out.stdout.strip().splitlines()[-1])
+    weights = snapshot / "model.safetensors"
+    assert identity["weights_file"] == str(weights)
+    assert identity["weights"] == "sha256:" + hashlib.sha256(weights.read_bytes()).hexdigest()

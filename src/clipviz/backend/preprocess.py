@@ -25,14 +25,20 @@ class Preprocess:
     std: tuple[float, float, float]
     crop: Crop = "none"
 
+    def _center_geometry(self, width: int, height: int) -> tuple[float, int, int, int, int]:
+        """`crop="center"` on a `width` × `height` image: the resize scale, the resized size
+        `(rw, rh)` and the crop's top-left corner `(left, top)` in resized pixels."""
+        h, w = self.size
+        scale = max(h / height, w / width)
+        rw, rh = max(w, round(width * scale)), max(h, round(height * scale))
+        return scale, rw, rh, (rw - w) // 2, (rh - h) // 2
+
     def crop_box(self, width: int, height: int) -> tuple[int, int, int, int]:
         """The part `(left, top, right, bottom)` of a `width` × `height` image the model sees."""
         if self.crop != "center":
             return 0, 0, width, height
         h, w = self.size
-        scale = max(h / height, w / width)
-        rw, rh = max(w, round(width * scale)), max(h, round(height * scale))
-        left, top = (rw - w) // 2, (rh - h) // 2
+        scale, _, _, left, top = self._center_geometry(width, height)
         # the crop in resized pixels, mapped back onto the original image
         return (
             round(left / scale),
@@ -44,10 +50,8 @@ class Preprocess:
     def __call__(self, image: Image.Image) -> torch.Tensor:
         h, w = self.size
         if self.crop == "center":
-            scale = max(h / image.height, w / image.width)
-            rw, rh = max(w, round(image.width * scale)), max(h, round(image.height * scale))
+            _, rw, rh, left, top = self._center_geometry(image.width, image.height)
             image = image.resize((rw, rh), Image.Resampling.BICUBIC)
-            left, top = (rw - w) // 2, (rh - h) // 2
             image = image.crop((left, top, left + w, top + h))
         else:
             image = image.resize((w, h), Image.Resampling.BICUBIC)

@@ -113,8 +113,12 @@ def load_transformers(
             "by save_pretrained or a transformers CLIP/SigLIP repository"
         ) from e
     wrapped, tokenizer, side, mean, std = _hf_parts(model, processor)
-    weights = [folder / n for n in ("model.safetensors", "pytorch_model.bin")] if local else []
-    found = next((w for w in weights if w.is_file()), None)
+    names = ("model.safetensors", "pytorch_model.bin")
+    if local:
+        found = next((w for w in (folder / n for n in names) if w.is_file()), None)
+    else:  # a hub repository: its file in the local cache, hashed once (`content_digest`)
+        cached = hub.cached_hf_file(source, names)
+        found = Path(cached) if cached else None
     identity = {
         "model": spec if not local else f"{TRANSFORMERS}{os.path.abspath(folder)}",
         "pretrained": None,

@@ -16,6 +16,7 @@ from .registry import (
     MethodInfo,
     Option,
     display_order,
+    normalized_needs,
     option_help,
 )
 
@@ -42,7 +43,6 @@ def _info(fn: ast.FunctionDef, call: ast.Call) -> MethodInfo:
                helps.get(name, ""))
         for name, annotation, default in params
     )  # fmt: skip
-    needs = kw.get("needs") or {}
     return MethodInfo(
         name=ast.literal_eval(call.args[0]),
         summary=kw["summary"],
@@ -50,7 +50,7 @@ def _info(fn: ast.FunctionDef, call: ast.Call) -> MethodInfo:
         reference=kw["reference"],
         towers=tuple(kw["towers"]),
         options=options,
-        needs=tuple(sorted((k, tuple(v)) for k, v in needs.items())),
+        needs=normalized_needs(kw.get("needs")),
     )
 
 

@@ -253,6 +253,14 @@ def signature_options(fn: Callable[..., Any]) -> tuple[Option, ...]:
 _REGISTRY: dict[str, Method] = {}
 
 
+def normalized_needs(
+    needs: Mapping[str, Sequence[str]] | None,
+) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """`needs` as `MethodInfo` keeps it (sorted pairs), the same from the registry and the
+    catalogue."""
+    return tuple(sorted((k, tuple(v)) for k, v in (needs or {}).items()))
+
+
 def register(
     name: str,
     *,
@@ -267,7 +275,7 @@ def register(
     method reads (see `MethodInfo.needs`)."""
     if unknown := set(towers) - set(TOWERS):
         raise ValueError(f"unknown towers {unknown}")
-    requirements = tuple(sorted((k, tuple(v)) for k, v in (needs or {}).items()))
+    requirements = normalized_needs(needs)
 
     def decorate(fn: Callable[..., MapResult]) -> Callable[..., MapResult]:
         if name in _REGISTRY and _REGISTRY[name].fn.__qualname__ != fn.__qualname__:
