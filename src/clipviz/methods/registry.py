@@ -292,8 +292,9 @@ def register(
 # modules of this package that define no methods
 NOT_METHOD_MODULES = frozenset({"registry", "catalog"})
 # how listings order the methods (a method not named here comes after these, by name)
-DISPLAY_ORDER = ("itsm", "eclip", "surgery", "maskclip", "clearclip", "gradcam", "gae",
-                 "legrad", "gscorecam", "rollout", "convis", "attention", "random")  # fmt: skip
+DISPLAY_ORDER = ("itsm", "eclip", "surgery", "maskclip", "clearclip", "sclip", "naclip", "gem",
+                 "gradcam", "gradeclip", "gae", "legrad", "gscorecam", "textspan", "rollout",
+                 "convis", "attention", "random")  # fmt: skip
 
 
 def display_order(names: Sequence[str]) -> list[str]:

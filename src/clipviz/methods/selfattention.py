@@ -1,0 +1,198 @@
+"""Training-free dense maps from self-self attention: SCLIP, NACLIP and GEM.
+
+Like MaskCLIP and ClearCLIP (`surgery.py`), each replaces the attention of the last block(s)
+by one whose tokens attend to tokens like themselves (q-q plus k-k, k-k with a neighbourhood
+prior, or iterated self-self attention), then reads every token through the stock head and
+takes its cosine with the texts. The model is never modified: the new paths run the blocks'
+own pieces, which the tower adapter gives.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..backend import Backend, Texts
+from ..errors import ClipvizError
+from .registry import MapResult, register
+from .surgery import _itsm, _unit, _vit_last_block_variant, attention_branch
+
+GEM_BLOCKS = 6  # the reference's `gem_depth=7`: the GEM path runs in the last 6 blocks
+
+
+# -- attention variants --------------------------------------------------------------------
+
+
+def correlative_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SCLIP's correlative self-attention per head: `(softmax(q qᵀ/√d) + softmax(k kᵀ/√d)) v`
+    (the two attentions summed, not renormalised)."""
+    return F.scaled_dot_product_attention(q, q, v) + F.scaled_dot_product_attention(k, k, v)
+
+
+def neighbourhood_bias(grid: tuple[int, int], prefix: int, std: float) -> torch.Tensor:
+    """NACLIP's Gaussian prior on the attention logits `[prefix + N, prefix + N]`:
+    `exp(−|p − p′|² / (2 std²))` between patch positions `p, p′` of the `grid` (in patches),
+    0 in the rows and columns of the prefix tokens."""
+    h, w = grid
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    pos = torch.stack([rows.flatten(), cols.flatten()], dim=1).double()  # [N, 2]
+    bias = torch.exp(-(torch.cdist(pos, pos) ** 2) / (2 * std**2))
+    return F.pad(bias, (prefix, 0, prefix, 0)).float()
+
+
+def neighbourhood_attention(k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """NACLIP's attention per head: `softmax(k kᵀ/√d + ω) v`."""
+    logits = (k * k.shape[-1] ** -0.5) @ k.transpose(-2, -1) + bias.to(k.dtype)
+    return logits.softmax(dim=-1) @ v
+
+
+def self_self_attention(
+    z: torch.Tensor, v: torch.Tensor, inverse_temperature: torch.Tensor, iterations: int
+) -> torch.Tensor:
+    """GEM's self-self attention of `z` (q, k or v) per head, `[B, heads, L, d]`: `iterations`
+    times `z ← softmax(n(z) n(z)ᵀ τ) n(z)` (n: L2 normalisation over the head's channels), then
+    `softmax(n(z) n(z)ᵀ τ) v`. inverse_temperature τ: `[B, 1, 1, 1]` (or a scalar)."""
+    for _ in range(iterations):
+        z = F.normalize(z, dim=-1)
+        z = ((z @ z.transpose(-2, -1)) * inverse_temperature).softmax(dim=-1) @ z
+    z = F.normalize(z, dim=-1)
+    return ((z @ z.transpose(-2, -1)) * inverse_temperature).softmax(dim=-1) @ v
+
+
+def gem_inverse_temperature(h: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """GEM's default τ per image, `[B, 1, 1, 1]`: the mean over all tokens (prefix included)
+    of `‖h‖` over the full width, times `head_dim^-½` (h: the block's `ln_1` output)."""
+    return (h.norm(dim=-1).mean(dim=-1) * head_dim**-0.5).view(-1, 1, 1, 1)
+
+
+# -- methods -------------------------------------------------------------------------------
+
+
+@register(
+    "sclip",
+    towers=("vit",),
+    needs={"vit": ("attention",)},
+    summary="SCLIP: correlative self-attention (q-q plus k-k) in the last block, cosine",
+    citation="Feng Wang, Jieru Mei, Alan Yuille: SCLIP: Rethinking Self-Attention for Dense "
+    "Vision-Language Inference, ECCV 2024",
+    reference="wangf3014/SCLIP, clip/model.py (VisionTransformer.forward, custom_attn with "
+    "csa=True)",
+)
+def sclip(backend: Backend, images: torch.Tensor, texts: Texts) -> MapResult:
+    """SCLIP: the last block's attention replaced by correlative self-attention, then ITSM.
+
+    Last block: `y = x + ls_1(out_proj((softmax(q qᵀ/√d) + softmax(k kᵀ/√d)) v))`, then
+    `y + ls_2(mlp(ln_2(y)))` (residual and MLP kept, as released), q, k, v from `ln_1(x)`;
+    then `ln_post`, `proj`, normalise, cosine with the texts. The returned global embeddings
+    are the stock ones.
+    """
+    vit = backend.vit
+
+    def correlative_block(i: int, x: torch.Tensor) -> torch.Tensor:
+        y = x + attention_branch(vit, i, x, lambda q, k, v: correlative_attention(q, k, v))
+        return y + vit.mlp(i, y)
+
+    with torch.no_grad(), backend.autocast():
+        tokens, stock = _vit_last_block_variant(vit, images, correlative_block)
+    return _itsm(backend, images, texts, tokens, stock)
+
+
+@register(
+    "naclip",
+    towers=("vit",),
+    needs={"vit": ("attention",)},
+    summary="NACLIP: k-k attention with a Gaussian neighbourhood prior in the last block, "
+    "without residual or MLP, cosine",
+    citation="Sina Hajimiri, Ismail Ben Ayed, Jose Dolz: Pay Attention to Your Neighbours: "
+    "Training-Free Open-Vocabulary Semantic Segmentation, WACV 2025",
+    reference="sinahmr/NACLIP, clip/model.py (VisionTransformer.custom_attn, attn 'naclip', "
+    "arch 'reduced', gaussian_std 5)",
+)
+def naclip(backend: Backend, images: torch.Tensor, texts: Texts, std: float = 5.0) -> MapResult:
+    """NACLIP: the last block reduced to neighbourhood-aware k-k attention, then ITSM.
+
+    std: the Gaussian's standard deviation, in patches.
+
+    Last block: `ls_1(out_proj(softmax(k kᵀ/√d + ω) v))` with k, v from `ln_1(x)`, no residual
+    connection, no MLP, `ω` the Gaussian of the patch-grid distance (`neighbourhood_bias`);
+    then `ln_post`, `proj`, normalise, cosine with the texts. The returned global embeddings
+    are the stock ones.
+    """
+    if not std > 0:
+        raise ClipvizError(f"naclip: std={std} must be positive (the reference uses 5)")
+    vit = backend.vit
+    grid = backend.grid_size(images)
+    bias = backend.memo(
+        ("naclip-bias", grid, vit.prefix, std),
+        lambda: neighbourhood_bias(grid, vit.prefix, std).to(images.device),
+    )
+
+    def neighbourhood_block(i: int, x: torch.Tensor) -> torch.Tensor:
+        return attention_branch(vit, i, x, lambda q, k, v: neighbourhood_attention(k, v, bias))
+
+    with torch.no_grad(), backend.autocast():
+        tokens, stock = _vit_last_block_variant(vit, images, neighbourhood_block)
+    return _itsm(backend, images, texts, tokens, stock)
+
+
+@register(
+    "gem",
+    towers=("vit",),
+    needs={"vit": ("attention",)},
+    summary="GEM: iterated self-self (q-q, k-k, v-v) attention on a parallel path through the "
+    "last 6 blocks, without MLP, cosine",
+    citation="Walid Bousselham, Felix Petersen, Vittorio Ferrari, Hilde Kuehne: Grounding "
+    "Everything: Emerging Localization Properties in Vision-Language Transformers, CVPR 2024",
+    reference="WalBouss/GEM, gem/gem_utils.py (SelfSelfAttention, GEMResidualBlock, "
+    "modified_vit_forward) and gem/gem_wrapper.py (GEMWrapper)",
+)
+def gem(
+    backend: Backend,
+    images: torch.Tensor,
+    texts: Texts,
+    depth: int | None = None,
+    iterations: int = 1,
+    temperature: float | None = None,
+) -> MapResult:
+    """GEM: a parallel path of self-self attention through the last `depth` blocks, then ITSM.
+
+    depth: how many of the last blocks carry the GEM path; None: the reference's 6
+        (`gem_depth=7`), or every block of a shallower tower.
+    iterations: self-self iterations per attention (the reference's `ss_attn_iter`).
+    temperature: a fixed inverse temperature τ; None: per image and block, the mean token
+        norm of `ln_1(x)` times `head_dim^-½`, as the reference.
+
+    The stock stream `x` runs the stock blocks; the GEM stream starts equal to it at the first
+    GEM block and, per block, adds `ls_1(out_proj(mean_z o_z))` for z ∈ {q, k, v} from
+    `ln_1(x)` of the stock stream, `o_z = self_self_attention(z, v)`, with no MLP. Patch tokens
+    come from the GEM stream through `ln_post` and `proj`; the global embeddings are the stock
+    ones.
+    """
+    vit = backend.vit
+    if depth is None:
+        depth = min(GEM_BLOCKS, vit.depth)
+    if not 1 <= depth <= vit.depth:
+        raise ClipvizError(
+            f"gem: depth={depth} is outside 1…{vit.depth}, the blocks of "
+            f"{backend.identity['model']}"
+        )
+    if iterations < 0:
+        raise ClipvizError(f"gem: iterations={iterations} must be 0 or more (the reference: 1)")
+    with torch.no_grad(), backend.autocast():
+        first = vit.depth - depth
+        x = vit.run_blocks(vit.embed(images), stop=first)
+        x_gem = x
+        for i in range(first, vit.depth):
+            h = vit.norm1(i, x)
+            q, k, v = vit.qkv(i, h)
+            tau = (
+                gem_inverse_temperature(h, q.shape[-1])
+                if temperature is None
+                else torch.tensor(temperature, dtype=q.dtype, device=q.device)
+            )
+            mixed = sum(self_self_attention(z, v, tau, iterations) for z in (q, k, v)) / 3
+            x_gem = x_gem + vit.attn_out(i, mixed)  # type: ignore[arg-type]
+            x = vit.run_block(i, x)
+        tokens = _unit(vit.head(x_gem))[:, 1:]
+        stock = _unit(vit.pooled(x))
+    return _itsm(backend, images, texts, tokens, stock)
