@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,6 +24,10 @@ class Explanation:
     scores: `cos(image embedding, text)` `[B, T]`.
     probs: the model's probabilities `[B, T]`: a softmax of `logit_scale * scores` over the
         prompts, or for SigLIP-style models `sigmoid(logit_scale * scores + logit_bias)`.
+    extras: what else the method explains, per image (first axis B): Grad-ECLIP's
+        `text_importance` `[B, T, n]`, TextSpan's `head_maps` `[B, T, heads, h, w]`.
+    labels: names along an extra's last axis, shared by the batch (`text_tokens` `[T, n]`,
+        `heads`).
     """
 
     method: str
@@ -31,6 +35,8 @@ class Explanation:
     maps: torch.Tensor
     scores: torch.Tensor
     probs: torch.Tensor
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    labels: dict[str, list[list[str]]] = field(default_factory=dict)
 
     def upsampled(self, index: int, size: tuple[int, int]) -> torch.Tensor:
         """Maps of image `index`, min-max normalised per prompt, bilinear to `size` (H, W)."""
@@ -82,4 +88,6 @@ def explain(
         maps=result.maps.float().cpu(),
         scores=scores.cpu(),
         probs=probs.cpu(),
+        extras={k: v.detach().float().cpu() for k, v in result.extras.items()},
+        labels=result.labels,
     )

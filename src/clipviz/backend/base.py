@@ -23,6 +23,7 @@ from .hf import HFVision, HFViTTower
 from .preprocess import Preprocess
 from .resnet import ResNetTower, resnet_tower
 from .text import TextCache, Texts, ensemble_templates
+from .text_tower import TextTower
 from .timm_conv import TimmConvTower
 from .timm_vit import TimmViTTower
 from .vit import ViTTower
@@ -99,6 +100,11 @@ class Backend:
     def vision(self) -> Tower:
         """The image tower's adapter (`ViTTower`, `ResNetTower`, `TimmViTTower`, `TimmConvTower`)."""
         return tower_adapter(self.model.visual, self.memo, str(self.identity.get("model")))
+
+    @cached_property
+    def text_tower(self) -> TextTower:
+        """The text transformer's adapter (a usage error for towers it cannot read)."""
+        return TextTower(self.model, self.tokenizer, str(self.identity.get("model")))
 
     @property
     def tower(self) -> Literal["vit", "rn", "conv"]:

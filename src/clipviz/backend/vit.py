@@ -40,7 +40,51 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float | None = None
     return ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
 
 
-class ViTTower:
+class OpenClipBlocks:
+    """The pieces of open_clip's `ResidualAttentionBlock`s, by index: what the image and the
+    text transformers share."""
+
+    _blocks: list[Any]
+    _name: str
+    explicit_attention: bool
+
+    def _explicit(self, i: int) -> Any:
+        if not self.explicit_attention:
+            raise ClipvizError(
+                f"{self._name}: this method needs explicit attention, which clipviz implements "
+                f"for standard open_clip ViT blocks only (not {type(self._blocks[i]).__name__})"
+            )
+        return self._blocks[i]
+
+    def norm1(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Block `i`'s pre-attention norm `ln_1(x)`."""
+        return self._explicit(i).ln_1(x)
+
+    def qkv(self, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values of block `i` on `h` (`[B, L, W]`, already through
+        `norm1`), each `[B, heads, L, head_dim]`, from the block's own weights."""
+        attn = self._explicit(i).attn
+        B, L, W = h.shape
+        heads = attn.num_heads
+        qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)  # [B, L, 3W]
+        qkv = qkv.view(B, L, 3, heads, W // heads).permute(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1], qkv[2]
+
+    def attn_out(self, i: int, heads_out: torch.Tensor) -> torch.Tensor:
+        """Block `i`'s attention branch from per-head outputs `[B, heads, L, head_dim]`:
+        merge heads, `out_proj`, layer scale -> what the block adds to the stream `[B, L, W]`."""
+        block = self._explicit(i)
+        B, H, L, d = heads_out.shape
+        merged = heads_out.transpose(1, 2).reshape(B, L, H * d)
+        return block.ls_1(block.attn.out_proj(merged))
+
+    def mlp(self, i: int, y: torch.Tensor) -> torch.Tensor:
+        """Block `i`'s MLP branch `ls_2(mlp(ln_2(y)))`."""
+        block = self._explicit(i)
+        return block.ls_2(block.mlp(block.ln_2(y)))
+
+
+class ViTTower(OpenClipBlocks):
     """An open_clip ViT image tower: class token, then `h × w` patch tokens."""
 
     kind = "vit"
@@ -119,41 +163,6 @@ class ViTTower:
         for i in range(start, self.depth if stop is None else stop):
             x = self.run_block(i, x)
         return x
-
-    def _explicit(self, i: int) -> Any:
-        if not self.explicit_attention:
-            raise ClipvizError(
-                f"{self._name}: this method needs explicit attention, which clipviz implements "
-                f"for standard open_clip ViT blocks only (not {type(self._blocks[i]).__name__})"
-            )
-        return self._blocks[i]
-
-    def norm1(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """Block `i`'s pre-attention norm `ln_1(x)`."""
-        return self._explicit(i).ln_1(x)
-
-    def qkv(self, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries, keys and values of block `i` on `h` (`[B, L, W]`, already through
-        `norm1`), each `[B, heads, L, head_dim]`, from the block's own weights."""
-        attn = self._explicit(i).attn
-        B, L, W = h.shape
-        heads = attn.num_heads
-        qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)  # [B, L, 3W]
-        qkv = qkv.view(B, L, 3, heads, W // heads).permute(2, 0, 3, 1, 4)
-        return qkv[0], qkv[1], qkv[2]
-
-    def attn_out(self, i: int, heads_out: torch.Tensor) -> torch.Tensor:
-        """Block `i`'s attention branch from per-head outputs `[B, heads, L, head_dim]`:
-        merge heads, `out_proj`, layer scale -> what the block adds to the stream `[B, L, W]`."""
-        block = self._explicit(i)
-        B, H, L, d = heads_out.shape
-        merged = heads_out.transpose(1, 2).reshape(B, L, H * d)
-        return block.ls_1(block.attn.out_proj(merged))
-
-    def mlp(self, i: int, y: torch.Tensor) -> torch.Tensor:
-        """Block `i`'s MLP branch `ls_2(mlp(ln_2(y)))`."""
-        block = self._explicit(i)
-        return block.ls_2(block.mlp(block.ln_2(y)))
 
     def block_with_attention(
         self, i: int, x: torch.Tensor, normed: torch.Tensor | None = None

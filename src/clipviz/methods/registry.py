@@ -46,6 +46,10 @@ class MapResult:
 
     maps: torch.Tensor
     image_embeddings: torch.Tensor | None = None
+    # what else the method explains, per image (first axis B), e.g. `text_importance`
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    # names along the last axis of an extra, shared by the batch, e.g. `text_tokens` [T, n]
+    labels: dict[str, list[list[str]]] = field(default_factory=dict)
 
 
 # -- options -------------------------------------------------------------------------------

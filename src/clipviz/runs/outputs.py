@@ -94,6 +94,10 @@ def write_outputs(
         for k, exp in enumerate(explanations):
             key = "" if k == 0 else f"_{exp.method}"
             npz.add(f"maps{key}", exp.maps[index].numpy())
+            for name, values in exp.extras.items():
+                npz.add(f"{name}{key}", values[index].numpy())
+            for name, names in exp.labels.items():
+                npz.add(f"{name}{key}", np.array(names))
             with npz.rows(f"upsampled{key}", (len(exp.prompts), H, W), np.uint8) as row:
                 for t, (prompt, slug) in enumerate(zip(exp.prompts, slugs, strict=True)):
                     norm = place_in_box(exp.maps[index, t : t + 1], crop, (H, W))[0].numpy()
