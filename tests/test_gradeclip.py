@@ -177,4 +177,3 @@ def test_gradeclip_runs_on_a_rotary_class_token_tower(family_backends):
     e = explain(b, _batch(b), PROMPTS, method="gradeclip", ensemble=False)
     assert bool((e.maps >= 0).all()) and e.maps.amax(dim=(2, 3)).min() > 0
     torch.testing.assert_close(e.extras["text_importance"].nansum(-1), torch.ones(2, 3))
-

@@ -27,14 +27,14 @@ PROMPTS = ["a dog", "a square"]  # nouns, so ConVis reads them as concepts
 REGISTRY = methods()
 # what each test family's adapter offers (checked against the real adapters below)
 FAMILY_TOWERS = {
-    "vit": ("vit", {"attention", "readout", "class_token", "eclip"}),
+    "vit": ("vit", {"attention", "readout", "class_token", "eclip", "linear_head"}),
     "rn": ("rn", {"attention", "readout", "class_token", "eclip"}),
     "map": ("vit", {"attention", "readout", "probe"}),
     "pe": ("vit", {"attention", "readout", "probe"}),
     "eva": ("vit", {"attention", "readout", "class_token"}),
     "convnext": ("conv", set()),
     "fastvit": ("conv", set()),
-    "hf-clip": ("vit", {"attention", "readout", "class_token"}),
+    "hf-clip": ("vit", {"attention", "readout", "class_token", "linear_head"}),
     "hf-siglip": ("vit", {"attention", "readout", "probe"}),
 }
 CASES = [

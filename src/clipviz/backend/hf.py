@@ -93,6 +93,8 @@ class HFViTTower:
         self.pooling = "map" if self.siglip else "token"
         self.explicit_attention = True
         caps = {"attention", "readout", "probe" if self.siglip else "class_token"}
+        if not self.siglip and visual.projection is not None:
+            caps.add("linear_head")  # embedding = post_layernorm(class token) @ projection
         self.capabilities = frozenset(caps)
 
     @property
@@ -146,6 +148,17 @@ class HFViTTower:
     def mlp(self, i: int, y: torch.Tensor) -> torch.Tensor:
         layer = self._layers[i]
         return layer.mlp(layer.layer_norm2(y))
+
+    def head_outputs(self, i: int, mixed: torch.Tensor) -> torch.Tensor:
+        """Per-head contributions `[..., heads, W]` (bias left out), as `ViTTower`'s."""
+        H, d = mixed.shape[-2], mixed.shape[-1]
+        weight = self._layers[i].self_attn.out_proj.weight.view(-1, H, d)
+        return torch.einsum("...hd,whd->...hw", mixed, weight)
+
+    def head_directions(self, i: int, directions: torch.Tensor) -> torch.Tensor:
+        """Per-head value directions `[heads, d, T]` of stream directions `[T, W]`."""
+        attn = self._layers[i].self_attn
+        return (directions @ attn.out_proj.weight).T.reshape(attn.num_heads, -1, len(directions))
 
     def block_with_attention(
         self, i: int, x: torch.Tensor, normed: torch.Tensor | None = None

@@ -83,6 +83,24 @@ class OpenClipBlocks:
         block = self._explicit(i)
         return block.ls_2(block.mlp(block.ln_2(y)))
 
+    def head_outputs(self, i: int, mixed: torch.Tensor) -> torch.Tensor:
+        """What each head of block `i` adds to the stream, heads not summed: per-head mixed
+        values `[..., heads, d]` -> `[..., heads, W]` (the head's slice of `out_proj`, layer
+        scale; the `out_proj` bias, shared by the heads, left out: it is `attn_out` of 0)."""
+        block = self._explicit(i)
+        H, d = mixed.shape[-2], mixed.shape[-1]
+        weight = block.attn.out_proj.weight.view(-1, H, d)  # [W, heads, d]
+        return block.ls_1(torch.einsum("...hd,whd->...hw", mixed, weight))
+
+    def head_directions(self, i: int, directions: torch.Tensor) -> torch.Tensor:
+        """The per-head value directions `[heads, d, T]` whose dot product with a head's
+        mixed values equals the dot product of what the head adds (`head_outputs`) with each
+        stream direction `[T, W]`."""
+        block = self._explicit(i)
+        H = block.attn.num_heads
+        weight = block.attn.out_proj.weight  # [W, heads·d]
+        return (block.ls_1(directions) @ weight).T.reshape(H, -1, directions.shape[0])
+
 
 class ViTTower(OpenClipBlocks):
     """An open_clip ViT image tower: class token, then `h × w` patch tokens."""
@@ -102,6 +120,8 @@ class ViTTower(OpenClipBlocks):
         self.explicit_attention = all(isinstance(b, ResidualAttentionBlock) for b in self._blocks)
         self.readout = "class"
         base = {"readout", "class_token", "eclip"}
+        if getattr(visual, "pool_type", "tok") == "tok":
+            base.add("linear_head")  # embedding = ln_post(class token) @ proj
         self.capabilities = frozenset(base | ({"attention"} if self.explicit_attention else set()))
         if getattr(visual, "attn_pool", None) is not None:
             raise ClipvizError(

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from . import bench, catalog, concepts, evaluate, explain, report, train
+from . import bench, catalog, concepts, evaluate, explain, heads, report, train
 from .options import methods_epilog
 from .output import handle_errors, out_console
 
@@ -31,6 +31,7 @@ for name, fn in (
     ("train", train.train),
     ("concepts", concepts.concepts),
     ("concepts-ood", concepts.concepts_ood),
+    ("heads", heads.heads),
     ("report", report.report),
     ("bench", bench.bench),
     ("methods", catalog.methods),
