@@ -263,3 +263,12 @@ class HFViTTower:
     def image_embedding(self, images: torch.Tensor) -> torch.Tensor:
         """The stock forward's image embedding `[B, D]` alone (not normalised)."""
         return self.pooled(self.run_blocks(self.embed(images)))
+
+    def cascade(self) -> list[tuple[str, list[Any]]]:
+        """Head (post-norm, probe, projection), then layers last to first (see `ViTTower`)."""
+        parts = (self.vm.post_layernorm, getattr(self.vm, "head", None), self.visual.projection)
+        head = [m for m in parts if m is not None]
+        return [
+            ("head", head),
+            *((f"block {i}", [self._layers[i]]) for i in reversed(range(self.depth))),
+        ]

@@ -132,6 +132,14 @@ class ResNetTower:
         """The stock forward's image embedding `[B, D]` alone (not normalised)."""
         return self.pooled(self.pool_inputs(self.features(images)))
 
+    def cascade(self) -> list[tuple[str, list[Any]]]:
+        """The attention pool, then the residual stages `layer4` … `layer1`."""
+        v = self.visual
+        return [
+            ("head", [v.attnpool]),
+            *((f"layer{i}", [getattr(v, f"layer{i}")]) for i in (4, 3, 2, 1)),
+        ]
+
 
 def resnet_tower(visual: Any, memo: Memo, name: str) -> ResNetTower:
     if getattr(visual, "attnpool", None) is None:

@@ -86,3 +86,13 @@ class TimmConvTower:
     def image_embedding(self, images: torch.Tensor) -> torch.Tensor:
         """The stock forward's image embedding `[B, D]` alone (not normalised)."""
         return self.pooled(self.features(images))
+
+    def cascade(self) -> list[tuple[str, list[Any]]]:
+        """The head (the trunk's and open_clip's), then the stages last to first."""
+        t = self.trunk
+        head = [m for m in (getattr(t, "head", None), self.visual.head) if m is not None]
+        stages = list(getattr(t, "stages", None) or getattr(t, "layers", None) or [])
+        return [
+            ("head", head),
+            *((f"stage {i}", [stages[i]]) for i in reversed(range(len(stages)))),
+        ]

@@ -344,3 +344,14 @@ class TimmViTTower:
     def image_embedding(self, images: torch.Tensor) -> torch.Tensor:
         """The stock forward's image embedding `[B, D]` alone (not normalised)."""
         return self.pooled(self.run_blocks(self.embed(images)))
+
+    def cascade(self) -> list[tuple[str, list[Any]]]:
+        """Head (norms, probe, projections), then blocks last to first (see `ViTTower`)."""
+        t = self.trunk
+        parts = (t.norm, getattr(t, "fc_norm", None), getattr(t, "attn_pool", None), t.head,
+                 self.visual.head)  # fmt: skip
+        head = [m for m in parts if m is not None]
+        return [
+            ("head", head),
+            *((f"block {i}", [self._blocks[i]]) for i in reversed(range(self.depth))),
+        ]

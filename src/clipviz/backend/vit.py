@@ -233,3 +233,13 @@ class ViTTower(OpenClipBlocks):
     def image_embedding(self, images: torch.Tensor) -> torch.Tensor:
         """The stock forward's image embedding `[B, D]` alone (not normalised)."""
         return self.pooled(self.run_blocks(self.embed(images)))
+
+    def cascade(self) -> list[tuple[str, list[Any]]]:
+        """The tower's layers from the top (head, then blocks last to first), as modules or
+        parameters: the order in which a randomisation test re-draws them."""
+        v = self.visual
+        head = [m for m in (v.ln_post, v.proj) if m is not None]
+        return [
+            ("head", head),
+            *((f"block {i}", [self._blocks[i]]) for i in reversed(range(self.depth))),
+        ]

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from . import bench, catalog, concepts, evaluate, explain, heads, report, train
+from . import bench, catalog, concepts, evaluate, explain, heads, report, sanity, train
 from .options import methods_epilog
 from .output import handle_errors, out_console
 
@@ -24,7 +24,7 @@ app = typer.Typer(
     add_completion=True,
 )
 
-_METHOD_COMMANDS = {"explain", "eval", "bench"}
+_METHOD_COMMANDS = {"explain", "eval", "bench", "sanity"}
 for name, fn in (
     ("explain", explain.explain),
     ("eval", evaluate.evaluate),
@@ -32,6 +32,7 @@ for name, fn in (
     ("concepts", concepts.concepts),
     ("concepts-ood", concepts.concepts_ood),
     ("heads", heads.heads),
+    ("sanity", sanity.sanity),
     ("report", report.report),
     ("bench", bench.bench),
     ("methods", catalog.methods),
