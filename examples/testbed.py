@@ -5,7 +5,8 @@
 1. trains the tiny CLIP on the synthetic world (cached; ~2 minutes on 2 CPU cores),
 2. writes a held-out Pascal-VOC-layout set and an image-caption CSV,
 3. runs, through the `clipviz` command line: `train` (ECLIP, and the no-mask control),
-   `eval` (every ViT method; ECLIP against stock ITSM) and `explain` (comparison sheets).
+   `eval` (every ViT method; ECLIP against stock ITSM), `explain` (comparison sheets) and
+   `sanity` (the cascading randomisation test of the methods).
 Every command is printed before it runs; the tables land in OUT/tables.md.
 """
 
@@ -28,12 +29,19 @@ METHODS = [
     "surgery",
     "maskclip",
     "clearclip",
+    "sclip",
+    "naclip",
+    "gem",
     "gradcam",
+    "gradeclip",
     "gae",
     "legrad",
+    "textspan",
     "rollout",
     "random",
 ]
+SANITY_METHODS = ["itsm", "surgery", "clearclip", "sclip", "naclip", "gem", "gradcam",
+                  "gradeclip", "gae", "legrad", "textspan", "rollout", "attention", "random"]  # fmt: skip
 
 
 def clipviz(*args: str) -> None:
@@ -51,6 +59,18 @@ def table(path: Path, methods: list[str], labels: dict[str, str] | None = None) 
             f"| {(labels or {}).get(m, m)} | {r['miou']:.1f} ({r['miou_threshold']:.2f}) | "
             f"{r['msc']:+.1f} | {r['pointing']:.3f} | {r['area']:.3f} |"
         )
+    return "\n".join(rows)
+
+
+def sanity_table(path: Path) -> str:
+    """Spearman ρ with the original maps after each layer is re-drawn, and the verdict."""
+    data = json.loads(path.read_text())
+    head = "| method | " + " | ".join(data["stages"]) + " | SSIM, all random | |"
+    rows = [head, "| --- |" + " --- |" * (len(data["stages"]) + 2)]
+    for name, s in data["methods"].items():
+        cells = " | ".join(f"{v:.2f}" for v in s["spearman"])
+        verdict = "flagged" if s["flagged"] else "passes"
+        rows.append(f"| {name} | {cells} | {s['ssim'][-1]:.2f} | {verdict} |")
     return "\n".join(rows)
 
 
@@ -112,6 +132,10 @@ def main() -> None:
         clipviz("explain", str(image), *prompts, *sheet, "--no-ensemble", "-o",
                 str(out / "sheets"), "-q", *model)  # fmt: skip
 
+    sanity = [a for m in SANITY_METHODS for a in ("-m", m)]
+    clipviz("sanity", str(out / "heldout"), "-f", "voc", "--classes-file", str(classes),
+            "--no-ensemble", "--limit", "50", *sanity, "-o", str(out / "sanity"), "-q", *model)  # fmt: skip
+
     eclip = json.loads((out / "eclip.json").read_text())["results"]["eclip"]
     nomask = json.loads((out / "nomask.json").read_text())["results"]["eclip"]
     stock = json.loads((out / "methods.json").read_text())["results"]["itsm"]
@@ -128,6 +152,8 @@ def main() -> None:
         + table(out / "methods.json", METHODS)
         + "\n\n## ECLIP\n\n"
         + "\n".join(rows)
+        + "\n\n## Sanity (cascading randomisation, 50 scenes)\n\n"
+        + sanity_table(out / "sanity" / "sanity.json")
         + "\n"
     )
     (out / "tables.md").write_text(text)

@@ -7,9 +7,12 @@ Every number comes from `clipviz eval`'s own code path on held-out scenes.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from clipviz.backend import load_backend
 from clipviz.data.datasets import open_dataset
@@ -128,3 +131,25 @@ def test_convis_map_of_circle_peaks_on_the_circle(trained_backend, tmp_path):
     area = np.mean([s.objects[0].mask.mean() for s in circles])
     print(f"circle.n.01 peaks on the circle in {hits}/{len(circles)} scenes (area {area:.2f})")
     assert hits >= 6  # most scenes; a random peak would hit about 20% of the time
+
+
+def test_demo_runs_on_the_test_bed_when_offline_without_weights(trained_clip, tmp_path):
+    """`make demo` offline with nothing cached: one note, then the test bed's comparison
+    sheets (the tiny CLIP comes from the test bed cache the fixture filled)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import testbed_cache
+
+    root = Path(__file__).parent.parent
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
+           "CLIPVIZ_CACHE": str(tmp_path / "cache"), "CLIPVIZ_TESTBED_CACHE": str(testbed_cache())}  # fmt: skip
+    out = tmp_path / "demo"
+    run = subprocess.run([sys.executable, str(root / "examples" / "explain_photos.py"), "--out",
+                          str(out)], env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "running the demo on the embedded test bed" in run.stdout
+    sheets = sorted(out.glob("testbed/scene_*.png/comparison.png"))
+    assert len(sheets) == 4
+    assert all(Image.open(s).size[0] > 5 * 64 for s in sheets)  # five method columns
