@@ -177,3 +177,29 @@ def test_gradeclip_runs_on_a_rotary_class_token_tower(family_backends):
     e = explain(b, _batch(b), PROMPTS, method="gradeclip", ensemble=False)
     assert bool((e.maps >= 0).all()) and e.maps.amax(dim=(2, 3)).min() > 0
     torch.testing.assert_close(e.extras["text_importance"].nansum(-1), torch.ones(2, 3))
+
+
+def test_text_importance_reaches_the_manifest_and_the_report(tmp_path, tiny_weights):
+    from conftest import random_image
+    from typer.testing import CliRunner
+
+    from clipviz.cli import app
+
+    random_image(seed=5).save(tmp_path / "photo.png")
+    config, weights = tiny_weights["vit"]
+    out = tmp_path / "out"
+    runner = CliRunner()
+    result = runner.invoke(app, ["explain", str(tmp_path / "photo.png"), "a red dog", "grass",
+                                 "-m", "gradeclip", "-m", "itsm", "--no-ensemble", "-o", str(out),
+                                 "--model-config", str(config), "--pretrained", str(weights)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rec = json.loads((out / "manifest.jsonl").read_text().splitlines()[-1])
+    tokens = rec["text_importance"]["gradeclip"]["a red dog"]
+    assert [t for t, _ in tokens] == ["a", "red", "dog"]
+    assert sum(w for _, w in tokens) == pytest.approx(1.0, abs=1e-3) or all(
+        w == 0 for _, w in tokens
+    )
+    assert set(rec["text_importance"]) == {"gradeclip"}  # itsm explains no text side
+    assert runner.invoke(app, ["report", str(out)]).exit_code == 0
+    page = (out / "report.html").read_text()
+    assert "gradeclip, text side — a red dog:" in page and ">red</span>" in page

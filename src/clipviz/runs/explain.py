@@ -240,10 +240,30 @@ def _run(
                     "scores": scores,
                     "probs": probs,
                     "top": max(probs, key=probs.__getitem__),
+                    **token_importance(explanations, j),
                     "seconds": round(model_seconds + time.perf_counter() - t0, 4),
                 }
             )
     return summary
+
+
+def token_importance(explanations: Sequence[Explanation], j: int) -> dict[str, Any]:
+    """`{"text_importance": {method: {prompt: [[token, weight], …]}}}` for image `j`, from the
+    methods that explain the text side too (Grad-ECLIP); empty when none did."""
+    found: dict[str, Any] = {}
+    for exp in explanations:
+        weights, tokens = exp.extras.get("text_importance"), exp.labels.get("text_tokens")
+        if weights is None or tokens is None:
+            continue
+        found[exp.method] = {
+            prompt: [
+                [tok, round(float(w), 4)]
+                for tok, w in zip(row, weights[j, t].tolist(), strict=True)
+                if tok
+            ]
+            for t, (prompt, row) in enumerate(zip(exp.prompts, tokens, strict=True))
+        }
+    return {"text_importance": found} if found else {}
 
 
 def non_finite(explanations: Sequence[Explanation], j: int) -> str | None:

@@ -21,6 +21,7 @@ h1 { font-size: 20px; } h2 { font-size: 15px; margin: 24px 0 6px; word-break: br
 figure { margin: 0; width: 240px; } figure img { width: 240px; border: 1px solid #ddd; }
 figcaption { font-size: 12px; } .top { font-weight: bold; }
 table { border-collapse: collapse; } td, th { padding: 2px 8px; border-bottom: 1px solid #eee; }
+.tokens { margin: 4px 0; } .tokens span { padding: 1px 3px; border-radius: 3px; }
 """
 
 
@@ -77,6 +78,7 @@ def build_report(
                 f"<figcaption{cls}>{text}</figcaption></figure>"
             )
         parts.append("</div>")
+        parts += _text_importance(rec)
     if failed:
         parts.append("<h2 class='failed'>Failed inputs</h2><table>")
         for rec in failed:
@@ -87,6 +89,23 @@ def build_report(
         parts.append("</table>")
     write_text_atomic(target, "\n".join(parts) + "\n")
     return target
+
+
+def _text_importance(rec: dict[str, Any]) -> list[str]:
+    """Each explained prompt's tokens shaded by their importance (Grad-ECLIP's text side),
+    the weight in each token's tooltip."""
+    parts = []
+    for method, prompts in rec.get("text_importance", {}).items():
+        for prompt, tokens in prompts.items():
+            top = max((w for _, w in tokens), default=0.0) or 1.0
+            spans = "".join(
+                f"<span title='{w:.3f}' style='background: rgba(220, 40, 40, {w / top:.2f})'>"
+                f"{html.escape(tok)}</span> "
+                for tok, w in tokens
+            )
+            label = html.escape(f"{method}, text side — {prompt}:")
+            parts.append(f"<p class='tokens'>{label} {spans}</p>")
+    return parts
 
 
 def _overlays(rec: dict[str, Any]) -> list[tuple[str, str, str]]:
