@@ -203,3 +203,13 @@ def test_text_importance_reaches_the_manifest_and_the_report(tmp_path, tiny_weig
     assert runner.invoke(app, ["report", str(out)]).exit_code == 0
     page = (out / "report.html").read_text()
     assert "gradeclip, text side — a red dog:" in page and ">red</span>" in page
+
+
+def test_text_layers_zero_gives_the_image_map_alone(vit_backend):
+    b = vit_backend
+    x, texts = _batch(b), _texts(b, PROMPTS)
+    alone = gradeclip(b, x, texts, text_layers=0)
+    assert alone.extras == {} and alone.labels == {}
+    torch.testing.assert_close(alone.maps, gradeclip(b, x, texts).maps)
+    with pytest.raises(ClipvizError, match="text_layers=-1"):
+        gradeclip(b, x, texts, text_layers=-1)

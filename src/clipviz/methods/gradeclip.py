@@ -66,13 +66,15 @@ def _check_layers(layers: int, depth: int, what: str) -> None:
 def _image_maps(
     backend: Backend, images: Tensor, texts: Texts, layers: int, use_keys: bool
 ) -> tuple[Tensor, Tensor]:
-    """Maps `[B, T, h, w]` and the explained forward's image embeddings `[B, D]`."""
+    """Maps `[B, T, h, w]` and the stock image embeddings `[B, D]` (the stock blocks run
+    from the input the explained ones share)."""
     vit = backend.vit
     _check_layers(layers, vit.depth, "layers")
     first = vit.depth - layers
     patches = slice(vit.prefix, None)
     with torch.no_grad(), backend.autocast():
         x = vit.run_blocks(vit.embed(images), stop=first)
+        stock = vit.pooled(vit.run_blocks(x, start=first))
     reads, weights, values = [], [], []
     with torch.enable_grad(), backend.autocast():
         for i in range(first, vit.depth):
@@ -81,8 +83,7 @@ def _image_maps(
             values.append(v[:, patches].detach().float())  # [B, N, W]
             sim = key_similarity(q.detach().float(), k.detach().float(), 0, patches)
             weights.append(sim if use_keys else torch.ones_like(sim))  # [B, N]
-        embeddings = vit.pooled(x)
-        similarities = cosine(embeddings, texts)  # [B, T]
+        similarities = cosine(vit.pooled(x), texts)  # [B, T]
     maps = []
     for grads in similarity_gradients(similarities, reads):
         per_layer = [
@@ -91,7 +92,7 @@ def _image_maps(
         ]
         maps.append(torch.stack(per_layer).sum(0))
     h, w = backend.grid_size(images)
-    return torch.stack(maps, dim=1).view(images.shape[0], -1, h, w), embeddings
+    return torch.stack(maps, dim=1).view(images.shape[0], -1, h, w), stock
 
 
 def text_importance(
@@ -174,7 +175,7 @@ def gradeclip(
     layers: the last blocks explained (the reference: 1); each runs one-headed.
     key_weights: weight by `s_j = minmax_j cos(q_cls, k_j)` (the reference); False drops it.
     text_layers: the last text blocks of the text-side explanation (the reference: 8, or every
-        block of a shallower text tower).
+        block of a shallower text tower); 0: the image map only (about half the time).
 
     Per block, one-headed: `a = softmax(q kᵀ/√W) v` with q, k, v from `ln_1(x)` over the full
     width; `c = cos(image_embedding, text)` (no logit scale) of that forward; `g = ∂c/∂a` at
@@ -183,9 +184,11 @@ def gradeclip(
     embeddings are the stock ones (the one-headed forward's differ slightly).
     """
     check_grad_allowed("Grad-ECLIP")
-    maps, _ = _image_maps(backend, images, texts, layers, key_weights)
-    stock = backend.image_embeddings(images)
-    side = _text_side(backend, texts, stock, text_layers)
+    maps, stock = _image_maps(backend, images, texts, layers, key_weights)
+    stock = F.normalize(stock.float(), dim=-1)
+    if text_layers < 0:
+        raise ClipvizError(f"gradeclip: text_layers={text_layers} must be 0 (none) or more")
+    side = _text_side(backend, texts, stock, text_layers) if text_layers else None
     if side is None:
         return MapResult(maps.detach().float(), unit(stock))
     importance, words = side

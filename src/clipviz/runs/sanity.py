@@ -171,12 +171,13 @@ def plot_cascade(path: Path, result: SanityResult) -> None:
     x = list(range(len(result.stages) + 1))
     labels = ["original", *result.stages]
     fig, axes = plt.subplots(1, 2, figsize=(max(8.0, 0.55 * len(x) * 2), 4.2), sharex=True)
+    palette = plt.get_cmap("tab10" if len(result.methods) <= 10 else "tab20")
     for ax, key, title in ((axes[0], "spearman", "Spearman rank correlation"),
                            (axes[1], "ssim", "SSIM")):  # fmt: skip
-        for name, s in result.methods.items():
+        for k, (name, s) in enumerate(result.methods.items()):
             values = [1.0, *getattr(s, key)]
             style = "--" if s.flagged else "-"
-            ax.plot(x, values, style, marker="o", markersize=3, label=name)
+            ax.plot(x, values, style, marker="o", markersize=3, label=name, color=palette(k))
         ax.set_title(title)
         ax.set_ylim(-0.2 if key == "spearman" else 0.0, 1.05)
         ax.axhline(0.0, color="0.7", linewidth=0.8)
