@@ -241,6 +241,31 @@ def test_conv_gradcam_equals_gradients_through_timms_forward(family_backends):
             torch.testing.assert_close(result.maps[i, j], expected, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("layer", [0, -2])
+def test_conv_gradcam_at_a_stage_equals_gradients_through_the_later_stages(family_backends, layer):
+    """ConvNeXt: the stage's output from `forward_intermediates`, then the later stages,
+    `norm_pre` and the head run here by hand."""
+    b = family_backends("convnext")
+    images, texts = _batch(b), _texts(b)
+    result = gradcam(b, images, texts, layer=layer)
+    t = b.model.visual.trunk
+    stage = layer % len(t.stages)
+    with torch.no_grad():
+        (read,) = t.forward_intermediates(images, indices=[stage], intermediates_only=True)
+    read = read.detach().requires_grad_(True)
+    with torch.enable_grad():
+        x = read
+        for s in t.stages[stage + 1 :]:
+            x = s(x)
+        emb = F.normalize(b.model.visual.head(t.forward_head(t.norm_pre(x))), dim=-1)
+        for j, text in enumerate(texts.embeddings):
+            (g,) = torch.autograd.grad((emb @ text).sum(), read, retain_graph=True)
+            alpha = g.mean(dim=(2, 3), keepdim=True)
+            expected = (alpha * read.detach()).sum(1).relu()
+            torch.testing.assert_close(result.maps[:, j], expected, atol=1e-6, rtol=1e-4)
+    assert result.maps.shape[-2:] == read.shape[-2:]  # the stage's own grid
+
+
 def test_methods_without_meaning_on_a_tower_say_which_apply(family_backends):
     b = family_backends("convnext")
     with pytest.raises(clipviz.ClipvizError, match="methods for it: itsm, gradcam") as e:

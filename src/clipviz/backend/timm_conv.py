@@ -59,6 +59,36 @@ class TimmConvTower:
         f = self.trunk.forward_features(images)
         return f.permute(0, 3, 1, 2) if self._nhwc else f
 
+    def _stages(self) -> list[Any]:
+        return list(
+            getattr(self.trunk, "stages", None) or getattr(self.trunk, "layers", None) or []
+        )
+
+    @property
+    def depth(self) -> int:
+        """Number of stages."""
+        return len(self._stages())
+
+    def stage_output(self, images: torch.Tensor, stage: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output of stage `stage` `[B, C, h, w]`, requiring grad, and the image embedding
+        `[B, D]` the rest of the stock forward computes from it (the stages before run as
+        usual; with no weight requiring grad they record no graph). A forward hook, removed
+        at once, hands the stage's output on as a tensor that requires grad."""
+        read: list[torch.Tensor] = []
+
+        def hand_on(module: Any, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+            out = output.detach().requires_grad_(True)
+            read.append(out)
+            return out
+
+        handle = self._stages()[stage].register_forward_hook(hand_on)
+        try:
+            embedding = self.pooled(self.features(images))
+        finally:
+            handle.remove()
+        grid = read[0].permute(0, 3, 1, 2) if self._nhwc else read[0]
+        return grid, embedding
+
     def pooled(self, features: torch.Tensor) -> torch.Tensor:
         """The stock image embedding `[B, D]` from the feature map (not normalised)."""
         f = features.permute(0, 2, 3, 1) if self._nhwc else features
@@ -91,7 +121,7 @@ class TimmConvTower:
         """The head (the trunk's and open_clip's), then the stages last to first."""
         t = self.trunk
         head = [m for m in (getattr(t, "head", None), self.visual.head) if m is not None]
-        stages = list(getattr(t, "stages", None) or getattr(t, "layers", None) or [])
+        stages = self._stages()
         return [
             ("head", head),
             *((f"stage {i}", [stages[i]]) for i in reversed(range(len(stages)))),

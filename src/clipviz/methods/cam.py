@@ -25,7 +25,8 @@ def cam_layer(backend: Backend, images: Tensor, layer: int) -> tuple[Tensor, Ten
 
     ViT: the output of block `layer`'s `ln_1` `[B, 1+N, W]` (that block is then computed
     explicitly from it, the later ones stock); RN: the output of stage `layer`
-    (`layer4` = −1) `[B, C, h, w]`.
+    (`layer4` = −1) `[B, C, h, w]`; convolutional towers: the final map (−1, after the
+    trunk's last norm) or the output of stage `layer` `[B, C, h, w]`.
     """
     check_grad_allowed("Grad-CAM")
     if backend.tower == "vit":
@@ -39,14 +40,13 @@ def cam_layer(backend: Backend, images: Tensor, layer: int) -> tuple[Tensor, Ten
         return read, vit.pooled(vit.run_blocks(y, start=i + 1))
     if backend.tower == "conv":
         conv = backend.vision
-        if layer != -1:
-            raise ClipvizError(
-                "gradcam: a convolutional tower is read at its final map (`layer` -1)"
-            )
-        with torch.no_grad():
-            read = conv.features(images)  # type: ignore[union-attr]
-        read.requires_grad_(True)
-        return read, conv.pooled(read)  # type: ignore[union-attr]
+        if layer == -1:
+            with torch.no_grad():
+                read = conv.features(images)  # type: ignore[union-attr]
+            read.requires_grad_(True)
+            return read, conv.pooled(read)  # type: ignore[union-attr]
+        i = block_index(layer, conv.depth, "layer", "gradcam")  # type: ignore[union-attr]
+        return conv.stage_output(images, i)  # type: ignore[union-attr]
     rn = backend.rn
     i = block_index(layer, rn.depth, "layer", "gradcam")
     with torch.no_grad():
@@ -78,7 +78,8 @@ def gradcam(backend: Backend, images: Tensor, texts: Texts, layer: int = -1) -> 
     """Grad-CAM on the CLIP similarity: `ReLU(Σ_c α_c A_c)`, `α_c = mean_spatial ∂s/∂A_c`.
 
     layer: ViT: the block whose `ln_1` output is read (−1 = the last); RN: the residual
-        stage whose output is read (−1 = `layer4`); convolutional towers: the final map (−1).
+        stage whose output is read (−1 = `layer4`); convolutional towers: the final map (−1)
+        or a stage's output (0 … stages − 2, or −2 … to count from the last).
     """
     with torch.enable_grad():
         with backend.autocast():
