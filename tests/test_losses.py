@@ -31,3 +31,23 @@ def test_identical_captions_share_the_target():
     row1 = row0
     row2 = -math.log(e / (e + 2))
     assert math.isclose(loss.item(), (row0 + row1 + row2) / 3, rel_tol=1e-6)
+
+
+def test_sigmoid_loss_is_siglips_pairwise_formula():
+    from clipviz.eclip.losses import pair_loss, sigmoid_loss
+
+    g = torch.Generator().manual_seed(1)
+    img = F.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    txt = F.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    ids = torch.tensor([0, 1, 1, 2, 3])  # samples 1 and 2 share a caption
+    total = 0.0
+    for i in range(5):
+        for j in range(5):
+            z = 1.0 if ids[i] == ids[j] else -1.0
+            logit = 10.0 * float(img[i] @ txt[j]) - 5.0
+            total += -math.log(1 / (1 + math.exp(-z * logit)))
+    expected = total / 5
+    assert math.isclose(sigmoid_loss(img, txt, 10.0, -5.0, ids).item(), expected, rel_tol=1e-5)
+    assert math.isclose(pair_loss(img, txt, 10.0, ids, -5.0).item(), expected, rel_tol=1e-5)
+    # without a bias the model is a CLIP: InfoNCE
+    assert pair_loss(img, txt, 10.0, ids).item() == contrastive_loss(img, txt, 10.0, ids).item()

@@ -228,12 +228,71 @@ def test_cli_usage_errors_are_one_line_with_exit_2(tiny_weights, world, tmp_path
         assert result.output.count("\n") == 1 and "Traceback" not in result.output
 
 
-@pytest.mark.parametrize("family", ["map", "convnext", "hf-clip"])
-def test_training_on_a_tower_without_an_explain_head_is_refused_before_any_work(
+@pytest.mark.parametrize("family", ["convnext", "fastvit"])
+def test_training_on_a_tower_without_free_attention_is_refused_before_any_work(
     family, family_backends, world, tmp_path
 ):
     backend = family_backends(family)
-    with pytest.raises(ClipvizError, match="explain head is built for open_clip's own") as err:
+    with pytest.raises(ClipvizError, match="ECLIP needs free attention") as err:
         train(backend, read_captions(world), tmp_path / "run", TrainConfig(batch_size=16, steps=1))
     assert "\n" not in str(err.value)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("family", ["vit", "map", "pe", "eva", "hf-clip", "hf-siglip"])
+def test_an_untrained_explain_head_gives_the_itsm_map(family, family_backends):
+    """The explain projection starts as a copy of the tower's last linear map (or the
+    identity after SigLIP's probe): before any step, ECLIP's features are ITSM's tokens (ResNets
+    differ by design: their explain features are the pool's value path)."""
+    from clipviz.eclip.head import ExplainHead, frozen_features
+    from clipviz.explanation import explain as run
+
+    backend = family_backends(family)
+    images = torch.stack([backend.preprocess(_image_of(i)) for i in range(2)])
+    head = ExplainHead(backend).to(backend.device)
+    with torch.no_grad():
+        e = head.features(frozen_features(backend, images).tokens)  # [B, N, D]
+    tokens = backend.dense_tokens(images)[:, 1:]
+    torch.testing.assert_close(e, tokens, atol=2e-5, rtol=1e-4)
+    itsm_maps = run(backend, images, ["a dog", "grass"], ensemble=False).maps
+    assert itsm_maps.shape[-2] * itsm_maps.shape[-1] == e.shape[1]
+
+
+def _image_of(seed):
+    from conftest import random_image
+
+    return random_image(seed=seed)
+
+
+@pytest.mark.parametrize("family", ["map", "hf-siglip"])
+def test_eclip_on_a_siglip_tower_trains_with_the_sigmoid_loss(
+    family, family_backends, world, tmp_path
+):
+    from clipviz.eclip.losses import sigmoid_loss
+    from clipviz.eclip.objective import pooled_embeddings
+
+    backend = family_backends(family)
+    assert backend.logit_bias is not None
+    data = read_captions(world)
+    config = TrainConfig(batch_size=16, steps=12, lr=1e-2, log_every=1)
+    train(backend, data, tmp_path / "run", config)
+    logs = [r for r in map(json.loads, (tmp_path / "run" / METRICS).open()) if "loss" in r]
+    losses = [r["loss"] for r in logs]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    head = load_head(backend, tmp_path / "run" / FINAL)
+    # the logged loss is SigLIP's: recompute the first step's from the start head
+    from clipviz.eclip.head import ExplainHead
+    from clipviz.eclip.objective import TextBank
+
+    start = ExplainHead(backend)
+    images = torch.stack([backend.preprocess(_image(p)) for p in data.images[:16]])
+    z, _ = pooled_embeddings(backend, start, images, config)
+    ids = torch.tensor(data.caption_ids[:16])
+    text = TextBank(backend, data.captions)(data.caption_ids[:16])
+    expected = sigmoid_loss(z, text, backend.logit_scale, backend.logit_bias, ids)
+    # another batch of the same data: close to it, and far above InfoNCE's ln(16) ≈ 2.8
+    assert losses[0] == pytest.approx(expected.item(), rel=0.25) and losses[0] > 6
+    texts = backend.encode_texts(["a red circle", "a blue square"], ensemble=False)
+    trained = eclip(backend, images[:4], texts, checkpoint=str(tmp_path / "run" / FINAL)).maps
+    assert (trained - itsm(backend, images[:4], texts).maps).abs().max() > 1e-3
+    assert not torch.allclose(head.proj, torch.eye(head.proj.shape[0]))

@@ -92,7 +92,7 @@ class HFViTTower:
         self.readout = "latent" if self.siglip else "class"
         self.pooling = "map" if self.siglip else "token"
         self.explicit_attention = True
-        caps = {"attention", "readout", "probe" if self.siglip else "class_token"}
+        caps = {"attention", "readout", "probe" if self.siglip else "class_token", "eclip"}
         if not self.siglip and visual.projection is not None:
             caps.add("linear_head")  # embedding = post_layernorm(class token) @ projection
         self.capabilities = frozenset(caps)
@@ -201,6 +201,20 @@ class HFViTTower:
         x = self.vm.post_layernorm(x)
         pooled = self.vm.head(x)
         return torch.cat([pooled[:, None], self._value_path(x)], dim=1)
+
+    def explain_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """What the final linear map reads at each patch: `post_layernorm` of the patches
+        (CLIP), or SigLIP's dense token itself (the probe's value path; no projection)."""
+        x = self.vm.post_layernorm(x)
+        return self._value_path(x) if self.siglip else x[:, 1:]
+
+    def explain_projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`visual_projection` `[W, D]` (CLIP, no bias), or the identity (SigLIP)."""
+        proj = self.visual.projection
+        if proj is None:
+            dim = int(self.vm.post_layernorm.weight.shape[0])
+            return torch.eye(dim, device=self.vm.post_layernorm.weight.device), None
+        return proj.weight.T, proj.bias
 
     def _value_path(self, tokens: torch.Tensor) -> torch.Tensor:
         return self._probe_out(self._probe_values(tokens))

@@ -59,8 +59,10 @@ class TimmViTTower:
         caps = {"attention"} if self.explicit_attention else set()
         if self.readout == "class":
             caps |= {"readout", "class_token"}
+            if self.explicit_attention:
+                caps.add("eclip")  # free attention: the class token's in the last block
         elif self.readout == "latent":
-            caps |= {"readout", "probe"}
+            caps |= {"readout", "probe", "eclip"}  # free attention: the probe's
         self.capabilities = frozenset(caps)
 
     # -- shape ------------------------------------------------------------------------------
@@ -337,6 +339,40 @@ class TimmViTTower:
     @property
     def post_norm(self) -> Any:
         return self.trunk.norm
+
+    def _final_linear(self) -> Any | None:
+        """The last linear map of the head (open_clip's `proj`, or the trunk's classifier
+        when open_clip adds none), or None when the head ends otherwise (an MLP, nothing)."""
+        proj = getattr(self.visual.head, "proj", None)
+        if isinstance(proj, torch.nn.Linear) and getattr(self.visual.head, "mlp", None) is None:
+            return proj
+        has_own = any(True for _ in self.visual.head.parameters())
+        if not has_own and isinstance(self.trunk.head, torch.nn.Linear):
+            return self.trunk.head
+        return None
+
+    def explain_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """What the head's last linear map reads at each patch of the last block's tokens
+        `[B, prefix + N, W]` (the dense token itself where the head ends in none)."""
+        t = self.trunk
+        patches = t.norm(x)[:, self.prefix :]
+        if self.pooling == "map":
+            patches = self._value_path(patches)
+        final = self._final_linear()
+        if final is None:
+            return self._after_pool(patches)
+        if final is t.head:
+            return t.fc_norm(patches)  # type: ignore[no-any-return]
+        return t.head(t.fc_norm(patches))  # type: ignore[no-any-return]
+
+    def explain_projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The head's last linear map: weight `[W', D]` and bias; the identity `[D, D]` where
+        the head ends in none (SigLIP: the probe's output is the embedding)."""
+        final = self._final_linear()
+        if final is None:  # nothing linear after the pooling: the width is kept throughout
+            device = next(self.trunk.parameters()).device
+            return torch.eye(int(self.trunk.num_features), device=device), None
+        return final.weight.T, final.bias
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.run_blocks(self.embed(images)))

@@ -221,6 +221,15 @@ class ViTTower(OpenClipBlocks):
         """The stock projection `[W, D]`."""
         return self.visual.proj
 
+    def explain_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """What the final linear map into the joint space reads at each patch: `ln_post` of
+        the last block's patch tokens `[B, N, W]` (ECLIP's explain projection replaces it)."""
+        return self.visual.ln_post(x[:, self.prefix :])
+
+    def explain_projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The final linear map into the joint space: weight `[W, D]` and bias (None)."""
+        return self.visual.proj, None
+
     @property
     def post_norm(self) -> Any:
         """The stock `ln_post` module."""

@@ -8,7 +8,7 @@ from typing import Literal
 
 import torch
 
-from ..backend import Backend
+from ..backend import Backend, ViTTower
 from ..data.images import DEFAULT_MAX_PIXELS
 from ..errors import ClipvizError
 from .head import MaskRule, free_attention_mask
@@ -84,12 +84,15 @@ def check_options(config: TrainConfig, backend: Backend, d: Dist, n: int) -> Non
         )
     if "eclip" not in backend.vision.capabilities:
         raise ClipvizError(
-            f"ECLIP's explain head is built for open_clip's own ViT and ResNet towers; "
-            f"{backend.identity.get('model')}'s image tower ({backend.family}) has none "
-            "(choose another `model`)"
+            f"ECLIP needs free attention (a class token or an attention-pool probe reading "
+            f"the patches); {backend.identity.get('model')}'s image tower ({backend.family}) "
+            "has none (choose another `model`)"
         )
-    if config.train_ln_post and backend.tower != "vit":
-        raise ClipvizError("`train_ln_post` applies to ViT towers only (ResNets have no ln_post)")
+    if config.train_ln_post and not isinstance(backend.vision, ViTTower):
+        raise ClipvizError(
+            "`train_ln_post` applies to open_clip's own ViT towers only; train the explain "
+            "projection alone"
+        )
     free_attention_mask(torch.ones(1, 2), config.mask_rule, config.mask_value)  # checks the rule
     if n // config.batch_size // config.accum_steps == 0:
         raise ClipvizError(

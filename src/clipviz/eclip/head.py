@@ -2,11 +2,14 @@
 Interpretability for CLIP", 2022). The paper's code was never published; this is our
 implementation of its description:
 
-- the stock CLIP stays frozen; a trainable *explain projection* `P_e` (a copy of the stock
-  `proj` for ViT, of the attention pool's `c_proj` for ResNets; optionally a copy of
-  `ln_post` too) gives dense explain features `E = normalise(ln_post(x_tokens) @ P_e)`
-  (RN: the attention pool's value path, then `P_e`), while the stock projection keeps
-  serving recognition;
+- the stock CLIP stays frozen; a trainable *explain projection* `P_e` (a copy of the
+  tower's last linear map into the joint space: `proj` for open_clip ViTs, the head's
+  projection for timm and transformers towers, the attention pool's `c_proj` for ResNets;
+  the identity where the head ends in no linear map, as SigLIP's probe; optionally a copy of
+  `ln_post` too) gives dense explain features `E = normalise(P_e(what that map reads at each
+  patch))` — `ln_post(x_tokens)` for ViTs, the probe's value path for MAP heads, the
+  attention pool's value path for ResNets — while the stock projection keeps serving
+  recognition;
 - *free attention*: the class token's attention over the patches in the last block (ViT,
   mean over heads), or the mean-token query's attention in the attention pool (RN) — it
   comes out of the same forward pass;
@@ -19,6 +22,7 @@ implementation of its description:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -27,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backend import Backend
+from ..backend import Backend, ViTTower
 from ..errors import ClipvizError
 
 MaskRule = Literal["mean", "topk", "threshold"]
@@ -76,19 +80,28 @@ def frozen_features(backend: Backend, images: torch.Tensor) -> FrozenFeatures:
 class ExplainHead(nn.Module):
     """The trainable part of ECLIP: the explain projection (and optionally `ln_post`)."""
 
-    _stock_ln: nn.Module
+    _inputs: Callable[[torch.Tensor], torch.Tensor]
     _v_proj: nn.Module
 
     def __init__(self, backend: Backend, train_ln_post: bool = False) -> None:
         super().__init__()
         self.tower = backend.tower
         self.train_ln_post = train_ln_post
+        self.bias: nn.Parameter | None = None
         if self.tower == "vit":
             vit = backend.vit
-            self.proj = nn.Parameter(vit.proj.detach().float().clone())  # [W, D]
+            if train_ln_post and not isinstance(vit, ViTTower):
+                raise ClipvizError(
+                    "`train_ln_post` applies to open_clip's own ViT towers only; train the "
+                    "explain projection alone"
+                )
+            weight, bias = vit.explain_projection()  # the tower's last linear map, or identity
+            self.proj = nn.Parameter(weight.detach().float().clone())  # [W', D]
+            if bias is not None:
+                self.bias = nn.Parameter(bias.detach().float().clone())
             self.ln_post = _copy_layernorm(vit.post_norm) if train_ln_post else None
             # frozen stock modules are used, not owned: kept out of parameters() and state_dict()
-            object.__setattr__(self, "_stock_ln", vit.post_norm)
+            object.__setattr__(self, "_inputs", vit.explain_inputs)
         else:
             rn = backend.rn
             out = rn.output_projection
@@ -98,12 +111,15 @@ class ExplainHead(nn.Module):
 
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
         """Dense explain features `E` `[B, N, D]`, unit length, from frozen `tokens`."""
-        patches = tokens[:, 1:]
         if self.tower == "vit":
-            ln = self.ln_post if self.ln_post is not None else self._stock_ln
-            e = ln(patches) @ self.proj
+            if self.ln_post is not None:  # open_clip ViT: one class token, then the patches
+                e = self.ln_post(tokens[:, 1:]) @ self.proj
+            else:
+                e = self._inputs(tokens).float() @ self.proj
         else:
-            e = self._v_proj(patches) @ self.proj + self.bias
+            e = self._v_proj(tokens[:, 1:]) @ self.proj
+        if self.bias is not None:
+            e = e + self.bias
         return F.normalize(e.float(), dim=-1)
 
     def trained_tensors(self) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ from ..backend import Backend
 from ..data.captions import CaptionImages, CaptionSet, as_list
 from .config import TrainConfig
 from .head import ExplainHead, free_attention_mask, frozen_features, masked_max_pool
-from .losses import contrastive_loss
+from .losses import pair_loss
 from .state import Dist, gather
 
 TEXT_CHUNK = 256
@@ -58,9 +58,11 @@ def eclip_loss(
     caption_ids: torch.Tensor,
     scale: torch.Tensor | float,
     distill: float,
+    bias: float | None = None,
 ) -> torch.Tensor:
-    """Contrastive loss of `z` against the captions, plus `distill·(1 − cos(z, stock))`."""
-    loss = contrastive_loss(z, text, scale, caption_ids)
+    """The model's own loss of `z` against the captions (sigmoid with the model's `bias` for
+    SigLIP, InfoNCE for CLIP), plus `distill·(1 − cos(z, stock))`."""
+    loss = pair_loss(z, text, scale, caption_ids, bias)
     if distill:
         loss = loss + distill * (1.0 - (z * stock).sum(dim=-1)).mean()
     return loss
@@ -105,7 +107,10 @@ def micro_step(
     n = int(keep.sum())
     if n == 0:
         return Micro(None, 0, failed)
-    loss = eclip_loss(z[keep], text[keep], stock[keep], id_tensor[keep], scale, config.distill)
+    loss = eclip_loss(
+        z[keep], text[keep], stock[keep], id_tensor[keep], scale, config.distill,
+        backend.logit_bias,
+    )  # fmt: skip
     return Micro(loss, n, failed)
 
 
@@ -142,7 +147,7 @@ def validate(
     total = 0.0
     for s in range(0, len(ids), config.batch_size):
         part = slice(s, s + config.batch_size)
-        loss = contrastive_loss(z[part], bank(ids[part]), scale, id_tensor[part])
+        loss = pair_loss(z[part], bank(ids[part]), scale, id_tensor[part], backend.logit_bias)
         total += float(loss) * len(ids[part])
     distinct = sorted(set(ids))
     best = (z @ bank(distinct).T).argmax(dim=1)
