@@ -6,7 +6,9 @@
 2. writes a held-out Pascal-VOC-layout set and an image-caption CSV,
 3. runs, through the `clipviz` command line: `train` (ECLIP, and the no-mask control),
    `eval` (every ViT method; ECLIP against stock ITSM), `explain` (comparison sheets) and
-   `sanity` (the cascading randomisation test of the methods).
+   `sanity` (the cascading randomisation test of the methods);
+4. the same for the tiny SigLIP (a MAP head trained with the sigmoid loss, cached; ~2
+   minutes): its methods and its ECLIP (trained with the sigmoid loss) beside the CLIP's.
 Every command is printed before it runs; the tables land in OUT/tables.md.
 """
 
@@ -20,6 +22,7 @@ import sys
 from pathlib import Path
 
 from clipviz.testbed.tinyclip import ensure_tiny_clip
+from clipviz.testbed.tinysiglip import ensure_tiny_siglip
 from clipviz.testbed.world import CLASSES, class_prompt, write_captions_csv, write_voc
 
 HELD_OUT_SEED, TRAIN_SEED = 1234, 99
@@ -40,6 +43,8 @@ METHODS = [
     "rollout",
     "random",
 ]
+SIGLIP_METHODS = ["itsm", "attention", "surgery", "maskclip", "clearclip", "sclip", "naclip", "gem",
+                  "gradcam", "legrad", "random"]  # fmt: skip
 SANITY_METHODS = ["itsm", "surgery", "clearclip", "sclip", "naclip", "gem", "gradcam",
                   "gradeclip", "gae", "legrad", "textspan", "rollout", "attention", "random"]  # fmt: skip
 
@@ -136,6 +141,19 @@ def main() -> None:
     clipviz("sanity", str(out / "heldout"), "-f", "voc", "--classes-file", str(classes),
             "--no-ensemble", "--limit", "50", *sanity, "-o", str(out / "sanity"), "-q", *model)  # fmt: skip
 
+    siglip = ensure_tiny_siglip(
+        cache, progress=lambda s, n, loss: s % 100 or print(f"tiny SigLIP step {s}/{n}")
+    )
+    siglip_model = ["--model-config", str(siglip.config_path), "--pretrained",
+                    str(siglip.weights_path)]  # fmt: skip
+    clipviz("train", str(out / "world" / "captions.csv"), "--out", str(out / "siglip-eclip"),
+            "--steps", "300", "--lr", "3e-3", "-b", "64", "--mask-rule", "mean", "-q",
+            *siglip_model)  # fmt: skip
+    siglip_methods = [a for m in SIGLIP_METHODS for a in ("-m", m)]
+    clipviz("eval", str(out / "heldout"), *siglip_methods, "-m", "eclip", "--eclip",
+            str(out / "siglip-eclip" / "eclip.safetensors"), "--json",
+            str(out / "siglip-methods.json"), *common, *siglip_model)  # fmt: skip
+
     eclip = json.loads((out / "eclip.json").read_text())["results"]["eclip"]
     nomask = json.loads((out / "nomask.json").read_text())["results"]["eclip"]
     stock = json.loads((out / "methods.json").read_text())["results"]["itsm"]
@@ -145,6 +163,18 @@ def main() -> None:
         rows.append(f"| {label} | {r['miou']:.1f} ({r['miou_threshold']:.2f}) | {r['msc']:+.1f} | "
                     f"{r['pointing']:.3f} | {r['area']:.3f} |")  # fmt: skip
     acc = zero_shot(tiny.config_path, tiny.weights_path)
+    siglip_acc = zero_shot(siglip.config_path, siglip.weights_path)
+    clip_results = json.loads((out / "methods.json").read_text())["results"]
+    clip_results["eclip"] = eclip
+    siglip_results = json.loads((out / "siglip-methods.json").read_text())["results"]
+    pair = ["| method | CLIP mIoU % | CLIP mSC % | CLIP pointing | SigLIP mIoU % | SigLIP mSC % "
+            "| SigLIP pointing |", "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for m in [*SIGLIP_METHODS[:-1], "eclip", "random"]:
+        cells = []
+        for res in (clip_results, siglip_results):
+            r = res[m]
+            cells += [f"{r['miou']:.1f}", f"{r['msc']:+.1f}", f"{r['pointing']:.3f}"]
+        pair.append(f"| {m} | " + " | ".join(cells) + " |")
     text = (
         f"zero-shot on 200 one-object scenes: colour {acc['colour']:.2f} (chance 0.17), "
         f"shape {acc['shape']:.2f} (0.25), class {acc['class']:.2f} (0.04)\n\n"
@@ -152,6 +182,10 @@ def main() -> None:
         + table(out / "methods.json", METHODS)
         + "\n\n## ECLIP\n\n"
         + "\n".join(rows)
+        + "\n\n## CLIP and SigLIP (MAP head, sigmoid loss) on the same scenes\n\n"
+        + f"SigLIP zero-shot: colour {siglip_acc['colour']:.2f}, shape {siglip_acc['shape']:.2f}, "
+        + f"class {siglip_acc['class']:.2f}\n\n"
+        + "\n".join(pair)
         + "\n\n## Sanity (cascading randomisation, 50 scenes)\n\n"
         + sanity_table(out / "sanity" / "sanity.json")
         + "\n"

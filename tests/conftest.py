@@ -58,6 +58,10 @@ def save_random_weights(config: Path, path: Path, seed: int = 0) -> Path:
         with torch.no_grad():
             pool.latent.normal_(generator=torch.Generator().manual_seed(seed))
     state = {k: v.detach().contiguous().clone() for k, v in backend.model.state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+    for k, v in state.items():  # open_clip leaves CoCa's decoder projection as torch.empty
+        if v.is_floating_point() and not bool(v.isfinite().all()):
+            state[k] = 0.02 * torch.randn(v.shape, generator=g, dtype=v.dtype)
     if path.suffix == ".safetensors":
         save_file(state, str(path))
     else:
@@ -69,7 +73,7 @@ def save_random_weights(config: Path, path: Path, seed: int = 0) -> Path:
 # through open_clip's TimmModel — a ViT with a MAP head (SigLIP's), PE-Core (EVA blocks with
 # rotary positions and a MAP head that sees the class token), EVA-02 (class token), ConvNeXt
 # and FastViT (MobileCLIP's MCi; pooled feature maps)
-FAMILIES = ("vit", "rn", "map", "pe", "eva", "convnext", "fastvit")
+FAMILIES = ("vit", "rn", "map", "pe", "eva", "convnext", "fastvit", "coca")
 
 
 @pytest.fixture(scope="session")

@@ -266,6 +266,33 @@ def test_conv_gradcam_at_a_stage_equals_gradients_through_the_later_stages(famil
     assert result.maps.shape[-2:] == read.shape[-2:]  # the stage's own grid
 
 
+def test_coca_pooler_read_as_a_probe_is_open_clips_own(family_backends):
+    """CoCa: the contrastive query's attention equals what the pooler's MultiheadAttention
+    returns, its output through `ln_post` and `proj` the model's embedding, and a patch's
+    dense token the pooler's output when only that patch may be attended to."""
+    b = family_backends("coca")
+    x = _batch(b)
+    v, visual = b.vision, b.model.visual
+    pool = visual.attn_pool
+    with torch.no_grad():
+        tokens = v.run_blocks(v.embed(x))
+        kx = pool.ln_k(tokens)
+        q = pool.ln_q(pool.query)[None].expand(len(x), -1, -1)
+        _, weights = pool.attn(q, kx, kx, need_weights=True, average_attn_weights=False)
+        probs = v.latent_probs(v.pool_input(tokens))
+        torch.testing.assert_close(probs[:, :, 0], weights[:, :, 0], atol=1e-6, rtol=1e-5)
+        embedding = v._after_pool(v.pool_from_probs(tokens, probs))
+        own = F.normalize(b.model.encode_image(x), dim=-1)  # CoCa's normalises by default
+        torch.testing.assert_close(F.normalize(embedding, dim=-1), own, atol=1e-5, rtol=1e-5)
+        dense = b.dense_tokens(x)  # [B, 1 + N, D], unit
+        j = 3  # patch 3: token 4 of the stream
+        only = torch.ones(len(x), tokens.shape[1], dtype=torch.bool)
+        only[:, j + 1] = False
+        out, _ = pool.attn(q, kx, kx, key_padding_mask=only)
+        expected = F.normalize(visual.ln_post(out[:, 0]) @ visual.proj, dim=-1)
+        torch.testing.assert_close(dense[:, 1 + j], expected, atol=1e-5, rtol=1e-5)
+
+
 def test_methods_without_meaning_on_a_tower_say_which_apply(family_backends):
     b = family_backends("convnext")
     with pytest.raises(clipviz.ClipvizError, match="methods for it: itsm, gradcam") as e:

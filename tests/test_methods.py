@@ -29,13 +29,14 @@ REGISTRY = methods()
 FAMILY_TOWERS = {
     "vit": ("vit", {"attention", "readout", "class_token", "eclip", "linear_head"}),
     "rn": ("rn", {"attention", "readout", "class_token", "eclip"}),
-    "map": ("vit", {"attention", "readout", "probe"}),
-    "pe": ("vit", {"attention", "readout", "probe"}),
-    "eva": ("vit", {"attention", "readout", "class_token"}),
+    "map": ("vit", {"attention", "readout", "probe", "eclip"}),
+    "pe": ("vit", {"attention", "readout", "probe", "eclip"}),
+    "eva": ("vit", {"attention", "readout", "class_token", "eclip"}),
     "convnext": ("conv", set()),
     "fastvit": ("conv", set()),
-    "hf-clip": ("vit", {"attention", "readout", "class_token", "linear_head"}),
-    "hf-siglip": ("vit", {"attention", "readout", "probe"}),
+    "coca": ("vit", {"attention", "readout", "probe", "eclip"}),
+    "hf-clip": ("vit", {"attention", "readout", "class_token", "linear_head", "eclip"}),
+    "hf-siglip": ("vit", {"attention", "readout", "probe", "eclip"}),
 }
 CASES = [
     (name, family)

@@ -201,3 +201,23 @@ def test_ensure_tiny_clip_trains_once_per_key(tmp_path, monkeypatch, one_thread)
     assert first.config_path.parent.name == f"tinyclip-{tinyclip.cache_key(steps=1)}"
     assert tinyclip.cache_key(steps=1) != tinyclip.cache_key(steps=2)
     assert [p.name for p in tmp_path.iterdir()] == [first.config_path.parent.name]
+
+
+def test_tiny_siglip_trains_with_the_sigmoid_loss_and_loads_the_users_way(tmp_path, one_thread):
+    from clipviz.backend import load_backend
+    from clipviz.testbed import tinysiglip
+
+    losses: list[float] = []
+    tiny = tinysiglip.train_tiny_siglip(
+        tmp_path, steps=30, batch_size=8, pool_size=24,
+        progress=lambda step, total, loss: losses.append(loss),
+    )  # fmt: skip
+    assert len(losses) == 30
+    assert np.mean(losses[-5:]) < 0.75 * np.mean(losses[:5])
+    assert losses[0] > 8 * 0.5  # SigLIP's start (t = 10, b = −10): about 10 per image, not ln 8
+    b = load_backend(model_config=tiny.config_path, pretrained=str(tiny.weights_path))
+    assert b.family == "timm VisionTransformer, map head" and b.logit_bias is not None
+    assert b.grid_size(torch.zeros(1, 3, 128, 128)) == (8, 8)
+    assert json.loads(tiny.config_path.read_text()) == tinysiglip.TINY_SIGLIP_CONFIG
+    key = tinysiglip.cache_key(steps=1)
+    assert key != tinysiglip.cache_key(steps=2) and key != tinyclip.cache_key(steps=1)

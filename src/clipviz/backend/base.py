@@ -73,6 +73,8 @@ def tower_family(v: Tower) -> str:
         return f"timm {type(v.trunk).__name__}"
     if isinstance(v, HFViTTower):
         return "transformers SigLIP" if v.siglip else "transformers CLIP"
+    if isinstance(v, ViTTower) and v.latent is not None:
+        return "open_clip ViT, attentional pool"
     return {"vit": "open_clip ViT", "rn": "open_clip ModifiedResNet"}[v.kind]
 
 

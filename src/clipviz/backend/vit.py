@@ -9,12 +9,15 @@ interpolated copies, cached on the backend.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import ClipvizError
+
+if TYPE_CHECKING:
+    from .coca import AttentionalPool
 
 Memo = Callable[[Hashable, Callable[[], Any]], Any]
 
@@ -122,12 +125,19 @@ class ViTTower(OpenClipBlocks):
         base = {"readout", "class_token", "eclip"}
         if getattr(visual, "pool_type", "tok") == "tok":
             base.add("linear_head")  # embedding = ln_post(class token) @ proj
-        self.capabilities = frozenset(base | ({"attention"} if self.explicit_attention else set()))
+        self.latent: AttentionalPool | None = None
         if getattr(visual, "attn_pool", None) is not None:
-            raise ClipvizError(
-                f"{name}: CoCa's attentional pooler (latent queries reading the tokens) is not "
-                "supported yet"
-            )
+            if getattr(visual, "attn_pool_contrastive", None) is not None:
+                raise ClipvizError(
+                    f"{name}: open_clip's parallel/cascade attentional pools (marked untested "
+                    "there) are not supported; CoCa's original pool is"
+                )
+            from .coca import AttentionalPool
+
+            self.latent = AttentionalPool(visual)  # CoCa: latent queries read the tokens
+            self.readout = "latent"
+            base = {"readout", "probe", "eclip"}
+        self.capabilities = frozenset(base | ({"attention"} if self.explicit_attention else set()))
 
     # -- shape ------------------------------------------------------------------------------
 
@@ -209,7 +219,10 @@ class ViTTower(OpenClipBlocks):
         """
         v = self.visual
         pooled, _ = v._pool(x)  # open_clip's pooling; no public API returns it unprojected
-        patches = v.ln_post(x[:, self.prefix :])
+        if self.latent is not None:  # CoCa: each patch through the pooler's value path
+            patches = v.ln_post(self.latent.value_path(x[:, self.prefix :]))
+        else:
+            patches = v.ln_post(x[:, self.prefix :])
         return torch.cat([pooled[:, None], patches], dim=1) @ v.proj
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
@@ -223,8 +236,40 @@ class ViTTower(OpenClipBlocks):
 
     def explain_inputs(self, x: torch.Tensor) -> torch.Tensor:
         """What the final linear map into the joint space reads at each patch: `ln_post` of
-        the last block's patch tokens `[B, N, W]` (ECLIP's explain projection replaces it)."""
-        return self.visual.ln_post(x[:, self.prefix :])
+        the last block's patch tokens `[B, N, W]` (CoCa: of their value path through the
+        pooler); ECLIP's explain projection replaces the map."""
+        patches = x[:, self.prefix :]
+        if self.latent is not None:
+            patches = self.latent.value_path(patches)
+        return self.visual.ln_post(patches)
+
+    # -- the attentional pooler as a probe (CoCa; see `coca.py`) ------------------------------
+
+    pool_sees_prefix = True  # the pooler reads the class token too
+
+    def _latent(self) -> AttentionalPool:
+        if self.latent is None:
+            raise ClipvizError(f"{self._name}: the tower has no attentional pool to read")
+        return self.latent
+
+    def pool_input(self, x: torch.Tensor, norm: bool = True) -> torch.Tensor:
+        """What the pooler attends over: every token (its own `ln_k` is applied inside)."""
+        return x
+
+    def latent_probs(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The contrastive query's attention `[B, heads, 1, L]` over `tokens`."""
+        return self._latent().probs(tokens)
+
+    def pool_from_probs(self, tokens: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """The contrastive query's output `[B, d]` given its attention `probs`."""
+        return self._latent().output(tokens, probs)
+
+    def patch_columns(self, probs: torch.Tensor) -> torch.Tensor:
+        return probs[..., self.prefix :]
+
+    def _after_pool(self, pooled: torch.Tensor) -> torch.Tensor:
+        """A pooled feature through the rest of the head: `ln_post`, `proj`."""
+        return self.visual.ln_post(pooled) @ self.visual.proj
 
     def explain_projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The final linear map into the joint space: weight `[W, D]` and bias (None)."""

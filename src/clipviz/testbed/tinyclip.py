@@ -116,14 +116,14 @@ def image_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
-def _learning_rate(step: int, total: int) -> float:
+def learning_rate(step: int, total: int) -> float:
     warmup = max(1, min(WARMUP, total // 10))
     if step < warmup:
         return LR * (step + 1) / warmup
     return LR * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def _training_pool(
+def training_pool(
     rng: np.random.Generator, n: int, size: int
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """uint8 images [n, H, W, 3], caption ids [n], and the distinct captions."""
@@ -161,7 +161,7 @@ def train_tiny_clip(
     # a fifth of each step, so the token embedding keeps its random init.
     model.token_embedding.weight.requires_grad_(False)
     size = TINY_CLIP_CONFIG["vision_cfg"]["image_size"]
-    images, caption_ids, captions = _training_pool(rng, pool_size, size)
+    images, caption_ids, captions = training_pool(rng, pool_size, size)
     caption_tokens = tokenizer()(captions)  # [U, context]
 
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -175,7 +175,7 @@ def train_tiny_clip(
     model.train()
     for step in range(steps):
         for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(step, steps)
+            group["lr"] = learning_rate(step, steps)
         idx = torch.from_numpy(rng.integers(0, pool_size, batch_size))
         flip = torch.from_numpy(rng.random(batch_size) < 0.5).view(-1, 1, 1, 1)
         x = torch.where(flip, images[idx].flip(2), images[idx])  # [B, H, W, 3]
@@ -222,19 +222,27 @@ def ensure_tiny_clip(
     seed: int = 0,
     progress: Progress | None = None,
 ) -> TinyClip:
-    """The tiny CLIP cached in `cache_dir/tinyclip-<key>/`, trained there first if missing.
+    """The tiny CLIP cached in `cache_dir/tinyclip-<key>/`, trained there first if missing."""
+    return ensure_trained(
+        Path(cache_dir) / f"tinyclip-{cache_key(steps, seed)}",
+        NAME,
+        lambda tmp: train_tiny_clip(tmp, steps=steps, seed=seed, progress=progress),
+    )
+
+
+def ensure_trained(final: Path, name: str, train: Callable[[Path], TinyClip]) -> TinyClip:
+    """`final/<name>.json` and `.safetensors`, made by `train(folder)` first if missing.
 
     Trains into a temporary folder and renames it into place; when two processes race, the
     first rename wins and the other's copy is discarded.
     """
-    final = Path(cache_dir) / f"tinyclip-{cache_key(steps, seed)}"
-    result = TinyClip(final / f"{NAME}.json", final / f"{NAME}.safetensors")
+    result = TinyClip(final / f"{name}.json", final / f"{name}.safetensors")
     if result.config_path.is_file() and result.weights_path.is_file():
         return result
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
-        train_tiny_clip(tmp, steps=steps, seed=seed, progress=progress)
+        train(tmp)
         try:
             os.rename(tmp, final)
         except OSError:
