@@ -112,18 +112,19 @@ def family_backends(tiny_weights):
     return get
 
 
-HF_FAMILIES = ("hf-clip", "hf-siglip")
+HF_FAMILIES = ("hf-clip", "hf-siglip", "hf-siglip2")
 _HF_DIRS: dict[str, Path] = {}
 
 
 def hf_dirs() -> dict[str, Path]:
     """family -> a folder holding a tiny transformers model written by save_pretrained."""
     if not _HF_DIRS:
-        from hf_tiny import write_tiny_clip, write_tiny_siglip
+        from hf_tiny import write_tiny_clip, write_tiny_siglip, write_tiny_siglip2
 
         root = Path(_CACHE) / "transformers"
         _HF_DIRS["hf-clip"] = write_tiny_clip(root / "tiny-clip")
         _HF_DIRS["hf-siglip"] = write_tiny_siglip(root / "tiny-siglip")
+        _HF_DIRS["hf-siglip2"] = write_tiny_siglip2(root / "tiny-siglip2")
     return _HF_DIRS
 
 
@@ -170,6 +171,18 @@ def trained_clip():
 
     tiny = ensure_tiny_clip(testbed_cache())
     return tiny.config_path, tiny.weights_path
+
+
+@pytest.fixture(scope="session")
+def trained_siglip_backend():
+    """The tiny SigLIP (MAP head, sigmoid loss) trained on the synthetic world, loaded."""
+    from clipviz.backend import load_backend
+    from clipviz.testbed.tinysiglip import ensure_tiny_siglip
+
+    tiny = ensure_tiny_siglip(testbed_cache())
+    return load_backend(
+        model_config=tiny.config_path, pretrained=str(tiny.weights_path), device="cpu"
+    )
 
 
 @pytest.fixture(scope="session")

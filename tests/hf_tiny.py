@@ -82,3 +82,35 @@ def write_tiny_siglip(folder: Path, seed: int = 0) -> Path:
     image = SiglipImageProcessor(size={"height": 64, "width": 64})
     SiglipProcessor(image_processor=image, tokenizer=tok).save_pretrained(folder)
     return folder
+
+
+def write_tiny_siglip2(folder: Path, seed: int = 0) -> Path:
+    """A tiny `Siglip2Model` (NaFlex: 16-px patches, a budget of 16 per image) with the
+    SigLIP sentencepiece tokenizer built here."""
+    import torch
+    from transformers import (
+        Siglip2Config,
+        Siglip2ImageProcessor,
+        Siglip2Model,
+        Siglip2Processor,
+        SiglipTokenizer,
+    )
+
+    siglip = write_tiny_siglip(folder.parent / f"{folder.name}-tokenizer", seed)
+    torch.manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = SiglipTokenizer(vocab_file=str(siglip / "spiece.model"),
+                          model_max_length=TEXT["max_position_embeddings"])  # fmt: skip
+    vision = {k: v for k, v in VISION.items() if k != "image_size"}
+    config = Siglip2Config(
+        text_config=dict(TEXT, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id, bos_token_id=None),
+        vision_config=dict(vision, num_patches=16),
+    )  # fmt: skip
+    model = Siglip2Model(config).eval()
+    with torch.no_grad():
+        model.vision_model.head.probe.normal_()
+    model.save_pretrained(folder)
+    image = Siglip2ImageProcessor(patch_size=16, max_num_patches=16)
+    Siglip2Processor(image_processor=image, tokenizer=tok).save_pretrained(folder)
+    return folder

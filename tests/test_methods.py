@@ -37,6 +37,7 @@ FAMILY_TOWERS = {
     "coca": ("vit", {"attention", "readout", "probe", "eclip"}),
     "hf-clip": ("vit", {"attention", "readout", "class_token", "linear_head", "eclip"}),
     "hf-siglip": ("vit", {"attention", "readout", "probe", "eclip"}),
+    "hf-siglip2": ("vit", {"attention", "readout", "probe", "eclip"}),
 }
 CASES = [
     (name, family)
@@ -50,28 +51,31 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def extra_inputs(tmp_path_factory, tiny_weights):
+def extra_inputs(tmp_path_factory, family_backends):
     """Options for the methods that need an input of their own: an ECLIP checkpoint (a head
     moved away from the stock projection, so its maps differ from ITSM's) and a vocabulary."""
-    from clipviz.backend import load_backend
     from clipviz.eclip.head import ExplainHead, base_identity
     from clipviz.eclip.state import save_checkpoint
 
     root = tmp_path_factory.mktemp("contract")
     vocab = root / "words.txt"
     vocab.write_text("dog\ncat\nsquare\ncircle\ngrass\n", encoding="utf-8")
-    heads = {}
-    for tower in ("vit", "rn"):
-        config, weights = tiny_weights[tower]
-        b = load_backend(model_config=config, pretrained=str(weights), device="cpu")
-        head = ExplainHead(b)
-        with torch.no_grad():
-            head.proj.add_(0.05 * torch.randn_like(head.proj, generator=None))
-        heads[tower] = root / f"eclip-{tower}.safetensors"
-        meta = {"base": json.dumps(base_identity(b), sort_keys=True), "config": "{}"}
-        save_checkpoint(heads[tower], head, b.model.logit_scale.detach(), 1, meta)
+    heads: dict[str, object] = {}
+
+    def head_for(family: str) -> str:
+        if family not in heads:
+            b = family_backends(family)
+            head = ExplainHead(b)
+            with torch.no_grad():
+                g = torch.Generator().manual_seed(0)
+                head.proj.add_(0.05 * torch.randn(head.proj.shape, generator=g))
+            heads[family] = root / f"eclip-{family}.safetensors"
+            meta = {"base": json.dumps(base_identity(b), sort_keys=True), "config": "{}"}
+            save_checkpoint(heads[family], head, b.model.logit_scale.detach(), 1, meta)
+        return str(heads[family])
+
     return {
-        "eclip": lambda tower: {"checkpoint": str(heads[tower])},
+        "eclip": lambda family: {"checkpoint": head_for(family)},
         # the grid variant embeds 1,800 windows per image (its batching is tested in
         # test_convis.py); the contract runs the one-pass variant
         "convis": lambda tower: {"vocabulary": str(vocab), "variant": "dense"},

@@ -13,11 +13,12 @@ import pytest
 from clipviz.backend.support import all_support, documented_version, rendered
 
 ROOT = Path(__file__).parent.parent
-ATTENTION_METHODS = {"surgery", "maskclip", "clearclip", "gae", "legrad", "rollout", "attention"}
+ATTENTION_METHODS = {"surgery", "maskclip", "clearclip", "sclip", "naclip", "gem", "gradeclip", "gae",
+                     "legrad", "textspan", "rollout", "attention"}  # fmt: skip
 MODELS_PAGE = (ROOT / "docs" / "models.md").read_text(encoding="utf-8")
 GENERATED_FOR = re.search(r"Generated for open_clip (\S+)", MODELS_PAGE).group(1)  # type: ignore[union-attr]
 CURRENT = documented_version() == GENERATED_FOR
-UNSUPPORTED = {"coca_ViT-B-32", "coca_ViT-L-14", "vit_relpos_medium_patch16_cls_224"}
+UNSUPPORTED = {"vit_relpos_medium_patch16_cls_224"}
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +36,13 @@ def test_every_architecture_resolves_or_says_why(support):
     ]
     assert len(full) == len(support) - len(unsupported) - len(conv)
     if CURRENT:
-        assert len(support) == 144 and len(full) >= 123 and set(unsupported) == UNSUPPORTED
+        assert len(support) == 144 and len(full) >= 125 and set(unsupported) == UNSUPPORTED
         families = {
             r.family for r in support if r.model.startswith(("ViT-B-16-SigLIP2", "PE-Core"))
         }
         assert families == {"timm VisionTransformer, map head", "timm Eva, map head"}
+        coca = {r.family for r in support if r.model.startswith("coca_ViT")}
+        assert coca == {"open_clip ViT, attentional pool"}
 
 
 def test_readme_and_models_page_are_generated_from_the_code(support):

@@ -153,3 +153,17 @@ def test_demo_runs_on_the_test_bed_when_offline_without_weights(trained_clip, tm
     sheets = sorted(out.glob("testbed/scene_*.png/comparison.png"))
     assert len(sheets) == 4
     assert all(Image.open(s).size[0] > 5 * 64 for s in sheets)  # five method columns
+
+
+def test_tiny_siglip_names_colours_with_per_prompt_sigmoid_scores(trained_siglip_backend):
+    b = trained_siglip_backend
+    scenes = make_scenes(100, seed=HELD_OUT_SEED + 1, n_objects=1)
+    x = torch.stack([b.preprocess(Image.fromarray(s.image)) for s in scenes])
+    texts = b.encode_texts([class_prompt(c) for c in CLASSES], ensemble=False)
+    cos = b.image_embeddings(x) @ texts.embeddings.T
+    probs = b.probabilities(cos)
+    torch.testing.assert_close(probs, torch.sigmoid(b.logit_scale * cos + b.logit_bias))
+    guess = [CLASSES[i].split()[0] for i in probs.argmax(dim=1).tolist()]
+    colour = np.mean([g == s.objects[0].colour for g, s in zip(guess, scenes, strict=True)])
+    assert colour >= 0.9  # chance: 1/6
+    assert not torch.allclose(probs.sum(dim=1), torch.ones(100))  # not a softmax

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -159,3 +160,39 @@ def test_a_hub_model_from_the_local_cache_is_identified_by_its_cached_weights_fi
     weights = snapshot / "model.safetensors"
     assert identity["weights_file"] == str(weights)
     assert identity["weights"] == "sha256:" + hashlib.sha256(weights.read_bytes()).hexdigest()
+
+
+def test_siglip2_naflex_embeddings_equal_the_models_on_its_processors_patches(family_backends):
+    """SigLIP2: the image cut into patches here gives the embedding the model computes from
+    its own processor's patch sequence, and the explicit layers its eager attention."""
+    from PIL import Image
+    from transformers import AutoModel, AutoProcessor
+
+    b = family_backends("hf-siglip2")
+    assert b.family == "transformers SigLIP2 (NaFlex)" and b.input_size == (64, 64)
+    folder = str(hf_dirs()["hf-siglip2"])
+    processor = AutoProcessor.from_pretrained(folder)
+    eager = AutoModel.from_pretrained(folder, attn_implementation="eager").eval()
+    images = [random_image(seed=i, size=(64, 64)) for i in range(2)]  # a 4 x 4 grid, no resize
+    inputs = processor(images=images, max_num_patches=16, return_tensors="pt")
+    assert inputs["spatial_shapes"].tolist() == [[4, 4], [4, 4]]
+    with torch.no_grad():
+        own = eager.get_image_features(**inputs)
+        own = F.normalize(own if torch.is_tensor(own) else own.pooler_output, dim=-1)
+        x = torch.stack([b.preprocess(im) for im in images])
+        torch.testing.assert_close(b.image_embeddings(x), own, atol=1e-5, rtol=1e-4)
+        out = eager.vision_model(**{k: inputs[k] for k in ("pixel_values", "pixel_attention_mask",
+                                                           "spatial_shapes")},
+                                 output_hidden_states=True, output_attentions=True)  # fmt: skip
+        h = b.vit.embed(x)
+        torch.testing.assert_close(h, out.hidden_states[0], atol=1e-5, rtol=1e-4)
+        for i in range(b.vit.depth):
+            h, probs = b.vit.block_with_attention(i, h)
+            torch.testing.assert_close(h, out.hidden_states[i + 1], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(probs, out.attentions[i], atol=1e-6, rtol=1e-4)
+    e = clipviz.explain(b, x, PROMPTS, "itsm", ensemble=False)
+    assert e.maps.shape == (2, 2, 4, 4)
+    torch.testing.assert_close(e.probs, torch.sigmoid(b.logit_scale * e.scores + b.logit_bias))
+    wider = clipviz.load_model(f"transformers:{folder}", resolution=96, device="cpu")
+    assert clipviz.explain(wider, [Image.fromarray(np.zeros((64, 64, 3), np.uint8))], ["a cat"],
+                           ensemble=False).maps.shape[-2:] == (6, 6)  # fmt: skip

@@ -72,6 +72,8 @@ def tower_family(v: Tower) -> str:
     if isinstance(v, TimmConvTower):
         return f"timm {type(v.trunk).__name__}"
     if isinstance(v, HFViTTower):
+        if v.visual.naflex:
+            return "transformers SigLIP2 (NaFlex)"
         return "transformers SigLIP" if v.siglip else "transformers CLIP"
     if isinstance(v, ViTTower) and v.latent is not None:
         return "open_clip ViT, attentional pool"

@@ -19,16 +19,38 @@ from ..errors import ClipvizError
 from .vit import Memo, attention_probs
 
 
+def naflex_patches(images: torch.Tensor, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SigLIP2 NaFlex inputs of a batch `[B, 3, H, W]`: flattened patches `[B, h·w, p·p·3]`
+    in the order of `Siglip2ImageProcessor` (rows of patches; within a patch its rows, its
+    columns, then the channels) and the spatial shapes `[B, 2]` (`h`, `w`)."""
+    B, C, H, W = images.shape
+    h, w = H // patch, W // patch
+    x = images.permute(0, 2, 3, 1).reshape(B, h, patch, w, patch, C)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, h * w, patch * patch * C)
+    shapes = torch.tensor([[h, w]] * B, device=images.device)
+    return x, shapes
+
+
 class HFVision(nn.Module):
-    """A transformers vision tower: `vision_model`, and `projection` (CLIP) or None (SigLIP)."""
+    """A transformers vision tower: `vision_model`, and `projection` (CLIP) or None (SigLIP,
+    SigLIP2). SigLIP2's NaFlex tower reads patch sequences: a square batch is cut into them,
+    every patch valid."""
 
     def __init__(self, vision_model: Any, projection: Any | None) -> None:
         super().__init__()
         self.vision_model = vision_model
         self.projection = projection
+        self.naflex = type(vision_model.embeddings).__name__ == "Siglip2VisionEmbeddings"
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        pooled = self.vision_model(pixel_values=images).pooler_output
+        if self.naflex:
+            patches, shapes = naflex_patches(images, self.vision_model.embeddings.patch_size)
+            mask = torch.ones(patches.shape[:2], dtype=torch.long, device=images.device)
+            out = self.vision_model(pixel_values=patches, pixel_attention_mask=mask,
+                                    spatial_shapes=shapes)  # fmt: skip
+        else:
+            out = self.vision_model(pixel_values=images)
+        pooled = out.pooler_output
         return pooled if self.projection is None else self.projection(pooled)
 
 
@@ -122,6 +144,8 @@ class HFViTTower:
         model's own `interpolate_pos_encoding` (its weights untouched)."""
         self.check_size((images.shape[-2], images.shape[-1]))
         emb = self.vm.embeddings
+        if self.visual.naflex:  # SigLIP2: positions resized to the grid by the model itself
+            return emb(*naflex_patches(images, emb.patch_size))  # type: ignore[no-any-return]
         native = getattr(emb, "image_size", None)
         other = native is not None and tuple(images.shape[-2:]) != (native, native)
         x = emb(images, interpolate_pos_encoding=other)

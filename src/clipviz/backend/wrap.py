@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -33,15 +34,18 @@ def _hf_parts(model: Any, processor: Any) -> tuple[Any, Any, Any, Any, Any]:
     from .hf import HFModel, HFTokenizer
 
     kind = type(model).__name__
-    if kind not in ("CLIPModel", "SiglipModel"):
+    if kind not in ("CLIPModel", "SiglipModel", "Siglip2Model"):
         raise ClipvizError(
-            f"transformers {kind} is not supported; clipviz reads CLIPModel and SiglipModel "
-            "(Siglip2Model's NaFlex inputs are not supported yet)"
+            f"transformers {kind} is not supported; clipviz reads CLIPModel, SiglipModel and "
+            "Siglip2Model"
         )
     ip = processor.image_processor
-    size = getattr(ip, "crop_size", None) or getattr(ip, "size", None) or {}
-    side = size.get("height") or size.get("shortest_edge") or 224
-    tokenizer = HFTokenizer(processor.tokenizer, siglip=kind == "SiglipModel")
+    if kind == "Siglip2Model":  # NaFlex: a square grid of the processor's patch budget
+        side = int(ip.patch_size) * math.isqrt(int(ip.max_num_patches))
+    else:
+        size = getattr(ip, "crop_size", None) or getattr(ip, "size", None) or {}
+        side = size.get("height") or size.get("shortest_edge") or 224
+    tokenizer = HFTokenizer(processor.tokenizer, siglip=kind != "CLIPModel")
     return HFModel(model), tokenizer, side, ip.image_mean, ip.image_std
 
 

@@ -6,7 +6,7 @@ the same 8 × 8 grid as the tiny CLIP's 8-px patches at 64 px), so both explain 
 held-out images at the same resolution of their maps.
 
 `ensure_tiny_siglip(cache_dir)` trains once (about two minutes on 2 CPU cores) and caches
-the result as `tiny-synth-siglip.json` + `.safetensors`, loaded like any user's weights.
+the result as `tiny-synth-sigmoid.json` + `.safetensors`, loaded like any user's weights.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from ..files import atomic_path, write_json_atomic
 from . import tinyclip, world
 from .tinyclip import Progress, TinyClip, ensure_trained
 
-NAME = "tiny-synth-siglip"
+# not "…siglip…": open_clip gives architectures so named its SigLIP tokenizer (a download)
+NAME = "tiny-synth-sigmoid"
 TINY_SIGLIP_CONFIG: dict[str, Any] = {
     "embed_dim": 64,
     "init_logit_scale": math.log(10),  # SigLIP's initialisation: t = 10, b = −10
