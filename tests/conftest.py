@@ -58,10 +58,6 @@ def save_random_weights(config: Path, path: Path, seed: int = 0) -> Path:
         with torch.no_grad():
             pool.latent.normal_(generator=torch.Generator().manual_seed(seed))
     state = {k: v.detach().contiguous().clone() for k, v in backend.model.state_dict().items()}
-    g = torch.Generator().manual_seed(seed)
-    for k, v in state.items():  # open_clip leaves CoCa's decoder projection as torch.empty
-        if v.is_floating_point() and not bool(v.isfinite().all()):
-            state[k] = 0.02 * torch.randn(v.shape, generator=g, dtype=v.dtype)
     if path.suffix == ".safetensors":
         save_file(state, str(path))
     else:

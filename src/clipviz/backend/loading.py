@@ -221,6 +221,8 @@ def load_backend(
             f"could not load {model} with weights {where}: {str(e).splitlines()[0][:300]} — "
             "check that `model` (or `model_config`) matches the weights"
         ) from e
+    if weights_id == RANDOM_WEIGHTS:
+        _fill_uninitialised(clip)
     visual_cfg = getattr(clip.visual, "preprocess_cfg", {}) or {}
     mean = tuple(preprocess_cfg.get("mean", visual_cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)))
     std = tuple(preprocess_cfg.get("std", visual_cfg.get("std", open_clip.OPENAI_DATASET_STD)))
@@ -292,6 +294,17 @@ def _local_dir_identity(folder: Path) -> str:
         "sha256:"
         + hashlib.sha256((content_digest(config) + content_digest(weights[0])).encode()).hexdigest()
     )
+
+
+def _fill_uninitialised(model: Any) -> None:
+    """open_clip leaves a few tensors of a fresh model as `torch.empty` (CoCa's decoder
+    `text_projection`): give any that hold NaN or infinity seeded normal values (std 0.02),
+    so `random` weights are always finite."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                tensor.copy_(0.02 * torch.randn(tensor.shape, generator=g))
 
 
 def _refuse_non_finite(model: Any, source: str) -> None:
