@@ -167,3 +167,15 @@ def test_tiny_siglip_names_colours_with_per_prompt_sigmoid_scores(trained_siglip
     colour = np.mean([g == s.objects[0].colour for g, s in zip(guess, scenes, strict=True)])
     assert colour >= 0.9  # chance: 1/6
     assert not torch.allclose(probs.sum(dim=1), torch.ones(100))  # not a softmax
+
+
+def test_siglips_map_head_reads_the_object_where_clips_class_token_prefers_the_background(
+    trained_backend, trained_siglip_backend, held_out, tmp_path
+):
+    """The test bed's finding: the CLIP's ITSM maps prefer the background (negative mSC);
+    the SigLIP's, read through its MAP probe's value path, prefer the objects."""
+    clip = _score(trained_backend, held_out, tmp_path / "c")["itsm"]
+    siglip = _score(trained_siglip_backend, held_out, tmp_path / "s")["itsm"]
+    print(f"CLIP ITSM {clip}, SigLIP ITSM {siglip}")
+    assert clip["msc"] < 0 < 10 < siglip["msc"]
+    assert siglip["pointing"] > clip["pointing"] + 0.2
