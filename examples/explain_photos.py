@@ -23,6 +23,7 @@ from pathlib import Path
 import clipviz
 from clipviz.data.inputs import collect_inputs
 from clipviz.runs.explain import run_explain
+from clipviz.runs.report import build_report
 
 TESTBED_CACHE = Path(
     os.environ.get("CLIPVIZ_TESTBED_CACHE", Path.home() / ".cache" / "clipviz-testbed")
@@ -59,7 +60,8 @@ def main() -> int:
             continue
         ranked = sorted(rec["probs"].items(), key=lambda kv: -kv[1])
         print(f"{rec['output']:>14}: " + ", ".join(f"{p} {v:.2f}" for p, v in ranked[:3]))
-    print(f"outputs in {args.out}/ (open the *.overlay.png files)")
+    report = build_report(args.out)
+    print(f"outputs in {args.out}/ — open {report}")
     return summary.exit_code
 
 
@@ -91,9 +93,9 @@ def testbed_demo(out: Path, scenes: int = 4) -> int:
         rec = summary.records[0]
         ranked = sorted(rec.get("probs", {}).items(), key=lambda kv: -kv[1])
         print(f"scene {i} ({', '.join(present)}): " + ", ".join(f"{p} {v:.2f}" for p, v in ranked))
-    print(
-        f"comparison sheets in {out / 'testbed'}/ (rows: prompts, columns: {', '.join(TESTBED_METHODS)})"
-    )
+    report = build_report(out / "testbed")
+    print(f"comparison sheets in {out / 'testbed'}/ (rows: prompts, columns: "
+          f"{', '.join(TESTBED_METHODS)}) — open {report}")  # fmt: skip
     return code
 
 

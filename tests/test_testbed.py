@@ -153,6 +153,8 @@ def test_demo_runs_on_the_test_bed_when_offline_without_weights(trained_clip, tm
     sheets = sorted(out.glob("testbed/scene_*.png/comparison.png"))
     assert len(sheets) == 4
     assert all(Image.open(s).size[0] > 5 * 64 for s in sheets)  # five method columns
+    report = out / "testbed" / "report.html"
+    assert f"open {report}" in run.stdout and report.read_text().count("comparison.png") == 4
 
 
 def test_tiny_siglip_names_colours_with_per_prompt_sigmoid_scores(trained_siglip_backend):

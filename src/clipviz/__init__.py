@@ -19,6 +19,7 @@ from .files import package_version
 if TYPE_CHECKING:
     from .backend import Backend, Texts, from_open_clip, from_transformers
     from .backend import load_backend as load_model
+    from .display import overlay
     from .explanation import Explanation, explain
     from .methods import METHODS
 
@@ -32,6 +33,7 @@ __all__ = [
     "from_open_clip",
     "from_transformers",
     "load_model",
+    "overlay",
 ]
 __version__ = package_version("clipviz") or "0+unknown"
 
@@ -42,6 +44,7 @@ _LAZY = {
     "from_open_clip": ("backend", "from_open_clip"),
     "from_transformers": ("backend", "from_transformers"),
     "Explanation": ("explanation", "Explanation"),
+    "overlay": ("display", "overlay"),
     "explain": ("explanation", "explain"),
     "METHODS": ("methods", "METHODS"),
 }

@@ -6,14 +6,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from .backend import Backend, Texts
+from .display import Shown
 from .errors import ClipvizError
-from .maps import upsample_normalized
+from .maps import place_in_box, upsample_normalized
 from .methods import check_methods, get_method
+from .render import overlay
 
 
 @dataclass(frozen=True)
@@ -37,10 +40,41 @@ class Explanation:
     probs: torch.Tensor
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     labels: dict[str, list[list[str]]] = field(default_factory=dict)
+    # the images explained, for display (converted only when shown)
+    shown: Shown | None = field(default=None, repr=False, compare=False)
 
     def upsampled(self, index: int, size: tuple[int, int]) -> torch.Tensor:
         """Maps of image `index`, min-max normalised per prompt, bilinear to `size` (H, W)."""
         return upsample_normalized(self.maps[index], size)
+
+    def image(self, index: int = 0) -> Image.Image:
+        """Image `index` as explained (a preprocessed batch is shown at the model's size)."""
+        if self.shown is None:
+            raise ClipvizError("this explanation holds no images to show (it was built by hand)")
+        return self.shown.image(index)
+
+    def overlay(
+        self, index: int = 0, prompt: int | str = 0, colormap: str = "jet", alpha: float = 0.5
+    ) -> Image.Image:
+        """The map of image `index` for `prompt` (its position or its text) over the image, as
+        the run's overlay PNG shows it (no data outside the part the model saw)."""
+        t = self.prompts.index(prompt) if isinstance(prompt, str) else prompt
+        image = self.image(index)
+        box = self.shown.box(index) if self.shown is not None else (0, 0, *image.size)
+        norm = place_in_box(self.maps[index, t : t + 1], box, (image.height, image.width))
+        return Image.fromarray(overlay(np.asarray(image), norm[0].numpy(), colormap, alpha))
+
+    def show(self, index: int = 0, colormap: str = "jet", alpha: float = 0.5) -> Any:
+        """A matplotlib figure of image `index` and each prompt's overlay, with the prompt,
+        the method, the model's probability and a colorbar."""
+        from .display import figure
+
+        return figure(self, index, colormap=colormap, alpha=alpha)
+
+    def _repr_png_(self) -> bytes:
+        from .display import figure_png
+
+        return figure_png(self, 0)
 
 
 def to_batch(backend: Backend, images: torch.Tensor | Sequence[Image.Image]) -> torch.Tensor:
@@ -90,4 +124,5 @@ def explain(
         probs=probs.cpu(),
         extras={k: v.detach().float().cpu() for k, v in result.extras.items()},
         labels=result.labels,
+        shown=Shown(backend.preprocess, images),
     )
