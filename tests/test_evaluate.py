@@ -155,3 +155,53 @@ def test_mask_metrics_on_box_only_data_are_refused(tmp_path, tiny_weights):
     result = runner.invoke(app, ["eval", str(root), "--format", "cub", "--metric", "miou",
                                  *_model_args(tiny_weights)])  # fmt: skip
     assert result.exit_code == 2 and "needs masks" in result.output
+
+
+@pytest.fixture(scope="module")
+def scored(synth_voc, vit_backend, tmp_path_factory):
+    """Records of two methods over 16 images with every metric, deletion/insertion included."""
+    ds = open_dataset(synth_voc, "voc", limit=16)
+    texts = vit_backend.encode_texts(ds.classes, ensemble=False)
+    metrics = ("miou", "msc", "pointing", "energy", "maxboxacc", "deletion", "insertion")
+    opts = EvalOptions(methods=("itsm", "random"), metrics=metrics, batch_size=8,
+                       pointing_tolerance=0)  # fmt: skip
+    results, records = evaluate(
+        vit_backend, ds, texts, opts, tmp_path_factory.mktemp("ci") / "r.jsonl"
+    )
+    return results, records, opts
+
+
+def test_each_bootstrap_resample_equals_the_reduction_of_the_images_it_drew(scored):
+    """The vectorised bootstrap against the plain procedure: draw the images, reduce them."""
+    from clipviz.runs.eval_stats import bootstrap_distribution, resample_draws, scored_images
+
+    _, records, opts = scored
+    dist = bootstrap_distribution(records, opts.methods, opts.metrics, resamples=12, seed=3)
+    images = scored_images(records)
+    for r, draw in enumerate(resample_draws(len(images), 12, seed=3)):
+        resampled = [images[i] for i in draw]
+        plain = reduce_records(resampled, opts)
+        for method in opts.methods:
+            for name in opts.metrics:
+                assert dist[method][name][r] == pytest.approx(plain[method][name], abs=1e-9), (
+                    method, name, r)  # fmt: skip
+
+
+def test_results_carry_intervals_around_the_estimate_and_the_curves(scored):
+    results, records, opts = scored
+    for method in opts.methods:
+        r = results[method]
+        for name in opts.metrics:
+            lo, hi = r[f"{name}_ci"]
+            assert lo <= r[name] + 1e-9 and r[name] - 1e-9 <= hi and lo < hi, (method, name)
+        assert len(r["miou_curve"]) == 19 and max(r["miou_curve"]) == pytest.approx(r["miou"], abs=1e-3)
+        assert len(r["maxboxacc_curve"]) == 100
+        assert max(r["maxboxacc_curve"]) == pytest.approx(r["maxboxacc"], abs=1e-3)
+        for mode in ("deletion", "insertion"):
+            curve = r[f"{mode}_curve"]
+            intact = curve[0] if mode == "deletion" else curve[-1]
+            assert intact == pytest.approx(1.0, abs=1e-4)  # relative to the intact image
+            assert np.trapezoid(curve, dx=1 / (len(curve) - 1)) == pytest.approx(r[mode], abs=1e-3)
+    one = [records[0]]
+    single = reduce_records(one, opts)["itsm"]
+    assert single["msc_ci"] == pytest.approx([single["msc"], single["msc"]])  # one image

@@ -159,15 +159,30 @@ def _safe_name(name: str) -> str:
 
 
 def print_eval_table(results: dict[str, Any], metrics: Any, name: str, scored: int) -> None:
+    """The methods × metrics table, then the metrics' 95 % intervals (bootstrap over images)."""
     columns = [c for m in metrics for c in COLUMNS[m]]
     table = Table(title=f"{name}: {scored} images", title_justify="left")
-    table.add_column("method", no_wrap=True)
-    for _, header, _ in columns:
+    intervals = Table(
+        title="95 % intervals (bootstrap over images, threshold search included)",
+        title_justify="left",
+    )
+    for t in (table, intervals):
+        t.add_column("method", no_wrap=True)
+    for key, header, _ in columns:
         table.add_column(header, justify="right", no_wrap=True)
+        if key in metrics:
+            intervals.add_column(header, justify="right", no_wrap=True)
+    any_ci = False
     for method, res in results.items():
-        cells = []
+        cells, spans = [], []
         for key, _, digits in columns:
-            value = res.get(key)
+            value, ci = res.get(key), res.get(f"{key}_ci")
             cells.append("—" if value is None or value != value else f"{value:.{digits}f}")
+            if key in metrics:
+                spans.append(f"{ci[0]:.{digits}f} – {ci[1]:.{digits}f}" if ci else "—")
+                any_ci = any_ci or bool(ci)
         table.add_row(method, *cells)
+        intervals.add_row(method, *spans)
     print_table(table)
+    if any_ci:
+        print_table(intervals)

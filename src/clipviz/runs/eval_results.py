@@ -15,7 +15,8 @@ import numpy as np
 from ..backend import Backend, Texts
 from ..data.datasets import EvalDataset
 from ..files import atomic_path, provenance, write_json_atomic
-from ..metrics import MaxBoxAcc, MIoU, mean_score_contrast
+from ..metrics import BOX_THRESHOLDS, MIOU_THRESHOLDS, MaxBoxAcc, MIoU, mean_score_contrast
+from .eval_stats import CI_LEVEL, RESAMPLES, bootstrap_intervals
 
 if TYPE_CHECKING:
     from .evaluate import EvalOptions
@@ -38,6 +39,7 @@ def reduce_records(records: Sequence[dict[str, Any]], opts: EvalOptions) -> dict
             res = miou.result()
             out["miou"] = res.miou * 100
             out["miou_threshold"] = res.threshold
+            out["miou_curve"] = [round(float(v) * 100, 4) for v in res.curve]  # per τ
             out["miou_per_class"] = {k: v * 100 for k, v in res.per_class.items()}
         if "msc" in opts.metrics:
             out["msc"] = mean_score_contrast(p["msc"] for p in pairs)
@@ -45,6 +47,10 @@ def reduce_records(records: Sequence[dict[str, Any]], opts: EvalOptions) -> dict
             if name in opts.metrics:
                 values = [p[name] for p in pairs if not math.isnan(p[name])]
                 out[name] = float(np.mean(values)) if values else math.nan
+        for name in ("deletion", "insertion"):
+            curves = [p[f"{name}_curve"] for p in pairs if f"{name}_curve" in p]
+            if name in opts.metrics and curves:  # the mean curve over the pairs, 5 % steps
+                out[f"{name}_curve"] = [round(float(v), 5) for v in np.mean(curves, axis=0)]
         if "maxboxacc" in opts.metrics:
             acc = MaxBoxAcc()
             for p in pairs:
@@ -52,7 +58,12 @@ def reduce_records(records: Sequence[dict[str, Any]], opts: EvalOptions) -> dict
             box = acc.result()
             out["maxboxacc"] = box.max_box_acc * 100
             out["maxboxacc_threshold"] = box.threshold
+            out["maxboxacc_curve"] = [round(float(v) * 100, 4) for v in box.curve]
         results[method] = out
+    intervals = bootstrap_intervals(records, opts.methods, opts.metrics)
+    for method, cis in intervals.items():
+        for name, ci in cis.items():
+            results[method][f"{name}_ci"] = ci
     return results
 
 
@@ -90,6 +101,18 @@ def write_report(
             "methods": list(opts.methods),
             "metrics": list(opts.metrics),
             "pointing_tolerance_px": opts.pointing_tolerance,
+            # `<metric>_ci`: 95 % percentile bootstrap over images (threshold search included)
+            "intervals": {
+                "level": CI_LEVEL,
+                "resamples": RESAMPLES,
+                "seed": 0,
+                "resampled": "images",
+            },
+            "curves": {
+                "miou_thresholds": MIOU_THRESHOLDS.tolist(),
+                "maxboxacc_thresholds": BOX_THRESHOLDS.tolist(),
+                "deletion_insertion_fractions": [round(0.05 * k, 2) for k in range(21)],
+            },
             "method_options": opts.method_options,
             "results": _json_safe(results),
             "finished": datetime.now(UTC).isoformat(timespec="seconds"),

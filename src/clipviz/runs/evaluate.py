@@ -35,6 +35,7 @@ from ..methods import check_methods, get_method
 from ..metrics import (
     BOX_THRESHOLDS,
     MIOU_THRESHOLDS,
+    CurveResult,
     box_correct,
     deletion_insertion_curve,
     energy_pointing,
@@ -189,15 +190,15 @@ def score_pair(
 
 def _faithfulness(
     backend: Backend, image: torch.Tensor, norm_map: torch.Tensor, text: torch.Tensor, mode: str
-) -> float:
-    """Deletion or insertion AUC of `cos(image embedding, text)` for one map."""
+) -> CurveResult:
+    """Deletion or insertion curve (and its AUC) of `cos(image embedding, text)` for one map."""
 
     def similarity(batch: torch.Tensor) -> torch.Tensor:
         return backend.image_embeddings(batch) @ text
 
     size = (image.shape[-2], image.shape[-1])
     sal = F.interpolate(norm_map[None, None], size=size, mode="bilinear", align_corners=False)
-    return deletion_insertion_curve(image, sal[0, 0], similarity, mode=mode).auc  # type: ignore[arg-type]
+    return deletion_insertion_curve(image, sal[0, 0], similarity, mode=mode)  # type: ignore[arg-type]
 
 
 def evaluate(
@@ -293,7 +294,9 @@ def evaluate(
                         small = normalize_maps(exp.maps[j, t])
                         text = texts.embeddings[t].to(backend.device)
                         for mode in modes:
-                            pair[mode] = _faithfulness(backend, on_device, small, text, mode)
+                            curve = _faithfulness(backend, on_device, small, text, mode)
+                            pair[mode] = curve.auc
+                            pair[f"{mode}_curve"] = [round(float(v), 5) for v in curve.scores]
                     pairs.append(pair)
             emit(
                 {
