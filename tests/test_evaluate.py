@@ -194,7 +194,9 @@ def test_results_carry_intervals_around_the_estimate_and_the_curves(scored):
         for name in opts.metrics:
             lo, hi = r[f"{name}_ci"]
             assert lo <= r[name] + 1e-9 and r[name] - 1e-9 <= hi and lo < hi, (method, name)
-        assert len(r["miou_curve"]) == 19 and max(r["miou_curve"]) == pytest.approx(r["miou"], abs=1e-3)
+        assert len(r["miou_curve"]) == 19 and max(r["miou_curve"]) == pytest.approx(
+            r["miou"], abs=1e-3
+        )
         assert len(r["maxboxacc_curve"]) == 100
         assert max(r["maxboxacc_curve"]) == pytest.approx(r["maxboxacc"], abs=1e-3)
         for mode in ("deletion", "insertion"):

@@ -43,11 +43,28 @@ def test_slugs_are_safe_and_unique():
     ]  # fmt: skip
 
 
-def test_comparison_sheet_has_a_cell_per_prompt_and_method():
-    image = np.zeros((100, 200, 3), dtype=np.uint8)
+def test_comparison_sheet_shows_the_image_a_cell_per_prompt_and_method_and_a_colorbar():
+    image = np.full((100, 200, 3), 128, dtype=np.uint8)
     maps = {"a": np.zeros((3, 100, 200)), "b": np.ones((3, 100, 200))}
     sheet = comparison_sheet(image, maps, ["p1", "p2", "p3"], "gray", alpha=1.0, cell=50)
-    # label column 150 px, cells 50x25 with 4 px gaps, a 24 px header
-    assert sheet.shape == (24 + 3 * 29, 150 + 2 * 54, 3)
-    np.testing.assert_array_equal(sheet[24 + 10, 150 + 10], [0, 0, 0])  # method a: map 0
-    np.testing.assert_array_equal(sheet[24 + 10, 150 + 54 + 10], [255, 255, 255])  # b: map 1
+    # label column 150 px, cells 50x25 with 4 px gaps (rows at least 2 label lines + 4 high),
+    # a 24 px header, the image column first, a 44 px colorbar column
+    row = 25  # one label line (16 + 4 px) fits in the 25 px cell
+    assert sheet.shape == (24 + 3 * (row + 4), 150 + 3 * 54 + 44, 3)
+    np.testing.assert_array_equal(sheet[24 + 10, 150 + 10], [128, 128, 128])  # the image
+    np.testing.assert_array_equal(sheet[24 + 10, 150 + 54 + 10], [0, 0, 0])  # method a: map 0
+    np.testing.assert_array_equal(sheet[24 + 10, 150 + 2 * 54 + 10], [255, 255, 255])  # b: 1
+    bar = sheet[24 + 1 : 24 + 39, -44 + 6 + 4]  # the colorbar's column: white at the top
+    assert bar[0].mean() > 240 and bar[-1].mean() < 15
+
+
+def test_comparison_sheet_labels_are_whole_and_carry_the_scores():
+    image = np.zeros((40, 40, 3), dtype=np.uint8)
+    maps = {"a": np.zeros((2, 40, 40))}
+    long = ["a photo of a small red circle on grass", "a photo of a small red circle on sand"]
+    with_scores = comparison_sheet(image, maps, long, cell=40, scores=[0.25, 0.75])
+    # 3 and 2 wrapped lines plus the score: rows grow to hold them, so nothing is cut
+    first, second = 4 * 16 + 4, 3 * 16 + 4
+    assert with_scores.shape[0] == 24 + first + 4 + second + 4
+    labels = [with_scores[24 : 24 + second, :150], with_scores[24 + first + 4 :][:second, :150]]
+    assert not np.array_equal(labels[0], labels[1])  # the endings differ, so do the labels

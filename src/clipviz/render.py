@@ -175,12 +175,17 @@ def comparison_sheet(
     colormap: str = "jet",
     alpha: float = 0.5,
     cell: int = 224,
+    scores: Sequence[float] | None = None,
 ) -> np.ndarray:
-    """One picture comparing methods: rows are prompts, columns are methods.
+    """One picture comparing methods: the image, then one column per method; one row per
+    prompt, labelled with the whole prompt (wrapped, never cut) and its `scores` entry (the
+    model's probability); a colorbar at the right says which end of the colormap is high.
 
     image: uint8 `[H, W, 3]`; maps: method -> normalised maps `[T, H, W]` in [0, 1].
-    Each cell is the overlay scaled so its longer side is `cell` pixels.
+    Each cell is scaled so its longer side is `cell` pixels.
     """
+    import textwrap
+
     from PIL import ImageDraw, ImageFont
 
     h, w = image.shape[:2]
@@ -188,20 +193,28 @@ def comparison_sheet(
     cw, ch = max(1, round(w * scale)), max(1, round(h * scale))
     small = np.asarray(Image.fromarray(image).resize((cw, ch), Image.Resampling.BILINEAR))
     font = ImageFont.load_default(size=14)
-    label_w, header_h, pad = 150, 24, 4
+    label_w, header_h, pad, line_h, bar_w = 150, 24, 4, 16, 44
     methods = list(maps)
-    sheet = Image.new(
-        "RGB",
-        (label_w + len(methods) * (cw + pad), header_h + len(prompts) * (ch + pad)),
-        "white",
-    )
+    labels = []
+    for t, prompt in enumerate(prompts):
+        lines = textwrap.wrap(prompt, 18, break_long_words=True) or [""]
+        if scores is not None:
+            lines.append(f"p = {scores[t]:.3f}")
+        labels.append(lines)
+    row_h = [max(ch, len(lines) * line_h + 4) for lines in labels]
+    columns = ["image", *methods]
+    width = label_w + len(columns) * (cw + pad) + bar_w
+    sheet = Image.new("RGB", (width, header_h + sum(r + pad for r in row_h)), "white")
     draw = ImageDraw.Draw(sheet)
-    for j, method in enumerate(methods):
-        draw.text((label_w + j * (cw + pad) + 4, 4), method, fill="black", font=font)
-    for i, prompt in enumerate(prompts):
-        y = header_h + i * (ch + pad)
-        text = prompt if len(prompt) <= 20 else prompt[:19] + "…"
-        draw.text((4, y + ch // 2 - 7), text, fill="black", font=font)
+    for j, name in enumerate(columns):
+        draw.text((label_w + j * (cw + pad) + 4, 4), name, fill="black", font=font)
+    y = header_h
+    for i, lines in enumerate(labels):
+        top = y + max(0, (row_h[i] - len(lines) * line_h) // 2)
+        for k, line in enumerate(lines):
+            colour = "dimgray" if scores is not None and k == len(lines) - 1 else "black"
+            draw.text((4, top + k * line_h), line, fill=colour, font=font)
+        sheet.paste(Image.fromarray(small), (label_w, y))
         for j, method in enumerate(methods):
             norm = np.asarray(
                 Image.fromarray(maps[method][i].astype(np.float32)).resize(
@@ -210,6 +223,14 @@ def comparison_sheet(
             )
             sheet.paste(
                 Image.fromarray(overlay(small, norm, colormap, alpha)),
-                (label_w + j * (cw + pad), y),
+                (label_w + (j + 1) * (cw + pad), y),
             )
+        y += row_h[i] + pad
+    # colorbar: high at the top, as the maps' maxima
+    x0, bar_h = width - bar_w + 6, max(ch, 40)
+    ramp = colorize(np.linspace(1.0, 0.0, bar_h)[:, None].repeat(12, axis=1), colormap)
+    sheet.paste(Image.fromarray(ramp[..., :3]), (x0, header_h))
+    small_font = ImageFont.load_default(size=11)
+    draw.text((x0 + 14, header_h - 2), "max", fill="black", font=small_font)
+    draw.text((x0 + 14, header_h + bar_h - 12), "min", fill="black", font=small_font)
     return np.asarray(sheet)

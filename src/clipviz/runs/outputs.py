@@ -137,9 +137,11 @@ def _sheet(
         exp.method: place_in_box(exp.maps[index], box, (small[1], small[0])).numpy()
         for exp in explanations
     }
+    first = explanations[0]
     return comparison_sheet(
-        picture, maps, explanations[0].prompts, render.colormap, render.alpha, SHEET_CELL
-    )
+        picture, maps, first.prompts, render.colormap, render.alpha, SHEET_CELL,
+        scores=first.probs[index].tolist(),
+    )  # fmt: skip
 
 
 def _remove_stale(folder: Path, kept: Sequence[str]) -> None:
