@@ -207,3 +207,36 @@ def test_results_carry_intervals_around_the_estimate_and_the_curves(scored):
     one = [records[0]]
     single = reduce_records(one, opts)["itsm"]
     assert single["msc_ci"] == pytest.approx([single["msc"], single["msc"]])  # one image
+
+
+def test_tune_split_fixes_the_thresholds_chosen_on_another_split(tmp_path, tiny_weights):
+    root = tmp_path / "voc"
+    write_voc(root, 24, seed=11, size=64)
+    ids = (root / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
+    (root / "ImageSets" / "Segmentation" / "val.txt").write_text("\n".join(ids[:12]) + "\n")
+    (root / "ImageSets" / "Segmentation" / "train.txt").write_text("\n".join(ids[12:]) + "\n")
+    out = tmp_path / "res.json"
+    args = ["eval", str(root), "-m", "itsm", "--metric", "miou", "--metric", "maxboxacc",
+            "--json", str(out), *_model_args(tiny_weights)]  # fmt: skip
+    tuned = runner.invoke(app, [*args, "--tune-split", "train"])
+    assert tuned.exit_code == 0, tuned.output
+    assert "thresholds τ chosen on" in tuned.output and "train (12 images)" in tuned.output
+    data = json.loads(out.read_text())
+    chosen = data["thresholds_chosen_on"]
+    assert chosen["images"] == 12 and chosen["split"].endswith("train")
+    itsm = data["results"]["itsm"]
+    tau = chosen["thresholds"]["itsm"]["miou"]
+    assert itsm["miou_threshold"] == tau
+    # the score is the scored split's own curve read at the tuning split's τ
+    curve, grid = itsm["miou_curve"], data["curves"]["miou_thresholds"]
+    assert itsm["miou"] == pytest.approx(curve[grid.index(tau)], abs=1e-3)
+    assert itsm["miou"] <= max(curve) + 1e-3
+    box_tau = chosen["thresholds"]["itsm"]["maxboxacc"]
+    assert itsm["maxboxacc"] == pytest.approx(
+        itsm["maxboxacc_curve"][data["curves"]["maxboxacc_thresholds"].index(box_tau)], abs=1e-3
+    )
+    same = runner.invoke(app, [*args, "--tune-split", "val"])
+    assert same.exit_code == 2 and "is the split being scored" in same.output
+    plain = runner.invoke(app, [*args, "--fresh"])
+    assert "chosen on the scored images themselves" in plain.output
+    assert json.loads(out.read_text())["thresholds_chosen_on"] == "the scored images"

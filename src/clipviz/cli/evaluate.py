@@ -68,6 +68,15 @@ def evaluate(
     limit: Annotated[
         int | None, typer.Option(help="score the first N images only", show_default=False)
     ] = None,
+    tune_split: Annotated[
+        str | None,
+        typer.Option(
+            "--tune-split",
+            help="choose mIoU's and MaxBoxAcc's thresholds on this split (e.g. train), not on "
+            "the images scored",
+            show_default=False,
+        ),
+    ] = None,
     classes_file: Annotated[
         Path | None, typer.Option("--classes-file", help="'class: prompt' lines")
     ] = None,
@@ -110,7 +119,7 @@ def evaluate(
 ) -> None:
     """Score methods on a dataset with masks or boxes: a methods × metrics table and a JSON."""
     from ..data.datasets import open_dataset
-    from ..runs.eval_results import write_report
+    from ..runs.eval_results import reduce_records, tuned_thresholds, write_report
     from ..runs.evaluate import EvalOptions, check_metrics, class_prompts, default_metrics
     from ..runs.evaluate import evaluate as run_eval
 
@@ -136,18 +145,52 @@ def evaluate(
     if fresh and records_path.exists():
         records_path.unlink()
 
+    tune = None
+    if tune_split is not None:
+        tune = open_dataset(root, format, split=tune_split, limit=limit)
+        if tune.name == dataset.name:
+            raise ClipvizError(
+                f"--tune-split {tune_split} is the split being scored; choose another split"
+            )
+        if len(tune) == 0:
+            raise ClipvizError(f"{tune.name} has no images; check --tune-split and the layout")
+        if tune.classes != dataset.classes:
+            raise ClipvizError(f"{tune.name} and {dataset.name} have different classes")
     backend = load(model, pretrained, model_config, device, precision, resolution, crop)
     texts = backend.encode_texts(prompts, ensemble=not no_ensemble)
     progress = progress_bar("evaluating", quiet, transient=True)
-    task = progress.add_task("eval", total=len(dataset))
+    tuning = None
     with progress:
+        if tune is not None:
+            tune_path = json_path.with_suffix(".tune.records.jsonl")
+            if fresh and tune_path.exists():
+                tune_path.unlink()
+            task = progress.add_task("tune", total=len(tune))
+            tuned_results, tuned_records = run_eval(
+                backend, tune, texts, opts, tune_path, on_image=lambda r: progress.advance(task)
+            )
+            tuning = {
+                "split": tune.name,
+                "images": sum(r["status"] == "ok" for r in tuned_records),
+                "thresholds": tuned_thresholds(tuned_results),
+            }
+        task = progress.add_task("eval", total=len(dataset))
         results, records = run_eval(
             backend, dataset, texts, opts, records_path, on_image=lambda r: progress.advance(task)
         )
-    csv_path = write_report(json_path, results, records, backend, dataset, texts, opts)
+    if tuning is not None:
+        results = reduce_records(records, opts, fixed=tuning["thresholds"])
+    csv_path = write_report(json_path, results, records, backend, dataset, texts, opts, tuning)
     failed = [r for r in records if r["status"] == "failed"]
     if not quiet:
         print_eval_table(results, opts.metrics, dataset.name, len(records) - len(failed))
+        if {"miou", "maxboxacc"} & set(opts.metrics):
+            where = (
+                f"{tuning['split']} ({tuning['images']} images)"
+                if tuning
+                else "the scored images themselves (--tune-split chooses them on another split)"
+            )
+            out_console.print(f"thresholds τ chosen on {where}", highlight=False)
         for r in failed[:20]:
             print_failure(r["image"], r["error"])
         out_console.print(f"results: {json_path}, per image: {csv_path}", highlight=False)

@@ -22,8 +22,17 @@ if TYPE_CHECKING:
     from .evaluate import EvalOptions
 
 
-def reduce_records(records: Sequence[dict[str, Any]], opts: EvalOptions) -> dict[str, Any]:
-    """Dataset-level numbers per method from the per-pair records."""
+def reduce_records(
+    records: Sequence[dict[str, Any]],
+    opts: EvalOptions,
+    fixed: dict[str, dict[str, float]] | None = None,
+) -> dict[str, Any]:
+    """Dataset-level numbers per method from the per-pair records.
+
+    fixed: per method, thresholds chosen elsewhere (`{"miou": τ, "maxboxacc": τ}`, e.g. on a
+        tuning split): those metrics are read at τ instead of at the best τ of these records.
+    """
+    fixed = fixed or {}
     results: dict[str, Any] = {}
     for method in opts.methods:
         pairs = [p for r in records for p in r.get("pairs", []) if p["method"] == method]
@@ -37,8 +46,9 @@ def reduce_records(records: Sequence[dict[str, Any]], opts: EvalOptions) -> dict
             for p in pairs:
                 miou.add(p["class"], np.array(p["iou_i"]), np.array(p["iou_u"]))
             res = miou.result()
-            out["miou"] = res.miou * 100
-            out["miou_threshold"] = res.threshold
+            at = _threshold_index(MIOU_THRESHOLDS, fixed.get(method, {}).get("miou"))
+            out["miou"] = (res.miou if at is None else float(res.curve[at])) * 100
+            out["miou_threshold"] = res.threshold if at is None else float(MIOU_THRESHOLDS[at])
             out["miou_curve"] = [round(float(v) * 100, 4) for v in res.curve]  # per τ
             out["miou_per_class"] = {k: v * 100 for k, v in res.per_class.items()}
         if "msc" in opts.metrics:
@@ -56,15 +66,31 @@ def reduce_records(records: Sequence[dict[str, Any]], opts: EvalOptions) -> dict
             for p in pairs:
                 acc.add(np.array([c == "1" for c in p["box"]]))
             box = acc.result()
-            out["maxboxacc"] = box.max_box_acc * 100
-            out["maxboxacc_threshold"] = box.threshold
+            at = _threshold_index(BOX_THRESHOLDS, fixed.get(method, {}).get("maxboxacc"))
+            out["maxboxacc"] = (box.max_box_acc if at is None else float(box.curve[at])) * 100
+            out["maxboxacc_threshold"] = box.threshold if at is None else float(BOX_THRESHOLDS[at])
             out["maxboxacc_curve"] = [round(float(v) * 100, 4) for v in box.curve]
         results[method] = out
-    intervals = bootstrap_intervals(records, opts.methods, opts.metrics)
+    intervals = bootstrap_intervals(records, opts.methods, opts.metrics, fixed=fixed)
     for method, cis in intervals.items():
         for name, ci in cis.items():
             results[method][f"{name}_ci"] = ci
     return results
+
+
+def _threshold_index(grid: np.ndarray, tau: float | None) -> int | None:
+    """The position of a fixed threshold on its grid (None: search the grid)."""
+    if tau is None:
+        return None
+    return int(np.argmin(np.abs(grid - tau)))
+
+
+def tuned_thresholds(results: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The thresholds each method's results chose (to fix them on another split)."""
+    return {
+        method: {k: r[f"{k}_threshold"] for k in ("miou", "maxboxacc") if f"{k}_threshold" in r}
+        for method, r in results.items()
+    }
 
 
 def write_report(
@@ -75,8 +101,13 @@ def write_report(
     dataset: EvalDataset,
     texts: Texts,
     opts: EvalOptions,
+    tuning: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the results JSON and, beside it, a per-image CSV; returns the CSV's path."""
+    """Write the results JSON and, beside it, a per-image CSV; returns the CSV's path.
+
+    tuning: where mIoU's and MaxBoxAcc's thresholds were chosen (split, images, thresholds);
+        None: on the scored images themselves.
+    """
     ok = [r for r in records if r["status"] == "ok"]
     write_json_atomic(
         json_path,
@@ -101,6 +132,7 @@ def write_report(
             "methods": list(opts.methods),
             "metrics": list(opts.metrics),
             "pointing_tolerance_px": opts.pointing_tolerance,
+            "thresholds_chosen_on": tuning or "the scored images",
             # `<metric>_ci`: 95 % percentile bootstrap over images (threshold search included)
             "intervals": {
                 "level": CI_LEVEL,

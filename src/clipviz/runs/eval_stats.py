@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from ..metrics import BOX_THRESHOLDS, MIOU_THRESHOLDS
+
 CI_LEVEL = 0.95
 RESAMPLES = 1000
 
@@ -50,9 +52,13 @@ def bootstrap_intervals(
     metrics: Sequence[str],
     resamples: int = RESAMPLES,
     seed: int = 0,
+    fixed: dict[str, dict[str, float]] | None = None,
 ) -> dict[str, dict[str, list[float] | None]]:
-    """Per method, `{metric: [low, high]}` 95 % intervals (mIoU, mSC, MaxBoxAcc in %)."""
-    dist = bootstrap_distribution(records, methods, metrics, resamples, seed)
+    """Per method, `{metric: [low, high]}` 95 % intervals (mIoU, mSC, MaxBoxAcc in %).
+
+    fixed: per method, thresholds chosen elsewhere: read there, not searched per resample.
+    """
+    dist = bootstrap_distribution(records, methods, metrics, resamples, seed, fixed)
     return {m: {k: _interval(v) for k, v in d.items()} for m, d in dist.items()}
 
 
@@ -62,8 +68,10 @@ def bootstrap_distribution(
     metrics: Sequence[str],
     resamples: int = RESAMPLES,
     seed: int = 0,
+    fixed: dict[str, dict[str, float]] | None = None,
 ) -> dict[str, dict[str, np.ndarray]]:
     """Per method and metric, the metric on each resample `[resamples]`."""
+    fixed = fixed or {}
     images = scored_images(records)
     if not images:
         return {m: {} for m in methods}
@@ -82,14 +90,17 @@ def bootstrap_distribution(
             counts = np.array([sum(not _nan(p.get(name)) for p in ps) for ps in per_image])
             res[name] = scale * _weighted_mean(weights, sums, counts)
         if "miou" in metrics:
-            res["miou"] = _miou(weights, per_image)
+            curve = _miou_curves(weights, per_image)  # [R, τ]
+            at = _at(MIOU_THRESHOLDS, fixed.get(method, {}).get("miou"))
+            res["miou"] = curve.max(axis=1) if at is None else curve[:, at]
         if "maxboxacc" in metrics:
             correct = np.array([np.sum([[c == "1" for c in p["box"]] for p in ps], axis=0)
                                 if ps else np.zeros(100) for ps in per_image], dtype=float)  # fmt: skip
             counts = np.array([len(ps) for ps in per_image], dtype=float)
             with np.errstate(invalid="ignore", divide="ignore"):
                 curve = (weights @ correct) / (weights @ counts)[:, None]  # [R, τ]
-            res["maxboxacc"] = curve.max(axis=1) * 100
+            at = _at(BOX_THRESHOLDS, fixed.get(method, {}).get("maxboxacc"))
+            res["maxboxacc"] = (curve.max(axis=1) if at is None else curve[:, at]) * 100
         out[method] = res
     return out
 
@@ -98,9 +109,13 @@ def _nan(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def _miou(weights: np.ndarray, per_image: list[list[dict[str, Any]]]) -> np.ndarray:
-    """mIoU (%) per resample: per class the weighted sums of I and U per threshold, IoU, the
-    mean over the classes present in the resample, the best threshold."""
+def _at(grid: np.ndarray, tau: float | None) -> int | None:
+    return None if tau is None else int(np.argmin(np.abs(grid - tau)))
+
+
+def _miou_curves(weights: np.ndarray, per_image: list[list[dict[str, Any]]]) -> np.ndarray:
+    """mIoU (%) per resample and threshold `[R, τ]`: per class the weighted sums of I and U,
+    IoU, the mean over the classes present in the resample."""
     classes = sorted({p["class"] for ps in per_image for p in ps})
     index = {c: k for k, c in enumerate(classes)}
     steps = len(next(p["iou_i"] for ps in per_image for p in ps))
@@ -116,4 +131,4 @@ def _miou(weights: np.ndarray, per_image: list[list[dict[str, Any]]]) -> np.ndar
     with np.errstate(invalid="ignore", divide="ignore"):
         iou = np.where(U > 0, I / U, 0.0)
     curve = (iou * present[..., None]).sum(axis=1) / np.maximum(present.sum(axis=1), 1)[:, None]
-    return curve.max(axis=1) * 100
+    return curve * 100
