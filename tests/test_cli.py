@@ -212,3 +212,29 @@ def test_models_lists_architectures_with_their_tags():
     assert result.exit_code == 0, result.output
     row = next(line for line in result.output.splitlines() if "│ ViT-B-16 " in line)
     assert "openai" in row and "laion2b_s34b_b88k" in result.output
+
+
+def test_json_prints_one_machine_readable_result_on_stdout(messy_folder, tmp_path, tiny_weights):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["explain", str(messy_folder), "dog", "--out", str(out), "--json",
+                                 *_model_args(tiny_weights)])  # fmt: skip
+    assert result.exit_code == 1  # the broken files, as without --json
+    data = json.loads(result.stdout)  # stdout is the JSON alone: no table, no summary line
+    assert data["schema_version"] and data["ok"] == 3 and data["failed"] == 2
+    assert {Path(r["input"]).name for r in data["records"] if r["status"] == "ok"} == {
+        "good1.jpg", "good2.png", "deep.png"}  # fmt: skip
+    assert data["manifest"] == str(out / "manifest.jsonl")
+
+
+def test_eval_json_dash_prints_the_results_on_stdout(tmp_path, tiny_weights, monkeypatch):
+    from clipviz.testbed.world import write_voc
+
+    write_voc(tmp_path / "voc", 4, seed=2, size=64)
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["eval", str(tmp_path / "voc"), "--json", "-", "--metric", "msc",
+                                 *_model_args(tiny_weights)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["results"]["itsm"]["msc_ci"] and data["dataset"]["scored"] == 4
+    saved = tmp_path / "clipviz-eval" / "voc_val.json"
+    assert json.loads(saved.read_text()) == data  # the file is kept at its default place

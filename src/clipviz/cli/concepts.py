@@ -16,6 +16,7 @@ from .options import (
     ColormapOpt,
     DebugOpt,
     DeviceOpt,
+    JsonOpt,
     MaxPixelsOpt,
     ModelConfigOpt,
     ModelOpt,
@@ -30,6 +31,7 @@ from .output import (
     lazy_progress,
     out_console,
     print_failure,
+    print_json,
     print_table,
     progress_bar,
 )
@@ -91,6 +93,7 @@ def concepts(
     resolution: ResolutionOpt = None,
     max_pixels: MaxPixelsOpt = 100_000_000,
     quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """ConVis maps of WordNet concepts: `clipviz concepts photo.jpg --synset dog.n.01`, or
@@ -145,7 +148,11 @@ def concepts(
             on_record=lambda r: progress.advance(task),
         )
     failed = [r for r in records if r["status"] == "failed"]
-    if not quiet:
+    if json_out:
+        print_json({"out": str(out), "manifest": str(out / "manifest.jsonl"),
+                    "ok": len(records) - len(failed), "failed": len(failed), "ignored": ignored,
+                    "records": records})  # fmt: skip
+    elif not quiet:
         _print_concepts_table(records, discovery=top > 0)
         for r in failed[:50]:
             print_failure(r["input"], r["error"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -83,7 +84,10 @@ def evaluate(
     json_path: Annotated[
         Path | None,
         typer.Option(
-            "--json", help="results JSON (default: clipviz-eval/<dataset>.json)", show_default=False
+            "--json",
+            help="results JSON (default: clipviz-eval/<dataset>.json); '-' prints it on stdout "
+            "(tables off) and keeps the file at the default place",
+            show_default=False,
         ),
     ] = None,
     pointing_tolerance: Annotated[
@@ -140,7 +144,9 @@ def evaluate(
     )
     check_metrics(opts.metrics, dataset)
     prompts = class_prompts(dataset, classes_file)
-    json_path = json_path or Path("clipviz-eval") / f"{_safe_name(dataset.name)}.json"
+    to_stdout = json_path == Path("-")
+    if json_path is None or to_stdout:
+        json_path = Path("clipviz-eval") / f"{_safe_name(dataset.name)}.json"
     records_path = json_path.with_suffix(".records.jsonl")
     if fresh and records_path.exists():
         records_path.unlink()
@@ -182,7 +188,10 @@ def evaluate(
         results = reduce_records(records, opts, fixed=tuning["thresholds"])
     csv_path = write_report(json_path, results, records, backend, dataset, texts, opts, tuning)
     failed = [r for r in records if r["status"] == "failed"]
-    if not quiet:
+    if to_stdout:
+        sys.stdout.write(json_path.read_text(encoding="utf-8"))
+        sys.stdout.flush()
+    elif not quiet:
         print_eval_table(results, opts.metrics, dataset.name, len(records) - len(failed))
         if {"miou", "maxboxacc"} & set(opts.metrics):
             where = (

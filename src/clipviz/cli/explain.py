@@ -19,6 +19,7 @@ from .options import (
     EclipOpt,
     GaeStartOpt,
     GscorecamTopkOpt,
+    JsonOpt,
     LegradLayersOpt,
     MaxPixelsOpt,
     MethodOpt,
@@ -37,7 +38,7 @@ from .options import (
     unique_prompts,
     warn_truncated,
 )
-from .output import err_console, out_console, print_failure, print_table, progress_bar
+from .output import err_console, out_console, print_failure, print_json, print_table, progress_bar
 
 
 def explain(
@@ -93,6 +94,7 @@ def explain(
     ] = None,
     max_pixels: MaxPixelsOpt = 100_000_000,
     quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
     surgery_depth: SurgeryDepthOpt = None,
     gae_start_layer: GaeStartOpt = None,
     legrad_layers: LegradLayersOpt = None,
@@ -158,9 +160,24 @@ def explain(
             on_record=on_record,
             method_options=options,
         )
-    if not quiet:
+    if json_out:
+        print_json(run_payload(summary, out, ignored))
+    elif not quiet:
         print_summary(summary, out, ignored)
     raise typer.Exit(summary.exit_code)
+
+
+def run_payload(summary: Any, out: Path, ignored: int) -> dict[str, Any]:
+    """What `--json` prints for a run: counts, where things are, every image's record."""
+    return {
+        "out": str(out),
+        "manifest": str(out / "manifest.jsonl"),
+        "ok": summary.ok,
+        "skipped": summary.skipped,
+        "failed": summary.failed,
+        "ignored": ignored,
+        "records": summary.records,
+    }
 
 
 def print_summary(summary: Any, out: Path, ignored: int, rows: int = 20) -> None:

@@ -63,6 +63,13 @@ MaxPixelsOpt = Annotated[
     int, typer.Option("--max-pixels", help="refuse images with more pixels than this")
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar or table")]
+JsonOpt = Annotated[
+    bool,
+    typer.Option(
+        "--json", help="print the result as one JSON object on stdout (tables off; progress "
+        "stays on stderr)",
+    ),
+]  # fmt: skip
 
 # -- methods and their options -------------------------------------------------------------------
 METHOD_NAMES = tuple(catalog())

@@ -167,3 +167,14 @@ def handle_errors(fn: F) -> F:
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def print_json(payload: dict[str, Any]) -> None:
+    """One machine-readable result on stdout: the run's own JSON, nothing else."""
+    import json
+    import sys
+
+    from ..files import provenance
+
+    sys.stdout.write(json.dumps({**provenance(), **payload}, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
