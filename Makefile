@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 
 .PHONY: install demo test test-compat lint format clean
 
-install: $(VENV)/.installed wordnet
+install: $(VENV)/.installed wordnet chromium
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,19 @@ wordnet:
 	fi; \
 	found || echo "note: WordNet 3.0 not found; clipviz concepts needs it:" \
 	  "sudo apt install wordnet-base wordnet-sense-index (or: python -m nltk.downloader wordnet)"
+
+# Debian's chromium for the report's browser test (playwright drives it; no browser download):
+# installed with apt-get when missing and we are root; otherwise a note. Never fails the install.
+.PHONY: chromium
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 && exit 0; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing chromium for the report's browser test (apt-get: chromium)"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends chromium; } >/dev/null 2>&1; \
+	fi; \
+	command -v chromium >/dev/null 2>&1 || echo "note: chromium not found; the browser test" \
+	  "needs it: sudo apt install chromium"
 
 demo: install
 	$(BIN)/python examples/explain_photos.py

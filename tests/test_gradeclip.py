@@ -201,8 +201,12 @@ def test_text_importance_reaches_the_manifest_and_the_report(tmp_path, tiny_weig
     )
     assert set(rec["text_importance"]) == {"gradeclip"}  # itsm explains no text side
     assert runner.invoke(app, ["report", str(out)]).exit_code == 0
-    page = (out / "report.html").read_text()
-    assert "gradeclip, text side — a red dog:" in page and ">red</span>" in page
+    from test_report import _page_data
+
+    data = _page_data((out / "report.html").read_text())
+    (entry,) = [p for p in data["images"]["photo.png"]["prompts"] if p["prompt"] == "a red dog"]
+    assert [t for t, _ in entry["tokens"]] == ["a", "red", "dog"]
+    assert entry["tokenMax"] == max(w for _, w in entry["tokens"])
 
 
 def test_text_layers_zero_gives_the_image_map_alone(vit_backend):

@@ -13,7 +13,16 @@ from clipviz.cli import app
 runner = CliRunner()
 
 
+def _page_data(page: str) -> dict:
+    import json
+
+    blob = re.search(r"<script id='data' type='application/json'>(.*?)</script>", page, re.S)
+    return json.loads(blob.group(1).replace("<\\/", "</"))
+
+
 def test_report_links_existing_overlays_and_lists_failures(tmp_path, tiny_weights):
+    from urllib.parse import unquote
+
     config, weights = tiny_weights["vit"]
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -26,13 +35,17 @@ def test_report_links_existing_overlays_and_lists_failures(tmp_path, tiny_weight
     result = runner.invoke(app, ["report", str(out)])
     assert result.exit_code == 0, result.output
     page = (out / "report.html").read_text()
-    sources = re.findall(r"src='([^']+)'", page)
-    assert len(sources) == 1 + 4  # the comparison sheet and 2 prompts x 2 methods
-    assert all((out / s).is_file() for s in sources)
-    assert "comparison.png" in page
-    for prompt in ("a dog", "grass"):  # captions name the prompt and the method
-        for method in ("itsm", "random"):
-            assert f"{prompt} — {method} — p = " in page
+    data = _page_data(page)
+    assert len(data["cards"]) == 4  # 2 prompts x 2 methods, one overlay each
+    assert data["prompts"] == ["a dog", "grass"] and data["methods"] == ["itsm", "random"]
+    for card in data["cards"]:  # captions name the prompt and the method
+        assert f"{card['prompt']} — {card['method']} — p = " in card["caption"]
+        assert (out / unquote(card["overlay"])).is_file()
+    view = data["images"]["a.png"]
+    assert (out / unquote(view["sheet"])).is_file() and view["sheet"].endswith("comparison.png")
+    assert (out / unquote(view["original"])).resolve() == (photos / "a.png").resolve()
+    files = [f["src"] for p in view["prompts"] for f in p["files"]]
+    assert len(files) == 8 and all((out / unquote(f)).is_file() for f in files)  # + heatmaps
     assert "bad.jpg" in page and "not an image" in page
 
 
@@ -59,5 +72,7 @@ def test_repeated_and_case_variant_prompts_keep_their_own_files(tmp_path, tiny_w
     assert list(npz["prompts"]) == ["dog", "Dog"] == list(rec["probs"]) == list(rec["prompt_files"])
     assert rec["prompt_files"]["Dog"]["overlay"] == "dog-2.overlay.png"
     runner.invoke(app, ["report", str(out)])
-    page = (out / "report.html").read_text()
-    assert "src='a.png/dog-2.overlay.png'" in page and ">Dog — p = " in page
+    cards = _page_data((out / "report.html").read_text())["cards"]
+    dog2 = [c for c in cards if c["prompt"] == "Dog"]
+    assert [c["overlay"] for c in dog2] == ["a.png/dog-2.overlay.png"]
+    assert dog2[0]["caption"].startswith("a.png: Dog — p = ")

@@ -1,4 +1,12 @@
-"""One static HTML page over the outputs of a `clipviz explain` run directory."""
+"""One static HTML page over the outputs of a `clipviz explain` or `clipviz concepts` run.
+
+The page works from the file system with no network: the run's records are embedded as JSON
+and a small inline script draws the grid — one card per (image, prompt, method) overlay —
+with filters by prompt and by method, sorting by the model's probability, pagination (so a
+10,000-image run opens fast; images load lazily) and a large view of one image: the original,
+every method's overlay and heatmap for each prompt, the comparison sheet and, for
+Grad-ECLIP, each prompt's token weights. Failures are listed with their reasons.
+"""
 
 from __future__ import annotations
 
@@ -13,15 +21,86 @@ from ..errors import ClipvizError
 from ..files import write_text_atomic
 from .manifest import MANIFEST, latest_records
 
+PAGE_SIZE = 60
 STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; }
-h1 { font-size: 20px; } h2 { font-size: 15px; margin: 24px 0 6px; word-break: break-all; }
+h1 { font-size: 20px; } h2 { font-size: 15px; margin: 24px 0 6px; }
 .meta { color: #555; } .failed { color: #b00; }
-.row { display: flex; flex-wrap: wrap; gap: 10px; }
-figure { margin: 0; width: 240px; } figure img { width: 240px; border: 1px solid #ddd; }
-figcaption { font-size: 12px; } .top { font-weight: bold; }
+#controls { display: flex; flex-wrap: wrap; gap: 12px; align-items: center; margin: 12px 0; }
+.grid { display: flex; flex-wrap: wrap; gap: 10px; }
+figure { margin: 0; width: 220px; cursor: pointer; }
+figure img { width: 220px; height: auto; border: 1px solid #ddd; background: #f4f4f4; }
+figcaption { font-size: 12px; word-break: break-word; } .top { font-weight: bold; }
 table { border-collapse: collapse; } td, th { padding: 2px 8px; border-bottom: 1px solid #eee; }
-.tokens { margin: 4px 0; } .tokens span { padding: 1px 3px; border-radius: 3px; }
+#view { position: fixed; inset: 0; background: rgba(255,255,255,.97); overflow: auto;
+        padding: 24px; } #view[hidden] { display: none; }
+#view .row { display: flex; flex-wrap: wrap; gap: 10px; margin: 6px 0 14px; }
+#view img { max-width: 320px; border: 1px solid #ddd; } #view img.sheet { max-width: 100%; }
+.tokens span { padding: 1px 3px; border-radius: 3px; }
+"""
+SCRIPT = """
+const data = JSON.parse(document.getElementById('data').textContent);
+const $ = (id) => document.getElementById(id);
+let page = 0;
+function option(select, values) {
+  for (const v of values) { const o = document.createElement('option'); o.value = v;
+    o.textContent = v; select.appendChild(o); }
+}
+option($('prompt'), data.prompts); option($('method'), data.methods);
+function chosen() {
+  const p = $('prompt').value, m = $('method').value, s = $('sort').value;
+  let cards = data.cards.filter(c => (p === '' || c.prompt === p) && (m === '' || c.method === m));
+  if (s === 'p-desc') cards = cards.slice().sort((a, b) => b.p - a.p);
+  if (s === 'p-asc') cards = cards.slice().sort((a, b) => a.p - b.p);
+  return cards;
+}
+function figure(src, caption, top) {
+  const f = document.createElement('figure'), img = document.createElement('img');
+  img.loading = 'lazy'; img.src = src; img.alt = caption;
+  const c = document.createElement('figcaption'); c.textContent = caption;
+  if (top) c.className = 'top';
+  f.append(img, c); return f;
+}
+function draw() {
+  const cards = chosen(), pages = Math.max(1, Math.ceil(cards.length / data.pageSize));
+  page = Math.min(page, pages - 1);
+  const grid = $('grid'); grid.replaceChildren();
+  for (const c of cards.slice(page * data.pageSize, (page + 1) * data.pageSize)) {
+    const f = figure(c.overlay, c.caption, c.top);
+    f.dataset.image = c.image; f.onclick = () => show(c.image); grid.appendChild(f);
+  }
+  $('count').textContent = cards.length + ' overlays';
+  $('page').textContent = 'page ' + (page + 1) + ' of ' + pages;
+  $('prev').disabled = page === 0; $('next').disabled = page >= pages - 1;
+}
+function show(key) {
+  const rec = data.images[key], view = $('view'); view.replaceChildren();
+  const close = document.createElement('button'); close.textContent = 'close';
+  close.id = 'close'; close.onclick = () => { view.hidden = true; };
+  const h = document.createElement('h2'); h.textContent = key;
+  view.append(close, h);
+  if (rec.original) view.appendChild(figure(rec.original, 'original'));
+  if (rec.sheet) { const s = document.createElement('img'); s.src = rec.sheet;
+    s.className = 'sheet'; s.alt = 'comparison'; view.appendChild(s); }
+  for (const p of rec.prompts) {
+    const t = document.createElement('h2'); t.textContent = p.prompt + (p.p === null ? ''
+      : ' — p = ' + p.p.toFixed(3)); view.appendChild(t);
+    const row = document.createElement('div'); row.className = 'row';
+    for (const f of p.files) row.appendChild(figure(f.src, f.caption));
+    view.appendChild(row);
+    if (p.tokens) { const q = document.createElement('p'); q.className = 'tokens';
+      q.textContent = 'text side: ';
+      for (const [tok, w] of p.tokens) { const s = document.createElement('span');
+        s.textContent = tok; s.title = w.toFixed(3);
+        s.style.background = 'rgba(220, 40, 40, ' + (w / p.tokenMax).toFixed(2) + ')';
+        q.append(s, ' '); }
+      view.appendChild(q); }
+  }
+  view.hidden = false; view.scrollTop = 0;
+}
+for (const id of ['prompt', 'method', 'sort']) $(id).onchange = () => { page = 0; draw(); };
+$('prev').onclick = () => { page -= 1; draw(); }; $('next').onclick = () => { page += 1; draw(); };
+draw();
 """
 
 
@@ -32,8 +111,8 @@ def _latest_records(run_dir: Path) -> list[dict[str, Any]]:
 def build_report(
     run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | None = None
 ) -> Path:
-    """Write `RUN_DIR/report.html` (or `out`): per image, its overlays with the prompts'
-    probabilities, the comparison sheet if there is one, and the failures with reasons."""
+    """Write `RUN_DIR/report.html` (or `out`) over an explain or concepts run: the grid of
+    overlays with filters, sorting and pages, a large view per image, and the failures."""
     run_dir = Path(run_dir)
     if not (run_dir / MANIFEST).is_file():
         raise ClipvizError(
@@ -50,35 +129,27 @@ def build_report(
         # percent-encoded bytes: any file name (UTF-8 or not) resolves to its file
         return quote(os.fsencode(Path(base, rec["output"], name).as_posix()))
 
+    payload = _payload(ok, src, target.parent)
     model = run.get("model", {})
+    methods = run.get("methods") or ([run["method"]] if run.get("method") else [])
     parts = [
         "<!doctype html><meta charset='utf-8'><title>clipviz report</title>",
         f"<style>{STYLE}</style><h1>clipviz report — {html.escape(run_dir.name)}</h1>",
         "<p class='meta'>"
         + html.escape(
             f"model {model.get('model')} ({model.get('pretrained') or model.get('weights')}), "
-            f"methods {', '.join(run.get('methods', []))}, {len(ok)} images, "
-            f"{len(failed)} failed"
+            f"methods {', '.join(methods)}, {len(ok)} images, {len(failed)} failed"
         )
         + "</p>",
+        "<div id='controls'><label>prompt <select id='prompt'><option value=''>all</option>"
+        "</select></label><label>method <select id='method'><option value=''>all</option>"
+        "</select></label><label>sort <select id='sort'><option value='file'>by image</option>"
+        "<option value='p-desc'>probability, highest first</option><option value='p-asc'>"
+        "probability, lowest first</option></select></label><span id='count'></span>"
+        "<button id='prev'>previous</button><span id='page'></span>"
+        "<button id='next'>next</button></div>",
+        "<div id='grid' class='grid'></div><div id='view' hidden></div>",
     ]
-    for rec in ok:
-        parts.append(f"<h2>{html.escape(rec['output'])}</h2>")
-        probs: dict[str, float] = rec.get("probs", {})
-        files = rec.get("outputs", [])
-        if "comparison.png" in files:
-            parts.append(f"<img src='{src(rec, 'comparison.png')}' style='max-width:100%'>")
-        parts.append("<div class='row'>")
-        for prompt, name, label in _overlays(rec):
-            p = probs.get(prompt)
-            text = html.escape(label) + (f" — p = {p:.3f}" if p is not None else "")
-            cls = " class='top'" if prompt == rec.get("top") else ""
-            parts.append(
-                f"<figure><img loading='lazy' src='{src(rec, name)}'>"
-                f"<figcaption{cls}>{text}</figcaption></figure>"
-            )
-        parts.append("</div>")
-        parts += _text_importance(rec)
     if failed:
         parts.append("<h2 class='failed'>Failed inputs</h2><table>")
         for rec in failed:
@@ -87,48 +158,83 @@ def build_report(
                 f"<td class='failed'>{html.escape(str(rec.get('error')))}</td></tr>"
             )
         parts.append("</table>")
+    blob = json.dumps(payload, ensure_ascii=False).replace("</", "<\\/")
+    parts.append(f"<script id='data' type='application/json'>{blob}</script>")
+    parts.append(f"<script>{SCRIPT}</script>")
     write_text_atomic(target, "\n".join(parts) + "\n")
     return target
 
 
-def _text_importance(rec: dict[str, Any]) -> list[str]:
-    """Each explained prompt's tokens shaded by their importance (Grad-ECLIP's text side),
-    the weight in each token's tooltip."""
-    parts = []
-    for method, prompts in rec.get("text_importance", {}).items():
-        for prompt, tokens in prompts.items():
-            top = max((w for _, w in tokens), default=0.0) or 1.0
-            spans = "".join(
-                f"<span title='{w:.3f}' style='background: rgba(220, 40, 40, {w / top:.2f})'>"
-                f"{html.escape(tok)}</span> "
-                for tok, w in tokens
-            )
-            label = html.escape(f"{method}, text side — {prompt}:")
-            parts.append(f"<p class='tokens'>{label} {spans}</p>")
-    return parts
+def _payload(ok: list[dict[str, Any]], src: Any, page_dir: Path) -> dict[str, Any]:
+    """The grid's cards and each image's large view, as the page's script reads them."""
+    cards: list[dict[str, Any]] = []
+    images: dict[str, Any] = {}
+    prompts: dict[str, None] = {}
+    methods: dict[str, None] = {}
+    for rec in ok:
+        probs: dict[str, float] = rec.get("probs", {})
+        key = str(rec["output"])
+        tokens = rec.get("text_importance", {})
+        view: dict[str, Any] = {"original": _original(rec, page_dir), "sheet": None, "prompts": []}
+        if "comparison.png" in rec.get("outputs", []):
+            view["sheet"] = src(rec, "comparison.png")
+        by_prompt: dict[str, list[dict[str, str]]] = {}
+        for prompt, kind, name, method in _files(rec):
+            prompts[prompt] = None
+            caption = f"{prompt} — {method}" if method else prompt
+            if kind == "overlay":
+                methods[method or ""] = None
+                p = probs.get(prompt)
+                cards.append({
+                    "image": key, "prompt": prompt, "method": method, "p": p,
+                    "overlay": src(rec, name), "top": prompt == rec.get("top"),
+                    "caption": f"{key}: {caption}" + (f" — p = {p:.3f}" if p is not None else ""),
+                })  # fmt: skip
+            by_prompt.setdefault(prompt, []).append({"src": src(rec, name),
+                                                     "caption": f"{caption} — {kind}"})  # fmt: skip
+        for prompt, files in by_prompt.items():
+            entry: dict[str, Any] = {"prompt": prompt, "p": probs.get(prompt), "files": files}
+            for weights in tokens.values():
+                if prompt in weights:
+                    entry["tokens"] = weights[prompt]
+                    entry["tokenMax"] = max((w for _, w in weights[prompt]), default=0.0) or 1.0
+            view["prompts"].append(entry)
+        images[key] = view
+    return {
+        "pageSize": PAGE_SIZE,
+        "prompts": list(prompts),
+        "methods": [m for m in methods if m],
+        "cards": cards,
+        "images": images,
+    }
 
 
-def _overlays(rec: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """(prompt, overlay file, caption) of a record: from its `prompt_files`, which name each
-    prompt's files (and method, when several ran); older records are read by file name."""
+def _original(rec: dict[str, Any], page_dir: Path) -> str | None:
+    """A link to the input image when it is a file on this machine (not inside a shard)."""
+    path = Path(str(rec.get("input", "")))
+    if not path.is_file():
+        return None
+    return quote(os.fsencode(Path(os.path.relpath(path.resolve(), page_dir.resolve())).as_posix()))
+
+
+def _files(rec: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(prompt, kind, file, method) of a record's overlays and heatmaps, from its
+    `prompt_files` (method empty when one ran); older records are read by file name."""
     if "prompt_files" in rec:
         out = []
         for prompt, files in rec["prompt_files"].items():
-            for kind, name in files.items():
-                if kind.endswith("overlay"):
-                    method = kind[: -len(".overlay")] if "." in kind else ""
-                    out.append((prompt, name, f"{prompt} — {method}" if method else prompt))
+            for label, name in files.items():
+                method, _, kind = label.rpartition(".")
+                out.append((prompt, kind, name, method))
         return out
     from ..render import prompt_slugs
 
     probs: dict[str, float] = rec.get("probs", {})
     slug_to_prompt = dict(zip(prompt_slugs(list(probs)), probs, strict=True))
-    return [
-        (
-            slug_to_prompt.get(name.split(".")[0], name),
-            name,
-            slug_to_prompt.get(name.split(".")[0], name),
-        )
-        for name in rec.get("outputs", [])
-        if name.endswith(".overlay.png")
-    ]
+    found = []
+    for name in rec.get("outputs", []):
+        for kind in ("overlay", "heatmap"):
+            if name.endswith(f".{kind}.png"):
+                prompt = slug_to_prompt.get(name.split(".")[0], name)
+                found.append((prompt, kind, name, ""))
+    return found

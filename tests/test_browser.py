@@ -1,0 +1,114 @@
+"""The report in a real browser: Debian's chromium, headless, driven by playwright (no
+browser download). Every image loads, nothing logs an error, and the filters, sorting and
+the large view change what is shown."""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import pytest
+from conftest import random_image
+from typer.testing import CliRunner
+
+from clipviz.cli import app
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM, "the browser tests need Debian's chromium: make install installs it"
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                              args=["--no-sandbox", "--allow-file-access-from-files"])  # fmt: skip
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def explain_report(tmp_path_factory, tiny_weights):
+    root = tmp_path_factory.mktemp("browser")
+    photos = root / "photos"
+    photos.mkdir()
+    for i in range(3):
+        random_image(seed=20 + i, size=(96, 64)).save(photos / f"p{i}.png")
+    (photos / "bad.jpg").write_text("not an image")
+    config, weights = tiny_weights["vit"]
+    out = root / "run"
+    result = CliRunner().invoke(app, [
+        "explain", str(photos), "a dog", "grass", "-m", "itsm", "-m", "gradeclip", "-o", str(out),
+        "--no-ensemble", "-q", "--model-config", str(config), "--pretrained", str(weights),
+    ])  # fmt: skip
+    assert result.exit_code == 1, result.output  # bad.jpg
+    assert CliRunner().invoke(app, ["report", str(out)]).exit_code == 0
+    return out / "report.html"
+
+
+def _open(browser, path):
+    page = browser.new_page(viewport={"width": 1600, "height": 2400})
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(path.as_uri())
+    page.wait_for_load_state("load")
+    return page, errors
+
+
+def _all_images_loaded(page):
+    page.wait_for_function(
+        "Array.from(document.images).filter(i => i.offsetParent !== null).every(i => i.complete)"
+    )
+    return page.evaluate(
+        "Array.from(document.images).filter(i => i.offsetParent !== null)"
+        ".map(i => [i.getAttribute('src'), i.naturalWidth])"
+    )
+
+
+def test_explain_report_loads_every_image_without_errors(browser, explain_report):
+    page, errors = _open(browser, explain_report)
+    shown = _all_images_loaded(page)
+    assert len(shown) == 3 * 2 * 2  # images x prompts x methods
+    assert all(width > 0 for _, width in shown), shown
+    assert "bad.jpg" in page.inner_text("body") and errors == []
+
+
+def test_filters_sorting_and_pages_change_what_is_shown(browser, explain_report):
+    page, errors = _open(browser, explain_report)
+    figures = page.locator("#grid figure")
+    assert figures.count() == 12 and "12 overlays" in page.inner_text("#count")
+    page.select_option("#method", "itsm")
+    assert figures.count() == 6
+    assert all(" — itsm — " in t for t in figures.locator("figcaption").all_inner_texts())
+    page.select_option("#prompt", "grass")
+    assert figures.count() == 3
+    page.select_option("#prompt", "")
+    page.select_option("#sort", "p-desc")
+    probs = [float(re.search(r"p = ([0-9.]+)", t).group(1))
+             for t in figures.locator("figcaption").all_inner_texts()]  # fmt: skip
+    assert probs == sorted(probs, reverse=True) and len(set(probs)) > 1
+    page.select_option("#sort", "p-asc")
+    first = float(re.search(r"p = ([0-9.]+)", figures.first.inner_text()).group(1))
+    assert first == min(probs)
+    assert page.inner_text("#page") == "page 1 of 1" and page.is_disabled("#next")
+    assert errors == []
+
+
+def test_the_large_view_shows_the_original_every_file_and_the_token_weights(
+    browser, explain_report
+):
+    page, errors = _open(browser, explain_report)
+    page.locator("#grid figure").first.click()
+    assert page.is_visible("#view")
+    shown = _all_images_loaded(page)
+    view = [s for s, w in shown if w > 0]
+    assert any(s.endswith("comparison.png") for s in view)
+    assert any("photos/p0.png" in s for s in view)  # the original
+    # 2 prompts x 2 methods x (overlay, heatmap) in the view
+    assert page.locator("#view .row figure").count() == 8
+    tokens = page.locator("#view .tokens span").all_inner_texts()
+    assert tokens[:2] == ["a", "dog"] or "grass" in tokens
+    page.click("#close")
+    assert not page.is_visible("#view") and errors == []
