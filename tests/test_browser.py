@@ -112,3 +112,33 @@ def test_the_large_view_shows_the_original_every_file_and_the_token_weights(
     assert tokens[:2] == ["a", "dog"] or "grass" in tokens
     page.click("#close")
     assert not page.is_visible("#view") and errors == []
+
+
+@pytest.fixture(scope="module")
+def eval_report(tmp_path_factory, tiny_weights):
+    from clipviz.testbed.world import write_voc
+
+    root = tmp_path_factory.mktemp("eval-browser")
+    write_voc(root / "voc", 8, seed=5, size=64)
+    config, weights = tiny_weights["vit"]
+    out = root / "res.json"
+    result = CliRunner().invoke(app, [
+        "eval", str(root / "voc"), "-m", "itsm", "-m", "random", "--metric", "miou", "--metric",
+        "msc", "--metric", "maxboxacc", "--metric", "deletion", "--json", str(out), "--report",
+        "-q", "--model-config", str(config), "--pretrained", str(weights),
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return out.with_suffix(".html")
+
+
+def test_eval_report_shows_intervals_plots_and_images_without_errors(browser, eval_report):
+    page, errors = _open(browser, eval_report)
+    shown = _all_images_loaded(page)
+    plots = [s for s, _ in shown if ".plots/" in s]
+    assert sorted(p.rsplit("/", 1)[-1] for p in plots) == ["deletion.png", "maxboxacc.png",
+                                                           "miou.png"]  # fmt: skip
+    assert all(width > 0 for _, width in shown) and len(shown) > len(plots)  # best/worst images
+    text = page.inner_text("body")
+    assert "mIoU per class" in text and "best and worst images" in text and " – " in text
+    assert "thresholds chosen on the scored images" in text
+    assert errors == []

@@ -23,6 +23,7 @@ from .options import (
     PrecisionOpt,
     PretrainedOpt,
     QuietOpt,
+    ReportOpt,
     ResolutionOpt,
     load,
 )
@@ -94,6 +95,7 @@ def concepts(
     max_pixels: MaxPixelsOpt = 100_000_000,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
+    report: ReportOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """ConVis maps of WordNet concepts: `clipviz concepts photo.jpg --synset dog.n.01`, or
@@ -148,6 +150,12 @@ def concepts(
             on_record=lambda r: progress.advance(task),
         )
     failed = [r for r in records if r["status"] == "failed"]
+    if report:
+        from .report import write_any_report
+
+        page = write_any_report(out)
+        if not json_out and not quiet:
+            out_console.print(f"report: {page}", highlight=False)
     if json_out:
         print_json({"out": str(out), "manifest": str(out / "manifest.jsonl"),
                     "ok": len(records) - len(failed), "failed": len(failed), "ignored": ignored,

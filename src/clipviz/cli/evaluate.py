@@ -25,6 +25,7 @@ from .options import (
     PrecisionOpt,
     PretrainedOpt,
     QuietOpt,
+    ReportOpt,
     ResolutionOpt,
     SurgeryDepthOpt,
     chosen_methods,
@@ -106,6 +107,7 @@ def evaluate(
     resolution: ResolutionOpt = None,
     crop: CropOpt = "none",
     quiet: QuietOpt = False,
+    report: ReportOpt = False,
     surgery_depth: SurgeryDepthOpt = None,
     gae_start_layer: GaeStartOpt = None,
     legrad_layers: LegradLayersOpt = None,
@@ -188,6 +190,12 @@ def evaluate(
         results = reduce_records(records, opts, fixed=tuning["thresholds"])
     csv_path = write_report(json_path, results, records, backend, dataset, texts, opts, tuning)
     failed = [r for r in records if r["status"] == "failed"]
+    if report:
+        from .report import write_any_report
+
+        page = write_any_report(json_path)
+        if not to_stdout and not quiet:
+            out_console.print(f"report: {page}", highlight=False)
     if to_stdout:
         sys.stdout.write(json_path.read_text(encoding="utf-8"))
         sys.stdout.flush()

@@ -29,6 +29,7 @@ from .options import (
     PrecisionOpt,
     PretrainedOpt,
     QuietOpt,
+    ReportOpt,
     ResolutionOpt,
     SurgeryDepthOpt,
     chosen_methods,
@@ -95,6 +96,7 @@ def explain(
     max_pixels: MaxPixelsOpt = 100_000_000,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
+    report: ReportOpt = False,
     surgery_depth: SurgeryDepthOpt = None,
     gae_start_layer: GaeStartOpt = None,
     legrad_layers: LegradLayersOpt = None,
@@ -160,6 +162,12 @@ def explain(
             on_record=on_record,
             method_options=options,
         )
+    if report:
+        from .report import write_any_report
+
+        page = write_any_report(out)
+        if not json_out:
+            out_console.print(f"report: {page}", highlight=False)
     if json_out:
         print_json(run_payload(summary, out, ignored))
     elif not quiet:

@@ -63,6 +63,9 @@ MaxPixelsOpt = Annotated[
     int, typer.Option("--max-pixels", help="refuse images with more pixels than this")
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar or table")]
+ReportOpt = Annotated[
+    bool, typer.Option("--report", help="write the run's HTML report at the end (clipviz report)")
+]
 JsonOpt = Annotated[
     bool,
     typer.Option(
