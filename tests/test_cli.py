@@ -157,7 +157,7 @@ def test_prompts_from_options_files_and_stdin_inputs(tmp_path, tiny_weights):
     [
         ([], "no prompts given"),
         (["dog", "--method", "nope"], "unknown method 'nope'"),
-        (["dog", "--colormap", "rainbow"], "unknown colormap"),
+        (["dog", "--colormap", "no-such-map"], "unknown colormap"),
         (["dog", "--alpha", "2"], "outside [0, 1]"),
         (["dog", "--pretrained", "missing.safetensors"], "neither a weights file nor a tag"),
     ],

@@ -33,8 +33,16 @@ def test_overlay_blends_with_alpha():
 
 
 def test_unknown_colormap_lists_choices():
-    with pytest.raises(ClipvizError, match="jet, turbo, viridis"):
-        colorize(np.zeros((2, 2)), "rainbow")
+    with pytest.raises(ClipvizError, match="jet, turbo, viridis.*any matplotlib colormap"):
+        colorize(np.zeros((2, 2)), "no-such-map")
+
+
+def test_any_matplotlib_colormap_colours_the_map_as_matplotlib_does():
+    import matplotlib
+
+    t = np.linspace(0, 1, 7)[None]
+    expected = (np.asarray(matplotlib.colormaps["magma"](t))[..., :3] * 255 + 0.5).astype(np.uint8)
+    np.testing.assert_array_equal(colorize(t, "magma"), expected)
 
 
 def test_slugs_are_safe_and_unique():

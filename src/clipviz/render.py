@@ -71,15 +71,27 @@ _COLORMAPS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 COLORMAPS = tuple(_COLORMAPS)
 
 
+def colormap_function(name: str) -> Callable[[np.ndarray], np.ndarray]:
+    """`t` in [0, 1] -> RGB in [0, 1]: one of clipviz's own (no matplotlib needed), or any
+    matplotlib colormap by name (`magma`, `RdBu_r`, `cividis`, …)."""
+    if name in _COLORMAPS:
+        return _COLORMAPS[name]
+    try:
+        import matplotlib
+
+        cmap = matplotlib.colormaps[name]
+    except (ImportError, KeyError):
+        raise ClipvizError(
+            f"unknown colormap {name!r}; choose from: {', '.join(COLORMAPS)}, or any "
+            "matplotlib colormap name"
+        ) from None
+    return lambda t: np.asarray(cmap(t))[..., :3]
+
+
 def colorize(norm_map: np.ndarray, colormap: str = "jet") -> np.ndarray:
     """A `[H, W]` map in [0, 1] -> uint8 RGB `[H, W, 3]`; NaN (no data) -> RGBA `[H, W, 4]`
     with those pixels transparent."""
-    try:
-        cmap = _COLORMAPS[colormap]
-    except KeyError:
-        raise ClipvizError(
-            f"unknown colormap {colormap!r}; choose from: {', '.join(COLORMAPS)}"
-        ) from None
+    cmap = colormap_function(colormap)
     missing = np.isnan(norm_map)
     rgb = cmap(np.clip(np.nan_to_num(norm_map.astype(np.float64)), 0.0, 1.0))
     out = (np.clip(rgb, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)

@@ -57,7 +57,9 @@ CropOpt = Annotated[
 
 # -- output and behaviour ------------------------------------------------------------------------
 DebugOpt = Annotated[bool, typer.Option("--debug", help="show tracebacks of errors")]
-ColormapOpt = Annotated[str, typer.Option(help="jet, turbo, viridis, inferno or gray")]
+ColormapOpt = Annotated[
+    str, typer.Option(help="jet, turbo, viridis, inferno, gray, or any matplotlib colormap")
+]
 AlphaOpt = Annotated[float, typer.Option(help="overlay opacity of the heatmap, 0–1")]
 MaxPixelsOpt = Annotated[
     int, typer.Option("--max-pixels", help="refuse images with more pixels than this")

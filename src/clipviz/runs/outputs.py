@@ -23,8 +23,8 @@ from ..errors import ClipvizError
 from ..explanation import Explanation
 from ..maps import place_in_box
 from ..render import (
-    COLORMAPS,
     colorize,
+    colormap_function,
     comparison_sheet,
     npz_writer,
     overlay,
@@ -44,10 +44,7 @@ class RenderOptions:
     alpha: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.colormap not in COLORMAPS:
-            raise ClipvizError(
-                f"unknown colormap {self.colormap!r}; choose from: {', '.join(COLORMAPS)}"
-            )
+        colormap_function(self.colormap)  # an unknown name is a usage error, at once
         if not 0.0 <= self.alpha <= 1.0:
             raise ClipvizError(f"`alpha` {self.alpha} is outside [0, 1]")
 
