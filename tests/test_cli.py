@@ -238,3 +238,34 @@ def test_eval_json_dash_prints_the_results_on_stdout(tmp_path, tiny_weights, mon
     assert data["results"]["itsm"]["msc_ci"] and data["dataset"]["scored"] == 4
     saved = tmp_path / "clipviz-eval" / "voc_val.json"
     assert json.loads(saved.read_text()) == data  # the file is kept at its default place
+
+
+@pytest.mark.parametrize("fmt", ["md", "csv", "json"])
+def test_table_format_writes_the_tables_for_scripts(tmp_path, tiny_weights, monkeypatch, fmt):
+    import csv as csv_module
+    import io
+
+    from clipviz.testbed.world import write_voc
+
+    write_voc(tmp_path / "voc", 4, seed=2, size=64)
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["eval", str(tmp_path / "voc"), "-m", "itsm", "-m", "random",
+                                 "--metric", "msc", "--table-format", fmt, "--fresh",
+                                 *_model_args(tiny_weights)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "clipviz-eval" / "voc_val.json").read_text())["results"]
+    out = result.stdout
+    if fmt == "json":
+        tables = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        rows = {r["method"]: r for r in tables[0]["rows"]}
+        assert float(rows["itsm"]["mSC %"]) == pytest.approx(saved["itsm"]["msc"], abs=0.05)
+        assert tables[1]["title"].startswith("95 % intervals")
+    elif fmt == "csv":
+        first = out.split("\n\n")[0]
+        rows = list(csv_module.DictReader(io.StringIO(first)))
+        assert [r["method"] for r in rows] == ["itsm", "random"]
+    else:
+        assert "| method | mSC % |" in out and "| --- | --- |" in out and "┃" not in out
+    bad = runner.invoke(app, ["eval", str(tmp_path / "voc"), "--table-format", "xml",
+                              *_model_args(tiny_weights)])  # fmt: skip
+    assert bad.exit_code == 2 and "unknown --table-format 'xml'" in bad.output

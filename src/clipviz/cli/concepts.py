@@ -25,6 +25,7 @@ from .options import (
     QuietOpt,
     ReportOpt,
     ResolutionOpt,
+    TableFormatOpt,
     load,
 )
 from .output import (
@@ -35,6 +36,7 @@ from .output import (
     print_json,
     print_table,
     progress_bar,
+    set_table_format,
 )
 
 VocabularyOpt = Annotated[
@@ -95,6 +97,7 @@ def concepts(
     max_pixels: MaxPixelsOpt = 100_000_000,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
+    table_format: TableFormatOpt = "table",
     report: ReportOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -107,6 +110,7 @@ def concepts(
     from ..runs.concepts import run_concepts
     from ..runs.outputs import RenderOptions
 
+    set_table_format(table_format)
     if not synset and not word and top < 1:
         raise ClipvizError("no concepts asked for; pass --synset dog.n.01, --word dog or --top K")
     if top < 0:

@@ -28,11 +28,12 @@ from .options import (
     ReportOpt,
     ResolutionOpt,
     SurgeryDepthOpt,
+    TableFormatOpt,
     chosen_methods,
     gather_method_options,
     load,
 )
-from .output import out_console, print_failure, print_table, progress_bar
+from .output import out_console, print_failure, print_table, progress_bar, set_table_format
 
 COLUMNS = {  # metric -> (result key, header, decimals)
     "miou": [("miou", "mIoU %", 1), ("miou_threshold", "τ", 2)],
@@ -108,6 +109,7 @@ def evaluate(
     crop: CropOpt = "none",
     quiet: QuietOpt = False,
     report: ReportOpt = False,
+    table_format: TableFormatOpt = "table",
     surgery_depth: SurgeryDepthOpt = None,
     gae_start_layer: GaeStartOpt = None,
     legrad_layers: LegradLayersOpt = None,
@@ -129,6 +131,7 @@ def evaluate(
     from ..runs.evaluate import EvalOptions, check_metrics, class_prompts, default_metrics
     from ..runs.evaluate import evaluate as run_eval
 
+    set_table_format(table_format)
     methods = tuple(chosen_methods(method, eclip))
     options = gather_method_options(
         list(methods), option, surgery_depth, gae_start_layer, legrad_layers, gscorecam_topk,

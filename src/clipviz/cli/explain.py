@@ -32,6 +32,7 @@ from .options import (
     ReportOpt,
     ResolutionOpt,
     SurgeryDepthOpt,
+    TableFormatOpt,
     chosen_methods,
     encode_with_progress,
     gather_method_options,
@@ -39,7 +40,15 @@ from .options import (
     unique_prompts,
     warn_truncated,
 )
-from .output import err_console, out_console, print_failure, print_json, print_table, progress_bar
+from .output import (
+    err_console,
+    out_console,
+    print_failure,
+    print_json,
+    print_table,
+    progress_bar,
+    set_table_format,
+)
 
 
 def explain(
@@ -96,6 +105,7 @@ def explain(
     max_pixels: MaxPixelsOpt = 100_000_000,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
+    table_format: TableFormatOpt = "table",
     report: ReportOpt = False,
     surgery_depth: SurgeryDepthOpt = None,
     gae_start_layer: GaeStartOpt = None,
@@ -108,6 +118,7 @@ def explain(
     from ..data.inputs import collect_inputs, read_list_file
     from ..runs.explain import RenderOptions, check_run_args, run_explain
 
+    set_table_format(table_format)
     positional = list(prompts or [])
     inputs = [input] if input is not None else []
     if inputs_file is not None:

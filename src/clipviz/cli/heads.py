@@ -19,9 +19,10 @@ from .options import (
     PretrainedOpt,
     QuietOpt,
     ResolutionOpt,
+    TableFormatOpt,
     load,
 )
-from .output import lazy_progress, out_console, print_failure, print_table
+from .output import lazy_progress, out_console, print_failure, print_table, set_table_format
 
 
 def heads(
@@ -56,6 +57,7 @@ def heads(
     precision: PrecisionOpt = "auto",
     resolution: ResolutionOpt = None,
     quiet: QuietOpt = False,
+    table_format: TableFormatOpt = "table",
     debug: DebugOpt = False,
 ) -> None:
     """TextSpan: the texts each attention head of the last blocks writes into the image
@@ -69,6 +71,7 @@ def heads(
         write_heads,
     )
 
+    set_table_format(table_format)
     if per_head < 1 or rank < 1 or layers < 1:
         raise ClipvizError("--layers, --per-head and --rank must be at least 1")
     if texts is not None and not texts.is_file():

@@ -65,6 +65,12 @@ MaxPixelsOpt = Annotated[
     int, typer.Option("--max-pixels", help="refuse images with more pixels than this")
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar or table")]
+TableFormatOpt = Annotated[
+    str,
+    typer.Option(
+        "--table-format", help="tables as table (rich), md, csv or json (one object a table)"
+    ),
+]
 ReportOpt = Annotated[
     bool, typer.Option("--report", help="write the run's HTML report at the end (clipviz report)")
 ]

@@ -113,9 +113,71 @@ def lazy_progress(label: str, quiet: bool) -> Iterator[Callable[[int, int], None
 PIPED_WIDTH = 120
 
 
+TABLE_FORMATS = ("table", "md", "csv", "json")
+_FORMAT = {"tables": "table"}
+
+
+def set_table_format(fmt: str) -> None:
+    """How `print_table` writes tables: `table` (rich), `md`, `csv` or `json` (one object
+    per table and line: its title and its rows keyed by the headers)."""
+    if fmt not in TABLE_FORMATS:
+        raise ClipvizError(
+            f"unknown --table-format {fmt!r}; choose from: {', '.join(TABLE_FORMATS)}"
+        )
+    _FORMAT["tables"] = fmt
+
+
+def table_cells(table: Any) -> tuple[list[str], list[list[str]]]:
+    """A rich table's headers and rows as plain text (markup removed)."""
+    from rich.text import Text
+
+    def plain(cell: Any) -> str:
+        return cell.plain if isinstance(cell, Text) else Text.from_markup(str(cell)).plain
+
+    headers = [plain(c.header) for c in table.columns]
+    columns = [[plain(cell) for cell in c.cells] for c in table.columns]
+    return headers, [list(row) for row in zip(*columns, strict=True)]
+
+
+def _print_plain(table: Any, fmt: str) -> None:
+    import csv
+    import io
+    import json
+    import sys
+
+    from rich.text import Text
+
+    headers, rows = table_cells(table)
+    title = table.title.plain if isinstance(table.title, Text) else str(table.title or "")
+    if fmt == "json":
+        line = {"title": title, "rows": [dict(zip(headers, r, strict=True)) for r in rows]}
+        sys.stdout.write(json.dumps(line, ensure_ascii=False) + "\n")
+    elif fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(headers)
+        writer.writerows(rows)
+        sys.stdout.write(buf.getvalue() + "\n")
+    else:
+
+        def cell(text: str) -> str:
+            return text.replace("|", "\\|").replace("\n", " ")
+
+        lines = [f"**{cell(title)}**", ""] if title else []
+        lines.append("| " + " | ".join(cell(h) for h in headers) + " |")
+        lines.append("|" + " --- |" * len(headers))
+        lines += ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows]
+        sys.stdout.write("\n".join(lines) + "\n\n")
+    sys.stdout.flush()
+
+
 def print_table(table: Any) -> None:
-    """A table on stdout; when stdout is not a terminal (a file, a pipe), at least 120
-    columns and as wide as the cells that must not wrap, so no number is cut."""
+    """A table on stdout in the chosen format (`set_table_format`). As a rich table: when
+    stdout is not a terminal (a file, a pipe), at least 120 columns and as wide as the cells
+    that must not wrap, so no number is cut."""
+    if _FORMAT["tables"] != "table":
+        _print_plain(table, _FORMAT["tables"])
+        return
     if out_console.is_terminal:
         out_console.print(table)
         return
@@ -141,6 +203,7 @@ def handle_errors(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = kwargs.get("debug") or os.environ.get("CLIPVIZ_DEBUG") == "1"
+        _FORMAT["tables"] = "table"  # each command chooses its own (--table-format)
         try:
             return fn(*args, **kwargs)
         except ClipvizError as e:

@@ -21,11 +21,12 @@ from .options import (
     PretrainedOpt,
     QuietOpt,
     ResolutionOpt,
+    TableFormatOpt,
     gather_method_options,
     load,
     unique_prompts,
 )
-from .output import out_console, print_failure, print_table, progress_bar
+from .output import out_console, print_failure, print_table, progress_bar, set_table_format
 
 if TYPE_CHECKING:
     from ..runs.sanity import SanityResult
@@ -84,6 +85,7 @@ def sanity(
     precision: PrecisionOpt = "auto",
     resolution: ResolutionOpt = None,
     quiet: QuietOpt = False,
+    table_format: TableFormatOpt = "table",
     debug: DebugOpt = False,
 ) -> None:
     """The model-randomisation sanity check (Adebayo et al. 2018): re-draw the image tower
@@ -93,6 +95,7 @@ def sanity(
     from ..data.images import ImageError, load_image
     from ..runs.sanity import sanity_check, write_sanity
 
+    set_table_format(table_format)
     methods = list(dict.fromkeys(m.lower() for m in (method or DEFAULT_METHODS)))
     if eclip is not None and "eclip" not in methods:
         methods.append("eclip")
