@@ -63,7 +63,7 @@ def build_eval_report(
         parts.append(
             f"<tr><td>{html.escape(method)}</td>{cells}<td>{res.get('pairs', 0)}</td></tr>"
         )
-    parts.append("</table><p class='meta'>Small print: 95 % intervals, a percentile bootstrap "
+    parts.append("</table><p class='meta'>Under each number: its 95 % interval, a percentile bootstrap "
                  "over images (threshold search included).</p>")  # fmt: skip
     parts += _per_class(results)
     for name in _plots(target, data):
