@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -58,7 +57,11 @@ def test_file_names_that_are_not_utf8_are_explained_and_resumed(tmp_path, tiny_w
     page = (out / "report.html").read_text(encoding="utf-8")
     from urllib.parse import unquote_to_bytes
 
-    sources = re.findall(r"src='([^']+)'", page)
+    from test_report import _page_data
+
+    data = _page_data(page)
+    sources = [c["overlay"] for c in data["cards"]]
+    sources += [f["src"] for v in data["images"].values() for p in v["prompts"] for f in p["files"]]
     assert sources and all((out / os.fsdecode(unquote_to_bytes(s))).is_file() for s in sources)
 
 
