@@ -38,9 +38,17 @@ def test_report_links_existing_overlays_and_lists_failures(tmp_path, tiny_weight
     data = _page_data(page)
     assert len(data["cards"]) == 4  # 2 prompts x 2 methods, one overlay each
     assert data["prompts"] == ["a dog", "grass"] and data["methods"] == ["itsm", "random"]
+    from PIL import Image
+
     for card in data["cards"]:  # captions name the prompt and the method
         assert f"{card['prompt']} — {card['method']} — p = " in card["caption"]
         assert (out / unquote(card["overlay"])).is_file()
+        with Image.open(out / unquote(card["thumb"])) as small:  # the grid's small copy
+            assert small.format == "JPEG" and max(small.size) <= 440
+    thumb = out / unquote(data["cards"][0]["thumb"])
+    made = thumb.stat().st_mtime_ns
+    assert runner.invoke(app, ["report", str(out)]).exit_code == 0
+    assert thumb.stat().st_mtime_ns == made  # current thumbnails are not made again
     view = data["images"]["a.png"]
     assert (out / unquote(view["sheet"])).is_file() and view["sheet"].endswith("comparison.png")
     assert (out / unquote(view["original"])).resolve() == (photos / "a.png").resolve()

@@ -18,10 +18,12 @@ from typing import Any
 from urllib.parse import quote
 
 from ..errors import ClipvizError
-from ..files import write_text_atomic
+from ..files import atomic_path, write_text_atomic
 from .manifest import MANIFEST, latest_records
 
 PAGE_SIZE = 60
+THUMBS = "report-thumbs"  # the grid's small copies of the overlays, inside the run folder
+THUMB_SIDE = 440  # px: sharp at the grid's 220 px on a high-density screen
 STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; }
 h1 { font-size: 20px; } h2 { font-size: 15px; margin: 24px 0 6px; }
@@ -66,7 +68,7 @@ function draw() {
   page = Math.min(page, pages - 1);
   const grid = $('grid'); grid.replaceChildren();
   for (const c of cards.slice(page * data.pageSize, (page + 1) * data.pageSize)) {
-    const f = figure(c.overlay, c.caption, c.top);
+    const f = figure(c.thumb, c.caption, c.top);
     f.dataset.image = c.image; f.onclick = () => show(c.image); grid.appendChild(f);
   }
   $('count').textContent = cards.length + ' overlays';
@@ -129,7 +131,13 @@ def build_report(
         # percent-encoded bytes: any file name (UTF-8 or not) resolves to its file
         return quote(os.fsencode(Path(base, rec["output"], name).as_posix()))
 
-    payload = _payload(ok, src, target.parent)
+    def thumb(rec: dict[str, Any], name: str) -> str:
+        """The grid's small copy of an overlay (made once, remade when the overlay changes)."""
+        small = Path(THUMBS, rec["output"], f"{name}.jpg")
+        make_thumbnail(run_dir / rec["output"] / name, run_dir / small)
+        return quote(os.fsencode(Path(base, small).as_posix()))
+
+    payload = _payload(ok, src, target.parent, thumb)
     model = run.get("model", {})
     methods = run.get("methods") or ([run["method"]] if run.get("method") else [])
     parts = [
@@ -165,7 +173,25 @@ def build_report(
     return target
 
 
-def _payload(ok: list[dict[str, Any]], src: Any, page_dir: Path) -> dict[str, Any]:
+def make_thumbnail(source: Path, small: Path, side: int = THUMB_SIDE) -> None:
+    """A JPEG of `source` at most `side` px on its long side, unless a current one exists."""
+    from PIL import Image
+
+    try:
+        if small.is_file() and small.stat().st_mtime >= source.stat().st_mtime:
+            return
+        with Image.open(source) as im:
+            im.thumbnail((side, side))
+            small.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(small) as tmp, open(tmp, "wb") as f:
+                im.convert("RGB").save(f, format="JPEG", quality=85)
+    except OSError:
+        return  # the grid falls back to the overlay itself
+
+
+def _payload(
+    ok: list[dict[str, Any]], src: Any, page_dir: Path, thumb: Any = None
+) -> dict[str, Any]:
     """The grid's cards and each image's large view, as the page's script reads them."""
     cards: list[dict[str, Any]] = []
     images: dict[str, Any] = {}
@@ -188,6 +214,7 @@ def _payload(ok: list[dict[str, Any]], src: Any, page_dir: Path) -> dict[str, An
                 cards.append({
                     "image": key, "prompt": prompt, "method": method, "p": p,
                     "overlay": src(rec, name), "top": prompt == rec.get("top"),
+                    "thumb": thumb(rec, name) if thumb else src(rec, name),
                     "caption": f"{key}: {caption}" + (f" — p = {p:.3f}" if p is not None else ""),
                 })  # fmt: skip
             by_prompt.setdefault(prompt, []).append({"src": src(rec, name),
