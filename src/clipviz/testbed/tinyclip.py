@@ -151,24 +151,45 @@ def train_tiny_clip(
     progress: called after every step with (steps done, steps, loss).
     pool_size: how many scenes to pre-generate; POOL_SIZE when None (tests use a few dozen).
     """
-    from safetensors.torch import save_file
-
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    pool_size = pool_size or POOL_SIZE
     model = build_model()
+    size = TINY_CLIP_CONFIG["vision_cfg"]["image_size"]
+    fit(
+        model, rng, steps, batch_size, pool_size or POOL_SIZE, size, image_tensor,
+        lambda image, text, ids: contrastive_loss(image, text, model.logit_scale.exp(), ids),
+        progress, no_decay="embedding",
+    )  # fmt: skip
+    return save_trained(model, out_dir, NAME, TINY_CLIP_CONFIG)
+
+
+def fit(
+    model: ClipModel,
+    rng: np.random.Generator,
+    steps: int,
+    batch_size: int,
+    pool_size: int,
+    size: int,
+    to_input: Callable[[torch.Tensor], torch.Tensor],
+    loss_of: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    progress: Progress | None,
+    no_decay: str,
+) -> None:
+    """Train `model` on a pool of `pool_size` generated scenes of `size` px (flipped at
+    random): AdamW, warm-up then cosine, `loss_of(image_emb, text_emb, caption_ids)`, the
+    logit scale clamped at MAX_LOGIT_SCALE. Parameters whose name holds `no_decay` (and
+    the 1-D ones) get no weight decay."""
     # Only ~40 of the 49,408 vocabulary rows ever occur; Adam over the whole table would be
     # a fifth of each step, so the token embedding keeps its random init.
     model.token_embedding.weight.requires_grad_(False)
-    size = TINY_CLIP_CONFIG["vision_cfg"]["image_size"]
     images, caption_ids, captions = training_pool(rng, pool_size, size)
     caption_tokens = tokenizer()(captions)  # [U, context]
 
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in params if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in params if not (p.ndim >= 2 and "embedding" not in n)]
+    decay = [p for n, p in params if p.ndim >= 2 and no_decay not in n]
+    kept = [p for n, p in params if not (p.ndim >= 2 and no_decay not in n)]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0}],
+        [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": kept, "weight_decay": 0}],
         lr=LR,
         betas=(0.9, 0.98),
     )
@@ -180,9 +201,9 @@ def train_tiny_clip(
         flip = torch.from_numpy(rng.random(batch_size) < 0.5).view(-1, 1, 1, 1)
         x = torch.where(flip, images[idx].flip(2), images[idx])  # [B, H, W, 3]
         unique, ids = torch.unique(caption_ids[idx], return_inverse=True)
-        image_emb = model.encode_image(image_tensor(x), normalize=True)
+        image_emb = model.encode_image(to_input(x), normalize=True)
         text_emb = model.encode_text(caption_tokens[unique], normalize=True)[ids]
-        loss = contrastive_loss(image_emb, text_emb, model.logit_scale.exp(), ids)
+        loss = loss_of(image_emb, text_emb, ids)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -191,10 +212,17 @@ def train_tiny_clip(
         if progress is not None:
             progress(step + 1, steps, loss.item())
 
+
+def save_trained(
+    model: ClipModel, out_dir: str | os.PathLike[str], name: str, config: dict[str, Any]
+) -> TinyClip:
+    """Write `name.json` (the config) and `name.safetensors` (the weights) to `out_dir`."""
+    from safetensors.torch import save_file
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config_path, weights_path = out / f"{NAME}.json", out / f"{NAME}.safetensors"
-    write_json_atomic(config_path, TINY_CLIP_CONFIG)
+    config_path, weights_path = out / f"{name}.json", out / f"{name}.safetensors"
+    write_json_atomic(config_path, config)
     # clone(): safetensors refuses tensors that share storage.
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     with atomic_path(weights_path) as tmp:

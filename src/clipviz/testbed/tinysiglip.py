@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 
 from ..eclip.losses import sigmoid_loss
-from ..files import atomic_path, write_json_atomic
 from . import tinyclip, world
 from .tinyclip import Progress, TinyClip, ensure_trained
 
@@ -70,50 +69,16 @@ def train_tiny_siglip(
     pool_size: int | None = None,
 ) -> TinyClip:
     """Train the tiny SigLIP from scratch; write its config and weights to `out_dir`."""
-    from safetensors.torch import save_file
-
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    pool_size = pool_size or tinyclip.POOL_SIZE
     model = build_model()
-    model.token_embedding.weight.requires_grad_(False)  # as the tiny CLIP: ~40 rows are used
-    images, caption_ids, captions = tinyclip.training_pool(rng, pool_size, 64)
-    caption_tokens = tinyclip.tokenizer()(captions)
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in params if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in params if not (p.ndim >= 2 and "embed" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": tinyclip.WEIGHT_DECAY},
-         {"params": no_decay, "weight_decay": 0}],
-        lr=tinyclip.LR, betas=(0.9, 0.98),
-    )  # fmt: skip
-    model.train()
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = tinyclip.learning_rate(step, steps)
-        idx = torch.from_numpy(rng.integers(0, pool_size, batch_size))
-        flip = torch.from_numpy(rng.random(batch_size) < 0.5).view(-1, 1, 1, 1)
-        x = torch.where(flip, images[idx].flip(2), images[idx])
-        unique, ids = torch.unique(caption_ids[idx], return_inverse=True)
-        image_emb = model.encode_image(model_images(x), normalize=True)
-        text_emb = model.encode_text(caption_tokens[unique], normalize=True)[ids]
-        loss = sigmoid_loss(image_emb, text_emb, model.logit_scale.exp(), model.logit_bias, ids)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(tinyclip.MAX_LOGIT_SCALE))
-        if progress is not None:
-            progress(step + 1, steps, loss.item())
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config_path, weights_path = out / f"{NAME}.json", out / f"{NAME}.safetensors"
-    write_json_atomic(config_path, TINY_SIGLIP_CONFIG)
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    with atomic_path(weights_path) as tmp:
-        save_file(state, str(tmp))
-    return TinyClip(config_path, weights_path)
+    def loss_of(image: torch.Tensor, text: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return sigmoid_loss(image, text, model.logit_scale.exp(), model.logit_bias, ids)
+
+    tinyclip.fit(model, rng, steps, batch_size, pool_size or tinyclip.POOL_SIZE, 64,
+                 model_images, loss_of, progress, no_decay="embed")  # fmt: skip
+    return tinyclip.save_trained(model, out_dir, NAME, TINY_SIGLIP_CONFIG)
 
 
 def cache_key(steps: int = DEFAULT_STEPS, seed: int = 0) -> str:
