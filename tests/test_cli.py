@@ -269,3 +269,35 @@ def test_table_format_writes_the_tables_for_scripts(tmp_path, tiny_weights, monk
     bad = runner.invoke(app, ["eval", str(tmp_path / "voc"), "--table-format", "xml",
                               *_model_args(tiny_weights)])  # fmt: skip
     assert bad.exit_code == 2 and "unknown --table-format 'xml'" in bad.output
+
+
+def test_save_and_render_size_choose_what_is_written(tmp_path, tiny_weights):
+    from PIL import Image
+
+    from clipviz.runs.outputs import RenderOptions
+
+    random_image(1, size=(96, 80)).save(tmp_path / "a.png")
+    out = tmp_path / "out"
+    base = ["explain", str(tmp_path / "a.png"), "dog", "grass", "-o", str(out), "-q",
+            *_model_args(tiny_weights)]  # fmt: skip
+    only_maps = runner.invoke(app, [*base, "--save", "maps"])
+    assert only_maps.exit_code == 0, only_maps.output
+    assert sorted(p.name for p in (out / "a.png").iterdir()) == ["maps.npz"]
+    assert _manifest(out)[-1]["outputs"] == ["maps.npz"]
+    small = runner.invoke(app, [*base, "--save", "overlays", "--save", "maps",
+                                "--render-size", "48"])  # fmt: skip
+    assert small.exit_code == 0, small.output
+    names = sorted(p.name for p in (out / "a.png").iterdir())
+    assert names == ["dog.overlay.png", "grass.overlay.png", "maps.npz"]  # no heatmaps
+    assert Image.open(out / "a.png" / "dog.overlay.png").size == (48, 40)
+    npz = load_npz(out / "a.png" / "maps.npz")
+    assert npz["upsampled"].shape == (2, 40, 48) and list(npz["render_size"]) == [48, 40]
+    again = runner.invoke(app, [*base, "--save", "overlays", "--save", "maps",
+                                "--render-size", "48"])  # fmt: skip
+    assert _manifest(out)[-1]["status"] == "skipped" and again.exit_code == 0
+    # the defaults keep the request key of runs made before these options existed
+    assert RenderOptions().key() == {"colormap": "jet", "alpha": 0.5}
+    for args, message in ((["--save", "pngs"], "--save pngs: choose from all"),
+                          (["--render-size", "8"], "outside 16…4096")):  # fmt: skip
+        bad = runner.invoke(app, [*base, *args])
+        assert bad.exit_code == 2 and message in bad.output, bad.output

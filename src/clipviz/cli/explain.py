@@ -84,6 +84,18 @@ def explain(
         bool, typer.Option("--recursive", "-r", help="descend into folders")
     ] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="redo finished images")] = False,
+    save: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--save",
+            help="what to write per image: all (default), maps (maps.npz), overlays (with the "
+            "comparison sheet), heatmaps; repeatable",
+            show_default=False,
+        ),
+    ] = None,
+    render_size: Annotated[
+        int, typer.Option("--render-size", help="long side of rendered PNGs and upsampled maps")
+    ] = 4096,
     colormap: ColormapOpt = "jet",
     alpha: AlphaOpt = 0.5,
     crop: CropOpt = "none",
@@ -117,6 +129,7 @@ def explain(
     """Saliency maps of INPUT for each prompt: `clipviz explain photo.jpg dog "a red car"`."""
     from ..data.inputs import collect_inputs, read_list_file
     from ..runs.explain import RenderOptions, check_run_args, run_explain
+    from ..runs.outputs import SAVE_KINDS
 
     set_table_format(table_format)
     positional = list(prompts or [])
@@ -134,7 +147,13 @@ def explain(
             "or use -p/--prompts-file"
         )
     all_prompts = unique_prompts(all_prompts)
-    render = RenderOptions(colormap, alpha)
+    kinds = [k.lower() for k in (save or ["all"])]
+    chosen = SAVE_KINDS if "all" in kinds else tuple(k for k in SAVE_KINDS if k in kinds)
+    if unknown := [k for k in kinds if k != "all" and k not in SAVE_KINDS]:
+        raise ClipvizError(
+            f"--save {unknown[0]}: choose from all, {', '.join(SAVE_KINDS)} (repeatable)"
+        )
+    render = RenderOptions(colormap, alpha, chosen, render_size)
     methods = chosen_methods(method, eclip)
     options = gather_method_options(
         methods, option, surgery_depth, gae_start_layer, legrad_layers, gscorecam_topk, eclip

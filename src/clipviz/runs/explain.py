@@ -76,7 +76,7 @@ def request_key(
             "methods": list(methods),
             "prompts": texts.prompts,
             "ensemble": texts.ensemble,
-            "render": asdict(render),
+            "render": render.key(),
             "options": options or {},
         },
         sort_keys=True,
@@ -189,7 +189,9 @@ def _run(
 
     if workers is None:
         workers = 0 if len(todo) <= 1 else min(4, os.cpu_count() or 1)
-    loader = image_loader(todo, backend.preprocess, batch_size, workers, max_pixels)
+    loader = image_loader(
+        todo, backend.preprocess, batch_size, workers, max_pixels, render.max_side
+    )
     for batch in loader:
         started = time.perf_counter()
         good: list[Decoded] = [d for d in batch if d.error is None]

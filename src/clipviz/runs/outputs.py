@@ -31,22 +31,53 @@ from ..render import (
     prompt_slugs,
     save_png,
 )
-from .decode import scaled_box
+from .decode import RENDER_MAX_SIDE, scaled_box
 
 SHEET_CELL = 224
 # files a run writes into an image's folder: a re-run removes the ones it no longer writes
 OUTPUT_FILE = re.compile(r"^(.+\.(overlay|heatmap)\.png|comparison\.png|maps\.npz)$")
 
 
+SAVE_KINDS = ("overlays", "heatmaps", "maps")
+MIN_RENDER_SIDE = 16
+
+
 @dataclass(frozen=True)
 class RenderOptions:
+    """How an image's outputs are written: the colormap and opacity of the overlays, which
+    files (`save`: overlays — with the comparison sheet when several methods ran —,
+    heatmaps, maps.npz) and the long side of rendered PNGs and upsampled maps (`max_side`,
+    never above the photo's own)."""
+
     colormap: str = "jet"
     alpha: float = 0.5
+    save: tuple[str, ...] = SAVE_KINDS
+    max_side: int = RENDER_MAX_SIDE
 
     def __post_init__(self) -> None:
         colormap_function(self.colormap)  # an unknown name is a usage error, at once
         if not 0.0 <= self.alpha <= 1.0:
             raise ClipvizError(f"`alpha` {self.alpha} is outside [0, 1]")
+        unknown = [s for s in self.save if s not in SAVE_KINDS]
+        if unknown or not self.save:
+            raise ClipvizError(
+                f"`save` {', '.join(unknown) or '(nothing)'}: choose from all, "
+                f"{', '.join(SAVE_KINDS)}"
+            )
+        if not MIN_RENDER_SIDE <= self.max_side <= RENDER_MAX_SIDE:
+            raise ClipvizError(
+                f"`render_size` {self.max_side} is outside {MIN_RENDER_SIDE}…{RENDER_MAX_SIDE}"
+            )
+
+    def key(self) -> dict[str, Any]:
+        """What of these options changes the outputs, for a run's request key (the options
+        added later only when they differ from their defaults, so older runs still match)."""
+        out: dict[str, Any] = {"colormap": self.colormap, "alpha": self.alpha}
+        if tuple(self.save) != SAVE_KINDS:
+            out["save"] = sorted(self.save)
+        if self.max_side != RENDER_MAX_SIDE:
+            out["max_side"] = self.max_side
+        return out
 
 
 @dataclass(frozen=True)
@@ -80,39 +111,52 @@ def write_outputs(
     files: list[str] = []
     prompt_files: dict[str, dict[str, str]] = {p: {} for p in first.prompts}
     folder.mkdir(parents=True, exist_ok=True)
-    with npz_writer(folder / "maps.npz") as npz:
-        npz.add("prompts", np.array(first.prompts))
-        npz.add("methods", np.array([e.method for e in explanations]))
-        npz.add("scores", first.scores[index].numpy())
-        npz.add("probs", first.probs[index].numpy())
-        npz.add("size", np.array(size or (W, H)))  # (width, height) of the original image
-        npz.add("render_size", np.array((W, H)))  # (width, height) of the upsampled maps
-        npz.add("crop", np.array(crop))  # (left, top, right, bottom) in render pixels
+    kinds = [k for k, s in (("overlay", "overlays"), ("heatmap", "heatmaps")) if s in render.save]
+    saves_maps = "maps" in render.save
+    with npz_writer(folder / "maps.npz") if saves_maps else contextlib.nullcontext() as npz:
+        if npz is not None:
+            npz.add("prompts", np.array(first.prompts))
+            npz.add("methods", np.array([e.method for e in explanations]))
+            npz.add("scores", first.scores[index].numpy())
+            npz.add("probs", first.probs[index].numpy())
+            npz.add("size", np.array(size or (W, H)))  # (width, height) of the original image
+            npz.add("render_size", np.array((W, H)))  # (width, height) of the upsampled maps
+            npz.add("crop", np.array(crop))  # (left, top, right, bottom) in render pixels
         for k, exp in enumerate(explanations):
             key = "" if k == 0 else f"_{exp.method}"
-            npz.add(f"maps{key}", exp.maps[index].numpy())
-            for name, values in exp.extras.items():
-                npz.add(f"{name}{key}", values[index].numpy())
-            for name, names in exp.labels.items():
-                npz.add(f"{name}{key}", np.array(names))
-            with npz.rows(f"upsampled{key}", (len(exp.prompts), H, W), np.uint8) as row:
+            if npz is not None:
+                npz.add(f"maps{key}", exp.maps[index].numpy())
+                for name, values in exp.extras.items():
+                    npz.add(f"{name}{key}", values[index].numpy())
+                for name, names in exp.labels.items():
+                    npz.add(f"{name}{key}", np.array(names))
+            rows = (
+                npz.rows(f"upsampled{key}", (len(exp.prompts), H, W), np.uint8)
+                if npz is not None
+                else contextlib.nullcontext()
+            )
+            with rows as row:
                 for t, (prompt, slug) in enumerate(zip(exp.prompts, slugs, strict=True)):
                     norm = place_in_box(exp.maps[index, t : t + 1], crop, (H, W))[0].numpy()
-                    row((np.nan_to_num(norm) * 255.0 + 0.5).astype(np.uint8))
-                    for kind, rgb in (
-                        ("overlay", overlay(image, norm, render.colormap, render.alpha)),
-                        ("heatmap", colorize(norm, render.colormap)),
-                    ):
+                    if row is not None:
+                        row((np.nan_to_num(norm) * 255.0 + 0.5).astype(np.uint8))
+                    for kind in kinds:
+                        rgb = (
+                            overlay(image, norm, render.colormap, render.alpha)
+                            if kind == "overlay"
+                            else colorize(norm, render.colormap)
+                        )
                         name = (
                             f"{slug}.{exp.method}.{kind}.png" if several else f"{slug}.{kind}.png"
                         )
                         save_png(folder / name, rgb)
                         files.append(name)
                         prompt_files[prompt][f"{exp.method}.{kind}" if several else kind] = name
-    if several:
+    if several and "overlays" in render.save:
         save_png(folder / "comparison.png", _sheet(image, explanations, index, crop, render))
         files.append("comparison.png")
-    files.append("maps.npz")
+    if saves_maps:
+        files.append("maps.npz")
     _remove_stale(folder, files)
     return Written(files, prompt_files)
 
