@@ -127,7 +127,7 @@ def evaluate(
 ) -> None:
     """Score methods on a dataset with masks or boxes: a methods × metrics table and a JSON."""
     from ..data.datasets import open_dataset
-    from ..runs.eval_results import reduce_records, tuned_thresholds, write_report
+    from ..runs.eval_results import tuned_thresholds, write_report
     from ..runs.evaluate import EvalOptions, check_metrics, class_prompts, default_metrics
     from ..runs.evaluate import evaluate as run_eval
 
@@ -187,10 +187,9 @@ def evaluate(
             }
         task = progress.add_task("eval", total=len(dataset))
         results, records = run_eval(
-            backend, dataset, texts, opts, records_path, on_image=lambda r: progress.advance(task)
-        )
-    if tuning is not None:
-        results = reduce_records(records, opts, fixed=tuning["thresholds"])
+            backend, dataset, texts, opts, records_path, on_image=lambda r: progress.advance(task),
+            fixed=tuning["thresholds"] if tuning else None,
+        )  # fmt: skip
     csv_path = write_report(json_path, results, records, backend, dataset, texts, opts, tuning)
     failed = [r for r in records if r["status"] == "failed"]
     if report:

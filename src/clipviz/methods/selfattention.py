@@ -89,7 +89,7 @@ def sclip(backend: Backend, images: torch.Tensor, texts: Texts) -> MapResult:
     vit = backend.vit
 
     def correlative_block(i: int, x: torch.Tensor) -> torch.Tensor:
-        y = x + attention_branch(vit, i, x, lambda q, k, v: correlative_attention(q, k, v))
+        y = x + attention_branch(vit, i, x, correlative_attention)
         return y + vit.mlp(i, y)
 
     with torch.no_grad(), backend.autocast():

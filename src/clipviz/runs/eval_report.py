@@ -10,11 +10,10 @@ import math
 import os
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from ..errors import ClipvizError
 from ..files import atomic_path, read_jsonl, write_text_atomic
-from .report import STYLE
+from .report import STYLE, page_link
 
 SHOWN = 6  # best and worst images per method
 COLUMNS = [("miou", "mIoU %", 1), ("msc", "mSC %", 1), ("pointing", "pointing", 3),
@@ -67,7 +66,7 @@ def build_eval_report(
                  "over images (threshold search included).</p>")  # fmt: skip
     parts += _per_class(results)
     for name in _plots(target, data):
-        rel = quote(os.fsencode(Path(os.path.relpath(name, target.parent)).as_posix()))
+        rel = page_link(name, target.parent)
         parts.append(f"<figure style='width:auto'><img src='{rel}' alt='{name.stem}' "
                      "style='width:720px'></figure>")  # fmt: skip
     parts += _extremes(json_path, target, results)
@@ -172,8 +171,7 @@ def _extremes(json_path: Path, target: Path, results: dict[str, Any]) -> list[st
                      "<div class='grid'>")  # fmt: skip
         for label, chosen in (("best", scored[::-1][:SHOWN]), ("worst", scored[:SHOWN])):
             for score, image in chosen:
-                rel = quote(os.fsencode(Path(os.path.relpath(Path(image).resolve(),
-                                                             target.parent.resolve())).as_posix()))  # fmt: skip
+                rel = page_link(Path(image), target.parent)
                 parts.append(f"<figure><img loading='lazy' src='{rel}' alt='{label}'>"
                              f"<figcaption>{label}: {html.escape(Path(image).name)} — mSC "
                              f"{score:+.1f}</figcaption></figure>")  # fmt: skip

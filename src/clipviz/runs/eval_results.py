@@ -16,7 +16,7 @@ from ..backend import Backend, Texts
 from ..data.datasets import EvalDataset
 from ..files import atomic_path, provenance, write_json_atomic
 from ..metrics import BOX_THRESHOLDS, MIOU_THRESHOLDS, MaxBoxAcc, MIoU, mean_score_contrast
-from .eval_stats import CI_LEVEL, RESAMPLES, bootstrap_intervals
+from .eval_stats import CI_LEVEL, RESAMPLES, bootstrap_intervals, threshold_index
 
 if TYPE_CHECKING:
     from .evaluate import EvalOptions
@@ -46,7 +46,7 @@ def reduce_records(
             for p in pairs:
                 miou.add(p["class"], np.array(p["iou_i"]), np.array(p["iou_u"]))
             res = miou.result()
-            at = _threshold_index(MIOU_THRESHOLDS, fixed.get(method, {}).get("miou"))
+            at = threshold_index(MIOU_THRESHOLDS, fixed.get(method, {}).get("miou"))
             out["miou"] = (res.miou if at is None else float(res.curve[at])) * 100
             out["miou_threshold"] = res.threshold if at is None else float(MIOU_THRESHOLDS[at])
             out["miou_curve"] = [round(float(v) * 100, 4) for v in res.curve]  # per τ
@@ -66,7 +66,7 @@ def reduce_records(
             for p in pairs:
                 acc.add(np.array([c == "1" for c in p["box"]]))
             box = acc.result()
-            at = _threshold_index(BOX_THRESHOLDS, fixed.get(method, {}).get("maxboxacc"))
+            at = threshold_index(BOX_THRESHOLDS, fixed.get(method, {}).get("maxboxacc"))
             out["maxboxacc"] = (box.max_box_acc if at is None else float(box.curve[at])) * 100
             out["maxboxacc_threshold"] = box.threshold if at is None else float(BOX_THRESHOLDS[at])
             out["maxboxacc_curve"] = [round(float(v) * 100, 4) for v in box.curve]
@@ -76,13 +76,6 @@ def reduce_records(
         for name, ci in cis.items():
             results[method][f"{name}_ci"] = ci
     return results
-
-
-def _threshold_index(grid: np.ndarray, tau: float | None) -> int | None:
-    """The position of a fixed threshold on its grid (None: search the grid)."""
-    if tau is None:
-        return None
-    return int(np.argmin(np.abs(grid - tau)))
 
 
 def tuned_thresholds(results: dict[str, Any]) -> dict[str, dict[str, float]]:

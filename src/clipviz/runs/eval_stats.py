@@ -91,7 +91,7 @@ def bootstrap_distribution(
             res[name] = scale * _weighted_mean(weights, sums, counts)
         if "miou" in metrics:
             curve = _miou_curves(weights, per_image)  # [R, τ]
-            at = _at(MIOU_THRESHOLDS, fixed.get(method, {}).get("miou"))
+            at = threshold_index(MIOU_THRESHOLDS, fixed.get(method, {}).get("miou"))
             res["miou"] = curve.max(axis=1) if at is None else curve[:, at]
         if "maxboxacc" in metrics:
             correct = np.array([np.sum([[c == "1" for c in p["box"]] for p in ps], axis=0)
@@ -99,7 +99,7 @@ def bootstrap_distribution(
             counts = np.array([len(ps) for ps in per_image], dtype=float)
             with np.errstate(invalid="ignore", divide="ignore"):
                 curve = (weights @ correct) / (weights @ counts)[:, None]  # [R, τ]
-            at = _at(BOX_THRESHOLDS, fixed.get(method, {}).get("maxboxacc"))
+            at = threshold_index(BOX_THRESHOLDS, fixed.get(method, {}).get("maxboxacc"))
             res["maxboxacc"] = (curve.max(axis=1) if at is None else curve[:, at]) * 100
         out[method] = res
     return out
@@ -109,7 +109,8 @@ def _nan(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def _at(grid: np.ndarray, tau: float | None) -> int | None:
+def threshold_index(grid: np.ndarray, tau: float | None) -> int | None:
+    """The position of a fixed threshold on its grid (None: search the grid)."""
     return None if tau is None else int(np.argmin(np.abs(grid - tau)))
 
 

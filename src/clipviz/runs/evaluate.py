@@ -208,11 +208,13 @@ def evaluate(
     opts: EvalOptions,
     records_path: Path,
     on_image: Callable[[dict[str, Any]], None] | None = None,
+    fixed: dict[str, dict[str, float]] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Run every method over `dataset`; returns (results per method, all image records).
 
     Records go to `records_path` (JSON lines) as images finish; images already recorded for
-    the same request are not recomputed.
+    the same request are not recomputed. fixed: thresholds chosen elsewhere, per method
+    (see `reduce_records`).
     """
     check_metrics(opts.metrics, dataset)
     check_methods(backend, opts.methods)
@@ -309,4 +311,4 @@ def evaluate(
                 }
             )
     records.sort(key=lambda r: r["index"])
-    return reduce_records(records, opts), records + failed
+    return reduce_records(records, opts, fixed), records + failed

@@ -236,12 +236,16 @@ def _payload(
     }
 
 
+def page_link(path: Path, page_dir: Path) -> str:
+    """`path` relative to a page in `page_dir`, percent-encoded bytes: any file name (UTF-8
+    or not) resolves to its file."""
+    return quote(os.fsencode(Path(os.path.relpath(path.resolve(), page_dir.resolve())).as_posix()))
+
+
 def _original(rec: dict[str, Any], page_dir: Path) -> str | None:
     """A link to the input image when it is a file on this machine (not inside a shard)."""
     path = Path(str(rec.get("input", "")))
-    if not path.is_file():
-        return None
-    return quote(os.fsencode(Path(os.path.relpath(path.resolve(), page_dir.resolve())).as_posix()))
+    return page_link(path, page_dir) if path.is_file() else None
 
 
 def _files(rec: dict[str, Any]) -> list[tuple[str, str, str, str]]:
