@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -61,12 +63,23 @@ def load_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXEL
         if path.is_symlink():
             raise ImageError("dangling or looping symbolic link; its target cannot be read")
         raise ImageError("not a file" if path.exists() else "no such file")
+    return _decode(path, max_pixels)
+
+
+def load_image_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode an encoded image held in memory (a tar member, say) exactly as `load_image`
+    decodes a file, or raise `ImageError` with the reason."""
+    return _decode(io.BytesIO(data), max_pixels)
+
+
+def _decode(source: Path | BinaryIO, max_pixels: int) -> Image.Image:
+    """The body shared by `load_image` and `load_image_bytes`."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         old_limit = Image.MAX_IMAGE_PIXELS
         Image.MAX_IMAGE_PIXELS = None  # our own limit below replaces PIL's
         try:
-            with Image.open(path) as im:
+            with Image.open(source) as im:
                 w, h = im.size
                 if w * h > max_pixels:
                     raise ImageError(
