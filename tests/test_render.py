@@ -10,8 +10,22 @@ from clipviz.render import colorize, comparison_sheet, overlay, prompt_slugs
 
 
 def test_jet_runs_from_dark_blue_through_green_to_dark_red():
-    rgb = colorize(np.array([[0.0, 0.5, 1.0]]), "jet")[0]
-    np.testing.assert_array_equal(rgb, [[0, 0, 128], [128, 255, 128], [128, 0, 0]])
+    rgb = colorize(np.array([[0.0, 0.5, 1.0]]), "jet")[0].astype(int)
+    # each value is coloured at the centre of its level: floor(t·256) + ½, over 256
+    centre = (np.array([0, 128, 255]) + 0.5) / 256
+    jet = np.clip([[1.5 - abs(4 * t - k) for k in (3, 2, 1)] for t in centre], 0, 1)
+    np.testing.assert_array_equal(rgb, (jet * 255 + 0.5).astype(int))
+    assert np.abs(rgb - [[0, 0, 128], [128, 255, 128], [128, 0, 0]]).max() <= 2
+
+
+def test_a_map_is_coloured_through_256_levels():
+    t = np.linspace(0, 1, 1001)[None]
+    levels = np.minimum(np.floor(t * 256), 255).astype(int)
+    for name in ("turbo", "viridis", "magma"):
+        rgb = colorize(t, name)[0]
+        # one colour per level, and the same colour for values of one level
+        table = colorize(((np.arange(256) + 0.5) / 256)[None], name)[0]
+        np.testing.assert_array_equal(rgb, table[levels[0]])
 
 
 @pytest.mark.parametrize(

@@ -243,19 +243,21 @@ def test_half_written_files_of_a_killed_run_are_removed_and_a_torn_line_cut(tmp_
 def test_a_full_disk_stops_the_run_in_one_line_and_keeps_what_is_done(
     tmp_path, tiny_weights, monkeypatch
 ):
+    import clipviz.render as render
     import clipviz.runs.outputs as outputs
 
     for i in range(3):
         random_image(i).save(tmp_path / f"p{i}.png")
-    real, calls = outputs.save_png, []
+    real, calls = render.save_png, []
 
-    def fill_up(path, rgb):
+    def fill_up(path, rgb, palette=None):
         calls.append(path)
         if len(calls) > 2:  # the first image's two PNGs fit, then the disk is full
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        real(path, rgb)
+        real(path, rgb, palette)
 
-    monkeypatch.setattr(outputs, "save_png", fill_up)
+    monkeypatch.setattr(outputs, "save_png", fill_up)  # overlays
+    monkeypatch.setattr(render, "save_png", fill_up)  # heatmaps
     out = tmp_path / "out"
     listing = tmp_path / "list.txt"
     listing.write_text("".join(f"{tmp_path / f'p{i}.png'}\n" for i in range(3)))

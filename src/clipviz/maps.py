@@ -38,6 +38,8 @@ def place_in_box(
     """`[T, h, w]` raw maps of the part `box` (`left, top, right, bottom`) of an image of
     `size` (H, W) the model saw -> `[T, H, W]` normalised maps, NaN outside the box (no data)."""
     left, top, right, bottom = box
+    if (left, top, right, bottom) == (0, 0, size[1], size[0]):
+        return upsample_normalized(maps, size)
     full = torch.full((maps.shape[0], *size), float("nan"))
     if right > left and bottom > top:
         full[:, top:bottom, left:right] = upsample_normalized(maps, (bottom - top, right - left))

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
+import struct
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -12,6 +14,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from zlib_ng import zlib_ng
 
 from .errors import ClipvizError
 from .files import atomic_path
@@ -88,30 +91,75 @@ def colormap_function(name: str) -> Callable[[np.ndarray], np.ndarray]:
     return lambda t: np.asarray(cmap(t))[..., :3]
 
 
+# Maps are coloured through a table of this many levels, as matplotlib colours them: a
+# gather per pixel instead of a polynomial, and the heatmap of a map is one of 256 colours.
+LEVELS = 256
+
+
+@functools.lru_cache(maxsize=16)
+def colormap_table(name: str) -> np.ndarray:
+    """uint8 `[LEVELS, 3]`: the colour of each level of colormap `name` (matplotlib's own
+    table for its maps; clipviz's at the centre of each level's interval)."""
+    if name not in _COLORMAPS:
+        with contextlib.suppress(ImportError, KeyError):
+            import matplotlib
+
+            cmap = matplotlib.colormaps[name].resampled(LEVELS)
+            return (np.asarray(cmap(np.arange(LEVELS)))[:, :3] * 255.0 + 0.5).astype(np.uint8)
+    rgb = colormap_function(name)((np.arange(LEVELS) + 0.5) / LEVELS)
+    return (np.clip(rgb, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def map_levels(norm_map: np.ndarray) -> np.ndarray:
+    """A map in [0, 1] -> uint8 levels `floor(t·LEVELS)` (1 is the top level; NaN -> 0)."""
+    t = np.multiply(norm_map, LEVELS, dtype=np.float32)
+    np.clip(t, 0, LEVELS - 1, out=t)
+    missing = np.isnan(t)
+    if missing.any():
+        t[missing] = 0
+    return t.astype(np.uint8)
+
+
 def colorize(norm_map: np.ndarray, colormap: str = "jet") -> np.ndarray:
     """A `[H, W]` map in [0, 1] -> uint8 RGB `[H, W, 3]`; NaN (no data) -> RGBA `[H, W, 4]`
     with those pixels transparent."""
-    cmap = colormap_function(colormap)
+    out = np.take(colormap_table(colormap), map_levels(norm_map), axis=0)
     missing = np.isnan(norm_map)
-    rgb = cmap(np.clip(np.nan_to_num(norm_map.astype(np.float64)), 0.0, 1.0))
-    out = (np.clip(rgb, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     if missing.any():
         alpha = np.where(missing, 0, 255).astype(np.uint8)
         out = np.concatenate([out, alpha[..., None]], axis=-1)
     return out
 
 
+def save_heatmap(path: str | os.PathLike[str], norm_map: np.ndarray, colormap: str) -> None:
+    """The heatmap of a `[H, W]` map in [0, 1] as a PNG: the colormap's levels as a palette
+    (pixels with no data, NaN, make it an RGBA picture with them transparent)."""
+    if np.isnan(norm_map).any():
+        save_png(path, colorize(norm_map, colormap))
+    else:
+        save_png(path, map_levels(norm_map), palette=colormap_table(colormap))
+
+
 def overlay(
     image: np.ndarray, norm_map: np.ndarray, colormap: str = "jet", alpha: float = 0.5
 ) -> np.ndarray:
-    """Blend the colorized map over `image` (uint8 `[H, W, 3]`): `(1-α)·image + α·heat`;
-    where the map is NaN (no data) the image shows as it is."""
+    """Blend the colorized map over `image` (uint8 `[H, W, 3]`): `(1-α)·image + α·heat` in
+    8-bit fixed point (α to the nearest 1/256, rounded half up); where the map is NaN (no
+    data) the image shows as it is."""
     if not 0.0 <= alpha <= 1.0:
         raise ClipvizError(f"`alpha` {alpha} is outside [0, 1]")
-    heat = colorize(norm_map, colormap).astype(np.float32)[..., :3]
-    weight = np.where(np.isnan(norm_map), 0.0, alpha)[..., None].astype(np.float32)
-    out = (1.0 - weight) * image.astype(np.float32) + weight * heat
-    return (out + 0.5).astype(np.uint8)
+    w = round(alpha * 256)
+    heat = colormap_table(colormap).astype(np.uint16) * w
+    out = image.astype(np.uint16)
+    out *= 256 - w
+    out += np.take(heat, map_levels(norm_map), axis=0)
+    out += 128
+    out >>= 8
+    blended = out.astype(np.uint8)
+    missing = np.isnan(norm_map)
+    if missing.any():
+        blended[missing] = image[missing]
+    return blended
 
 
 def prompt_slugs(prompts: Sequence[str], max_len: int = 60) -> list[str]:
@@ -126,9 +174,70 @@ def prompt_slugs(prompts: Sequence[str], max_len: int = 60) -> list[str]:
     return slugs
 
 
-def save_png(path: str | os.PathLike[str], rgb: np.ndarray) -> None:
+PNG_LEVEL = 1  # deflate level: zlib-ng's fastest, which keeps the writers behind the model
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return (
+        struct.pack(">I", len(data))
+        + kind
+        + data
+        + struct.pack(">I", zlib_ng.crc32(data, zlib_ng.crc32(kind)))
+    )
+
+
+def encode_png(
+    pixels: np.ndarray, level: int = PNG_LEVEL, palette: np.ndarray | None = None
+) -> bytes:
+    """uint8 `[H, W]`, `[H, W, 3]` or `[H, W, 4]` -> PNG bytes: every row "Up"-filtered
+    (the difference to the row above, one numpy subtraction) and deflated by zlib-ng.
+    Pillow's encoder chooses a filter per row, which costs more than the deflate itself.
+
+    palette: uint8 `[n, 3]`; with it, `[H, W]` pixels are indices into it (a colormapped
+    heatmap in a third of the bytes of its RGB).
+    """
+    a = np.asarray(pixels)
+    if a.dtype != np.uint8 or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
+        raise ValueError(f"encode_png takes uint8 [H, W(, 3|4)], got {a.dtype} {a.shape}")
+    if palette is not None and (a.ndim != 2 or not 1 <= len(palette) <= 256):
+        raise ValueError("a palette PNG takes [H, W] indices and at most 256 colours")
+    h, w = a.shape[:2]
+    channels = 1 if a.ndim == 2 else a.shape[2]
+    rows = a.reshape(h, w * channels)
+    filtered = np.empty((h, w * channels + 1), np.uint8)
+    filtered[:, 0] = 2  # filter type Up
+    filtered[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])
+    colour_type = 3 if palette is not None else {1: 0, 3: 2, 4: 6}[channels]
+    header = struct.pack(">IIBBBBB", w, h, 8, colour_type, 0, 0, 0)
+    chunks = [_png_chunk(b"IHDR", header)]
+    if palette is not None:
+        chunks.append(_png_chunk(b"PLTE", np.ascontiguousarray(palette, np.uint8).tobytes()))
+    # A photo's rows differ in noise, not in repeats: Huffman coding alone makes smaller files
+    # of them than zlib-ng's fastest matching, in less time; colormap indices repeat.
+    strategy = zlib_ng.Z_DEFAULT_STRATEGY if palette is not None else zlib_ng.Z_HUFFMAN_ONLY
+    deflate = zlib_ng.compressobj(level, zlib_ng.DEFLATED, 15, 9, strategy)
+    idat = deflate.compress(filtered.data) + deflate.flush()
+    chunks.append(_png_chunk(b"IDAT", idat))
+    chunks.append(_png_chunk(b"IEND", b""))
+    return b"".join([b"\x89PNG\r\n\x1a\n", *chunks])
+
+
+def save_png(
+    path: str | os.PathLike[str], rgb: np.ndarray, palette: np.ndarray | None = None
+) -> None:
+    """Write `rgb` (or palette indices, see `encode_png`) as a PNG file, atomically."""
+    data = encode_png(rgb, palette=palette)
     with atomic_path(path) as tmp:
-        Image.fromarray(rgb).save(tmp, format="PNG", compress_level=1)
+        tmp.write_bytes(data)
+
+
+def _deflate_with_zlib_ng(entry: Any) -> None:
+    """Deflate a zip entry being written with zlib-ng (the same format, in a third of the
+    time of the system zlib): zipfile has no public hook for its compressor, so the entry's
+    own is swapped; a zipfile without that attribute keeps its own."""
+    if hasattr(entry, "_compressor") and entry._compressor is not None:
+        entry._compressor = zlib_ng.compressobj(1, zlib_ng.DEFLATED, -15)
 
 
 class NpzWriter:
@@ -149,6 +258,7 @@ class NpzWriter:
         never holds more than one row."""
         dt = np.dtype(dtype)
         with self._zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+            _deflate_with_zlib_ng(f)
             header = {"descr": np.lib.format.dtype_to_descr(dt), "fortran_order": False,
                       "shape": tuple(shape)}  # fmt: skip
             np.lib.format.write_array_header_1_0(f, header)

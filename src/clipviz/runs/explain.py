@@ -46,6 +46,7 @@ from .manifest import (
     source_stamp,
 )
 from .outputs import RenderOptions, write_outputs
+from .writers import OrderedWriters
 
 
 @dataclass
@@ -119,12 +120,15 @@ def run_explain(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     on_record: Callable[[dict[str, Any]], None] | None = None,
     method_options: dict[str, dict[str, Any]] | None = None,
+    writers: int | None = None,
 ) -> RunSummary:
     """Explain every item, writing outputs and one manifest line per image as it finishes.
 
     Images finished by an earlier run with the same request are skipped unless `overwrite`.
     `on_record` is called with each manifest record (for progress display);
-    `method_options` holds each method's options, by method name.
+    `method_options` holds each method's options, by method name; `writers` is the number
+    of threads writing outputs while the model works (0: the model waits for the writing;
+    default: up to 4, one per core).
     """
     check_run_args(out, batch_size, workers, max_pixels)
     check_prompts(texts.prompts)
@@ -134,7 +138,7 @@ def run_explain(
         repair_manifest(out / MANIFEST)
         remove_stale_temporaries(out)
         return _run(backend, items, texts, out, methods, batch_size, overwrite, render,
-                    workers, max_pixels, on_record, options)  # fmt: skip
+                    workers, max_pixels, on_record, options, writers)  # fmt: skip
 
 
 def _run(
@@ -150,6 +154,7 @@ def _run(
     max_pixels: int,
     on_record: Callable[[dict[str, Any]], None] | None,
     options: dict[str, dict[str, Any]],
+    writers: int | None,
 ) -> RunSummary:
     key = request_key(backend, methods, texts, render, options)
     summary = RunSummary()
@@ -189,64 +194,79 @@ def _run(
 
     if workers is None:
         workers = 0 if len(todo) <= 1 else min(4, os.cpu_count() or 1)
+    if writers is None:
+        writers = 0 if len(todo) <= 1 else min(4, os.cpu_count() or 1)
     loader = image_loader(
         todo, backend.preprocess, batch_size, workers, max_pixels, render.max_side
     )
-    for batch in loader:
-        started = time.perf_counter()
-        good: list[Decoded] = [d for d in batch if d.error is None]
-        for d in batch:
-            if d.error is not None:
-                record(_failure(todo[d.index], d.error))
-        if not good:
-            continue
-        images = torch.stack([d.tensor for d in good])  # type: ignore[misc]
-        try:
-            explanations = [explain(backend, images, texts, m, options=options[m]) for m in methods]
-        except ClipvizError:
-            raise
-        except Exception as e:  # noqa: BLE001 - report and go on with the next batch
-            for d in good:
-                record(_failure(todo[d.index], f"model failed: {type(e).__name__}: {e}"))
-            continue
-        model_seconds = (time.perf_counter() - started) / len(good)
-        for j, d in enumerate(good):
-            t0 = time.perf_counter()
-            item = todo[d.index]
-            if bad := non_finite(explanations, j):
-                record(_failure(item, bad))
+    with OrderedWriters(writers, record, max_pending=2 * batch_size) as pool:
+        for batch in loader:
+            started = time.perf_counter()
+            good: list[Decoded] = [d for d in batch if d.error is None]
+            for d in batch:
+                if d.error is not None:
+                    pool.put(_failure(todo[d.index], d.error))
+            if not good:
                 continue
+            images = torch.stack([d.tensor for d in good])  # type: ignore[misc]
+            if backend.device.type == "cuda":
+                images = images.pin_memory()  # the copy to the device overlaps the model
             try:
-                assert d.display is not None  # decoded without error
-                with disk_full_stops(out / item.rel):
-                    written = write_outputs(
-                        out / item.rel, d.display, explanations, j, render, d.crop, d.size
-                    )
-            except OSError as e:
-                record(_failure(item, f"could not write outputs: {e}"))
+                explanations = [
+                    explain(backend, images, texts, m, options=options[m]) for m in methods
+                ]
+            except ClipvizError:
+                raise
+            except Exception as e:  # noqa: BLE001 - report and go on with the next batch
+                for d in good:
+                    pool.put(_failure(todo[d.index], f"model failed: {type(e).__name__}: {e}"))
                 continue
-            first = explanations[0]
-            scores = dict(zip(first.prompts, first.scores[j].tolist(), strict=True))
-            probs = dict(zip(first.prompts, first.probs[j].tolist(), strict=True))
-            record(
-                {
-                    "input": item.key,
-                    "output": str(item.rel),
-                    "status": "ok",
-                    "error": None,
-                    "source": source_stamp(item.path),
-                    "outputs": written.files,
-                    "prompt_files": written.prompt_files,
-                    "size": list(d.size),
-                    "crop": list(d.crop),
-                    "scores": scores,
-                    "probs": probs,
-                    "top": max(probs, key=probs.__getitem__),
-                    **token_importance(explanations, j),
-                    "seconds": round(model_seconds + time.perf_counter() - t0, 4),
-                }
-            )
+            model_seconds = (time.perf_counter() - started) / len(good)
+            for j, d in enumerate(good):
+                pool.submit(_finish, todo[d.index], d, explanations, j, out, render, model_seconds)
     return summary
+
+
+def _finish(
+    item: InputItem,
+    d: Decoded,
+    explanations: Sequence[Explanation],
+    j: int,
+    out: Path,
+    render: RenderOptions,
+    model_seconds: float,
+) -> dict[str, Any]:
+    """Write image `j`'s outputs and return its manifest record (run by a writer thread)."""
+    t0 = time.perf_counter()
+    if bad := non_finite(explanations, j):
+        return _failure(item, bad)
+    try:
+        assert d.display is not None  # decoded without error
+        with disk_full_stops(out / item.rel):
+            written = write_outputs(
+                out / item.rel, d.display, explanations, j, render, d.crop, d.size
+            )
+    except OSError as e:
+        return _failure(item, f"could not write outputs: {e}")
+    first = explanations[0]
+    scores = dict(zip(first.prompts, first.scores[j].tolist(), strict=True))
+    probs = dict(zip(first.prompts, first.probs[j].tolist(), strict=True))
+    return {
+        "input": item.key,
+        "output": str(item.rel),
+        "status": "ok",
+        "error": None,
+        "source": source_stamp(item.path),
+        "outputs": written.files,
+        "prompt_files": written.prompt_files,
+        "size": list(d.size),
+        "crop": list(d.crop),
+        "scores": scores,
+        "probs": probs,
+        "top": max(probs, key=probs.__getitem__),
+        **token_importance(explanations, j),
+        "seconds": round(model_seconds + time.perf_counter() - t0, 4),
+    }
 
 
 def token_importance(explanations: Sequence[Explanation], j: int) -> dict[str, Any]:

@@ -23,12 +23,12 @@ from ..errors import ClipvizError
 from ..explanation import Explanation
 from ..maps import place_in_box
 from ..render import (
-    colorize,
     colormap_function,
     comparison_sheet,
     npz_writer,
     overlay,
     prompt_slugs,
+    save_heatmap,
     save_png,
 )
 from .decode import RENDER_MAX_SIDE, scaled_box
@@ -139,17 +139,17 @@ def write_outputs(
                 for t, (prompt, slug) in enumerate(zip(exp.prompts, slugs, strict=True)):
                     norm = place_in_box(exp.maps[index, t : t + 1], crop, (H, W))[0].numpy()
                     if row is not None:
-                        row((np.nan_to_num(norm) * 255.0 + 0.5).astype(np.uint8))
+                        row(map_bytes(norm))
                     for kind in kinds:
-                        rgb = (
-                            overlay(image, norm, render.colormap, render.alpha)
-                            if kind == "overlay"
-                            else colorize(norm, render.colormap)
-                        )
                         name = (
                             f"{slug}.{exp.method}.{kind}.png" if several else f"{slug}.{kind}.png"
                         )
-                        save_png(folder / name, rgb)
+                        if kind == "overlay":
+                            save_png(
+                                folder / name, overlay(image, norm, render.colormap, render.alpha)
+                            )
+                        else:
+                            save_heatmap(folder / name, norm, render.colormap)
                         files.append(name)
                         prompt_files[prompt][f"{exp.method}.{kind}" if several else kind] = name
     if several and "overlays" in render.save:
@@ -159,6 +159,16 @@ def write_outputs(
         files.append("maps.npz")
     _remove_stale(folder, files)
     return Written(files, prompt_files)
+
+
+def map_bytes(norm: np.ndarray) -> np.ndarray:
+    """A normalised map as uint8 `round(255·t)`, no data (NaN) as 0: the upsampled maps of
+    `maps.npz`."""
+    q = np.multiply(norm, 255.0, dtype=np.float32)
+    q += 0.5
+    if (missing := np.isnan(q)).any():
+        q[missing] = 0.0
+    return q.astype(np.uint8)
 
 
 def _sheet(

@@ -1,0 +1,88 @@
+"""Writing outputs while the model computes the next batch: a pool of writer threads behind a
+bounded queue, whose results come back in the order the work was handed in.
+
+Threads, not processes: the work (colouring, blending, deflating PNGs, zipping maps) is numpy
+and zlib-ng, which release the GIL, and a thread reads the display image and the maps where
+they are instead of receiving a copy.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+R = TypeVar("R")
+
+
+class OrderedWriters(Generic[R]):
+    """Run jobs on `threads` threads (0: at once, in this thread), at most `max_pending` in
+    flight; each result is handed to `on_result` in submission order, as soon as it and
+    every earlier one are done. An exception in a job is raised here, in the caller's
+    thread, when its turn comes; the jobs after it are cancelled."""
+
+    def __init__(self, threads: int, on_result: Callable[[R], None], max_pending: int = 16) -> None:
+        self.on_result = on_result
+        self.max_pending = max(1, max_pending)
+        self._pool = (
+            concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="clipviz-writer")
+            if threads > 0
+            else None
+        )
+        self._pending: collections.deque[concurrent.futures.Future[R]] = collections.deque()
+
+    def submit(self, job: Callable[..., R], *args: Any) -> None:
+        """Queue `job(*args)`; waits first while `max_pending` jobs are in flight."""
+        if self._pool is None:
+            self._hand_on()
+            self.on_result(job(*args))
+            return
+        while len(self._pending) >= self.max_pending:
+            self._hand_on(wait_for_oldest=True)
+        self._pending.append(self._pool.submit(job, *args))
+        self._hand_on()
+
+    def put(self, result: R) -> None:
+        """A result that needs no work, kept in its place in the order."""
+        future: concurrent.futures.Future[R] = concurrent.futures.Future()
+        future.set_result(result)
+        if self._pool is None:
+            self.on_result(result)
+        else:
+            self._pending.append(future)
+            self._hand_on()
+
+    def _hand_on(self, wait_for_oldest: bool = False) -> None:
+        while self._pending and (wait_for_oldest or self._pending[0].done()):
+            wait_for_oldest = False
+            self.on_result(self._pending.popleft().result())
+
+    def drain(self) -> None:
+        """Wait for every job and hand its result on."""
+        while self._pending:
+            self._hand_on(wait_for_oldest=True)
+
+    def __enter__(self) -> OrderedWriters[R]:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        try:
+            if kind is None:
+                self.drain()
+            else:  # keep what is finished before the failure, in order
+                with contextlib.suppress(Exception):
+                    while self._pending and self._pending[0].done():
+                        self.on_result(self._pending.popleft().result())
+        finally:
+            for future in self._pending:
+                future.cancel()
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
