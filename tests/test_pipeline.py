@@ -129,6 +129,7 @@ def test_writer_threads_give_the_files_and_manifest_of_writing_in_line(tmp_path,
     assert records(tmp_path / "inline") == records(tmp_path / "pooled")
     files = sorted(p.relative_to(tmp_path / "inline") for p in (tmp_path / "inline").rglob("*")
                    if p.is_file() and p.name not in (MANIFEST, "run.json", ".clipviz.lock"))  # fmt: skip
-    assert len(files) == 5 * (2 * 2 * 2 + 2)  # per image: 2 prompts × 2 methods × 2 PNGs + sheet + npz
+    # per image: 2 prompts × 2 methods × 2 PNGs, the comparison sheet and maps.npz
+    assert len(files) == 5 * (2 * 2 * 2 + 2)
     for rel in files:
         assert (tmp_path / "inline" / rel).read_bytes() == (tmp_path / "pooled" / rel).read_bytes()
