@@ -55,7 +55,9 @@ def explain(
     input: Annotated[
         str | None,
         typer.Argument(
-            help="an image, a folder or a quoted glob ('photos/*.jpg')", show_default=False
+            help="an image, a folder, a quoted glob ('photos/*.jpg') or WebDataset shards "
+            "('data/{00000..00099}.tar')",
+            show_default=False,
         ),
     ] = None,
     prompts: Annotated[
@@ -96,6 +98,15 @@ def explain(
     render_size: Annotated[
         int, typer.Option("--render-size", help="long side of rendered PNGs and upsampled maps")
     ] = 4096,
+    maps_dtype: Annotated[
+        str | None,
+        typer.Option(
+            "--maps-dtype",
+            help="type of the raw maps: float32 or float16 (default: float32 in maps.npz, "
+            "float16 in shards)",
+            show_default=False,
+        ),
+    ] = None,
     colormap: ColormapOpt = "jet",
     alpha: AlphaOpt = 0.5,
     crop: CropOpt = "none",
@@ -126,8 +137,13 @@ def explain(
     eclip: EclipOpt = None,
     debug: DebugOpt = False,
 ) -> None:
-    """Saliency maps of INPUT for each prompt: `clipviz explain photo.jpg dog "a red car"`."""
+    """Saliency maps of INPUT for each prompt: `clipviz explain photo.jpg dog "a red car"`.
+
+    Under torchrun (`torchrun --nproc_per_node G -m clipviz explain …`) every process takes
+    its share of the images or shards; the manifest holds them all at the end."""
     from ..data.inputs import collect_inputs, read_list_file
+    from ..data.shards import is_shard_spec, shard_paths
+    from ..distributed import all_max, cleanup_distributed, setup_distributed
     from ..runs.explain import RenderOptions, check_run_args, run_explain
     from ..runs.outputs import SAVE_KINDS
 
@@ -153,46 +169,61 @@ def explain(
         raise ClipvizError(
             f"--save {unknown[0]}: choose from all, {', '.join(SAVE_KINDS)} (repeatable)"
         )
-    render = RenderOptions(colormap, alpha, chosen, render_size)
+    shards = len(inputs) == 1 and is_shard_spec(inputs[0])
+    render = RenderOptions(colormap, alpha, chosen, render_size, maps_dtype or "float32")
     methods = chosen_methods(method, eclip)
     options = gather_method_options(
         methods, option, surgery_depth, gae_start_layer, legrad_layers, gscorecam_topk, eclip
     )
     check_run_args(out, batch_size, workers, max_pixels)
-    items, ignored = collect_inputs(
-        inputs, recursive=recursive, inputs_file=inputs_file, exclude=[out]
+    shard_files = shard_paths(inputs[0]) if shards else []
+    items, ignored = (
+        ([], 0)
+        if shards
+        else collect_inputs(inputs, recursive=recursive, inputs_file=inputs_file, exclude=[out])
     )
-    if not items:
+    if not items and not shard_files:
         raise ClipvizError(f"no images found in {', '.join(inputs) or inputs_file}", exit_code=1)
 
-    backend = load(model, pretrained, model_config, device, precision, resolution, crop)
-    warn_truncated(backend, all_prompts, not no_ensemble)
-    texts = encode_with_progress(backend, all_prompts, not no_ensemble, quiet)
-    started = time.perf_counter()
-    progress = progress_bar("explaining", quiet, "rate", transient=True)
-    task = progress.add_task("explain", total=len(items), rate="")
-
-    def on_record(rec: dict[str, Any]) -> None:
-        n = progress.tasks[0].completed + 1
-        rate = n / max(time.perf_counter() - started, 1e-9)
-        progress.update(task, advance=1, rate=f"{rate:.1f} img/s")
-
-    with progress:
-        summary = run_explain(
-            backend,
-            items,
-            texts,
-            out,
-            methods=methods,
-            batch_size=batch_size,
-            overwrite=overwrite,
-            render=render,
-            workers=workers,
-            max_pixels=max_pixels,
-            on_record=on_record,
-            method_options=options,
+    dist, device = setup_distributed(device)
+    quiet = quiet or not dist.main
+    try:
+        backend = load(model, pretrained, model_config, device, precision, resolution, crop)
+        warn_truncated(backend, all_prompts, not no_ensemble)
+        texts = encode_with_progress(backend, all_prompts, not no_ensemble, quiet)
+        started = time.perf_counter()
+        unit = "shard" if shards else "img"
+        progress = progress_bar("explaining", quiet, "rate", transient=True)
+        task = progress.add_task(
+            "explain", total=len((shard_files or items)[dist.rank :: dist.world]), rate=""
         )
-    if report:
+
+        def on_record(rec: dict[str, Any]) -> None:
+            n = progress.tasks[0].completed + 1
+            rate = n / max(time.perf_counter() - started, 1e-9)
+            progress.update(task, advance=1, rate=f"{rate:.1f} {unit}/s")
+
+        with progress:
+            if shards:
+                from ..runs.shards import run_explain_shards
+
+                summary = run_explain_shards(
+                    backend, shard_files, texts, out, methods, batch_size, overwrite, workers,
+                    max_pixels, on_record, options, maps_dtype or "float16", dist,
+                )  # fmt: skip
+            else:
+                summary = run_explain(
+                    backend, items, texts, out, methods=methods, batch_size=batch_size,
+                    overwrite=overwrite, render=render, workers=workers,
+                    max_pixels=max_pixels, on_record=on_record, method_options=options,
+                    dist=dist,
+                )  # fmt: skip
+        exit_code = all_max(summary.exit_code, dist)
+    finally:
+        cleanup_distributed()
+    if not dist.main:
+        raise typer.Exit(exit_code)
+    if report and not shards:
         from .report import write_any_report
 
         page = write_any_report(out)
@@ -201,8 +232,16 @@ def explain(
     if json_out:
         print_json(run_payload(summary, out, ignored))
     elif not quiet:
-        print_summary(summary, out, ignored)
-    raise typer.Exit(summary.exit_code)
+        if shards:
+            print_shard_summary(summary, out)
+        else:
+            print_summary(summary, out, ignored)
+        if dist.world > 1:
+            out_console.print(
+                f"(rank 0 of {dist.world}; {out / 'manifest.jsonl'} holds every rank's records)",
+                highlight=False,
+            )
+    raise typer.Exit(exit_code)
 
 
 def run_payload(summary: Any, out: Path, ignored: int) -> dict[str, Any]:
@@ -216,6 +255,19 @@ def run_payload(summary: Any, out: Path, ignored: int) -> dict[str, Any]:
         "ignored": ignored,
         "records": summary.records,
     }
+
+
+def print_shard_summary(summary: Any, out: Path) -> None:
+    for r in summary.records:
+        if r["status"] == "failed":
+            print_failure(r["input"], r["error"])
+    shards = len(summary.records)
+    out_console.print(
+        f"{shards} shard(s): {summary.ok} samples ok, {summary.skipped} skipped (shards done "
+        f"before), {summary.failed} failed — outputs in {out / 'shards'}/, manifest "
+        f"{out / 'manifest.jsonl'}",
+        highlight=False,
+    )
 
 
 def print_summary(summary: Any, out: Path, ignored: int, rows: int = 20) -> None:

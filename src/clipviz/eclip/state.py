@@ -9,9 +9,7 @@ Checkpoints hold `head.<name>` trained tensors, `train.logit_scale` (log of the 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,51 +18,15 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from ..backend import Backend
+from ..distributed import Dist, cleanup_distributed, setup_distributed
 from ..errors import ClipvizError
 from ..files import atomic_path, provenance, read_jsonl, write_text_atomic
 from .head import ExplainHead, base_identity, describe_identity
 
 FORMAT = "clipviz-eclip/1"
+__all__ = ["Dist", "cleanup_distributed", "setup_distributed"]
 
 # -- distributed ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Dist:
-    """This process's place in a torch.distributed job (rank 0 of 1 without one)."""
-
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device: str = "auto") -> tuple[Dist, str]:
-    """Join the torchrun job if there is one: NCCL on GPUs, gloo on CPU.
-
-    Returns this rank's `Dist` and the device it should load the model on (`cuda:LOCAL_RANK`
-    for `auto`/`cuda`).
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist(), device
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    if cuda:
-        device = f"cuda:{local}" if device in ("auto", "cuda") else device
-        torch.cuda.set_device(torch.device(device))
-    elif device == "auto":
-        device = "cpu"
-    if not torch_dist.is_initialized():
-        torch_dist.init_process_group("nccl" if cuda else "gloo")
-    return Dist(rank, world), device
-
-
-def cleanup_distributed() -> None:
-    if torch_dist.is_available() and torch_dist.is_initialized():
-        torch_dist.destroy_process_group()
 
 
 def gather(x: torch.Tensor, d: Dist) -> torch.Tensor:

@@ -29,20 +29,18 @@ import torch
 from ..backend import Backend, Texts
 from ..data.images import DEFAULT_MAX_PIXELS
 from ..data.inputs import InputItem
+from ..distributed import Dist, barrier
 from ..errors import ClipvizError
 from ..explanation import Explanation, explain
 from ..files import SCHEMA_VERSION, provenance, write_json_atomic
 from ..methods import check_methods, get_method
 from .decode import Decoded, image_loader
 from .manifest import (
-    MANIFEST,
     append_record,
     check_out,
     disk_full_stops,
     finished,
-    remove_stale_temporaries,
-    repair_manifest,
-    run_lock,
+    run_folder,
     source_stamp,
 )
 from .outputs import RenderOptions, write_outputs
@@ -121,6 +119,7 @@ def run_explain(
     on_record: Callable[[dict[str, Any]], None] | None = None,
     method_options: dict[str, dict[str, Any]] | None = None,
     writers: int | None = None,
+    dist: Dist = Dist(),
 ) -> RunSummary:
     """Explain every item, writing outputs and one manifest line per image as it finishes.
 
@@ -128,17 +127,18 @@ def run_explain(
     `on_record` is called with each manifest record (for progress display);
     `method_options` holds each method's options, by method name; `writers` is the number
     of threads writing outputs while the model works (0: the model waits for the writing;
-    default: up to 4, one per core).
+    default: up to 4, one per core). In a torchrun job (`dist`) rank r explains items
+    r, r + world, …, appending to its own manifest part, which rank 0 merges at the end.
     """
     check_run_args(out, batch_size, workers, max_pixels)
     check_prompts(texts.prompts)
     check_methods(backend, methods)
     options = {m: get_method(m).info.bind((method_options or {}).get(m)) for m in methods}
-    with run_lock(out):
-        repair_manifest(out / MANIFEST)
-        remove_stale_temporaries(out)
-        return _run(backend, items, texts, out, methods, batch_size, overwrite, render,
-                    workers, max_pixels, on_record, options, writers)  # fmt: skip
+    with run_folder(out, dist.rank, dist.world, lambda: barrier(dist)) as manifest:
+        mine = items[dist.rank :: dist.world]  # every rank its own images, none twice
+        return _run(backend, mine, texts, out, methods, batch_size, overwrite, render,
+                    workers, max_pixels, on_record, options, writers, manifest,
+                    dist.main)  # fmt: skip
 
 
 def _run(
@@ -155,34 +155,37 @@ def _run(
     on_record: Callable[[dict[str, Any]], None] | None,
     options: dict[str, dict[str, Any]],
     writers: int | None,
+    manifest: Path,
+    main: bool,
 ) -> RunSummary:
     key = request_key(backend, methods, texts, render, options)
     summary = RunSummary()
 
     def record(rec: dict[str, Any]) -> None:
         rec["key"] = key
-        summary.records.append(append_record(out / MANIFEST, rec))
+        summary.records.append(append_record(manifest, rec))
         setattr(summary, rec["status"], getattr(summary, rec["status"]) + 1)
         if on_record:
             on_record(rec)
 
-    with disk_full_stops(out / "run.json"):
-        write_json_atomic(
-            out / "run.json",
-            {
-                **provenance(),
-                "model": backend.identity,
-                "device": str(backend.device),
-                "crop": backend.preprocess.crop,
-                "methods": list(methods),
-                "prompts": texts.prompts,
-                "ensemble": texts.ensemble,
-                "render": asdict(render),
-                "options": options,
-                "key": key,
-                "started": datetime.now(UTC).isoformat(timespec="seconds"),
-            },
-        )
+    if main:
+        with disk_full_stops(out / "run.json"):
+            write_json_atomic(
+                out / "run.json",
+                {
+                    **provenance(),
+                    "model": backend.identity,
+                    "device": str(backend.device),
+                    "crop": backend.preprocess.crop,
+                    "methods": list(methods),
+                    "prompts": texts.prompts,
+                    "ensemble": texts.ensemble,
+                    "render": asdict(render),
+                    "options": options,
+                    "key": key,
+                    "started": datetime.now(UTC).isoformat(timespec="seconds"),
+                },
+            )
     done = {} if overwrite else finished(out, key, {it.key for it in items})
     todo = []
     for it in items:

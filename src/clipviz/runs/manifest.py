@@ -14,6 +14,8 @@ from ..errors import ClipvizError
 from ..files import append_jsonl, provenance, read_jsonl
 
 MANIFEST = "manifest.jsonl"
+# each rank of a torchrun job appends to its own part; rank 0 merges them into MANIFEST
+PART = "manifest.rank{rank}.jsonl"
 LOCK = ".clipviz.lock"
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
@@ -87,12 +89,44 @@ def source_stamp(path: Path) -> dict[str, int] | None:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def manifest_parts(out: Path) -> list[Path]:
+    """The per-rank manifest parts in `out`, in rank order."""
+    parts = [
+        (p, p.name[len("manifest.rank") : -len(".jsonl")]) for p in out.glob(PART.format(rank="*"))
+    ]
+    return [p for p, rank in sorted(parts, key=lambda pr: int(pr[1])) if rank.isdigit()]
+
+
+def manifest_path(out: Path, rank: int, world: int) -> Path:
+    """Where this process appends its records: the manifest, or its rank's part in a job."""
+    return out / (MANIFEST if world == 1 else PART.format(rank=rank))
+
+
+def merge_manifest_parts(out: Path) -> int:
+    """Append every rank's part to the manifest, in rank order, and remove the parts (also
+    those a killed job left); returns the records moved. Only rank 0 calls this, while the
+    other ranks wait or are done."""
+    moved = 0
+    for part in manifest_parts(out):
+        repair_manifest(part)
+        lines = part.read_bytes()
+        if lines:
+            with disk_full_stops(out / MANIFEST), open(out / MANIFEST, "ab") as f:
+                f.write(lines)
+                f.flush()
+                os.fsync(f.fileno())
+            moved += lines.count(b"\n")
+        part.unlink()
+    return moved
+
+
 def latest_records(out: Path) -> dict[str, dict[str, Any]]:
-    """The last manifest record of every input, by input path."""
+    """The last manifest record of every input, by input path (parts of a job included)."""
     latest: dict[str, dict[str, Any]] = {}
-    for rec in read_jsonl(out / MANIFEST):
-        if "input" in rec:
-            latest[rec["input"]] = rec
+    for path in (out / MANIFEST, *manifest_parts(out)):
+        for rec in read_jsonl(path):
+            if "input" in rec:
+                latest[rec["input"]] = rec
     return latest
 
 
@@ -138,3 +172,22 @@ def append_record(path: Path, rec: dict[str, Any]) -> dict[str, Any]:
     with disk_full_stops(path):
         append_jsonl(path, rec)
     return rec
+
+
+@contextlib.contextmanager
+def run_folder(out: Path, rank: int = 0, world: int = 1, barrier: Any = None) -> Iterator[Path]:
+    """Hold `out` for a run and yield the manifest this process appends to. In a job of
+    `world` ranks, rank 0 holds the lock for all and tidies the folder (a torn line cut,
+    parts of a killed job merged, half-written temporaries removed) before `barrier()` lets
+    any rank write; after the last rank is done it merges the parts into the manifest."""
+    wait = barrier or (lambda: None)
+    with run_lock(out) if rank == 0 else contextlib.nullcontext():
+        if rank == 0:
+            repair_manifest(out / MANIFEST)
+            merge_manifest_parts(out)
+            remove_stale_temporaries(out)
+        wait()
+        yield manifest_path(out, rank, world)
+        wait()
+        if rank == 0:
+            merge_manifest_parts(out)

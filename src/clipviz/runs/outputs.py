@@ -39,6 +39,7 @@ OUTPUT_FILE = re.compile(r"^(.+\.(overlay|heatmap)\.png|comparison\.png|maps\.np
 
 
 SAVE_KINDS = ("overlays", "heatmaps", "maps")
+MAP_DTYPES = ("float32", "float16")
 MIN_RENDER_SIDE = 16
 
 
@@ -46,13 +47,14 @@ MIN_RENDER_SIDE = 16
 class RenderOptions:
     """How an image's outputs are written: the colormap and opacity of the overlays, which
     files (`save`: overlays — with the comparison sheet when several methods ran —,
-    heatmaps, maps.npz) and the long side of rendered PNGs and upsampled maps (`max_side`,
-    never above the photo's own)."""
+    heatmaps, maps.npz), the long side of rendered PNGs and upsampled maps (`max_side`,
+    never above the photo's own) and the type of the raw maps in maps.npz (`maps_dtype`)."""
 
     colormap: str = "jet"
     alpha: float = 0.5
     save: tuple[str, ...] = SAVE_KINDS
     max_side: int = RENDER_MAX_SIDE
+    maps_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         colormap_function(self.colormap)  # an unknown name is a usage error, at once
@@ -63,6 +65,10 @@ class RenderOptions:
             raise ClipvizError(
                 f"`save` {', '.join(unknown) or '(nothing)'}: choose from all, "
                 f"{', '.join(SAVE_KINDS)}"
+            )
+        if self.maps_dtype not in MAP_DTYPES:
+            raise ClipvizError(
+                f"`maps_dtype` {self.maps_dtype!r}: choose from {', '.join(MAP_DTYPES)}"
             )
         if not MIN_RENDER_SIDE <= self.max_side <= RENDER_MAX_SIDE:
             raise ClipvizError(
@@ -77,6 +83,8 @@ class RenderOptions:
             out["save"] = sorted(self.save)
         if self.max_side != RENDER_MAX_SIDE:
             out["max_side"] = self.max_side
+        if self.maps_dtype != "float32":
+            out["maps_dtype"] = self.maps_dtype
         return out
 
 
@@ -125,7 +133,7 @@ def write_outputs(
         for k, exp in enumerate(explanations):
             key = "" if k == 0 else f"_{exp.method}"
             if npz is not None:
-                npz.add(f"maps{key}", exp.maps[index].numpy())
+                npz.add(f"maps{key}", exp.maps[index].numpy().astype(render.maps_dtype))
                 for name, values in exp.extras.items():
                     npz.add(f"{name}{key}", values[index].numpy())
                 for name, names in exp.labels.items():

@@ -1,0 +1,63 @@
+"""Joining a torchrun job (several processes, GPUs or machines; SLURM through torchrun's
+environment) and the few collective steps runs need: a barrier, the largest value of all."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a torch.distributed job (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str = "auto") -> tuple[Dist, str]:
+    """Join the torchrun job if there is one: NCCL on GPUs, gloo on CPU.
+
+    Returns this rank's `Dist` and the device it should load the model on (`cuda:LOCAL_RANK`
+    for `auto`/`cuda`).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist(), device
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        device = f"cuda:{local}" if device in ("auto", "cuda") else device
+        torch.cuda.set_device(torch.device(device))
+    elif device == "auto":
+        device = "cpu"
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group("nccl" if cuda else "gloo")
+    return Dist(rank, world), device
+
+
+def cleanup_distributed() -> None:
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def barrier(d: Dist) -> None:
+    """Wait until every rank is here (nothing to wait for in a single process)."""
+    if d.world > 1:
+        torch_dist.barrier()
+
+
+def all_max(value: int, d: Dist) -> int:
+    """The largest `value` over all ranks (this one's without a job)."""
+    if d.world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+    return int(t.item())

@@ -1,0 +1,287 @@
+"""Explaining WebDataset shards: one output shard per input shard, resumable by shard.
+
+Layout::
+
+    OUT/run.json                         what was asked
+    OUT/manifest.jsonl                   one line per shard: samples done, failed, files
+    OUT/shards/<name>.tar                per sample `<key>.maps.npy`: the raw maps [T, h, w]
+                                         at patch resolution (float16 unless asked otherwise;
+                                         `<key>.<method>.maps.npy` when several methods ran)
+    OUT/shards/<name>.parquet            per sample: key, status, error, caption, width,
+                                         height, crop, top prompt, scores, probs (in the
+                                         order of the prompts in its metadata)
+
+A shard's tar is written, then its parquet table, each to a temporary name renamed into
+place: a table whose metadata holds this request's key marks the shard done, so a killed
+run resumes at the first shard it had not finished. Rank r of a torchrun job takes shards
+r, r + world, …
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..backend import Backend, Preprocess, Texts
+from ..data.captions import as_list
+from ..data.images import DEFAULT_MAX_PIXELS, ImageError, load_image_bytes
+from ..data.shards import (
+    SHARD_SUFFIXES,
+    ShardWriter,
+    read_parquet_metadata,
+    read_shard,
+    write_parquet_atomic,
+)
+from ..distributed import Dist, barrier
+from ..errors import ClipvizError
+from ..explanation import explain
+from ..files import SCHEMA_VERSION, provenance
+from ..methods import check_methods, get_method
+from .decode import die_with_parent
+from .explain import RunSummary, check_prompts, check_run_args, non_finite, request_key
+from .manifest import append_record, disk_full_stops, run_folder, source_stamp
+from .outputs import MAP_DTYPES, RenderOptions
+
+SHARDS = "shards"
+
+
+def shard_name(path: Path) -> str:
+    """`data/00042.tar` -> `00042` (the name of its output shard)."""
+    name = path.name
+    for suffix in SHARD_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+@dataclass
+class DecodedSample:
+    """One sample of a shard: the model's tensor, or why it cannot be used."""
+
+    index: int
+    key: str
+    caption: str | None = None
+    tensor: torch.Tensor | None = None
+    size: tuple[int, int] = (0, 0)
+    crop: tuple[int, int, int, int] = (0, 0, 0, 0)
+    error: str | None = None
+
+
+class ShardSamples(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
+    """A shard's samples decoded in DataLoader workers: each worker reads the stream and
+    decodes every `num_workers`-th sample; a bad sample yields its error."""
+
+    def __init__(self, path: Path, preprocess: Preprocess, max_pixels: int) -> None:
+        self.path, self.preprocess, self.max_pixels = path, preprocess, max_pixels
+
+    def __iter__(self) -> Iterator[DecodedSample]:
+        info = torch.utils.data.get_worker_info()
+        mine, every = (info.id, info.num_workers) if info is not None else (0, 1)
+        for i, sample in enumerate(read_shard(self.path)):
+            if i % every != mine:
+                continue
+            out = DecodedSample(i, sample.key, sample.caption, error=sample.error)
+            if sample.error is None and sample.image is not None:
+                try:
+                    image = load_image_bytes(sample.image, self.max_pixels)
+                    out.tensor = self.preprocess(image)
+                    out.size = (image.width, image.height)
+                    out.crop = self.preprocess.crop_box(*out.size)
+                except ImageError as e:
+                    out.error = str(e)
+                except Exception as e:  # noqa: BLE001 - one bad sample must not stop the shard
+                    out.error = f"{type(e).__name__}: {e}"
+            yield out
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+class ShardTable:
+    """The rows of one output shard, taken in any order and written in the shard's."""
+
+    COLUMNS = ("key", "status", "error", "caption", "width", "height", "crop", "top",
+               "scores", "probs")  # fmt: skip
+
+    def __init__(self, tar: ShardWriter) -> None:
+        self.tar = tar
+        self.columns: dict[str, list[Any]] = {c: [] for c in self.COLUMNS}
+        self.waiting: dict[int, tuple[dict[str, Any], list[tuple[str, bytes]]]] = {}
+        self.next = 0
+
+    def add(self, index: int, row: dict[str, Any], members: list[tuple[str, bytes]]) -> None:
+        self.waiting[index] = (row, members)
+        while self.next in self.waiting:
+            row, members = self.waiting.pop(self.next)
+            for name, data in members:
+                self.tar.add(name, data)
+            for c in self.COLUMNS:
+                self.columns[c].append(row.get(c))
+            self.next += 1
+
+    @property
+    def failed(self) -> int:
+        return sum(s == "failed" for s in self.columns["status"])
+
+
+def run_explain_shards(
+    backend: Backend,
+    shards: Sequence[Path],
+    texts: Texts,
+    out: Path,
+    methods: Sequence[str] = ("itsm",),
+    batch_size: int = 16,
+    overwrite: bool = False,
+    workers: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+    method_options: dict[str, dict[str, Any]] | None = None,
+    maps_dtype: str = "float16",
+    dist: Dist = Dist(),
+) -> RunSummary:
+    """Explain every sample of every shard into one output shard each (see the module).
+
+    The summary counts samples; `on_record` is called with each shard's manifest record.
+    """
+    check_run_args(out, batch_size, workers, max_pixels)
+    check_prompts(texts.prompts)
+    check_methods(backend, methods)
+    if maps_dtype not in MAP_DTYPES:
+        raise ClipvizError(f"`maps_dtype` {maps_dtype!r}: choose from {', '.join(MAP_DTYPES)}")
+    names = [shard_name(p) for p in shards]
+    if len(set(names)) < len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise ClipvizError(f"two shards are named {twice}; their outputs would collide")
+    options = {m: get_method(m).info.bind((method_options or {}).get(m)) for m in methods}
+    key = request_key(backend, methods, texts, RenderOptions(), {**options, "maps": maps_dtype})
+    summary = RunSummary()
+    if workers is None:
+        workers = min(4, os.cpu_count() or 1)
+    with run_folder(out, dist.rank, dist.world, lambda: barrier(dist)) as manifest:
+        if dist.main:
+            from ..files import write_json_atomic
+
+            with disk_full_stops(out / "run.json"):
+                write_json_atomic(out / "run.json", {
+                    **provenance(), "model": backend.identity, "device": str(backend.device),
+                    "methods": list(methods), "prompts": texts.prompts,
+                    "ensemble": texts.ensemble, "options": options, "maps": maps_dtype,
+                    "shards": [str(p) for p in shards], "key": key,
+                })  # fmt: skip
+        for path in list(shards)[dist.rank :: dist.world]:
+            rec = _explain_shard(backend, path, texts, out, methods, options, batch_size,
+                                 overwrite, workers, max_pixels, maps_dtype, key)  # fmt: skip
+            append_record(manifest, rec)
+            summary.records.append(rec)
+            if rec["status"] == "skipped":
+                summary.skipped += rec["samples"]
+            else:
+                summary.ok += rec["samples"] - rec["failed_samples"]
+                summary.failed += rec["failed_samples"]
+            if on_record:
+                on_record(rec)
+    return summary
+
+
+def _explain_shard(
+    backend: Backend,
+    path: Path,
+    texts: Texts,
+    out: Path,
+    methods: Sequence[str],
+    options: dict[str, dict[str, Any]],
+    batch_size: int,
+    overwrite: bool,
+    workers: int,
+    max_pixels: int,
+    maps_dtype: str,
+    key: str,
+) -> dict[str, Any]:
+    started = time.perf_counter()
+    name = shard_name(path)
+    tar_path, table_path = out / SHARDS / f"{name}.tar", out / SHARDS / f"{name}.parquet"
+    stamp = source_stamp(path)
+    record: dict[str, Any] = {
+        "input": os.path.realpath(path), "output": f"{SHARDS}/{name}", "key": key,
+        "source": stamp, "outputs": [f"{name}.tar", f"{name}.parquet"],
+    }  # fmt: skip
+    done = read_parquet_metadata(table_path)
+    info = json.loads(done.get("clipviz", "{}")) if done else {}
+    if (
+        not overwrite
+        and info.get("key") == key
+        and info.get("source") == stamp
+        and tar_path.is_file()
+    ):
+        return {**record, "status": "skipped", "error": None, "samples": info.get("samples", 0),
+                "failed_samples": info.get("failed", 0), "seconds": 0.0}  # fmt: skip
+    loader = torch.utils.data.DataLoader(
+        ShardSamples(path, backend.preprocess, max_pixels),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=as_list,
+        worker_init_fn=die_with_parent if workers else None,
+    )
+    several = len(methods) > 1
+    with disk_full_stops(tar_path), ShardWriter(tar_path) as tar:
+        table = ShardTable(tar)
+        for batch in loader:
+            good = [d for d in batch if d.error is None]
+            for d in batch:
+                if d.error is not None:
+                    table.add(d.index, {"key": d.key, "status": "failed", "error": d.error,
+                                        "caption": d.caption}, [])  # fmt: skip
+            if not good:
+                continue
+            images = torch.stack([d.tensor for d in good])  # type: ignore[misc]
+            try:
+                exps = [explain(backend, images, texts, m, options=options[m]) for m in methods]
+            except ClipvizError:
+                raise
+            except Exception as e:  # noqa: BLE001 - report the batch, go on with the next
+                for d in good:
+                    table.add(d.index, {"key": d.key, "status": "failed", "caption": d.caption,
+                                        "error": f"model failed: {type(e).__name__}: {e}"}, [])  # fmt: skip
+                continue
+            for j, d in enumerate(good):
+                row = {"key": d.key, "caption": d.caption, "width": d.size[0],
+                       "height": d.size[1], "crop": list(d.crop)}  # fmt: skip
+                if bad := non_finite(exps, j):
+                    table.add(d.index, {**row, "status": "failed", "error": bad}, [])
+                    continue
+                probs = exps[0].probs[j].tolist()
+                members = [
+                    (f"{d.key}.{e.method}.maps.npy" if several else f"{d.key}.maps.npy",
+                     _npy(e.maps[j].numpy().astype(maps_dtype)))
+                    for e in exps
+                ]  # fmt: skip
+                table.add(d.index, {**row, "status": "ok", "error": None,
+                                    "top": texts.prompts[int(np.argmax(probs))],
+                                    "scores": exps[0].scores[j].tolist(), "probs": probs},
+                          members)  # fmt: skip
+    samples = len(table.columns["key"])
+    unreadable = samples == 1 and str(table.columns["key"][0]).endswith("#unreadable")
+    if unreadable:  # nothing was read: leave no outputs, so the next run tries again
+        tar_path.unlink(missing_ok=True)
+        return {**record, "status": "failed", "error": table.columns["error"][0], "samples": 1,
+                "failed_samples": 1, "outputs": [], "seconds": 0.0}  # fmt: skip
+    meta = {"key": key, "source": stamp, "samples": samples, "failed": table.failed,
+            "prompts": texts.prompts, "methods": list(methods), "maps": maps_dtype,
+            "schema_version": SCHEMA_VERSION, **provenance()}  # fmt: skip
+    with disk_full_stops(table_path):
+        write_parquet_atomic(table_path, table.columns, {"clipviz": json.dumps(meta)})
+    return {**record, "status": "ok", "error": None, "samples": samples,
+            "failed_samples": table.failed,
+            "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip

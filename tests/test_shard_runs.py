@@ -1,0 +1,211 @@
+"""Explaining WebDataset shards (one output shard per input shard, resumed by shard) and
+splitting runs across torchrun processes: the same outputs as one process."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import random_image
+from typer.testing import CliRunner
+
+from clipviz.cli import app
+from clipviz.explanation import explain
+from clipviz.runs import shards as shard_runs
+from clipviz.runs.manifest import MANIFEST, latest_records
+
+runner = CliRunner()
+pytestmark = pytest.mark.usefixtures("one_thread")
+PROMPTS = ["a red square", "noise"]
+
+
+def _args(tiny_weights):
+    config, weights = tiny_weights["vit"]
+    return ["--model-config", str(config), "--pretrained", str(weights), "--device", "cpu",
+            "--no-ensemble", "--workers", "0", "-b", "2", "-q"]  # fmt: skip
+
+
+def _png(seed: int, size=(72, 56)) -> bytes:
+    buffer = io.BytesIO()
+    random_image(seed, size).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _write_shard(path, samples):
+    """samples: (key, {ext: bytes})."""
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture
+def shard_set(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    seeds = {}
+    for s in range(3):
+        samples = []
+        for i in range(3):
+            key, seed = f"{s:05d}{i:03d}", 10 * s + i
+            seeds[key] = seed
+            samples.append((key, {"png": _png(seed), "txt": f"caption {key}".encode(),
+                                  "json": json.dumps({"key": key}).encode()}))  # fmt: skip
+        if s == 1:  # a sample that is not an image
+            samples.insert(1, ("00001bad", {"jpg": b"not a jpeg", "txt": b"broken"}))
+        _write_shard(root / f"{s:05d}.tar", samples)
+    return root, seeds
+
+
+def _explain_cli(spec, out, tiny_weights, *extra):
+    return runner.invoke(app, ["explain", spec, *PROMPTS, "-o", str(out), "-m", "itsm",
+                               *extra, *_args(tiny_weights)])  # fmt: skip
+
+
+def test_each_shard_becomes_a_tar_of_maps_and_a_parquet_table(shard_set, tmp_path, tiny_weights,
+                                                              vit_backend):  # fmt: skip
+    root, seeds = shard_set
+    out = tmp_path / "out"
+    result = _explain_cli(str(root / "{00000..00002}.tar"), out, tiny_weights)
+    assert result.exit_code == 1, result.output  # one sample failed
+    table = pq.read_table(out / "shards" / "00001.parquet").to_pylist()
+    assert [r["key"] for r in table] == ["00001000", "00001bad", "00001001", "00001002"]
+    assert [r["status"] for r in table] == ["ok", "failed", "ok", "ok"]
+    assert "not an image" in table[1]["error"] and table[1]["caption"] == "broken"
+    meta = json.loads(pq.read_schema(out / "shards" / "00001.parquet").metadata[b"clipviz"])
+    assert meta["prompts"] == PROMPTS and meta["samples"] == 4 and meta["failed"] == 1
+    # the maps and scores are those of explaining the same images directly
+    images = [random_image(seeds[r["key"]], (72, 56)) for r in table if r["status"] == "ok"]
+    want = explain(vit_backend, images, PROMPTS, "itsm", ensemble=False)
+    with tarfile.open(out / "shards" / "00001.tar") as tar:
+        names = tar.getnames()
+        maps = [np.load(io.BytesIO(tar.extractfile(n).read())) for n in names]
+    assert names == ["00001000.maps.npy", "00001001.maps.npy", "00001002.maps.npy"]
+    assert all(m.dtype == np.float16 and m.shape == want.maps.shape[1:] for m in maps)
+    np.testing.assert_allclose(np.stack(maps), want.maps.numpy(), rtol=1e-3, atol=1e-3)
+    ok = [r for r in table if r["status"] == "ok"]
+    np.testing.assert_allclose([r["probs"] for r in ok], want.probs.numpy(), rtol=1e-5)
+    assert [r["top"] for r in ok] == [PROMPTS[int(i)] for i in want.probs.argmax(1)]
+    assert ok[0]["caption"] == "caption 00001000" and ok[0]["width"] == 72
+    records = latest_records(out)
+    assert len(records) == 3 and {r["samples"] for r in records.values()} == {3, 4}
+
+
+def test_a_run_killed_between_shards_resumes_at_the_next_shard(shard_set, tmp_path, tiny_weights,
+                                                               monkeypatch):  # fmt: skip
+    root, _ = shard_set
+    spec = str(root / "*.tar")
+    clean = tmp_path / "clean"
+    assert _explain_cli(spec, clean, tiny_weights).exit_code == 1
+    real, done = shard_runs._explain_shard, []
+
+    def killed_after_one(*args, **kwargs):
+        if done:
+            raise KeyboardInterrupt  # the run is killed while on its second shard
+        done.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shard_runs, "_explain_shard", killed_after_one)
+    out = tmp_path / "out"
+    _explain_cli(spec, out, tiny_weights)
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["00000.parquet", "00000.tar"]
+    first = (out / "shards" / "00000.tar").stat().st_mtime_ns
+    monkeypatch.setattr(shard_runs, "_explain_shard", real)
+    assert _explain_cli(spec, out, tiny_weights).exit_code == 1
+    statuses = {os.path.basename(r["input"]): r["status"] for r in latest_records(out).values()}
+    assert statuses == {"00000.tar": "skipped", "00001.tar": "ok", "00002.tar": "ok"}
+    assert (out / "shards" / "00000.tar").stat().st_mtime_ns == first
+    for name in ("00000", "00001", "00002"):
+        assert (out / "shards" / f"{name}.tar").read_bytes() == (
+            clean / "shards" / f"{name}.tar"
+        ).read_bytes()
+        assert pq.read_table(out / "shards" / f"{name}.parquet").equals(
+            pq.read_table(clean / "shards" / f"{name}.parquet")
+        )
+
+
+def test_a_missing_shard_is_refused_before_any_work(shard_set, tmp_path, tiny_weights):
+    root, _ = shard_set
+    result = _explain_cli(str(root / "{00000..00004}.tar"), tmp_path / "out", tiny_weights)
+    assert result.exit_code == 2 and "2 of 5 shards do not exist" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_maps_npz_in_float16_when_asked(tmp_path, tiny_weights):
+    random_image(0).save(tmp_path / "a.png")
+    for dtype in ("float16", "float32"):
+        out = tmp_path / dtype
+        assert _explain_cli(str(tmp_path / "a.png"), out, tiny_weights, "--maps-dtype",
+                            dtype).exit_code == 0  # fmt: skip
+        with np.load(out / "a.png" / "maps.npz") as npz:
+            assert npz["maps"].dtype == np.dtype(dtype)
+    with np.load(tmp_path / "float16" / "a.png" / "maps.npz") as a, np.load(
+        tmp_path / "float32" / "a.png" / "maps.npz"
+    ) as b:
+        np.testing.assert_allclose(a["maps"], b["maps"], rtol=1e-3, atol=1e-4)
+    bad = _explain_cli(str(tmp_path / "a.png"), tmp_path / "x", tiny_weights, "--maps-dtype", "int8")
+    assert bad.exit_code == 2 and "float32, float16" in bad.output
+
+
+def _torchrun(args, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "GLOO_SOCKET_IFNAME": "lo"}  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "clipviz", *args],
+        env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def test_two_torchrun_processes_explain_what_one_does(shard_set, tmp_path, tiny_weights):
+    root, _ = shard_set
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(5):
+        random_image(i).save(folder / f"{i}.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    for spec, name in ((str(root / "*.tar"), "shards"), (str(folder), "images")):
+        args = ["explain", spec, *PROMPTS, "-m", "itsm", *_args(tiny_weights)]
+        proc = _torchrun([*args, "-o", str(tmp_path / f"{name}-2")])
+        assert proc.returncode == 1, proc.stderr[-3000:]  # a sample fails in both
+        assert runner.invoke(app, [*args, "-o", str(tmp_path / f"{name}-1")]).exit_code == 1
+        two, one = tmp_path / f"{name}-2", tmp_path / f"{name}-1"
+        assert not list(two.glob("manifest.rank*"))  # merged into the manifest
+        recs = [latest_records(d) for d in (two, one)]
+        assert recs[0].keys() == recs[1].keys()  # every input once, none lost
+        lines = (two / MANIFEST).read_text().splitlines()
+        assert len(lines) == len(recs[0])  # none done twice
+        for k in recs[1]:
+            assert recs[0][k]["status"] == recs[1][k]["status"]
+            if "probs" in recs[1][k]:
+                assert recs[0][k]["probs"] == pytest.approx(recs[1][k]["probs"], rel=1e-5)
+        files = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file()
+                       and p.suffix in (".tar", ".npz", ".png"))  # fmt: skip
+        assert files
+        for rel in files:
+            if rel.suffix == ".npz":
+                with np.load(one / rel) as a, np.load(two / rel) as b:
+                    assert a.files == b.files
+                    for k in a.files:
+                        if a[k].dtype.kind == "f":
+                            np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5)
+            elif rel.suffix == ".tar":
+                with tarfile.open(one / rel) as a, tarfile.open(two / rel) as b:
+                    assert a.getnames() == b.getnames()
+                    for n in a.getnames():
+                        x = np.load(io.BytesIO(a.extractfile(n).read()))
+                        y = np.load(io.BytesIO(b.extractfile(n).read()))
+                        torch.testing.assert_close(torch.from_numpy(x), torch.from_numpy(y),
+                                                   rtol=1e-3, atol=1e-3)  # fmt: skip
+            else:
+                assert (two / rel).is_file()
