@@ -240,3 +240,38 @@ def test_tune_split_fixes_the_thresholds_chosen_on_another_split(tmp_path, tiny_
     plain = runner.invoke(app, [*args, "--fresh"])
     assert "chosen on the scored images themselves" in plain.output
     assert json.loads(out.read_text())["thresholds_chosen_on"] == "the scored images"
+
+
+def test_two_torchrun_processes_score_what_one_does(tmp_path, tiny_weights):
+    import os
+    import subprocess
+    import sys
+
+    root = tmp_path / "voc"
+    write_voc(root, 14, seed=5, size=64)
+    ids = (root / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
+    (root / "ImageSets" / "Segmentation" / "val.txt").write_text("\n".join(ids[:9]) + "\n")
+    (root / "ImageSets" / "Segmentation" / "train.txt").write_text("\n".join(ids[9:]) + "\n")
+    (root / "JPEGImages" / f"{ids[3]}.jpg").write_bytes(b"not a jpeg")  # fails on one rank
+    args = ["eval", str(root), "-m", "itsm", "-m", "surgery", "--tune-split", "train",
+            "--metric", "miou", "--metric", "msc", "--metric", "maxboxacc", "-q", "-b", "2",
+            *_model_args(tiny_weights), "--device", "cpu"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "GLOO_SOCKET_IFNAME": "lo"}  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "clipviz", *args, "--json", str(tmp_path / "two.json")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-3000:]  # the broken image
+    one = runner.invoke(app, [*args, "--json", str(tmp_path / "one.json")])
+    assert one.exit_code == 1, one.output
+    two_data, one_data = (json.loads((tmp_path / f).read_text()) for f in ("two.json", "one.json"))
+    assert two_data["dataset"]["scored"] == one_data["dataset"]["scored"] == 8
+    assert two_data["thresholds_chosen_on"] == one_data["thresholds_chosen_on"]
+    for method, res in one_data["results"].items():
+        for metric, value in res.items():
+            if isinstance(value, float):
+                assert two_data["results"][method][metric] == pytest.approx(value, rel=1e-4), metric
+    records = (tmp_path / "two.records.jsonl").read_text().splitlines()
+    assert len(records) == 9 and not list(tmp_path.glob("two.records.rank*"))

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as torch_dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -39,7 +43,9 @@ def setup_distributed(device: str = "auto") -> tuple[Dist, str]:
     elif device == "auto":
         device = "cpu"
     if not torch_dist.is_initialized():
-        torch_dist.init_process_group("nccl" if cuda else "gloo")
+        # ranks wait at the end for the slowest (one shard more, a slower node): hours, not
+        # the default half hour; a rank that dies makes torchrun stop the others anyway
+        torch_dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=24))
     return Dist(rank, world), device
 
 
@@ -61,3 +67,12 @@ def all_max(value: int, d: Dist) -> int:
     t = torch.tensor([value], dtype=torch.int64)
     torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
     return int(t.item())
+
+
+def broadcast(value: T, d: Dist) -> T:
+    """Rank 0's `value` on every rank (a picklable object: thresholds, options)."""
+    if d.world == 1:
+        return value
+    box = [value]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]

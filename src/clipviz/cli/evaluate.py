@@ -127,9 +127,11 @@ def evaluate(
 ) -> None:
     """Score methods on a dataset with masks or boxes: a methods × metrics table and a JSON."""
     from ..data.datasets import open_dataset
+    from ..distributed import all_max, broadcast, cleanup_distributed, setup_distributed
     from ..runs.eval_results import tuned_thresholds, write_report
     from ..runs.evaluate import EvalOptions, check_metrics, class_prompts, default_metrics
     from ..runs.evaluate import evaluate as run_eval
+    from ..runs.manifest import remove_records
 
     set_table_format(table_format)
     methods = tuple(chosen_methods(method, eclip))
@@ -153,8 +155,10 @@ def evaluate(
     if json_path is None or to_stdout:
         json_path = Path("clipviz-eval") / f"{_safe_name(dataset.name)}.json"
     records_path = json_path.with_suffix(".records.jsonl")
-    if fresh and records_path.exists():
-        records_path.unlink()
+    dist, device = setup_distributed(device)
+    quiet = quiet or not dist.main
+    if fresh and dist.main:
+        remove_records(records_path)
 
     tune = None
     if tune_split is not None:
@@ -167,29 +171,39 @@ def evaluate(
             raise ClipvizError(f"{tune.name} has no images; check --tune-split and the layout")
         if tune.classes != dataset.classes:
             raise ClipvizError(f"{tune.name} and {dataset.name} have different classes")
-    backend = load(model, pretrained, model_config, device, precision, resolution, crop)
-    texts = backend.encode_texts(prompts, ensemble=not no_ensemble)
-    progress = progress_bar("evaluating", quiet, transient=True)
-    tuning = None
-    with progress:
-        if tune is not None:
-            tune_path = json_path.with_suffix(".tune.records.jsonl")
-            if fresh and tune_path.exists():
-                tune_path.unlink()
-            task = progress.add_task("tune", total=len(tune))
-            tuned_results, tuned_records = run_eval(
-                backend, tune, texts, opts, tune_path, on_image=lambda r: progress.advance(task)
-            )
-            tuning = {
-                "split": tune.name,
-                "images": sum(r["status"] == "ok" for r in tuned_records),
-                "thresholds": tuned_thresholds(tuned_results),
-            }
-        task = progress.add_task("eval", total=len(dataset))
-        results, records = run_eval(
-            backend, dataset, texts, opts, records_path, on_image=lambda r: progress.advance(task),
-            fixed=tuning["thresholds"] if tuning else None,
-        )  # fmt: skip
+    try:
+        backend = load(model, pretrained, model_config, device, precision, resolution, crop)
+        texts = backend.encode_texts(prompts, ensemble=not no_ensemble)
+        progress = progress_bar("evaluating", quiet, transient=True)
+        tuning = None
+        with progress:
+            if tune is not None:
+                tune_path = json_path.with_suffix(".tune.records.jsonl")
+                if fresh and dist.main:
+                    remove_records(tune_path)
+                task = progress.add_task("tune", total=len(tune))
+                tuned_results, tuned_records = run_eval(
+                    backend, tune, texts, opts, tune_path,
+                    on_image=lambda r: progress.advance(task), dist=dist,
+                )  # fmt: skip
+                if dist.main:
+                    tuning = {
+                        "split": tune.name,
+                        "images": sum(r["status"] == "ok" for r in tuned_records),
+                        "thresholds": tuned_thresholds(tuned_results),
+                    }
+                tuning = broadcast(tuning, dist)
+            task = progress.add_task("eval", total=len(dataset))
+            results, records = run_eval(
+                backend, dataset, texts, opts, records_path,
+                on_image=lambda r: progress.advance(task),
+                fixed=tuning["thresholds"] if tuning else None, dist=dist,
+            )  # fmt: skip
+        exit_code = all_max(int(any(r["status"] == "failed" for r in records)), dist)
+    finally:
+        cleanup_distributed()
+    if not dist.main:
+        raise typer.Exit(exit_code)
     csv_path = write_report(json_path, results, records, backend, dataset, texts, opts, tuning)
     failed = [r for r in records if r["status"] == "failed"]
     if report:
@@ -213,7 +227,7 @@ def evaluate(
         for r in failed[:20]:
             print_failure(r["image"], r["error"])
         out_console.print(f"results: {json_path}, per image: {csv_path}", highlight=False)
-    raise typer.Exit(1 if failed else 0)
+    raise typer.Exit(exit_code)
 
 
 def _safe_name(name: str) -> str:

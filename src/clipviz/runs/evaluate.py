@@ -27,6 +27,7 @@ from ..convis.classes import CLASS_SYNSETS
 from ..data.datasets import EvalDataset, Sample
 from ..data.datasets.common import crop_sample, mask_box
 from ..data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
+from ..distributed import Dist, barrier
 from ..errors import ClipvizError
 from ..explanation import explain
 from ..files import read_jsonl
@@ -45,7 +46,7 @@ from ..metrics import (
 )
 from .eval_results import reduce_records
 from .explain import non_finite
-from .manifest import append_record, repair_manifest
+from .manifest import append_record, merge_parts, part_path, repair_manifest
 
 METRICS = ("miou", "msc", "pointing", "energy", "maxboxacc", "deletion", "insertion")
 MASK_METRICS = frozenset({"miou", "msc"})
@@ -209,12 +210,15 @@ def evaluate(
     records_path: Path,
     on_image: Callable[[dict[str, Any]], None] | None = None,
     fixed: dict[str, dict[str, float]] | None = None,
+    dist: Dist = Dist(),
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Run every method over `dataset`; returns (results per method, all image records).
 
     Records go to `records_path` (JSON lines) as images finish; images already recorded for
     the same request are not recomputed. fixed: thresholds chosen elsewhere, per method
-    (see `reduce_records`).
+    (see `reduce_records`). In a torchrun job (`dist`) rank r scores images r, r + world, …
+    into its own part of the records, which rank 0 merges and reduces (the other ranks
+    return no results).
     """
     check_metrics(opts.metrics, dataset)
     check_methods(backend, opts.methods)
@@ -225,7 +229,11 @@ def evaluate(
         raise ClipvizError(f"`batch_size` {opts.batch_size} must be at least 1")
     key = request_key(backend, dataset, texts, opts)
     records_path.parent.mkdir(parents=True, exist_ok=True)
-    repair_manifest(records_path)
+    if dist.main:
+        repair_manifest(records_path)
+        merge_parts(records_path)  # what the ranks of a killed job finished
+    barrier(dist)
+    own_records = records_path if dist.world == 1 else part_path(records_path, dist.rank)
     records = [
         r for r in read_jsonl(records_path) if r.get("key") == key and r.get("status") == "ok"
     ]
@@ -235,13 +243,13 @@ def evaluate(
 
     def emit(rec: dict[str, Any]) -> None:
         rec["key"] = key
-        append_record(records_path, rec)
+        append_record(own_records, rec)
         (records if rec["status"] == "ok" else failed).append(rec)
         if on_image:
             on_image(rec)
 
     modes = [m for m in ("deletion", "insertion") if m in opts.metrics]
-    todo = [i for i in range(len(dataset)) if i not in done]
+    todo = [i for i in range(dist.rank, len(dataset), dist.world) if i not in done]
     for start in range(0, len(todo), opts.batch_size):
         batch: list[tuple[int, Sample, torch.Tensor]] = []
         for i in todo[start : start + opts.batch_size]:
@@ -310,5 +318,13 @@ def evaluate(
                     "pairs": pairs,
                 }
             )
+    if dist.world > 1:
+        barrier(dist)
+        if not dist.main:
+            return {}, records + failed
+        merge_parts(records_path)
+        latest = {r["index"]: r for r in read_jsonl(records_path) if r.get("key") == key}
+        records = [r for r in latest.values() if r["status"] == "ok"]
+        failed = [r for r in latest.values() if r["status"] != "ok"]
     records.sort(key=lambda r: r["index"])
     return reduce_records(records, opts, fixed), records + failed

@@ -14,8 +14,6 @@ from ..errors import ClipvizError
 from ..files import append_jsonl, provenance, read_jsonl
 
 MANIFEST = "manifest.jsonl"
-# each rank of a torchrun job appends to its own part; rank 0 merges them into MANIFEST
-PART = "manifest.rank{rank}.jsonl"
 LOCK = ".clipviz.lock"
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
@@ -89,29 +87,42 @@ def source_stamp(path: Path) -> dict[str, int] | None:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def manifest_parts(out: Path) -> list[Path]:
-    """The per-rank manifest parts in `out`, in rank order."""
-    parts = [
-        (p, p.name[len("manifest.rank") : -len(".jsonl")]) for p in out.glob(PART.format(rank="*"))
-    ]
-    return [p for p, rank in sorted(parts, key=lambda pr: int(pr[1])) if rank.isdigit()]
+def part_path(path: Path, rank: int) -> Path:
+    """The part of the JSON-lines file `path` that rank `rank` of a job appends to."""
+    return path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+
+
+def parts_of(path: Path) -> list[Path]:
+    """The rank parts of `path` that exist, in rank order."""
+    found = []
+    for p in path.parent.glob(f"{path.stem}.rank*{path.suffix}"):
+        rank = p.name[len(path.stem) + len(".rank") : len(p.name) - len(path.suffix)]
+        if rank.isdigit():
+            found.append((int(rank), p))
+    return [p for _, p in sorted(found)]
 
 
 def manifest_path(out: Path, rank: int, world: int) -> Path:
     """Where this process appends its records: the manifest, or its rank's part in a job."""
-    return out / (MANIFEST if world == 1 else PART.format(rank=rank))
+    return out / MANIFEST if world == 1 else part_path(out / MANIFEST, rank)
 
 
-def merge_manifest_parts(out: Path) -> int:
-    """Append every rank's part to the manifest, in rank order, and remove the parts (also
+def remove_records(path: Path) -> None:
+    """Delete a JSON-lines file and its rank parts (to start afresh)."""
+    for p in (path, *parts_of(path)):
+        p.unlink(missing_ok=True)
+
+
+def merge_parts(path: Path) -> int:
+    """Append every rank's part of `path` to it, in rank order, and remove the parts (also
     those a killed job left); returns the records moved. Only rank 0 calls this, while the
     other ranks wait or are done."""
     moved = 0
-    for part in manifest_parts(out):
+    for part in parts_of(path):
         repair_manifest(part)
         lines = part.read_bytes()
         if lines:
-            with disk_full_stops(out / MANIFEST), open(out / MANIFEST, "ab") as f:
+            with disk_full_stops(path), open(path, "ab") as f:
                 f.write(lines)
                 f.flush()
                 os.fsync(f.fileno())
@@ -123,7 +134,7 @@ def merge_manifest_parts(out: Path) -> int:
 def latest_records(out: Path) -> dict[str, dict[str, Any]]:
     """The last manifest record of every input, by input path (parts of a job included)."""
     latest: dict[str, dict[str, Any]] = {}
-    for path in (out / MANIFEST, *manifest_parts(out)):
+    for path in (out / MANIFEST, *parts_of(out / MANIFEST)):
         for rec in read_jsonl(path):
             if "input" in rec:
                 latest[rec["input"]] = rec
@@ -184,10 +195,10 @@ def run_folder(out: Path, rank: int = 0, world: int = 1, barrier: Any = None) ->
     with run_lock(out) if rank == 0 else contextlib.nullcontext():
         if rank == 0:
             repair_manifest(out / MANIFEST)
-            merge_manifest_parts(out)
+            merge_parts(out / MANIFEST)
             remove_stale_temporaries(out)
         wait()
         yield manifest_path(out, rank, world)
         wait()
         if rank == 0:
-            merge_manifest_parts(out)
+            merge_parts(out / MANIFEST)
