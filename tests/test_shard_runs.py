@@ -149,11 +149,14 @@ def test_maps_npz_in_float16_when_asked(tmp_path, tiny_weights):
                             dtype).exit_code == 0  # fmt: skip
         with np.load(out / "a.png" / "maps.npz") as npz:
             assert npz["maps"].dtype == np.dtype(dtype)
-    with np.load(tmp_path / "float16" / "a.png" / "maps.npz") as a, np.load(
-        tmp_path / "float32" / "a.png" / "maps.npz"
-    ) as b:
+    with (
+        np.load(tmp_path / "float16" / "a.png" / "maps.npz") as a,
+        np.load(tmp_path / "float32" / "a.png" / "maps.npz") as b,
+    ):
         np.testing.assert_allclose(a["maps"], b["maps"], rtol=1e-3, atol=1e-4)
-    bad = _explain_cli(str(tmp_path / "a.png"), tmp_path / "x", tiny_weights, "--maps-dtype", "int8")
+    bad = _explain_cli(
+        str(tmp_path / "a.png"), tmp_path / "x", tiny_weights, "--maps-dtype", "int8"
+    )
     assert bad.exit_code == 2 and "float32, float16" in bad.output
 
 
