@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from clipviz.cli import app
@@ -11,7 +12,8 @@ from clipviz.runs.bench import run_bench
 
 
 def test_bench_rows_are_relative_to_the_forward_pass(vit_backend):
-    rows = run_bench(vit_backend, ["itsm"], batch_size=2, n_prompts=2, repeats=2)
+    # one round: the ratio is that round's method time over its forward time
+    rows = run_bench(vit_backend, ["itsm"], batch_size=2, n_prompts=2, repeats=1)
     assert [r.name for r in rows] == ["forward (encode_image)", "itsm"]
     forward, itsm = rows
     assert forward.ratio == 1.0
@@ -39,3 +41,49 @@ def test_bench_lists_a_method_the_tower_cannot_run_instead_of_failing(family_bac
     itsm, gae = rows[1:]
     assert itsm.ratio > 0 and not itsm.note
     assert gae.ratio != gae.ratio and gae.note.endswith("n/a")  # NaN
+
+
+def test_every_figure_carries_its_fastest_and_slowest_round(vit_backend):
+    rows = run_bench(vit_backend, ["itsm", "surgery"], batch_size=2, n_prompts=2, repeats=3)
+    for r in rows:
+        assert r.ms_min <= r.ms_per_image <= r.ms_max
+        assert r.ratio_min <= r.ratio <= r.ratio_max
+        assert r.spread == (r.ms_max - r.ms_min) / r.ms_per_image
+        assert r.noisy == (r.spread > 0.2)
+    assert rows[0].ratio_min == rows[0].ratio_max == 1.0  # the forward against itself
+
+
+def test_a_round_spread_over_a_fifth_is_flagged_noisy():
+    from clipviz.runs.bench import bench_row
+
+    steady = bench_row("m", [1.0, 1.05, 1.1], [0.1, 0.1, 0.1], images=10)
+    busy = bench_row("m", [1.0, 1.05, 1.5], [0.1, 0.1, 0.1], images=10)
+    assert steady.ms_per_image == pytest.approx(105.0) and not steady.noisy
+    assert busy.noisy and busy.ratio_max == pytest.approx(1.5) and busy.ratio == pytest.approx(1.05)
+
+
+def test_pipeline_bench_times_explain_over_a_folder_against_the_forward(tmp_path, tiny_weights):
+    from conftest import random_image
+
+    for i in range(6):
+        random_image(i).save(tmp_path / f"{i}.jpg")
+    config, weights = tiny_weights["vit"]
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(
+        app,
+        ["bench", "--pipeline", str(tmp_path), "--repeats", "2", "-b", "2", "--workers", "0",
+         "--json", str(out), "--model-config", str(config), "--pretrained", str(weights)],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    forward, run = data["rows"]
+    assert forward["name"] == "forward (encode_image)" and run["name"].startswith(
+        "explain 6 images"
+    )
+    # images per second relative to the forward: the forward's time over the run's
+    assert run["ratio"] == pytest.approx(forward["ms_per_image"] / run["ms_per_image"], rel=0.5)
+    assert run["ratio_min"] <= run["ratio"] <= run["ratio_max"]
+    assert data["pipeline"]["images"] == 6 and set(data["pipeline"]["peak_rss_mb"]) == {"1", "6"}
+    assert not list(tmp_path.glob("*/manifest.jsonl"))  # written to a temporary folder
+    missing = CliRunner().invoke(app, ["bench", "--pipeline", str(tmp_path / "nope")])
+    assert missing.exit_code == 2 and "not a folder" in missing.output

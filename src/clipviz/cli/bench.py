@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
+from ..errors import ClipvizError
 from .options import (
     DebugOpt,
     DeviceOpt,
@@ -30,8 +31,26 @@ def bench(
     option: OptionOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="images per pass")] = 8,
     prompts: Annotated[int, typer.Option("--prompts", help="texts per image")] = 3,
-    repeats: Annotated[int, typer.Option("--repeats", help="timed runs (median)")] = 5,
+    repeats: Annotated[
+        int | None,
+        typer.Option("--repeats", help="timed rounds (median; default 5, 3 with --pipeline)"),
+    ] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="also write the rows")] = None,
+    pipeline: Annotated[
+        Path | None,
+        typer.Option(
+            "--pipeline",
+            help="time `explain` over this folder of images end to end (default outputs, "
+            "written to a temporary folder) against the bare forward pass",
+            show_default=False,
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option("--workers", help="decoding processes (--pipeline)")
+    ] = None,
+    writers: Annotated[
+        int | None, typer.Option("--writers", help="writer threads (--pipeline)")
+    ] = None,
     eclip: EclipOpt = None,
     model: ModelOpt = None,
     pretrained: PretrainedOpt = None,
@@ -42,38 +61,80 @@ def bench(
     debug: DebugOpt = False,
 ) -> None:
     """Milliseconds per image of each method, as a multiple of a bare forward pass (default:
-    every method that needs no extra input; `--eclip CKPT` adds eclip)."""
+    every method that needs no extra input; `--eclip CKPT` adds eclip); with `--pipeline DIR`
+    the images per second of a whole `explain` run over DIR instead. Every figure is the
+    median of the rounds with the fastest and slowest; a spread above 20 % is flagged."""
     from dataclasses import asdict
 
     from ..files import provenance, write_json_atomic
-    from ..runs.bench import default_methods, run_bench
+    from ..runs.bench import NOISY_SPREAD, default_methods, run_bench, run_pipeline_bench
 
-    names = list(dict.fromkeys(method or default_methods()))
+    if pipeline is not None:
+        names = list(dict.fromkeys(method or ["itsm"]))
+    else:
+        names = list(dict.fromkeys(method or default_methods()))
     if eclip is not None and "eclip" not in names:
         names.append("eclip")
     options = gather_method_options(names, option, eclip=eclip)
+    rounds = repeats if repeats is not None else (3 if pipeline is not None else 5)
+    items: list[Any] = []
+    if pipeline is not None:
+        from ..data.inputs import collect_inputs
+
+        if not pipeline.is_dir():
+            raise ClipvizError(f"--pipeline {pipeline} is not a folder; pass a folder of images")
+        items, _ = collect_inputs([str(pipeline)])
     backend = load(model, pretrained, model_config, device, precision, resolution)
+    extra: dict[str, object] = {}
     with err_console.status("timing…"):
-        rows = run_bench(backend, names, batch_size, prompts, repeats, options)
+        if pipeline is not None:
+            result = run_pipeline_bench(backend, items, names, batch_size, prompts, rounds,
+                                        workers, writers)  # fmt: skip
+            rows = result.rows
+            extra = {"pipeline": {"folder": str(pipeline), "images": result.images,
+                                  "peak_rss_mb": {str(result.rss_early_at): round(result.rss_early_mb, 1),
+                                                  str(result.images): round(result.rss_end_mb, 1)}}}  # fmt: skip
+        else:
+            rows = run_bench(backend, names, batch_size, prompts, rounds, options)
     size = "x".join(map(str, backend.input_size))
+    what = "× forward img/s" if pipeline is not None else "× forward"
     table = Table(
         title=f"{backend.identity['model']} at {size} on {backend.device}, "
-        f"batch {batch_size}, {prompts} prompts (median of {repeats})",
+        f"batch {batch_size}, {prompts} prompts (median of {rounds}, fastest–slowest)",
         title_justify="left",
     )
-    table.add_column("method")
+    table.add_column("")
     table.add_column("ms / image", justify="right")
-    table.add_column("× forward", justify="right")
+    table.add_column("range", justify="right")
+    table.add_column(what, justify="right")
+    table.add_column("range", justify="right")
+    table.add_column("")
     for r in rows:
-        ok = r.ratio == r.ratio
+        if r.ratio != r.ratio:
+            table.add_row(r.name, r.note, "", "", "", "")
+            continue
         table.add_row(
-            r.name, f"{r.ms_per_image:.2f}" if ok else r.note, f"{r.ratio:.2f}" if ok else ""
-        )
+            r.name, f"{r.ms_per_image:.2f}", f"{r.ms_min:.1f}–{r.ms_max:.1f}", f"{r.ratio:.2f}",
+            f"{r.ratio_min:.2f}–{r.ratio_max:.2f}",
+            f"noisy (spread {r.spread:.0%})" if r.noisy else "",
+        )  # fmt: skip
     print_table(table)
+    if pipeline is not None:
+        err_console.print(
+            f"peak memory: {result.rss_early_mb:.0f} MB after {result.rss_early_at} images, "
+            f"{result.rss_end_mb:.0f} MB after {result.images}",
+            highlight=False,
+        )
+    if any(r.noisy for r in rows):
+        err_console.print(
+            f"some figures spread over more than {NOISY_SPREAD:.0%} between rounds: the machine "
+            "was busy; run again when it is idle, or with more --repeats",
+            highlight=False,
+        )
     if json_path is not None:
         write_json_atomic(
             json_path,
             {**provenance(), "model": backend.identity, "device": str(backend.device),
-             "batch_size": batch_size, "prompts": prompts, "repeats": repeats,
-             "rows": [asdict(r) for r in rows]},
+             "batch_size": batch_size, "prompts": prompts, "repeats": rounds, **extra,
+             "rows": [{**asdict(r), "spread": r.spread, "noisy": r.noisy} for r in rows]},
         )  # fmt: skip

@@ -11,11 +11,24 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import os
+import threading
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 R = TypeVar("R")
+
+
+WRITER_NICENESS = 10
+
+
+def _yield_to_the_model() -> None:
+    """Lower this writer thread's priority (Linux schedules threads one by one): on a
+    machine with as many cores as the model uses, a writer then runs in the model's pauses
+    instead of stalling its threads, and the model waits only when the queue is full."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
 
 
 class OrderedWriters(Generic[R]):
@@ -28,7 +41,9 @@ class OrderedWriters(Generic[R]):
         self.on_result = on_result
         self.max_pending = max(1, max_pending)
         self._pool = (
-            concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="clipviz-writer")
+            concurrent.futures.ThreadPoolExecutor(
+                threads, thread_name_prefix="clipviz-writer", initializer=_yield_to_the_model
+            )
             if threads > 0
             else None
         )
