@@ -165,6 +165,13 @@ class HFViTTower:
 
         return split(attn.q_proj(h)), split(attn.k_proj(h)), split(attn.v_proj(h))
 
+    def attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Block `i`'s own attention on its queries, keys and values (per head
+        `softmax(q·kᵀ·scale)·v`, fused: the probabilities are never materialised)."""
+        return F.scaled_dot_product_attention(
+            q, k, v, scale=getattr(self._layers[i].self_attn, "scale", None)
+        )
+
     def attn_out(self, i: int, heads_out: torch.Tensor) -> torch.Tensor:
         B, H, L, d = heads_out.shape
         return self._layers[i].self_attn.out_proj(heads_out.transpose(1, 2).reshape(B, L, H * d))

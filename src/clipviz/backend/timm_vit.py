@@ -215,6 +215,11 @@ class TimmViTTower:
             k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], 2)
         return q.type_as(v), k.type_as(v), v
 
+    def attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Block `i`'s own attention on its queries, keys and values (per head
+        `softmax(q·kᵀ·scale)·v`, fused: the probabilities are never materialised)."""
+        return F.scaled_dot_product_attention(q, k, v)
+
     def attn_out(self, i: int, heads_out: torch.Tensor) -> torch.Tensor:
         """What block `i`'s attention adds to the stream, from per-head outputs: merge heads,
         the attention's inner norm, `proj`, layer scale."""

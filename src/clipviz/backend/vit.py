@@ -73,6 +73,11 @@ class OpenClipBlocks:
         qkv = qkv.view(B, L, 3, heads, W // heads).permute(2, 0, 3, 1, 4)
         return qkv[0], qkv[1], qkv[2]
 
+    def attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Block `i`'s own attention on its queries, keys and values (per head
+        `softmax(q·kᵀ·scale)·v`, fused: the probabilities are never materialised)."""
+        return F.scaled_dot_product_attention(q, k, v)
+
     def attn_out(self, i: int, heads_out: torch.Tensor) -> torch.Tensor:
         """Block `i`'s attention branch from per-head outputs `[B, heads, L, head_dim]`:
         merge heads, `out_proj`, layer scale -> what the block adds to the stream `[B, L, W]`."""

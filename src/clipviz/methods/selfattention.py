@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..backend import Backend, Texts
 from ..errors import ClipvizError
 from .registry import MapResult, register
-from .surgery import _itsm, _unit, _vit_last_block_variant, attention_branch
+from .surgery import QKV, _itsm, _unit, _vit_last_block_variant
 
 GEM_BLOCKS = 6  # the reference's `gem_depth=7`: the GEM path runs in the last 6 blocks
 
@@ -88,8 +88,8 @@ def sclip(backend: Backend, images: torch.Tensor, texts: Texts) -> MapResult:
     """
     vit = backend.vit
 
-    def correlative_block(i: int, x: torch.Tensor) -> torch.Tensor:
-        y = x + attention_branch(vit, i, x, correlative_attention)
+    def correlative_block(i: int, x: torch.Tensor, qkv: QKV) -> torch.Tensor:
+        y = x + vit.attn_out(i, correlative_attention(*qkv))
         return y + vit.mlp(i, y)
 
     with torch.no_grad(), backend.autocast():
@@ -127,8 +127,8 @@ def naclip(backend: Backend, images: torch.Tensor, texts: Texts, std: float = 5.
         lambda: neighbourhood_bias(grid, vit.prefix, std).to(images.device),
     )
 
-    def neighbourhood_block(i: int, x: torch.Tensor) -> torch.Tensor:
-        return attention_branch(vit, i, x, lambda q, k, v: neighbourhood_attention(k, v, bias))
+    def neighbourhood_block(i: int, x: torch.Tensor, qkv: QKV) -> torch.Tensor:
+        return vit.attn_out(i, neighbourhood_attention(qkv[1], qkv[2], bias))
 
     with torch.no_grad(), backend.autocast():
         tokens, stock = _vit_last_block_variant(vit, images, neighbourhood_block)

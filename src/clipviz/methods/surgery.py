@@ -40,15 +40,6 @@ def value_only(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tenso
     return v
 
 
-def attention_branch(vit: TokenTower, i: int, x: torch.Tensor, mix: Mixing) -> torch.Tensor:
-    """Block `i`'s attention branch on the residual stream `x` `[B, L, W]` with its attention
-    replaced by `mix`: `ls_1(out_proj(mix(q, k, v)))`, q/k/v from `ln_1(x)` — what the block
-    would add to the residual stream (`ls_1`, layer scale, is the identity in CLIP's models).
-    """
-    q, k, v = vit.qkv(i, vit.norm1(i, x))
-    return vit.attn_out(i, mix(q, k, v))
-
-
 def pool_branch(rn: ResNetTower, x: torch.Tensor, mix: Mixing) -> torch.Tensor:
     """ModifiedResNet's attention pool on `x` `[B, L, C]` with every position as a query and
     its attention replaced by `mix`: `c_proj(mix(q, k, v))` -> `[B, L, D]`."""
@@ -101,15 +92,23 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.float(), dim=-1)
 
 
+QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
 def _vit_last_block_variant(
-    vit: TokenTower, images: torch.Tensor, tokens_of: Callable[[int, torch.Tensor], torch.Tensor]
+    vit: TokenTower,
+    images: torch.Tensor,
+    tokens_of: Callable[[int, torch.Tensor, QKV], torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unit patch tokens `[B, N, D]` from `tokens_of(last, x)` in place of the last block, and
-    the stock global embeddings `[B, D]`."""
+    """Unit patch tokens `[B, N, D]` from `tokens_of(last, x, (q, k, v))` in place of the
+    last block, and the stock global embeddings `[B, D]`; the variant and the stock block
+    share the last block's q, k, v (computed once)."""
     last = vit.depth - 1
     x = vit.run_blocks(vit.embed(images), stop=last)
-    tokens = _unit(vit.head(tokens_of(last, x)))[:, 1:]
-    stock = _unit(vit.pooled(vit.run_block(last, x)))
+    qkv = vit.qkv(last, vit.norm1(last, x))
+    tokens = _unit(vit.head(tokens_of(last, x, qkv)))[:, 1:]
+    y = x + vit.attn_out(last, vit.attend(last, *qkv))
+    stock = _unit(vit.pooled(y + vit.mlp(last, y)))
     return tokens, stock
 
 
@@ -170,8 +169,11 @@ def surgery(
                 x = vit.run_blocks(vit.embed(images), stop=first)
                 x_new = x
                 for i in range(first, vit.depth):
-                    x_new = x_new + attention_branch(vit, i, x, vv_attention)
-                    x = vit.run_block(i, x)
+                    # both paths read the original stream's q, k, v: computed once
+                    q, k, v = vit.qkv(i, vit.norm1(i, x))
+                    x_new = x_new + vit.attn_out(i, vv_attention(q, k, v))
+                    x = x + vit.attn_out(i, vit.attend(i, q, k, v))
+                    x = x + vit.mlp(i, x)
                 tokens = _unit(vit.head(x_new))[:, 1:]
                 token0 = _unit(vit.pooled(x))
             else:
@@ -209,8 +211,8 @@ def maskclip(backend: Backend, images: torch.Tensor, texts: Texts) -> MapResult:
         if backend.tower == "vit":
             vit = backend.vit
 
-            def value_block(i: int, x: torch.Tensor) -> torch.Tensor:
-                y = x + attention_branch(vit, i, x, value_only)
+            def value_block(i: int, x: torch.Tensor, qkv: QKV) -> torch.Tensor:
+                y = x + vit.attn_out(i, value_only(*qkv))
                 return y + vit.mlp(i, y)
 
             tokens, stock = _vit_last_block_variant(vit, images, value_block)
@@ -241,8 +243,8 @@ def clearclip(backend: Backend, images: torch.Tensor, texts: Texts) -> MapResult
     """
     vit = backend.vit
 
-    def qq_block(i: int, x: torch.Tensor) -> torch.Tensor:
-        return attention_branch(vit, i, x, qq_attention)
+    def qq_block(i: int, x: torch.Tensor, qkv: QKV) -> torch.Tensor:
+        return vit.attn_out(i, qq_attention(*qkv))
 
     with torch.no_grad(), backend.autocast():
         tokens, stock = _vit_last_block_variant(vit, images, qq_block)
