@@ -192,7 +192,8 @@ def gem(
             )
             mixed = sum(self_self_attention(z, v, tau, iterations) for z in (q, k, v)) / 3
             x_gem = x_gem + vit.attn_out(i, mixed)  # type: ignore[arg-type]
-            x = vit.run_block(i, x)
+            y = x + vit.attn_out(i, vit.attend(i, q, k, v))  # the stock block, from its q, k, v
+            x = y + vit.mlp(i, y)
         tokens = _unit(vit.head(x_gem))[:, 1:]
         stock = _unit(vit.pooled(x))
     return _itsm(backend, images, texts, tokens, stock)
