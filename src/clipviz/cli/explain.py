@@ -125,6 +125,14 @@ def explain(
             "--workers", help="image-decoding processes (default: up to 4)", show_default=False
         ),
     ] = None,
+    writers: Annotated[
+        int | None,
+        typer.Option(
+            "--writers",
+            help="threads writing outputs while the model runs (default: up to 4; 0: none)",
+            show_default=False,
+        ),
+    ] = None,
     max_pixels: MaxPixelsOpt = 100_000_000,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
@@ -175,7 +183,7 @@ def explain(
     options = gather_method_options(
         methods, option, surgery_depth, gae_start_layer, legrad_layers, gscorecam_topk, eclip
     )
-    check_run_args(out, batch_size, workers, max_pixels)
+    check_run_args(out, batch_size, workers, max_pixels, writers)
     shard_files = shard_paths(inputs[0]) if shards else []
     items, ignored = (
         ([], 0)
@@ -216,7 +224,7 @@ def explain(
                     backend, items, texts, out, methods=methods, batch_size=batch_size,
                     overwrite=overwrite, render=render, workers=workers,
                     max_pixels=max_pixels, on_record=on_record, method_options=options,
-                    dist=dist,
+                    writers=writers, dist=dist,
                 )  # fmt: skip
         exit_code = all_max(summary.exit_code, dist)
     finally:

@@ -94,9 +94,13 @@ def check_prompts(prompts: Sequence[str]) -> None:
         raise ClipvizError(f"prompt {twice[0]!r} is given twice; pass each prompt once")
 
 
-def check_run_args(out: Path, batch_size: int, workers: int | None, max_pixels: int) -> None:
+def check_run_args(
+    out: Path, batch_size: int, workers: int | None, max_pixels: int, writers: int | None = None
+) -> None:
     """Refuse, before any work, arguments a run cannot use."""
     check_out(out)
+    if writers is not None and writers < 0:
+        raise ClipvizError(f"`writers` {writers} must be 0 (write in the model's thread) or more")
     if workers is not None and workers < 0:
         raise ClipvizError(f"`workers` {workers} must be 0 (decode in this process) or more")
     if max_pixels < 1:
@@ -130,7 +134,7 @@ def run_explain(
     default: up to 4, one per core). In a torchrun job (`dist`) rank r explains items
     r, r + world, …, appending to its own manifest part, which rank 0 merges at the end.
     """
-    check_run_args(out, batch_size, workers, max_pixels)
+    check_run_args(out, batch_size, workers, max_pixels, writers)
     check_prompts(texts.prompts)
     check_methods(backend, methods)
     options = {m: get_method(m).info.bind((method_options or {}).get(m)) for m in methods}
