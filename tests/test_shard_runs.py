@@ -99,6 +99,16 @@ def test_each_shard_becomes_a_tar_of_maps_and_a_parquet_table(shard_set, tmp_pat
     assert ok[0]["caption"] == "caption 00001000" and ok[0]["width"] == 72
     records = latest_records(out)
     assert len(records) == 3 and {r["samples"] for r in records.values()} == {3, 4}
+    # the report of a shard run: counts per shard, prompts' shares, failures with reasons
+    assert runner.invoke(app, ["report", str(out)]).exit_code == 0
+    page = (out / "report.html").read_text()
+    assert "3 shards, 9 samples explained" in page
+    assert "<td>00001</td><td>ok</td><td>4</td><td>3</td><td>1</td>" in page
+    assert "<td>00001bad</td>" in page and "not an image" in page
+    tops = [r["top"] for s in range(3) for r in pq.read_table(
+        out / "shards" / f"{s:05d}.parquet").to_pylist() if r["status"] == "ok"]  # fmt: skip
+    for prompt in PROMPTS:
+        assert f"<tr><td>{prompt}</td><td>{tops.count(prompt)}</td>" in page
 
 
 def test_a_run_killed_between_shards_resumes_at_the_next_shard(shard_set, tmp_path, tiny_weights,

@@ -231,7 +231,7 @@ def explain(
         cleanup_distributed()
     if not dist.main:
         raise typer.Exit(exit_code)
-    if report and not shards:
+    if report:
         from .report import write_any_report
 
         page = write_any_report(out)

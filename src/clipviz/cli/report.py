@@ -43,5 +43,10 @@ def write_any_report(path: Path, out: Path | None = None) -> Path:
 
         return build_eval_report(path, out)
     from ..runs.report import build_report
+    from ..runs.shards import is_shard_run
 
+    if is_shard_run(path):
+        from ..runs.shard_report import build_shard_report
+
+        return build_shard_report(path, out)
     return build_report(path, out)

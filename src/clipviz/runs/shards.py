@@ -54,6 +54,14 @@ from .outputs import MAP_DTYPES, RenderOptions
 SHARDS = "shards"
 
 
+def is_shard_run(out: Path) -> bool:
+    """Whether `out` holds a shard run (its run.json names the input shards)."""
+    try:
+        return "shards" in json.loads((out / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+
+
 def shard_name(path: Path) -> str:
     """`data/00042.tar` -> `00042` (the name of its output shard)."""
     name = path.name
