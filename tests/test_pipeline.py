@@ -133,3 +133,21 @@ def test_writer_threads_give_the_files_and_manifest_of_writing_in_line(tmp_path,
     assert len(files) == 5 * (2 * 2 * 2 + 2)
     for rel in files:
         assert (tmp_path / "inline" / rel).read_bytes() == (tmp_path / "pooled" / rel).read_bytes()
+
+
+def test_an_interrupted_run_keeps_every_result_finished_before_it():
+    got: list[int] = []
+    started = threading.Barrier(4)
+
+    def job(i: int) -> int:
+        if i < 3:
+            started.wait()  # three jobs in flight when the interrupt comes
+            time.sleep(0.05)
+        return i
+
+    with pytest.raises(KeyboardInterrupt), OrderedWriters(3, got.append, max_pending=8) as pool:
+        for i in range(3):
+            pool.submit(job, i)
+        started.wait()
+        raise KeyboardInterrupt
+    assert got == [0, 1, 2]  # finished while the run stopped: recorded, in order

@@ -222,3 +222,33 @@ def test_two_torchrun_processes_explain_what_one_does(shard_set, tmp_path, tiny_
                                                    rtol=1e-3, atol=1e-3)  # fmt: skip
             else:
                 assert (two / rel).is_file()
+
+
+def test_a_shard_read_inconsistently_is_failed_whole_and_redone(shard_set, tmp_path,
+                                                                 tiny_weights, monkeypatch):  # fmt: skip
+    root, _ = shard_set
+    real = shard_runs.ShardSamples.__iter__
+
+    def loses_sample_one(self):
+        for d in real(self):
+            if not (d.index == 1 and self.path.name == "00002.tar"):
+                yield d
+
+    monkeypatch.setattr(shard_runs.ShardSamples, "__iter__", loses_sample_one)
+    out = tmp_path / "out"
+    result = _explain_cli(str(root / "*.tar"), out, tiny_weights)
+    assert result.exit_code == 1
+    rec = next(r for r in latest_records(out).values() if r["input"].endswith("00002.tar"))
+    assert rec["status"] == "failed" and "never was" in rec["error"]
+    assert not (out / "shards" / "00002.tar").exists()
+    assert not (out / "shards" / "00002.parquet").exists()
+    monkeypatch.setattr(shard_runs.ShardSamples, "__iter__", real)
+    assert _explain_cli(str(root / "*.tar"), out, tiny_weights).exit_code == 1  # 00001bad
+    assert len(pq.read_table(out / "shards" / "00002.parquet")) == 3
+
+
+def test_stdin_lists_are_refused_under_torchrun(tmp_path, tiny_weights, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = runner.invoke(app, ["explain", "--inputs-file", "-", "dog", "-o", str(tmp_path)],
+                           input="a.jpg\n")  # fmt: skip
+    assert result.exit_code == 2 and "cannot be read by several torchrun" in result.output

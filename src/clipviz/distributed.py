@@ -11,6 +11,8 @@ from typing import TypeVar
 import torch
 import torch.distributed as torch_dist
 
+from .errors import ClipvizError
+
 T = TypeVar("T")
 
 
@@ -60,13 +62,29 @@ def barrier(d: Dist) -> None:
         torch_dist.barrier()
 
 
+def _collective_device() -> torch.device:
+    """Where a collective's tensor must live: NCCL reduces CUDA tensors only."""
+    if torch_dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_max(value: int, d: Dist) -> int:
     """The largest `value` over all ranks (this one's without a job)."""
     if d.world == 1:
         return value
-    t = torch.tensor([value], dtype=torch.int64)
+    t = torch.tensor([value], dtype=torch.int64, device=_collective_device())
     torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
     return int(t.item())
+
+
+def all_sum(values: list[int], d: Dist) -> list[int]:
+    """Each of `values` summed over all ranks (this rank's without a job)."""
+    if d.world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.int64, device=_collective_device())
+    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.SUM)
+    return [int(v) for v in t.tolist()]
 
 
 def broadcast(value: T, d: Dist) -> T:
@@ -76,3 +94,13 @@ def broadcast(value: T, d: Dist) -> T:
     box = [value]
     torch_dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def refuse_stdin(*paths: str | None) -> None:
+    """Lists read from stdin (`-`) cannot be shared by the processes of a torchrun job:
+    each would read a different part of it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "-" in paths:
+        raise ClipvizError(
+            "'-' (stdin) cannot be read by several torchrun processes; write the list to a "
+            "file and pass its path"
+        )

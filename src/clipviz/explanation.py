@@ -109,7 +109,7 @@ def explain(
         if not prompts:
             raise ClipvizError("no prompts given; pass at least one text to explain")
         texts = backend.encode_texts(prompts, ensemble=ensemble)
-    batch = to_batch(backend, images).to(backend.device)
+    batch = to_batch(backend, images).to(backend.device, non_blocking=True)
     result = spec.fn(backend, batch, texts, **bound)
     image_emb = result.image_embeddings
     if image_emb is None:

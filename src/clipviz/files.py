@@ -97,10 +97,11 @@ def append_jsonl(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Read a JSON-lines file, skipping a torn last line left by a killed run."""
     records: list[dict[str, Any]] = []
-    p = Path(path)
-    if not p.exists():
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:  # not written yet, or a part merged away meanwhile
         return records
-    for line in p.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:

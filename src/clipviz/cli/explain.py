@@ -151,7 +151,7 @@ def explain(
     its share of the images or shards; the manifest holds them all at the end."""
     from ..data.inputs import collect_inputs, read_list_file
     from ..data.shards import is_shard_spec, shard_paths
-    from ..distributed import all_max, cleanup_distributed, setup_distributed
+    from ..distributed import all_max, all_sum, cleanup_distributed, refuse_stdin, setup_distributed
     from ..runs.explain import RenderOptions, check_run_args, run_explain
     from ..runs.outputs import SAVE_KINDS
 
@@ -161,6 +161,7 @@ def explain(
     if inputs_file is not None:
         positional, inputs = inputs + positional, []
     all_prompts = positional + list(prompt or [])
+    refuse_stdin(inputs_file, prompts_file)
     if prompts_file is not None:
         all_prompts += read_list_file(prompts_file, "prompts file")
     if not inputs and inputs_file is None:
@@ -227,6 +228,10 @@ def explain(
                     writers=writers, dist=dist,
                 )  # fmt: skip
         exit_code = all_max(summary.exit_code, dist)
+        if dist.world > 1:  # the counts of the whole job; the failures listed are rank 0's
+            summary.ok, summary.skipped, summary.failed = all_sum(
+                [summary.ok, summary.skipped, summary.failed], dist
+            )
     finally:
         cleanup_distributed()
     if not dist.main:

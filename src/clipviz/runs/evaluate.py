@@ -234,9 +234,14 @@ def evaluate(
         merge_parts(records_path)  # what the ranks of a killed job finished
     barrier(dist)
     own_records = records_path if dist.world == 1 else part_path(records_path, dist.rank)
-    records = [
-        r for r in read_jsonl(records_path) if r.get("key") == key and r.get("status") == "ok"
-    ]
+    # one record per image (a merge of rank parts cut short may have appended one twice)
+    records = list(
+        {
+            r["index"]: r
+            for r in read_jsonl(records_path)
+            if r.get("key") == key and r.get("status") == "ok"
+        }.values()
+    )
     done = {r["index"] for r in records}
     class_index = {c: i for i, c in enumerate(dataset.classes)}
     failed: list[dict[str, Any]] = []

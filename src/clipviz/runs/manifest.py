@@ -134,7 +134,9 @@ def merge_parts(path: Path) -> int:
 def latest_records(out: Path) -> dict[str, dict[str, Any]]:
     """The last manifest record of every input, by input path (parts of a job included)."""
     latest: dict[str, dict[str, Any]] = {}
-    for path in (out / MANIFEST, *parts_of(out / MANIFEST)):
+    # the parts first: a merge running meanwhile moves them into the manifest, read after
+    parts = parts_of(out / MANIFEST)
+    for path in (*parts, out / MANIFEST):
         for rec in read_jsonl(path):
             if "input" in rec:
                 latest[rec["input"]] = rec

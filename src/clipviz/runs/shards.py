@@ -193,8 +193,11 @@ def run_explain_shards(
                                  overwrite, workers, max_pixels, maps_dtype, key)  # fmt: skip
             append_record(manifest, rec)
             summary.records.append(rec)
-            if rec["status"] == "skipped":
-                summary.skipped += rec["samples"]
+            if rec["status"] == "skipped":  # its failed samples stay failed (listed in its table)
+                summary.skipped += rec["samples"] - rec["failed_samples"]
+                summary.failed += rec["failed_samples"]
+            elif rec["status"] == "failed":  # the shard as a whole
+                summary.failed += max(1, rec["failed_samples"])
             else:
                 summary.ok += rec["samples"] - rec["failed_samples"]
                 summary.failed += rec["failed_samples"]
@@ -243,42 +246,14 @@ def _explain_shard(
         worker_init_fn=die_with_parent if workers else None,
     )
     several = len(methods) > 1
-    with disk_full_stops(tar_path), ShardWriter(tar_path) as tar:
-        table = ShardTable(tar)
-        for batch in loader:
-            good = [d for d in batch if d.error is None]
-            for d in batch:
-                if d.error is not None:
-                    table.add(d.index, {"key": d.key, "status": "failed", "error": d.error,
-                                        "caption": d.caption}, [])  # fmt: skip
-            if not good:
-                continue
-            images = torch.stack([d.tensor for d in good])  # type: ignore[misc]
-            try:
-                exps = [explain(backend, images, texts, m, options=options[m]) for m in methods]
-            except ClipvizError:
-                raise
-            except Exception as e:  # noqa: BLE001 - report the batch, go on with the next
-                for d in good:
-                    table.add(d.index, {"key": d.key, "status": "failed", "caption": d.caption,
-                                        "error": f"model failed: {type(e).__name__}: {e}"}, [])  # fmt: skip
-                continue
-            for j, d in enumerate(good):
-                row = {"key": d.key, "caption": d.caption, "width": d.size[0],
-                       "height": d.size[1], "crop": list(d.crop)}  # fmt: skip
-                if bad := non_finite(exps, j):
-                    table.add(d.index, {**row, "status": "failed", "error": bad}, [])
-                    continue
-                probs = exps[0].probs[j].tolist()
-                members = [
-                    (f"{d.key}.{e.method}.maps.npy" if several else f"{d.key}.maps.npy",
-                     _npy(e.maps[j].numpy().astype(maps_dtype)))
-                    for e in exps
-                ]  # fmt: skip
-                table.add(d.index, {**row, "status": "ok", "error": None,
-                                    "top": texts.prompts[int(np.argmax(probs))],
-                                    "scores": exps[0].scores[j].tolist(), "probs": probs},
-                          members)  # fmt: skip
+    try:
+        with disk_full_stops(tar_path), ShardWriter(tar_path) as tar:
+            table = ShardTable(tar)
+            _explain_samples(loader, table, backend, texts, methods, options, maps_dtype,
+                             several)  # fmt: skip
+    except _IncompleteShard as e:  # the tar was not kept: the next run redoes the shard
+        return {**record, "status": "failed", "error": str(e), "samples": 0,
+                "failed_samples": 0, "outputs": [], "seconds": 0.0}  # fmt: skip
     samples = len(table.columns["key"])
     unreadable = samples == 1 and str(table.columns["key"][0]).endswith("#unreadable")
     if unreadable:  # nothing was read: leave no outputs, so the next run tries again
@@ -293,3 +268,59 @@ def _explain_shard(
     return {**record, "status": "ok", "error": None, "samples": samples,
             "failed_samples": table.failed,
             "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
+
+
+class _IncompleteShard(Exception):
+    """A shard whose samples did not all come back from the decoding workers."""
+
+
+def _explain_samples(
+    loader: Any,
+    table: ShardTable,
+    backend: Backend,
+    texts: Texts,
+    methods: Sequence[str],
+    options: dict[str, dict[str, Any]],
+    maps_dtype: str,
+    several: bool,
+) -> None:
+    """Explain the decoded samples of one shard into `table` (rows and tar members)."""
+    for batch in loader:
+        good = [d for d in batch if d.error is None]
+        for d in batch:
+            if d.error is not None:
+                table.add(d.index, {"key": d.key, "status": "failed", "error": d.error,
+                                    "caption": d.caption}, [])  # fmt: skip
+        if not good:
+            continue
+        images = torch.stack([d.tensor for d in good])  # type: ignore[misc]
+        try:
+            exps = [explain(backend, images, texts, m, options=options[m]) for m in methods]
+        except ClipvizError:
+            raise
+        except Exception as e:  # noqa: BLE001 - report the batch, go on with the next
+            for d in good:
+                table.add(d.index, {"key": d.key, "status": "failed", "caption": d.caption,
+                                    "error": f"model failed: {type(e).__name__}: {e}"}, [])  # fmt: skip
+            continue
+        for j, d in enumerate(good):
+            row = {"key": d.key, "caption": d.caption, "width": d.size[0],
+                   "height": d.size[1], "crop": list(d.crop)}  # fmt: skip
+            if bad := non_finite(exps, j):
+                table.add(d.index, {**row, "status": "failed", "error": bad}, [])
+                continue
+            probs = exps[0].probs[j].tolist()
+            members = [
+                (f"{d.key}.{e.method}.maps.npy" if several else f"{d.key}.maps.npy",
+                 _npy(e.maps[j].numpy().astype(maps_dtype)))
+                for e in exps
+            ]  # fmt: skip
+            table.add(d.index, {**row, "status": "ok", "error": None,
+                                "top": texts.prompts[int(np.argmax(probs))],
+                                "scores": exps[0].scores[j].tolist(), "probs": probs},
+                      members)  # fmt: skip
+    if table.waiting:  # a decoding worker lost its place in the stream: redo the shard
+        raise _IncompleteShard(
+            f"{len(table.waiting)} samples after sample {table.next} were decoded but "
+            f"sample {table.next} never was (the shard was read inconsistently); run again"
+        )

@@ -89,15 +89,22 @@ class OrderedWriters(Generic[R]):
         error: BaseException | None,
         trace: TracebackType | None,
     ) -> None:
-        try:
-            if kind is None:
+        if kind is None:
+            try:
                 self.drain()
-            else:  # keep what is finished before the failure, in order
-                with contextlib.suppress(Exception):
-                    while self._pending and self._pending[0].done():
-                        self.on_result(self._pending.popleft().result())
-        finally:
-            for future in self._pending:
-                future.cancel()
-            if self._pool is not None:
-                self._pool.shutdown(wait=True, cancel_futures=True)
+            finally:
+                self._stop()
+            return
+        # failing or interrupted: let the running jobs finish, then keep, in order, every
+        # result up to the first that failed (their files are complete)
+        self._stop()
+        with contextlib.suppress(Exception):
+            while self._pending:
+                future = self._pending.popleft()
+                if future.cancelled() or future.exception() is not None:
+                    break
+                self.on_result(future.result())
+
+    def _stop(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
