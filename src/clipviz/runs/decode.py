@@ -27,13 +27,13 @@ RENDER_MAX_SIDE = 4096
 @dataclass
 class Decoded:
     """One decoded input: `tensor` for the model, `display` (uint8 `[h, w, 3]`, the image
-    scaled to the render size; a tensor, which a worker hands over in shared memory rather
-    than pickled through a pipe), its original `size` (width, height) and the `crop`
+    scaled to the render size; an array, pickled through the workers' pipe rather than put in
+    shared memory, which containers often keep small), its original `size` (width, height) and the `crop`
     (left, top, right, bottom) in display pixels that the model saw; or an `error`."""
 
     index: int
     tensor: torch.Tensor | None = None
-    display: torch.Tensor | None = None
+    display: np.ndarray | None = None
     size: tuple[int, int] = (0, 0)
     crop: tuple[int, int, int, int] = (0, 0, 0, 0)
     error: str | None = None
@@ -83,7 +83,7 @@ class DecodedImages(torch.utils.data.Dataset):  # type: ignore[type-arg]
             shown = display_image(image, self.max_side)
             size = (image.width, image.height)
             crop = scaled_box(self.preprocess.crop_box(*size), size, shown.size)
-            return Decoded(i, tensor, torch.from_numpy(np.array(shown)), size, crop)
+            return Decoded(i, tensor, np.asarray(shown), size, crop)
         except ImageError as e:
             return Decoded(i, error=str(e))
         except MemoryError:

@@ -251,7 +251,7 @@ def _finish(
         assert d.display is not None  # decoded without error
         with disk_full_stops(out / item.rel):
             written = write_outputs(
-                out / item.rel, d.display.numpy(), explanations, j, render, d.crop, d.size
+                out / item.rel, d.display, explanations, j, render, d.crop, d.size
             )
     except OSError as e:
         return _failure(item, f"could not write outputs: {e}")
