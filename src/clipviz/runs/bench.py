@@ -87,6 +87,25 @@ def default_methods() -> list[str]:
     return [m for m in methods() if m not in NOT_BY_DEFAULT]
 
 
+def _check_counts(batch_size: int, n_prompts: int, repeats: int) -> None:
+    if batch_size < 1 or n_prompts < 1 or repeats < 1:
+        raise ClipvizError("`batch_size`, `prompts` and `repeats` must be at least 1")
+
+
+def bare_forward(backend: Backend, batch_size: int) -> tuple[torch.Tensor, Callable[[], object]]:
+    """A seeded batch of noise images `[B, 3, H, W]` on the device and the bare forward pass
+    on it (`encode_image`, no gradients, the backend's precision) that every ratio divides by."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(batch_size, 3, *backend.input_size, generator=generator)
+    images = images.to(backend.device)
+
+    def forward() -> object:
+        with torch.no_grad(), backend.autocast():
+            return backend.model.encode_image(images)
+
+    return images, forward
+
+
 def run_bench(
     backend: Backend,
     method_names: Sequence[str] | None = None,
@@ -99,18 +118,11 @@ def run_bench(
     same batch, timed in `repeats` rounds (the forward pass first in each round, so every
     ratio compares timings taken moments apart). Methods that do not support this model's
     tower are listed with a note."""
-    if batch_size < 1 or n_prompts < 1 or repeats < 1:
-        raise ClipvizError("`batch_size`, `prompts` and `repeats` must be at least 1")
+    _check_counts(batch_size, n_prompts, repeats)
     names = list(method_names) if method_names else default_methods()
     specs = [get_method(m) for m in names]
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randn(batch_size, 3, *backend.input_size, generator=generator)
-    images = images.to(backend.device)
+    images, forward = bare_forward(backend, batch_size)
     texts = backend.encode_texts(bench_prompts(n_prompts))
-
-    def forward() -> object:
-        with torch.no_grad(), backend.autocast():
-            return backend.model.encode_image(images)
 
     runnable = [s for s in specs if s.info.fits(backend.tower, backend.vision.capabilities)]
     jobs: dict[str, Callable[[], object]] = {"forward (encode_image)": forward}
@@ -171,17 +183,9 @@ def run_pipeline_bench(
 
     if not items:
         raise ClipvizError("the pipeline benchmark needs a folder with images")
-    if batch_size < 1 or n_prompts < 1 or repeats < 1:
-        raise ClipvizError("`batch_size`, `prompts` and `repeats` must be at least 1")
+    _check_counts(batch_size, n_prompts, repeats)
     texts = backend.encode_texts(bench_prompts(n_prompts))
-    images = torch.randn(
-        batch_size, 3, *backend.input_size, generator=torch.Generator().manual_seed(0)
-    )
-    images = images.to(backend.device)
-
-    def forward() -> object:
-        with torch.no_grad(), backend.autocast():
-            return backend.model.encode_image(images)
+    _, forward = bare_forward(backend, batch_size)
 
     passes = max(2, min(16, len(items) // batch_size))
     forward()

@@ -27,8 +27,7 @@ RENDER_MAX_SIDE = 4096
 @dataclass
 class Decoded:
     """One decoded input: `tensor` for the model, `display` (uint8 `[h, w, 3]`, the image
-    scaled to the render size; an array, pickled through the workers' pipe rather than put in
-    shared memory, which containers often keep small), its original `size` (width, height) and the `crop`
+    scaled to the render size), its original `size` (width, height) and the `crop`
     (left, top, right, bottom) in display pixels that the model saw; or an `error`."""
 
     index: int

@@ -44,7 +44,7 @@ from ..data.shards import (
 from ..distributed import Dist, barrier
 from ..errors import ClipvizError
 from ..explanation import explain
-from ..files import SCHEMA_VERSION, provenance
+from ..files import SCHEMA_VERSION, provenance, write_json_atomic
 from ..methods import check_methods, get_method
 from .decode import die_with_parent
 from .explain import RunSummary, check_prompts, check_run_args, non_finite, request_key
@@ -179,8 +179,6 @@ def run_explain_shards(
         workers = min(4, os.cpu_count() or 1)
     with run_folder(out, dist.rank, dist.world, lambda: barrier(dist)) as manifest:
         if dist.main:
-            from ..files import write_json_atomic
-
             with disk_full_stops(out / "run.json"):
                 write_json_atomic(out / "run.json", {
                     **provenance(), "model": backend.identity, "device": str(backend.device),

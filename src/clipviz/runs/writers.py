@@ -51,8 +51,7 @@ class OrderedWriters(Generic[R]):
 
     def submit(self, job: Callable[..., R], *args: Any) -> None:
         """Queue `job(*args)`; waits first while `max_pending` jobs are in flight."""
-        if self._pool is None:
-            self._hand_on()
+        if self._pool is None:  # nothing is ever pending: hand the result on at once
             self.on_result(job(*args))
             return
         while len(self._pending) >= self.max_pending:
@@ -62,13 +61,13 @@ class OrderedWriters(Generic[R]):
 
     def put(self, result: R) -> None:
         """A result that needs no work, kept in its place in the order."""
-        future: concurrent.futures.Future[R] = concurrent.futures.Future()
-        future.set_result(result)
         if self._pool is None:
             self.on_result(result)
-        else:
-            self._pending.append(future)
-            self._hand_on()
+            return
+        future: concurrent.futures.Future[R] = concurrent.futures.Future()
+        future.set_result(result)
+        self._pending.append(future)
+        self._hand_on()
 
     def _hand_on(self, wait_for_oldest: bool = False) -> None:
         while self._pending and (wait_for_oldest or self._pending[0].done()):
