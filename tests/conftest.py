@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -143,6 +145,22 @@ def rn_backend(tiny_weights):
 @pytest.fixture(params=["vit", "rn"])
 def backend(request):
     return request.getfixturevalue(f"{request.param}_backend")
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment of a clipviz child process in a test: one thread, no warnings, gloo
+    on the loopback interface."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+            "GLOO_SOCKET_IFNAME": "lo"}  # fmt: skip
+
+
+def torchrun_two(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    """`torchrun --standalone --nproc_per_node 2 -m clipviz ARGS`, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "clipviz", *args],
+        env=subprocess_env(), capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
 
 
 def random_image(seed: int = 0, size: tuple[int, int] = (96, 80)) -> Image.Image:

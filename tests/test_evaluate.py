@@ -243,9 +243,7 @@ def test_tune_split_fixes_the_thresholds_chosen_on_another_split(tmp_path, tiny_
 
 
 def test_two_torchrun_processes_score_what_one_does(tmp_path, tiny_weights):
-    import os
-    import subprocess
-    import sys
+    from conftest import torchrun_two
 
     root = tmp_path / "voc"
     write_voc(root, 14, seed=5, size=64)
@@ -256,13 +254,7 @@ def test_two_torchrun_processes_score_what_one_does(tmp_path, tiny_weights):
     args = ["eval", str(root), "-m", "itsm", "-m", "surgery", "--tune-split", "train",
             "--metric", "miou", "--metric", "msc", "--metric", "maxboxacc", "-q", "-b", "2",
             *_model_args(tiny_weights), "--device", "cpu"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
-           "GLOO_SOCKET_IFNAME": "lo"}  # fmt: skip
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "clipviz", *args, "--json", str(tmp_path / "two.json")],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    proc = torchrun_two([*args, "--json", str(tmp_path / "two.json")])
     assert proc.returncode == 1, proc.stderr[-3000:]  # the broken image
     one = runner.invoke(app, [*args, "--json", str(tmp_path / "one.json")])
     assert one.exit_code == 1, one.output

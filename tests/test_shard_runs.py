@@ -6,15 +6,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
-import sys
 import tarfile
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import random_image
+from conftest import random_image, torchrun_two
 from typer.testing import CliRunner
 
 from clipviz.cli import app
@@ -170,16 +168,6 @@ def test_maps_npz_in_float16_when_asked(tmp_path, tiny_weights):
     assert bad.exit_code == 2 and "float32, float16" in bad.output
 
 
-def _torchrun(args, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
-           "GLOO_SOCKET_IFNAME": "lo"}  # fmt: skip
-    return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "clipviz", *args],
-        env=env, capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
-
-
 def test_two_torchrun_processes_explain_what_one_does(shard_set, tmp_path, tiny_weights):
     root, _ = shard_set
     folder = tmp_path / "images"
@@ -189,7 +177,7 @@ def test_two_torchrun_processes_explain_what_one_does(shard_set, tmp_path, tiny_
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     for spec, name in ((str(root / "*.tar"), "shards"), (str(folder), "images")):
         args = ["explain", spec, *PROMPTS, "-m", "itsm", *_args(tiny_weights)]
-        proc = _torchrun([*args, "-o", str(tmp_path / f"{name}-2")])
+        proc = torchrun_two([*args, "-o", str(tmp_path / f"{name}-2")])
         assert proc.returncode == 1, proc.stderr[-3000:]  # a sample fails in both
         assert runner.invoke(app, [*args, "-o", str(tmp_path / f"{name}-1")]).exit_code == 1
         two, one = tmp_path / f"{name}-2", tmp_path / f"{name}-1"

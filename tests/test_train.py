@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+from conftest import subprocess_env, torchrun_two
 from safetensors import safe_open
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -45,11 +46,6 @@ def world(tmp_path_factory):
 def _model_args(tiny_weights, tower="vit"):
     config, weights = tiny_weights[tower]
     return ["--model-config", str(config), "--pretrained", str(weights), "--device", "cpu"]
-
-
-def _env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
-            "GLOO_SOCKET_IFNAME": "lo"}  # fmt: skip
 
 
 def _head_tensors(path):
@@ -146,7 +142,7 @@ def test_kill_after_a_checkpoint_then_resume_gives_the_uninterrupted_weights(
     proc = subprocess.Popen(
         [sys.executable, "-m", "clipviz", "train", str(world), "--out", str(killed),
          "--checkpoint-every", "2", *options],
-        env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 120
@@ -190,11 +186,7 @@ def test_torchrun_with_two_processes_equals_one_process(tiny_weights, world, tmp
     options = ["--batch-size", "16", "--steps", "4", "--lr", "1e-2", "--learnable-scale",
                "--distill", "0.5", "--workers", "0", "--log-every", "1", "-q",
                *_model_args(tiny_weights)]  # fmt: skip
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "clipviz", "train", str(data), "--out", str(tmp_path / "ddp"), *options],
-        env=_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    proc = torchrun_two(["train", str(data), "--out", str(tmp_path / "ddp"), *options])
     assert proc.returncode == 0, proc.stderr[-3000:]
     single = runner.invoke(app, ["train", str(data), "--out", str(tmp_path / "one"), *options])
     assert single.exit_code == 0, single.output
