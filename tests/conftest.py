@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm_tiny  # noqa: F401  (registers the tiny timm towers the configs name)
 import torch
 from PIL import Image
 
@@ -70,8 +71,9 @@ def save_random_weights(config: Path, path: Path, seed: int = 0) -> Path:
 # one tiny model per image-tower family: open_clip's ViT and ModifiedResNet, then timm towers
 # through open_clip's TimmModel — a ViT with a MAP head (SigLIP's), PE-Core (EVA blocks with
 # rotary positions and a MAP head that sees the class token), EVA-02 (class token), ConvNeXt
-# and FastViT (MobileCLIP's MCi; pooled feature maps)
-FAMILIES = ("vit", "rn", "map", "pe", "eva", "convnext", "fastvit", "coca")
+# (a pooled feature map), FastViT (MobileCLIP's MCi) and Swin (attention in the last stage),
+# and a relative-position ViT (the last two registered with timm by `timm_tiny`)
+FAMILIES = ("vit", "rn", "map", "pe", "eva", "convnext", "fastvit", "coca", "swin", "relpos")
 
 
 @pytest.fixture(scope="session")

@@ -206,13 +206,14 @@ def test_conv_itsm_applies_the_head_at_every_location(family_backends, family):
     torch.testing.assert_close(exp.scores, image @ texts.embeddings.T, atol=1e-5, rtol=1e-5)
 
 
-def test_fastvit_location_tokens_average_to_its_embedding(family_backends):
-    # everything after FastViT's pooling is affine: the mean location token is the embedding
-    b = family_backends("fastvit")
+@pytest.mark.parametrize("family", ["fastvit", "swin"])
+def test_location_tokens_average_to_the_embedding(family_backends, family):
+    # everything after FastViT's and Swin's pooling is affine: the mean location token is the
+    # embedding
+    b = family_backends(family)
     x = _batch(b)
     with torch.no_grad():
-        f = b.vision.features(x)
-        mean_token = b.vision.location_tokens(f).mean(dim=1)
+        mean_token = b.vision.tokens(x)[:, 1:].mean(dim=1)
         torch.testing.assert_close(mean_token, b.model.encode_image(x), atol=1e-5, rtol=1e-4)
 
 

@@ -33,7 +33,9 @@ FAMILY_TOWERS = {
     "pe": ("vit", {"attention", "readout", "probe", "eclip"}),
     "eva": ("vit", {"attention", "readout", "class_token", "eclip"}),
     "convnext": ("conv", set()),
-    "fastvit": ("conv", set()),
+    "fastvit": ("vit", {"attention"}),
+    "swin": ("vit", {"attention"}),
+    "relpos": ("vit", {"attention", "readout", "class_token", "eclip"}),
     "coca": ("vit", {"attention", "readout", "probe", "eclip"}),
     "hf-clip": ("vit", {"attention", "readout", "class_token", "linear_head", "eclip"}),
     "hf-siglip": ("vit", {"attention", "readout", "probe", "eclip"}),
@@ -122,10 +124,13 @@ def test_a_batch_gives_the_maps_of_its_images_one_by_one(
     images = _batch(b)
     texts = b.encode_texts(PROMPTS)
     options = _options(extra_inputs, name, tower)
+    # FastViT's 30 convolutional blocks round differently for a batch of 3 and of 1 (float64:
+    # equal), and min-max maps of its 2x2 grid magnify that
+    atol = 1e-4 if tower == "fastvit" else 1e-5
     batched = clipviz.explain(b, images, texts, name, options=options)
     for i in range(len(images)):
         single = clipviz.explain(b, images[i : i + 1], texts, name, options=options)
-        torch.testing.assert_close(batched.maps[i : i + 1], single.maps, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(batched.maps[i : i + 1], single.maps, rtol=1e-4, atol=atol)
         torch.testing.assert_close(batched.scores[i : i + 1], single.scores, rtol=1e-4, atol=1e-5)
 
 

@@ -8,6 +8,7 @@ from .preprocess import Crop, Preprocess
 from .resnet import ResNetTower
 from .text import Texts, ensemble_templates
 from .timm_conv import TimmConvTower
+from .timm_stage import TimmStageTower
 from .timm_vit import TimmViTTower
 from .vit import ViTTower
 from .wrap import from_open_clip, from_transformers
@@ -20,6 +21,7 @@ __all__ = [
     "ResNetTower",
     "Texts",
     "TimmConvTower",
+    "TimmStageTower",
     "TokenTower",
     "Tower",
     "TimmViTTower",

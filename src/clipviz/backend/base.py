@@ -25,15 +25,18 @@ from .resnet import ResNetTower, resnet_tower
 from .text import TextCache, Texts, ensemble_templates
 from .text_tower import TextTower
 from .timm_conv import TimmConvTower
-from .timm_vit import TimmViTTower
+from .timm_stage import TimmStageTower, reads_last_stage
+from .timm_vit import TimmRelPosTower, TimmViTTower
 from .vit import ViTTower
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 T = TypeVar("T")
 
 
-TokenTower = ViTTower | TimmViTTower | HFViTTower  # transformer towers: blocks of tokens
-Tower = ViTTower | ResNetTower | TimmViTTower | HFViTTower | TimmConvTower
+# towers read as blocks of tokens; those whose patches a class token or a probe reads
+ReadoutTower = ViTTower | TimmViTTower | HFViTTower
+TokenTower = ReadoutTower | TimmStageTower
+Tower = ViTTower | ResNetTower | TimmViTTower | HFViTTower | TimmStageTower | TimmConvTower
 
 
 def tower_adapter(visual: Any, memo: Any, name: str) -> Tower:
@@ -52,12 +55,11 @@ def tower_adapter(visual: Any, memo: Any, name: str) -> Tower:
     if trunk_kind in TIMM_VITS:
         return TimmViTTower(visual, memo, name)
     if trunk_kind in TIMM_MAPS:
+        if reads_last_stage(trunk):
+            return TimmStageTower(visual, memo, name)
         return TimmConvTower(visual, memo, name)
     if trunk_kind == "VisionTransformerRelPos":
-        raise ClipvizError(
-            f"{name}: timm's relative-position ViT is not supported (its attention adds a "
-            "learned relative bias that clipviz does not recompute)"
-        )
+        return TimmRelPosTower(visual, memo, name)
     what = f"timm {trunk_kind}" if trunk is not None else type(visual).__name__
     raise ClipvizError(
         f"{name}: the image tower {what} is not supported; `clipviz models` lists the "
@@ -69,6 +71,8 @@ def tower_family(v: Tower) -> str:
     """An adapter's tower family in words, e.g. "timm Eva, map head"."""
     if isinstance(v, TimmViTTower):
         return f"timm {type(v.trunk).__name__}, {v.pooling} head"
+    if isinstance(v, TimmStageTower):
+        return f"timm {type(v.trunk).__name__}, attention in the last stage"
     if isinstance(v, TimmConvTower):
         return f"timm {type(v.trunk).__name__}"
     if isinstance(v, HFViTTower):
@@ -81,6 +85,7 @@ def tower_family(v: Tower) -> str:
 
 
 # timm trunks by how clipviz reads them: a token stream with blocks, or a pooled feature map
+# (whose last stage is read as tokens where it is global attention)
 TIMM_VITS = frozenset({"VisionTransformer", "Eva"})
 TIMM_MAPS = frozenset({"ConvNeXt", "FastVit", "SwinTransformer"})
 
@@ -102,7 +107,7 @@ class Backend:
 
     @cached_property
     def vision(self) -> Tower:
-        """The image tower's adapter (`ViTTower`, `ResNetTower`, `TimmViTTower`, `TimmConvTower`)."""
+        """The image tower's adapter (one per family: `ViTTower`, `TimmStageTower`, …)."""
         return tower_adapter(self.model.visual, self.memo, str(self.identity.get("model")))
 
     @cached_property
@@ -126,6 +131,14 @@ class Backend:
         """The transformer adapter (a usage error for other towers)."""
         if not isinstance(self.vision, TokenTower):
             raise ClipvizError(self._tower_message("a ViT"))
+        return self.vision
+
+    @property
+    def readout_vit(self) -> ReadoutTower:
+        """The transformer adapter of a tower whose patches a class token or a probe reads
+        (a usage error for others)."""
+        if not isinstance(self.vision, ReadoutTower):
+            raise ClipvizError(self._tower_message("a ViT with a class token or a probe"))
         return self.vision
 
     @property

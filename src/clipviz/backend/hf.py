@@ -218,6 +218,10 @@ class HFViTTower:
         """A pooled feature `[..., W]` into the joint space."""
         return self._project(self.vm.post_layernorm(x))
 
+    def mean_embedding(self, x: torch.Tensor) -> torch.Tensor:
+        """The embedding of the mean over all tokens `[B, L, W]` (LeGrad's feature)."""
+        return self.project(x.mean(dim=1))
+
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         """Token 0 of `head`, alone: the model's own image embedding `[B, D]` (not normalised)."""
         if not self.siglip:

@@ -88,17 +88,22 @@ def all_support() -> list[Support]:
 
 def cached_support() -> list[Support]:
     """`all_support()`, remembered under the cache root per version of clipviz, open_clip
-    and timm and per method catalogue (building 144 towers, even on the meta device, takes
-    seconds)."""
+    and timm, per method catalogue and per source of the adapters (building 144 towers, even
+    on the meta device, takes seconds)."""
     import hashlib
     import json
+    from pathlib import Path
 
     from ..files import cache_root, package_version, write_json_atomic
     from ..methods.catalog import catalog
 
+    adapters = hashlib.sha1()
+    for source in sorted(Path(__file__).parent.glob("*.py")):
+        adapters.update(source.read_bytes())
     stamp = json.dumps(
         [package_version(p) for p in ("clipviz", "open_clip_torch", "timm")]
         + [repr(info) for info in catalog().values()]
+        + [adapters.hexdigest()]
     )
     path = cache_root() / "support" / f"{hashlib.sha1(stamp.encode()).hexdigest()[:16]}.json"
     with contextlib.suppress(OSError, ValueError, TypeError, KeyError):

@@ -1,5 +1,7 @@
 """Convolutional and windowed timm towers as open_clip image towers (`TimmModel`): ConvNeXt,
-FastViT (MobileCLIP's MCi) and Swin — the towers whose image embedding is a pooled feature map.
+FastViT (MobileCLIP's MCi) and Swin — the towers whose image embedding is a pooled feature map
+(FastViT and Swin are read as tokens in their last stage where its attention is global, see
+`timm_stage.py`, which takes the head from here).
 
 Methods read the final feature map `[B, C, h, w]` and, CAM-style, the head applied at every
 location in place of after the pooling: each location's features go through the head's
@@ -59,7 +61,7 @@ class TimmConvTower:
         f = self.trunk.forward_features(images)
         return f.permute(0, 3, 1, 2) if self._nhwc else f
 
-    def _stages(self) -> list[Any]:
+    def stages(self) -> list[Any]:
         return list(
             getattr(self.trunk, "stages", None) or getattr(self.trunk, "layers", None) or []
         )
@@ -67,7 +69,7 @@ class TimmConvTower:
     @property
     def depth(self) -> int:
         """Number of stages."""
-        return len(self._stages())
+        return len(self.stages())
 
     def stage_output(self, images: torch.Tensor, stage: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The output of stage `stage` `[B, C, h, w]`, requiring grad, and the image embedding
@@ -81,7 +83,7 @@ class TimmConvTower:
             read.append(out)
             return out
 
-        handle = self._stages()[stage].register_forward_hook(hand_on)
+        handle = self.stages()[stage].register_forward_hook(hand_on)
         try:
             embedding = self.pooled(self.features(images))
         finally:
@@ -121,7 +123,7 @@ class TimmConvTower:
         """The head (the trunk's and open_clip's), then the stages last to first."""
         t = self.trunk
         head = [m for m in (getattr(t, "head", None), self.visual.head) if m is not None]
-        stages = self._stages()
+        stages = self.stages()
         return [
             ("head", head),
             *((f"stage {i}", [stages[i]]) for i in reversed(range(len(stages)))),

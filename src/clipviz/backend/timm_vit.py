@@ -17,11 +17,12 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ClipvizError
+from .timm_head import TimmHead
 from .vit import Memo, attention_probs
 
 # timm block classes whose attention clipviz recomputes: norm before (or after) the branches
-PRE_NORM = frozenset({"Block", "EvaBlock"})
-POST_NORM = frozenset({"EvaBlockPostNorm", "ResPostBlock"})
+PRE_NORM = frozenset({"Block", "EvaBlock", "RelPosBlock"})
+POST_NORM = frozenset({"EvaBlockPostNorm", "ResPostBlock", "ResPostRelPosBlock"})
 
 
 def _resample(pos: torch.Tensor, src: tuple[int, int], grid: tuple[int, int], prefix: int) -> Any:
@@ -31,7 +32,11 @@ def _resample(pos: torch.Tensor, src: tuple[int, int], grid: tuple[int, int], pr
         return resample_abs_pos_embed(pos, new_size=grid, old_size=src, num_prefix_tokens=prefix)
 
 
-class TimmViTTower:
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+class TimmViTTower(TimmHead):
     """An open_clip `TimmModel` whose trunk is a timm VisionTransformer or Eva."""
 
     kind = "vit"
@@ -157,8 +162,7 @@ class TimmViTTower:
 
     @staticmethod
     def _attention_kind(block: Any) -> bool:
-        """Blocks whose attention clipviz recomputes: pre- or post-norm, ungated, without a
-        relative position bias."""
+        """Blocks whose attention clipviz recomputes: pre- or post-norm, ungated."""
         attn = getattr(block, "attn", None)
         if attn is None or getattr(attn, "gate", None) is not None:
             return False
@@ -215,17 +219,25 @@ class TimmViTTower:
             k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], 2)
         return q.type_as(v), k.type_as(v), v
 
+    def attention_bias(self, i: int) -> torch.Tensor | None:
+        """What block `i` adds to its attention logits `[1, heads, L, L]` (None: nothing)."""
+        return None
+
     def attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Block `i`'s own attention on its queries, keys and values (per head
-        `softmax(q·kᵀ·scale)·v`, fused: the probabilities are never materialised)."""
-        return F.scaled_dot_product_attention(q, k, v)
+        `softmax(q·kᵀ·scale + bias)·v`, fused: the probabilities are never materialised)."""
+        bias = self.attention_bias(i)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=None if bias is None else bias.to(q.dtype)
+        )
 
     def attn_out(self, i: int, heads_out: torch.Tensor) -> torch.Tensor:
         """What block `i`'s attention adds to the stream, from per-head outputs: merge heads,
         the attention's inner norm, `proj`, layer scale."""
         block = self._explicit(i)
         B, H, L, d = heads_out.shape
-        x = block.attn.proj(block.attn.norm(heads_out.transpose(1, 2).reshape(B, L, H * d)))
+        merged = heads_out.transpose(1, 2).reshape(B, L, H * d)
+        x = block.attn.proj(getattr(block.attn, "norm", _identity)(merged))
         if self._post_norm(block):  # EVA-02-E: the norm comes after the attention
             return block.norm1(x)
         return self._scale(block, 1, x)
@@ -248,136 +260,9 @@ class TimmViTTower:
         self, i: int, x: torch.Tensor, normed: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         q, k, v = self.qkv(i, self.norm1(i, x) if normed is None else normed)
-        probs = attention_probs(q, k)
+        probs = attention_probs(q, k, bias=self.attention_bias(i))
         x = x + self.attn_out(i, probs @ v)
         return x + self.mlp(i, x), probs
-
-    # -- the head ---------------------------------------------------------------------------
-
-    def _after_pool(self, pooled: torch.Tensor) -> torch.Tensor:
-        """`fc_norm`, the trunk's head and open_clip's head on pooled features `[..., W]`."""
-        return self.visual.head(self.trunk.head(self.trunk.fc_norm(pooled)))
-
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        """A pooled feature `[..., W]` (e.g. a mean over tokens) into the joint space."""
-        return self._after_pool(self.trunk.norm(x))
-
-    def pooled(self, x: torch.Tensor) -> torch.Tensor:
-        """Token 0 of `head`, alone: the model's own image embedding `[B, D]` (not normalised)."""
-        return self._after_pool(self.trunk.pool(self.trunk.norm(x)))
-
-    def head(self, x: torch.Tensor) -> torch.Tensor:
-        """Last-block tokens `[B, prefix + N, W]` -> joint-space tokens `[B, 1 + N, D]`: token 0
-        is the model's own pooled embedding; each patch goes through the head as if it were the
-        pooled feature (MAP: the probe's value path, `proj(v)` plus its MLP)."""
-        t = self.trunk
-        x = t.norm(x)
-        pooled = self._after_pool(t.pool(x))
-        patches = x[:, self.prefix :]
-        if self.pooling == "map":
-            patches = self._value_path(patches)
-        return torch.cat([pooled[:, None], self._after_pool(patches)], dim=1)
-
-    def _value_path(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The attention-pool probe applied to each token alone (its attention one-hot on it):
-        `y = proj(v(x))`, `y + mlp(norm(y))`."""
-        return self._probe_out(self._probe_values(tokens))
-
-    def _probe_values(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The probe's values of `tokens` `[B, N, C]`, heads not split."""
-        return self.trunk.attn_pool.kv(tokens)[..., tokens.shape[-1] :]
-
-    def _probe_out(self, mixed: torch.Tensor) -> torch.Tensor:
-        """The probe after its attention: `y = proj(mixed)`, `y + mlp(norm(y))`."""
-        pool = self.trunk.attn_pool
-        y = pool.proj(mixed)
-        if getattr(pool, "mlp", None) is not None:
-            y = y + pool.mlp(pool.norm(y))
-        return y
-
-    def pool_input(self, x: torch.Tensor, norm: bool = True) -> torch.Tensor:
-        """What the MAP probe attends over: the (normed) tokens, prefix tokens left out unless
-        the trunk pools them too (EVA/PE-Core and `pool_include_prefix` do)."""
-        t = self.trunk
-        x = t.norm(x) if norm else x
-        return x if self.pool_sees_prefix else x[:, self.prefix :]
-
-    @property
-    def pool_sees_prefix(self) -> bool:
-        return type(self.trunk).__name__ == "Eva" or bool(
-            getattr(self.trunk, "pool_include_prefix", False)
-        )
-
-    def latent_probs(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The MAP probe's attention probabilities `[B, heads, latents, L]` over `tokens`
-        (what it attends over, see `pool_input`), recomputed from its own weights."""
-        pool = self.trunk.attn_pool
-        B, N, C = tokens.shape
-        H = pool.num_heads
-        q = pool.q(pool.latent.expand(B, -1, -1)).reshape(B, -1, H, C // H).transpose(1, 2)
-        k = pool.kv(tokens)[..., :C].reshape(B, N, H, C // H).transpose(1, 2)
-        q, k = pool.q_norm(q), pool.k_norm(k)
-        return attention_probs(q, k)
-
-    def pool_from_probs(self, tokens: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-        """The MAP head's output `[B, W]` given its attention `probs` over `tokens` (so a
-        gradient can be taken with respect to the probabilities)."""
-        pool = self.trunk.attn_pool
-        B, N, C = tokens.shape
-        H = pool.num_heads
-        v = self._probe_values(tokens).reshape(B, N, H, C // H).transpose(1, 2)
-        y = self._probe_out((probs @ v).transpose(1, 2).reshape(B, -1, C))
-        return y[:, 0] if getattr(pool, "pool_type", "token") == "token" else y.mean(dim=1)
-
-    def patch_columns(self, probs: torch.Tensor) -> torch.Tensor:
-        """Columns of a probe attention that belong to the patches."""
-        return probs[..., self.prefix :] if self.pool_sees_prefix else probs
-
-    @property
-    def proj(self) -> torch.Tensor:
-        """The linear projection into the joint space `[W, D]` (ECLIP copies it)."""
-        for module in (getattr(self.visual.head, "proj", None), self.trunk.head):
-            if isinstance(module, torch.nn.Linear):
-                return module.weight.T
-        raise ClipvizError(f"{self._name}: the image tower has no linear projection to copy")
-
-    @property
-    def post_norm(self) -> Any:
-        return self.trunk.norm
-
-    def _final_linear(self) -> Any | None:
-        """The last linear map of the head (open_clip's `proj`, or the trunk's classifier
-        when open_clip adds none), or None when the head ends otherwise (an MLP, nothing)."""
-        proj = getattr(self.visual.head, "proj", None)
-        if isinstance(proj, torch.nn.Linear) and getattr(self.visual.head, "mlp", None) is None:
-            return proj
-        has_own = any(True for _ in self.visual.head.parameters())
-        if not has_own and isinstance(self.trunk.head, torch.nn.Linear):
-            return self.trunk.head
-        return None
-
-    def explain_inputs(self, x: torch.Tensor) -> torch.Tensor:
-        """What the head's last linear map reads at each patch of the last block's tokens
-        `[B, prefix + N, W]` (the dense token itself where the head ends in none)."""
-        t = self.trunk
-        patches = t.norm(x)[:, self.prefix :]
-        if self.pooling == "map":
-            patches = self._value_path(patches)
-        final = self._final_linear()
-        if final is None:
-            return self._after_pool(patches)
-        if final is t.head:
-            return t.fc_norm(patches)  # type: ignore[no-any-return]
-        return t.head(t.fc_norm(patches))  # type: ignore[no-any-return]
-
-    def explain_projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The head's last linear map: weight `[W', D]` and bias; the identity `[D, D]` where
-        the head ends in none (SigLIP: the probe's output is the embedding)."""
-        final = self._final_linear()
-        if final is None:  # nothing linear after the pooling: the width is kept throughout
-            device = next(self.trunk.parameters()).device
-            return torch.eye(int(self.trunk.num_features), device=device), None
-        return final.weight.T, final.bias
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.run_blocks(self.embed(images)))
@@ -396,3 +281,38 @@ class TimmViTTower:
             ("head", head),
             *((f"block {i}", [self._blocks[i]]) for i in reversed(range(self.depth))),
         ]
+
+
+class TimmRelPosTower(TimmViTTower):
+    """timm's `VisionTransformerRelPos`: no absolute positions; every block adds a relative
+    position bias to its attention logits (its own, or one the trunk shares), zero in the rows
+    and columns of the class token."""
+
+    def check_size(self, size: tuple[int, int]) -> None:
+        super().check_size(size)
+        native = tuple(self.trunk.patch_embed.grid_size)
+        if self.grid(size) != native:
+            raise ClipvizError(
+                f"{self._name}: its relative position bias is built for a {native[0]}x{native[1]} "
+                "grid; run it at its own resolution (no `resolution`)"
+            )
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch tokens after the class token, as the trunk's `forward_features` starts."""
+        t = self.trunk
+        self.check_size((images.shape[-2], images.shape[-1]))
+        x = t.patch_embed(images)
+        if t.cls_token is not None:
+            x = torch.cat([t.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return x  # type: ignore[no-any-return]
+
+    def _shared_bias(self) -> torch.Tensor | None:
+        shared = self.trunk.shared_rel_pos
+        return None if shared is None else shared.get_bias()  # type: ignore[no-any-return]
+
+    def attention_bias(self, i: int) -> torch.Tensor | None:
+        own = self._blocks[i].attn.rel_pos
+        return self._shared_bias() if own is None else own.get_bias()
+
+    def run_block(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        return self._blocks[i](x, shared_rel_pos=self._shared_bias())  # type: ignore[no-any-return]

@@ -36,11 +36,18 @@ def interpolate_positions(
         return torch.cat([pos[:prefix].detach().float(), spatial]).to(pos.dtype)
 
 
-def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """Attention probabilities `softmax(q·kᵀ·scale)` `[B, heads, Lq, Lk]` from per-head
-    queries and keys (`scale`: `head_dim^-½` unless given)."""
+def attention_probs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention probabilities `softmax(q·kᵀ·scale + bias)` `[B, heads, Lq, Lk]` from per-head
+    queries and keys (`scale`: `head_dim^-½` unless given; `bias`: e.g. a relative position
+    bias, broadcast over the batch)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+    logits = (q * scale) @ k.transpose(-2, -1)
+    return (logits if bias is None else logits + bias.to(logits.dtype)).softmax(dim=-1)
 
 
 class OpenClipBlocks:
@@ -215,6 +222,10 @@ class ViTTower(OpenClipBlocks):
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens `[..., W]` into the joint space: `ln_post(x) @ proj` (not normalised)."""
         return self.post_norm(x) @ self.proj
+
+    def mean_embedding(self, x: torch.Tensor) -> torch.Tensor:
+        """The embedding of the mean over all tokens `[B, L, W]` (LeGrad's feature)."""
+        return self.project(x.mean(dim=1))
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Last-block tokens `[B, 1+N, W]` -> joint-space tokens `[B, 1+N, D]` (not normalised).

@@ -57,13 +57,13 @@ def frozen_features(backend: Backend, images: torch.Tensor) -> FrozenFeatures:
     """Run the frozen tower once: tokens for the explain head, free attention, stock embedding."""
     with torch.no_grad(), backend.autocast():
         if backend.tower == "vit" and backend.vit.readout == "latent":
-            vit = backend.vit  # a MAP probe reads the image: its attention is the free one
+            vit = backend.readout_vit  # a MAP probe reads the image: its attention is the free one
             x = vit.run_blocks(vit.embed(images))
             probs = vit.latent_probs(vit.pool_input(x))  # type: ignore[union-attr]
             free = vit.patch_columns(probs).mean(dim=(1, 2))  # type: ignore[union-attr]
             stock = vit.pooled(x)
         elif backend.tower == "vit":
-            vit = backend.vit
+            vit = backend.readout_vit
             last = vit.depth - 1
             x = vit.run_blocks(vit.embed(images), stop=last)
             x, probs = vit.block_with_attention(last, x)
@@ -89,7 +89,7 @@ class ExplainHead(nn.Module):
         self.train_ln_post = train_ln_post
         self.bias: nn.Parameter | None = None
         if self.tower == "vit":
-            vit = backend.vit
+            vit = backend.readout_vit
             if train_ln_post and not isinstance(vit, ViTTower):
                 raise ClipvizError(
                     "`train_ln_post` applies to open_clip's own ViT towers only; train the "

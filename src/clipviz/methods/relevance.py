@@ -135,7 +135,7 @@ def legrad(
         with backend.autocast():
             probs, outputs = attention_graph(vit, images, vit.depth - layers, separate_blocks=True)
             if feature == "mean":
-                embeddings = [vit.project(x.mean(dim=1)) for x in outputs]
+                embeddings = [vit.mean_embedding(x) for x in outputs]
             elif vit.readout == "class":
                 embeddings = [vit.pooled(x) for x in outputs]
             else:

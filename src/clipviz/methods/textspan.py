@@ -53,7 +53,7 @@ class HeadReads:
 
 def read_heads(backend: Backend, images: Tensor, layers: int) -> HeadReads:
     """Run the stock forward, keeping what the heads of the last `layers` blocks read."""
-    vit = backend.vit
+    vit = backend.readout_vit
     if not 1 <= layers <= vit.depth:
         raise ClipvizError(f"textspan: layers={layers} is outside 1…{vit.depth}, the blocks")
     first = vit.depth - layers
@@ -89,7 +89,7 @@ def head_maps(backend: Backend, reads: HeadReads, texts: Tensor) -> Tensor:
     """Per (image, text, decomposed head, source token) the entry's cosine share with the
     unit `texts` `[T, D]`: `[B, T, blocks·heads, M]` (sums to `cos(image, text)` with the
     entries of the MLPs, the embedding and the earlier blocks)."""
-    vit = backend.vit
+    vit = backend.readout_vit
     if isinstance(vit, TimmViTTower):  # no `linear_head`: check_methods refuses it first
         raise ClipvizError("textspan: the tower's head is not ln_post(class token) @ proj")
     norm = vit.post_norm
@@ -118,7 +118,7 @@ def head_embeddings(backend: Backend, reads: HeadReads) -> Tensor:
     """Each decomposed head's whole direct contribution to the image embedding (its entries
     summed over the source tokens): `[B, blocks·heads, D]`, the vectors TextSpan describes
     with texts (the reference's `attentions.sum(axis=2)`)."""
-    vit = backend.vit
+    vit = backend.readout_vit
     if isinstance(vit, TimmViTTower):
         raise ClipvizError("textspan: the tower's head is not ln_post(class token) @ proj")
     norm = vit.post_norm
