@@ -87,3 +87,25 @@ def test_pipeline_bench_times_explain_over_a_folder_against_the_forward(tmp_path
     assert not list(tmp_path.glob("*/manifest.jsonl"))  # written to a temporary folder
     missing = CliRunner().invoke(app, ["bench", "--pipeline", str(tmp_path / "nope")])
     assert missing.exit_code == 2 and "not a folder" in missing.output
+
+
+def test_pipeline_bench_hands_the_method_options_to_the_run(tmp_path, vit_backend, monkeypatch):
+    from conftest import random_image
+
+    import clipviz.runs.explain
+    from clipviz.data.inputs import collect_inputs
+    from clipviz.runs.bench import run_pipeline_bench
+
+    for i in range(2):
+        random_image(i).save(tmp_path / f"{i}.jpg")
+    items, _ = collect_inputs([str(tmp_path)])
+    real, seen = clipviz.runs.explain.run_explain, []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("method_options"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(clipviz.runs.explain, "run_explain", spy)
+    options = {"surgery": {"depth": 1}}
+    run_pipeline_bench(vit_backend, items, ["surgery"], 2, 2, 1, workers=0, options=options)
+    assert seen == [options]

@@ -89,7 +89,7 @@ def bench(
     with err_console.status("timing…"):
         if pipeline is not None:
             result = run_pipeline_bench(backend, items, names, batch_size, prompts, rounds,
-                                        workers, writers)  # fmt: skip
+                                        workers, writers, options)  # fmt: skip
             rows = result.rows
             extra = {"pipeline": {"folder": str(pipeline), "images": result.images,
                                   "peak_rss_mb": {str(result.rss_early_at): round(result.rss_early_mb, 1),

@@ -173,10 +173,12 @@ def run_pipeline_bench(
     repeats: int = 3,
     workers: int | None = None,
     writers: int | None = None,
+    options: dict[str, dict[str, object]] | None = None,
 ) -> PipelineBench:
     """Images per second of `run_explain` over `items` with the default outputs, written to a
     temporary folder, as a ratio to the bare forward pass (`encode_image` on batches of
-    `batch_size`, as many images as the run) timed just before each round."""
+    `batch_size`, as many images as the run) timed just before each round. `options`: each
+    method's options, by method name."""
     import tempfile
 
     from .explain import run_explain
@@ -210,6 +212,7 @@ def run_pipeline_bench(
                 lambda: run_explain(
                     backend, items, texts, Path(out), methods, batch_size, workers=workers,
                     writers=writers, on_record=lambda rec: note_memory(rec, count),  # noqa: B023
+                    method_options=options,
                 ),
                 backend.device,
             )  # fmt: skip

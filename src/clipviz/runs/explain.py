@@ -109,6 +109,14 @@ def check_run_args(
         raise ClipvizError(f"`batch_size` {batch_size} must be at least 1")
 
 
+def default_pool_size(items: int | None = None) -> int:
+    """Decoding processes or writer threads when not given: one per core, at most 4 (none
+    for a single item, where starting them costs more than they save)."""
+    if items is not None and items <= 1:
+        return 0
+    return min(4, os.cpu_count() or 1)
+
+
 def run_explain(
     backend: Backend,
     items: Sequence[InputItem],
@@ -200,9 +208,9 @@ def _run(
         record({**prev, "status": "skipped", "seconds": 0.0})
 
     if workers is None:
-        workers = 0 if len(todo) <= 1 else min(4, os.cpu_count() or 1)
+        workers = default_pool_size(len(todo))
     if writers is None:
-        writers = 0 if len(todo) <= 1 else min(4, os.cpu_count() or 1)
+        writers = default_pool_size(len(todo))
     loader = image_loader(
         todo, backend.preprocess, batch_size, workers, max_pixels, render.max_side
     )

@@ -47,7 +47,14 @@ from ..explanation import explain
 from ..files import SCHEMA_VERSION, provenance, write_json_atomic
 from ..methods import check_methods, get_method
 from .decode import die_with_parent
-from .explain import RunSummary, check_prompts, check_run_args, non_finite, request_key
+from .explain import (
+    RunSummary,
+    check_prompts,
+    check_run_args,
+    default_pool_size,
+    non_finite,
+    request_key,
+)
 from .manifest import append_record, disk_full_stops, run_folder, source_stamp
 from .outputs import MAP_DTYPES, RenderOptions
 
@@ -176,7 +183,7 @@ def run_explain_shards(
     key = request_key(backend, methods, texts, RenderOptions(), {**options, "maps": maps_dtype})
     summary = RunSummary()
     if workers is None:
-        workers = min(4, os.cpu_count() or 1)
+        workers = default_pool_size()
     with run_folder(out, dist.rank, dist.world, lambda: barrier(dist)) as manifest:
         if dist.main:
             with disk_full_stops(out / "run.json"):
