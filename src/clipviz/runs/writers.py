@@ -20,7 +20,7 @@ from typing import Any, Generic, TypeVar
 R = TypeVar("R")
 
 
-WRITER_NICENESS = 10
+WRITER_NICENESS = 19
 
 
 def _yield_to_the_model() -> None:
