@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from clipviz.cli import app
 from clipviz.explanation import explain
+from clipviz.runs import shard_decode
 from clipviz.runs import shards as shard_runs
 from clipviz.runs.manifest import MANIFEST, latest_records
 
@@ -212,26 +213,51 @@ def test_two_torchrun_processes_explain_what_one_does(shard_set, tmp_path, tiny_
                 assert (two / rel).is_file()
 
 
-def test_a_shard_read_inconsistently_is_failed_whole_and_redone(shard_set, tmp_path,
-                                                                 tiny_weights, monkeypatch):  # fmt: skip
+def test_decoding_processes_give_the_outputs_of_decoding_in_line(shard_set, tmp_path,
+                                                                  tiny_weights):  # fmt: skip
     root, _ = shard_set
-    real = shard_runs.ShardSamples.__iter__
+    outs = {}
+    for workers in ("0", "2"):
+        out = outs[workers] = tmp_path / f"out-{workers}"
+        args = [a if a != "0" else workers for a in _args(tiny_weights)]  # --workers N
+        result = runner.invoke(app, ["explain", str(root / "*.tar"), *PROMPTS, "-o", str(out),
+                                     "-m", "itsm", *args])  # fmt: skip
+        assert result.exit_code == 1, result.output  # 00001bad
+    for s in range(3):
+        tars = [(outs[w] / "shards" / f"{s:05d}.tar").read_bytes() for w in ("0", "2")]
+        assert tars[0] == tars[1]
+        rows = [pq.read_table(outs[w] / "shards" / f"{s:05d}.parquet").to_pylist()
+                for w in ("0", "2")]  # fmt: skip
+        assert rows[0] == rows[1]
 
-    def loses_sample_one(self):
-        for d in real(self):
-            if not (d.index == 1 and self.path.name == "00002.tar"):
-                yield d
 
-    monkeypatch.setattr(shard_runs.ShardSamples, "__iter__", loses_sample_one)
+def _dies_on_sample_one_of_shard_two(index, sample):
+    if index == 1 and sample.key.startswith("00002"):
+        os._exit(1)  # a decoding process that crashes (as an image library may)
+    return REAL_DECODE(index, sample)
+
+
+REAL_DECODE = shard_decode._decode_in_worker
+
+
+def test_a_decoding_process_that_dies_fails_its_shard_whole_and_it_is_redone(
+    shard_set, tmp_path, tiny_weights, monkeypatch
+):
+    root, _ = shard_set
+    monkeypatch.setattr(shard_decode, "_decode_in_worker", _dies_on_sample_one_of_shard_two)
     out = tmp_path / "out"
-    result = _explain_cli(str(root / "*.tar"), out, tiny_weights)
+    args = [a if a != "0" else "2" for a in _args(tiny_weights)]  # two decoding processes
+    explain_args = ["explain", str(root / "*.tar"), *PROMPTS, "-o", str(out), "-m", "itsm"]
+    result = runner.invoke(app, [*explain_args, *args])
     assert result.exit_code == 1
-    rec = next(r for r in latest_records(out).values() if r["input"].endswith("00002.tar"))
-    assert rec["status"] == "failed" and "never was" in rec["error"]
+    records = latest_records(out)
+    rec = next(r for r in records.values() if r["input"].endswith("00002.tar"))
+    assert rec["status"] == "failed" and "a decoding process died" in rec["error"]
     assert not (out / "shards" / "00002.tar").exists()
     assert not (out / "shards" / "00002.parquet").exists()
-    monkeypatch.setattr(shard_runs.ShardSamples, "__iter__", real)
-    assert _explain_cli(str(root / "*.tar"), out, tiny_weights).exit_code == 1  # 00001bad
+    assert all(r["status"] == "ok" for r in records.values() if r is not rec)
+    monkeypatch.setattr(shard_decode, "_decode_in_worker", REAL_DECODE)
+    assert runner.invoke(app, [*explain_args, *args]).exit_code == 1  # 00001bad
     assert len(pq.read_table(out / "shards" / "00002.parquet")) == 3
 
 

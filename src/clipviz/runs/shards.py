@@ -23,22 +23,19 @@ import io
 import json
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..backend import Backend, Preprocess, Texts
-from ..data.captions import as_list
-from ..data.images import DEFAULT_MAX_PIXELS, ImageError, load_image_bytes
+from ..backend import Backend, Texts
+from ..data.images import DEFAULT_MAX_PIXELS
 from ..data.shards import (
     SHARD_SUFFIXES,
     ShardWriter,
     read_parquet_metadata,
-    read_shard,
     write_parquet_atomic,
 )
 from ..distributed import Dist, barrier
@@ -46,7 +43,6 @@ from ..errors import ClipvizError
 from ..explanation import explain
 from ..files import SCHEMA_VERSION, provenance, write_json_atomic
 from ..methods import check_methods, get_method
-from .decode import die_with_parent
 from .explain import (
     RunSummary,
     check_prompts,
@@ -57,6 +53,7 @@ from .explain import (
 )
 from .manifest import append_record, disk_full_stops, run_folder, source_stamp
 from .outputs import MAP_DTYPES, RenderOptions
+from .shard_decode import IncompleteShard, decoded_batches
 
 SHARDS = "shards"
 
@@ -76,46 +73,6 @@ def shard_name(path: Path) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
-
-
-@dataclass
-class DecodedSample:
-    """One sample of a shard: the model's tensor, or why it cannot be used."""
-
-    index: int
-    key: str
-    caption: str | None = None
-    tensor: torch.Tensor | None = None
-    size: tuple[int, int] = (0, 0)
-    crop: tuple[int, int, int, int] = (0, 0, 0, 0)
-    error: str | None = None
-
-
-class ShardSamples(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
-    """A shard's samples decoded in DataLoader workers: each worker reads the stream and
-    decodes every `num_workers`-th sample; a bad sample yields its error."""
-
-    def __init__(self, path: Path, preprocess: Preprocess, max_pixels: int) -> None:
-        self.path, self.preprocess, self.max_pixels = path, preprocess, max_pixels
-
-    def __iter__(self) -> Iterator[DecodedSample]:
-        info = torch.utils.data.get_worker_info()
-        mine, every = (info.id, info.num_workers) if info is not None else (0, 1)
-        for i, sample in enumerate(read_shard(self.path)):
-            if i % every != mine:
-                continue
-            out = DecodedSample(i, sample.key, sample.caption, error=sample.error)
-            if sample.error is None and sample.image is not None:
-                try:
-                    image = load_image_bytes(sample.image, self.max_pixels)
-                    out.tensor = self.preprocess(image)
-                    out.size = (image.width, image.height)
-                    out.crop = self.preprocess.crop_box(*out.size)
-                except ImageError as e:
-                    out.error = str(e)
-                except Exception as e:  # noqa: BLE001 - one bad sample must not stop the shard
-                    out.error = f"{type(e).__name__}: {e}"
-            yield out
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -243,20 +200,14 @@ def _explain_shard(
     ):
         return {**record, "status": "skipped", "error": None, "samples": info.get("samples", 0),
                 "failed_samples": info.get("failed", 0), "seconds": 0.0}  # fmt: skip
-    loader = torch.utils.data.DataLoader(
-        ShardSamples(path, backend.preprocess, max_pixels),
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=as_list,
-        worker_init_fn=die_with_parent if workers else None,
-    )
+    loader = decoded_batches(path, backend.preprocess, max_pixels, workers, batch_size)
     several = len(methods) > 1
     try:
         with disk_full_stops(tar_path), ShardWriter(tar_path) as tar:
             table = ShardTable(tar)
             _explain_samples(loader, table, backend, texts, methods, options, maps_dtype,
                              several)  # fmt: skip
-    except _IncompleteShard as e:  # the tar was not kept: the next run redoes the shard
+    except IncompleteShard as e:  # the tar was not kept: the next run redoes the shard
         return {**record, "status": "failed", "error": str(e), "samples": 0,
                 "failed_samples": 0, "outputs": [], "seconds": 0.0}  # fmt: skip
     samples = len(table.columns["key"])
@@ -273,10 +224,6 @@ def _explain_shard(
     return {**record, "status": "ok", "error": None, "samples": samples,
             "failed_samples": table.failed,
             "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
-
-
-class _IncompleteShard(Exception):
-    """A shard whose samples did not all come back from the decoding workers."""
 
 
 def _explain_samples(
@@ -324,8 +271,8 @@ def _explain_samples(
                                 "top": texts.prompts[int(np.argmax(probs))],
                                 "scores": exps[0].scores[j].tolist(), "probs": probs},
                       members)  # fmt: skip
-    if table.waiting:  # a decoding worker lost its place in the stream: redo the shard
-        raise _IncompleteShard(
+    if table.waiting:  # a sample never came back: the table cannot be complete
+        raise IncompleteShard(
             f"{len(table.waiting)} samples after sample {table.next} were decoded but "
-            f"sample {table.next} never was (the shard was read inconsistently); run again"
+            f"sample {table.next} never was; run again"
         )
