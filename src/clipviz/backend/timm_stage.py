@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..errors import ClipvizError
 from .timm_conv import TimmConvTower
-from .vit import Memo, attention_probs
+from .vit import BiasedAttention, Memo
 
 
 def reads_last_stage(trunk: Any) -> bool:
@@ -43,7 +43,7 @@ def reads_last_stage(trunk: Any) -> bool:
     return False
 
 
-class TimmStageTower:
+class TimmStageTower(BiasedAttention):
     """An open_clip `TimmModel` (FastViT, Swin) whose last stage is read as a token stream."""
 
     kind = "vit"
@@ -137,13 +137,6 @@ class TimmStageTower:
         """Swin's relative position bias of block `i` `[1, heads, N, N]`; FastViT: None."""
         return self._attention(i)._get_rel_pos_bias() if self._swin else None  # type: ignore[no-any-return]
 
-    def attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Block `i`'s own attention (per head `softmax(q·kᵀ·scale + bias)·v`, fused)."""
-        bias = self.attention_bias(i)
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=None if bias is None else bias.to(q.dtype)
-        )
-
     def attn_out(self, i: int, heads_out: torch.Tensor) -> torch.Tensor:
         """What block `i`'s attention adds to the stream: merge heads, `proj`, layer scale."""
         B, H, L, d = heads_out.shape
@@ -157,14 +150,6 @@ class TimmStageTower:
         if self._swin:
             return block.mlp(block.norm2(y))  # type: ignore[no-any-return]
         return self._tokens(block.layer_scale_2(block.mlp(self._map(y))))
-
-    def block_with_attention(
-        self, i: int, x: torch.Tensor, normed: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        q, k, v = self.qkv(i, self.norm1(i, x) if normed is None else normed)
-        probs = attention_probs(q, k, bias=self.attention_bias(i))
-        x = x + self.attn_out(i, probs @ v)
-        return x + self.mlp(i, x), probs
 
     # -- the head ---------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..errors import ClipvizError
 from .timm_head import TimmHead
-from .vit import Memo, attention_probs
+from .vit import BiasedAttention, Memo
 
 # timm block classes whose attention clipviz recomputes: norm before (or after) the branches
 PRE_NORM = frozenset({"Block", "EvaBlock", "RelPosBlock"})
@@ -36,7 +36,7 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-class TimmViTTower(TimmHead):
+class TimmViTTower(TimmHead, BiasedAttention):
     """An open_clip `TimmModel` whose trunk is a timm VisionTransformer or Eva."""
 
     kind = "vit"
@@ -219,18 +219,6 @@ class TimmViTTower(TimmHead):
             k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], 2)
         return q.type_as(v), k.type_as(v), v
 
-    def attention_bias(self, i: int) -> torch.Tensor | None:
-        """What block `i` adds to its attention logits `[1, heads, L, L]` (None: nothing)."""
-        return None
-
-    def attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Block `i`'s own attention on its queries, keys and values (per head
-        `softmax(q·kᵀ·scale + bias)·v`, fused: the probabilities are never materialised)."""
-        bias = self.attention_bias(i)
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=None if bias is None else bias.to(q.dtype)
-        )
-
     def attn_out(self, i: int, heads_out: torch.Tensor) -> torch.Tensor:
         """What block `i`'s attention adds to the stream, from per-head outputs: merge heads,
         the attention's inner norm, `proj`, layer scale."""
@@ -255,14 +243,6 @@ class TimmViTTower(TimmHead):
         if gamma is not None:
             return gamma * x
         return getattr(block, f"ls{n}", lambda t: t)(x)
-
-    def block_with_attention(
-        self, i: int, x: torch.Tensor, normed: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        q, k, v = self.qkv(i, self.norm1(i, x) if normed is None else normed)
-        probs = attention_probs(q, k, bias=self.attention_bias(i))
-        x = x + self.attn_out(i, probs @ v)
-        return x + self.mlp(i, x), probs
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.run_blocks(self.embed(images)))

@@ -50,6 +50,46 @@ def attention_probs(
     return (logits if bias is None else logits + bias.to(logits.dtype)).softmax(dim=-1)
 
 
+class BiasedAttention:
+    """Explicit attention of a tower's blocks, by index, from the pieces its adapter gives
+    (`norm1`, `qkv`, `attn_out`, `mlp`), for families whose blocks may add a bias to their
+    attention logits (relative positions): `attend` and `block_with_attention`, once."""
+
+    def norm1(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def qkv(self, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def attn_out(self, i: int, heads_out: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def mlp(self, i: int, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def attention_bias(self, i: int) -> torch.Tensor | None:
+        """What block `i` adds to its attention logits `[1, heads, L, L]` (None: nothing)."""
+        return None
+
+    def attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Block `i`'s own attention on its queries, keys and values (per head
+        `softmax(q·kᵀ·scale + bias)·v`, fused: the probabilities are never materialised)."""
+        bias = self.attention_bias(i)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=None if bias is None else bias.to(q.dtype)
+        )
+
+    def block_with_attention(
+        self, i: int, x: torch.Tensor, normed: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block `i` computed explicitly: its output `[B, L, W]` and attention probabilities
+        `[B, heads, L, L]`. `normed`: the block's `norm1(x)` when the caller holds it."""
+        q, k, v = self.qkv(i, self.norm1(i, x) if normed is None else normed)
+        probs = attention_probs(q, k, bias=self.attention_bias(i))
+        x = x + self.attn_out(i, probs @ v)
+        return x + self.mlp(i, x), probs
+
+
 class OpenClipBlocks:
     """The pieces of open_clip's `ResidualAttentionBlock`s, by index: what the image and the
     text transformers share."""
