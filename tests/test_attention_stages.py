@@ -17,7 +17,9 @@ from conftest import random_image
 from clipviz import ClipvizError
 from clipviz.backend import load_backend
 from clipviz.backend.base import tower_adapter
+from clipviz.maps import normalize_maps
 from clipviz.methods.cam import gradcam
+from clipviz.methods.relevance import legrad
 from clipviz.methods.surgery import maskclip
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -95,9 +97,21 @@ def test_relative_position_variants_recompute_the_stock_forward():
         vit = tower_adapter(visual, lambda key, build: build(), "relpos")
         x = torch.randn(2, 3, 32, 32)
         with torch.no_grad():
-            h = vit.run_blocks(vit.embed(x))
+            h = vit.embed(x)
+            for i in range(vit.depth):
+                explicit, _ = vit.block_with_attention(i, h)
+                h = vit.run_block(i, h)
+                torch.testing.assert_close(explicit, h, atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(vit.pooled(h), trunk(x), atol=1e-5, rtol=1e-4)
             assert vit.attention_bias(0) is not None and vit.attention_bias(0).abs().sum() > 0
+
+
+def _unfused_softmax(block):
+    """The module whose output (or input) holds a block's attention probabilities once its
+    attention runs unfused: Swin's softmax, else the dropout after the softmax."""
+    attn = getattr(block, "attn", None) or block.token_mixer
+    attn.fused_attn = False
+    return getattr(attn, "softmax", None) or attn.attn_drop
 
 
 def _timm_probs(model, x):
@@ -106,10 +120,7 @@ def _timm_probs(model, x):
     model = copy.deepcopy(model)
     store = []
     for block in _last_blocks(model.visual.trunk):
-        attn = getattr(block, "attn", None) or block.token_mixer
-        attn.fused_attn = False
-        after = getattr(attn, "softmax", None) or attn.attn_drop
-        after.register_forward_hook(lambda m, i, o: store.append(o.detach()))
+        _unfused_softmax(block).register_forward_hook(lambda m, i, o: store.append(o.detach()))
     with torch.no_grad():
         model.encode_image(x)
     return store
@@ -214,3 +225,68 @@ def test_a_swin_whose_last_stage_has_several_windows_is_read_as_a_feature_map():
     visual.trunk, visual.head = trunk, torch.nn.Identity()
     adapter = tower_adapter(visual, lambda key, build: build(), "swin-128")
     assert adapter.kind == "conv" and "attention" not in adapter.capabilities
+
+
+@pytest.mark.parametrize("family", ["fastvit", "swin"])
+def test_legrad_on_a_last_stage_is_the_gradient_at_timms_own_attention(family_backends, family):
+    """`compute_legrad_clip` with the stock rest of the tower as each block's readout: for each
+    of the last 2 blocks, timm's own forward with that block's attention probabilities made a
+    leaf (unfused, hooked), the block's output read by the final layers and the head, cosine
+    with the text, `ReLU(∂s/∂A)` averaged over heads and queries, summed, min-maxed."""
+    b = family_backends(family)
+    x, texts = _batch(b), b.encode_texts(PROMPTS, ensemble=False)
+    result = legrad(b, x, texts)
+    model = copy.deepcopy(b.model)
+    visual, trunk = model.visual, model.visual.trunk
+    blocks = _last_blocks(trunk)
+    final = trunk.norm if family == "swin" else trunk.final_conv
+    total = 0
+    for block in blocks[-2:]:
+        store = {}
+
+        def leaf(module, inputs, output, store=store):
+            store["A"] = output.detach().requires_grad_(True)
+            return store["A"]
+
+        handles = [
+            _unfused_softmax(block).register_forward_hook(leaf),
+            block.register_forward_hook(lambda m, i, o, store=store: store.setdefault("x", o)),
+        ]
+        try:
+            with torch.enable_grad():
+                model.encode_image(x)
+                emb = F.normalize(visual.head(trunk.forward_head(final(store["x"]))), dim=-1)
+                sims = emb @ texts.embeddings.T  # [B, T]
+                g = torch.stack([torch.autograd.grad(sims[:, t].sum(), store["A"],
+                                                     retain_graph=True)[0] for t in range(2)])  # fmt: skip
+        finally:
+            for h in handles:
+                h.remove()
+        total = total + g.clamp(min=0).mean(dim=(2, 3))  # [T, B, N]
+    h, w = b.grid_size(x)
+    expected = normalize_maps(total.transpose(0, 1).reshape(len(x), 2, h, w))
+    torch.testing.assert_close(result.maps, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_last_stage_tokens_of_another_embed_are_refused(family_backends):
+    b = family_backends("fastvit")
+    vit = b.vision
+    with torch.no_grad():
+        vit.embed(torch.randn(1, 3, 64, 64))  # a 2x2 grid
+        with pytest.raises(ClipvizError, match="16 tokens were not made by the last `embed`"):
+            vit.pooled(torch.randn(1, 16, vit.run_blocks(vit.embed(_batch(b, 1))).shape[-1]))
+
+
+def test_swin_attention_under_bf16_autocast_is_timms_own(family_backends):
+    b = family_backends("swin")
+    model = _perturbed(b.model)
+    vit = tower_adapter(model.visual, lambda key, build: build(), "swin")
+    x = _batch(b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = _timm_probs(model, x)
+        with torch.no_grad():
+            h = vit.embed(x)
+            for i in range(vit.depth):
+                h, probs = vit.block_with_attention(i, h)
+                assert probs.dtype == expected[i].dtype == torch.float32
+                torch.testing.assert_close(probs, expected[i], atol=2e-3, rtol=0)

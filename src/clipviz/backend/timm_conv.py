@@ -120,9 +120,13 @@ class TimmConvTower:
         return self.pooled(self.features(images))
 
     def cascade(self) -> list[tuple[str, list[Any]]]:
-        """The head (the trunk's and open_clip's), then the stages last to first."""
+        """The head (the trunk's last layers, its head and open_clip's), then the stages last
+        to first."""
         t = self.trunk
-        head = [m for m in (getattr(t, "head", None), self.visual.head) if m is not None]
+        # FastViT's final convolution and Swin's final norm lie between the stages and the head
+        parts = (getattr(t, "final_conv", None), getattr(t, "norm", None),
+                 getattr(t, "norm_pre", None), getattr(t, "head", None), self.visual.head)  # fmt: skip
+        head = [m for m in parts if m is not None]
         stages = self.stages()
         return [
             ("head", head),

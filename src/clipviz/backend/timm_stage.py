@@ -51,6 +51,7 @@ class TimmStageTower(BiasedAttention):
     pooling = "avg"
     readout = None
     explicit_attention = True
+    depth_unit = "blocks in its last stage"  # what `depth` counts, for messages
     capabilities: frozenset[str] = frozenset({"attention"})
 
     def __init__(self, visual: Any, memo: Memo, name: str) -> None:
@@ -85,9 +86,12 @@ class TimmStageTower(BiasedAttention):
 
     def _map(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens `[B, h*w, C]` -> the stage's own layout (FastViT NCHW, Swin NHWC)."""
-        if self._grid is None:
-            raise ClipvizError(f"{self._name}: tokens were not made by `embed`")
-        B, _, C = x.shape
+        B, N, C = x.shape
+        if self._grid is None or self._grid[0] * self._grid[1] != N:
+            raise ClipvizError(
+                f"{self._name}: {N} tokens were not made by the last `embed`; embed the images "
+                "and run their blocks before reading the head"
+            )
         if self._swin:
             return x.reshape(B, *self._grid, C)
         return x.transpose(1, 2).reshape(B, C, *self._grid)

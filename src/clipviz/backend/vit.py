@@ -47,7 +47,8 @@ def attention_probs(
     bias, broadcast over the batch)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     logits = (q * scale) @ k.transpose(-2, -1)
-    return (logits if bias is None else logits + bias.to(logits.dtype)).softmax(dim=-1)
+    # a float32 bias lifts low-precision logits to float32, as timm's unfused attention does
+    return (logits if bias is None else logits + bias).softmax(dim=-1)
 
 
 class BiasedAttention:
@@ -86,7 +87,7 @@ class BiasedAttention:
         `[B, heads, L, L]`. `normed`: the block's `norm1(x)` when the caller holds it."""
         q, k, v = self.qkv(i, self.norm1(i, x) if normed is None else normed)
         probs = attention_probs(q, k, bias=self.attention_bias(i))
-        x = x + self.attn_out(i, probs @ v)
+        x = x + self.attn_out(i, probs.to(v.dtype) @ v)
         return x + self.mlp(i, x), probs
 
 

@@ -31,7 +31,7 @@ def cam_layer(backend: Backend, images: Tensor, layer: int) -> tuple[Tensor, Ten
     check_grad_allowed("Grad-CAM")
     if backend.tower == "vit":
         vit = backend.vit
-        i = block_index(layer, vit.depth, "layer", "gradcam")
+        i = block_index(layer, vit.depth, "layer", "gradcam", getattr(vit, "depth_unit", "blocks"))
         with torch.no_grad():
             x = vit.run_blocks(vit.embed(images), stop=i)
             read = vit.norm1(i, x)

@@ -46,11 +46,12 @@ def check_grad_allowed(name: str) -> None:
         raise ClipvizError(f"{name} needs gradients; call it outside torch.inference_mode()")
 
 
-def block_index(index: int, count: int, option: str, method: str) -> int:
-    """A block index that may count from the end (−1 = last), checked against `count`."""
+def block_index(index: int, count: int, option: str, method: str, unit: str = "blocks") -> int:
+    """A block index that may count from the end (−1 = last), checked against `count`
+    (`unit`: what is counted, e.g. "blocks of its last stage")."""
     if not -count <= index < count:
         raise ClipvizError(
-            f"{method}: {option}={index} is out of range for a tower of {count} blocks; "
+            f"{method}: {option}={index} is out of range for a tower of {count} {unit}; "
             f"use 0…{count - 1}, or −1…−{count} to count from the last block"
         )
     return index % count
