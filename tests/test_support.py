@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from clipviz.backend.support import all_support, documented_version, rendered
+from clipviz.backend.support import cached_support, documented_version, rendered
 
 ROOT = Path(__file__).parent.parent
 ATTENTION_METHODS = {"surgery", "maskclip", "clearclip", "sclip", "naclip", "gem", "gradeclip", "gae",
@@ -23,7 +23,8 @@ UNSUPPORTED: set[str] = set()
 
 @pytest.fixture(scope="module")
 def support():
-    return all_support()
+    # computed from the code once per test session (`clipviz models` in test_cli.py shares it)
+    return cached_support()
 
 
 def test_every_architecture_resolves_or_says_why(support):
