@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..errors import ClipvizError
 from .timm_conv import TimmConvTower
-from .vit import BiasedAttention, Memo
+from .vit import BlockAttention, Memo
 
 
 def reads_last_stage(trunk: Any) -> bool:
@@ -43,7 +43,7 @@ def reads_last_stage(trunk: Any) -> bool:
     return False
 
 
-class TimmStageTower(BiasedAttention):
+class TimmStageTower(BlockAttention):
     """An open_clip `TimmModel` (FastViT, Swin) whose last stage is read as a token stream."""
 
     kind = "vit"

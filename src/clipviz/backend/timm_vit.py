@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..errors import ClipvizError
 from .timm_head import TimmHead
-from .vit import BiasedAttention, Memo
+from .vit import BlockAttention, Memo
 
 # timm block classes whose attention clipviz recomputes: norm before (or after) the branches
 PRE_NORM = frozenset({"Block", "EvaBlock", "RelPosBlock"})
@@ -36,7 +36,7 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-class TimmViTTower(TimmHead, BiasedAttention):
+class TimmViTTower(TimmHead, BlockAttention):
     """An open_clip `TimmModel` whose trunk is a timm VisionTransformer or Eva."""
 
     kind = "vit"

@@ -51,9 +51,9 @@ def attention_probs(
     return (logits if bias is None else logits + bias).softmax(dim=-1)
 
 
-class BiasedAttention:
-    """Explicit attention of a tower's blocks, by index, from the pieces its adapter gives
-    (`norm1`, `qkv`, `attn_out`, `mlp`), for families whose blocks may add a bias to their
+class BlockAttention:
+    """Explicit attention of an image tower's blocks, by index, from the pieces its adapter
+    gives (`norm1`, `qkv`, `attn_out`, `mlp`), with the bias some families add to their
     attention logits (relative positions): `attend` and `block_with_attention`, once."""
 
     def norm1(self, i: int, x: torch.Tensor) -> torch.Tensor:
@@ -84,7 +84,8 @@ class BiasedAttention:
         self, i: int, x: torch.Tensor, normed: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Block `i` computed explicitly: its output `[B, L, W]` and attention probabilities
-        `[B, heads, L, L]`. `normed`: the block's `norm1(x)` when the caller holds it."""
+        `[B, heads, L, L]` (the stock fused attention never materialises them). `normed`: the
+        block's `norm1(x)` when the caller holds it (e.g. to take gradients there)."""
         q, k, v = self.qkv(i, self.norm1(i, x) if normed is None else normed)
         probs = attention_probs(q, k, bias=self.attention_bias(i))
         x = x + self.attn_out(i, probs.to(v.dtype) @ v)
@@ -121,11 +122,6 @@ class OpenClipBlocks:
         qkv = qkv.view(B, L, 3, heads, W // heads).permute(2, 0, 3, 1, 4)
         return qkv[0], qkv[1], qkv[2]
 
-    def attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Block `i`'s own attention on its queries, keys and values (per head
-        `softmax(q·kᵀ·scale)·v`, fused: the probabilities are never materialised)."""
-        return F.scaled_dot_product_attention(q, k, v)
-
     def attn_out(self, i: int, heads_out: torch.Tensor) -> torch.Tensor:
         """Block `i`'s attention branch from per-head outputs `[B, heads, L, head_dim]`:
         merge heads, `out_proj`, layer scale -> what the block adds to the stream `[B, L, W]`."""
@@ -158,7 +154,7 @@ class OpenClipBlocks:
         return (block.ls_1(directions) @ weight).T.reshape(H, -1, directions.shape[0])
 
 
-class ViTTower(OpenClipBlocks):
+class ViTTower(OpenClipBlocks, BlockAttention):
     """An open_clip ViT image tower: class token, then `h × w` patch tokens."""
 
     kind = "vit"
@@ -246,17 +242,6 @@ class ViTTower(OpenClipBlocks):
         for i in range(start, self.depth if stop is None else stop):
             x = self.run_block(i, x)
         return x
-
-    def block_with_attention(
-        self, i: int, x: torch.Tensor, normed: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Block `i` computed explicitly: its output `[B, L, W]` and attention probabilities
-        `[B, heads, L, L]` (open_clip's own forward never materialises them). `normed`: the
-        block's `norm1(x)` when the caller holds it (e.g. to take gradients there)."""
-        q, k, v = self.qkv(i, self.norm1(i, x) if normed is None else normed)
-        probs = attention_probs(q, k)
-        x = x + self.attn_out(i, probs @ v)
-        return x + self.mlp(i, x), probs
 
     # -- the head ---------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..backend import Backend, Texts
 from ..errors import ClipvizError
 from .registry import MapResult, register
-from .surgery import QKV, _itsm, _unit, _vit_last_block_variant
+from .surgery import QKV, _itsm, _unit, _vit_last_block_variant, stock_block
 
 GEM_BLOCKS = 6  # the reference's `gem_depth=7`: the GEM path runs in the last 6 blocks
 
@@ -192,8 +192,7 @@ def gem(
             )
             mixed = sum(self_self_attention(z, v, tau, iterations) for z in (q, k, v)) / 3
             x_gem = x_gem + vit.attn_out(i, mixed)  # type: ignore[arg-type]
-            y = x + vit.attn_out(i, vit.attend(i, q, k, v))  # the stock block, from its q, k, v
-            x = y + vit.mlp(i, y)
+            x = stock_block(vit, i, x, (q, k, v))
         tokens = _unit(vit.head(x_gem))[:, 1:]
         stock = _unit(vit.pooled(x))
     return _itsm(backend, images, texts, tokens, stock)

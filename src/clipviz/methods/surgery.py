@@ -95,6 +95,13 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
+def stock_block(vit: TokenTower, i: int, x: torch.Tensor, qkv: QKV) -> torch.Tensor:
+    """Block `i`'s stock output on the stream `x`, from the q, k, v of `norm1(x)` a method
+    already holds (so its own path and the stock one compute them once)."""
+    y = x + vit.attn_out(i, vit.attend(i, *qkv))
+    return y + vit.mlp(i, y)
+
+
 def _vit_last_block_variant(
     vit: TokenTower,
     images: torch.Tensor,
@@ -107,8 +114,7 @@ def _vit_last_block_variant(
     x = vit.run_blocks(vit.embed(images), stop=last)
     qkv = vit.qkv(last, vit.norm1(last, x))
     tokens = _unit(vit.head(tokens_of(last, x, qkv)))[:, 1:]
-    y = x + vit.attn_out(last, vit.attend(last, *qkv))
-    stock = _unit(vit.pooled(y + vit.mlp(last, y)))
+    stock = _unit(vit.pooled(stock_block(vit, last, x, qkv)))
     return tokens, stock
 
 
@@ -170,10 +176,9 @@ def surgery(
                 x_new = x
                 for i in range(first, vit.depth):
                     # both paths read the original stream's q, k, v: computed once
-                    q, k, v = vit.qkv(i, vit.norm1(i, x))
-                    x_new = x_new + vit.attn_out(i, vv_attention(q, k, v))
-                    x = x + vit.attn_out(i, vit.attend(i, q, k, v))
-                    x = x + vit.mlp(i, x)
+                    qkv = vit.qkv(i, vit.norm1(i, x))
+                    x_new = x_new + vit.attn_out(i, vv_attention(*qkv))
+                    x = stock_block(vit, i, x, qkv)
                 tokens = _unit(vit.head(x_new))[:, 1:]
                 token0 = _unit(vit.pooled(x))
             else:
