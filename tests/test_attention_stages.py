@@ -53,6 +53,19 @@ def _perturbed(model):
     return model
 
 
+def _perturbed_tower(b, family):
+    """A perturbed copy of the family's model (see `_perturbed`) and its tower's adapter."""
+    model = _perturbed(b.model)
+    return model, tower_adapter(model.visual, lambda key, build: build(), family)
+
+
+def _tower_of_trunk(trunk, name):
+    """The adapter of a bare timm trunk as open_clip's `TimmModel` holds it (no projection)."""
+    visual = type("Visual", (torch.nn.Module,), {})()
+    visual.trunk, visual.head = trunk, torch.nn.Identity()
+    return tower_adapter(visual, lambda key, build: build(), name)
+
+
 def _relpos_variants():
     """timm relative-position ViTs: the MLP bias per block (the tiny family), a table bias
     shared by all blocks, and layer scale."""
@@ -69,8 +82,7 @@ def _relpos_variants():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_blocks_by_index_recompute_the_stock_forward(family_backends, family):
     b = family_backends(family)
-    model = _perturbed(b.model)
-    vit = tower_adapter(model.visual, lambda key, build: build(), family)
+    model, vit = _perturbed_tower(b, family)
     x = _batch(b)
     with torch.no_grad():
         h = vit.embed(x)
@@ -92,9 +104,7 @@ def test_relative_position_variants_recompute_the_stock_forward():
             for p in trunk.parameters():
                 if p.dim() == 2 and p.shape[-1] == 2:  # the shared table: [positions, heads]
                     p.normal_(0, 1)
-        visual = type("Visual", (torch.nn.Module,), {})()
-        visual.trunk, visual.head = trunk, torch.nn.Identity()
-        vit = tower_adapter(visual, lambda key, build: build(), "relpos")
+        vit = _tower_of_trunk(trunk, "relpos")
         x = torch.randn(2, 3, 32, 32)
         with torch.no_grad():
             h = vit.embed(x)
@@ -129,12 +139,11 @@ def _timm_probs(model, x):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_attention_probabilities_are_timms_own(family_backends, family):
     b = family_backends(family)
-    model = _perturbed(b.model)
-    vit = tower_adapter(model.visual, lambda key, build: build(), family)
+    model, vit = _perturbed_tower(b, family)
     x = _batch(b)
     expected = _timm_probs(model, x)
     with torch.no_grad():
-        h = vit.run_blocks(vit.embed(x), stop=0)
+        h = vit.embed(x)
         for i in range(vit.depth):
             h, probs = vit.block_with_attention(i, h)
             torch.testing.assert_close(probs, expected[i], atol=1e-6, rtol=1e-4)
@@ -221,9 +230,7 @@ def test_a_swin_whose_last_stage_has_several_windows_is_read_as_a_feature_map():
     """At 128 px the tiny Swin's last stage is 4x4 patches in 2x2 windows: not one global
     attention, so the adapter is the pooled-feature-map one (no attention methods)."""
     trunk = timm.create_model("clipviz_tiny_swin", img_size=128, num_classes=0)
-    visual = type("Visual", (torch.nn.Module,), {})()
-    visual.trunk, visual.head = trunk, torch.nn.Identity()
-    adapter = tower_adapter(visual, lambda key, build: build(), "swin-128")
+    adapter = _tower_of_trunk(trunk, "swin-128")
     assert adapter.kind == "conv" and "attention" not in adapter.capabilities
 
 
@@ -272,15 +279,14 @@ def test_last_stage_tokens_of_another_embed_are_refused(family_backends):
     b = family_backends("fastvit")
     vit = b.vision
     with torch.no_grad():
-        vit.embed(torch.randn(1, 3, 64, 64))  # a 2x2 grid
+        width = vit.embed(torch.randn(1, 3, 64, 64)).shape[-1]  # a 2x2 grid
         with pytest.raises(ClipvizError, match="16 tokens were not made by the last `embed`"):
-            vit.pooled(torch.randn(1, 16, vit.run_blocks(vit.embed(_batch(b, 1))).shape[-1]))
+            vit.pooled(torch.randn(1, 16, width))
 
 
 def test_swin_attention_under_bf16_autocast_is_timms_own(family_backends):
     b = family_backends("swin")
-    model = _perturbed(b.model)
-    vit = tower_adapter(model.visual, lambda key, build: build(), "swin")
+    model, vit = _perturbed_tower(b, "swin")
     x = _batch(b)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = _timm_probs(model, x)
