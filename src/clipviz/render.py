@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from isal import isal_zlib
 from PIL import Image
-from zlib_ng import zlib_ng
 
 from .errors import ClipvizError
 from .files import atomic_path
@@ -149,11 +149,9 @@ def overlay(
     if not 0.0 <= alpha <= 1.0:
         raise ClipvizError(f"`alpha` {alpha} is outside [0, 1]")
     w = round(alpha * 256)
-    heat = colormap_table(colormap).astype(np.uint16) * w
-    out = image.astype(np.uint16)
-    out *= 256 - w
+    heat = colormap_table(colormap).astype(np.uint16) * w + 128  # the colour's share, rounding
+    out = np.multiply(image, 256 - w, dtype=np.uint16)
     out += np.take(heat, map_levels(norm_map), axis=0)
-    out += 128
     out >>= 8
     blended = out.astype(np.uint8)
     missing = np.isnan(norm_map)
@@ -174,7 +172,9 @@ def prompt_slugs(prompts: Sequence[str], max_len: int = 60) -> list[str]:
     return slugs
 
 
-PNG_LEVEL = 1  # deflate level: zlib-ng's fastest, which keeps the writers behind the model
+PNG_LEVEL = (
+    1  # deflate level: ISA-L's fastest with matching, which keeps the writers behind the model
+)
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
@@ -182,7 +182,7 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
         struct.pack(">I", len(data))
         + kind
         + data
-        + struct.pack(">I", zlib_ng.crc32(data, zlib_ng.crc32(kind)))
+        + struct.pack(">I", isal_zlib.crc32(data, isal_zlib.crc32(kind)))
     )
 
 
@@ -190,7 +190,7 @@ def encode_png(
     pixels: np.ndarray, level: int = PNG_LEVEL, palette: np.ndarray | None = None
 ) -> bytes:
     """uint8 `[H, W]`, `[H, W, 3]` or `[H, W, 4]` -> PNG bytes: every row "Up"-filtered
-    (the difference to the row above, one numpy subtraction) and deflated by zlib-ng.
+    (the difference to the row above, one numpy subtraction) and deflated by ISA-L.
     Pillow's encoder chooses a filter per row, which costs more than the deflate itself.
 
     palette: uint8 `[n, 3]`; with it, `[H, W]` pixels are indices into it (a colormapped
@@ -213,11 +213,9 @@ def encode_png(
     chunks = [_png_chunk(b"IHDR", header)]
     if palette is not None:
         chunks.append(_png_chunk(b"PLTE", np.ascontiguousarray(palette, np.uint8).tobytes()))
-    # A photo's rows differ in noise, not in repeats: Huffman coding alone makes smaller files
-    # of them than zlib-ng's fastest matching, in less time; colormap indices repeat.
-    strategy = zlib_ng.Z_DEFAULT_STRATEGY if palette is not None else zlib_ng.Z_HUFFMAN_ONLY
-    deflate = zlib_ng.compressobj(level, zlib_ng.DEFLATED, 15, 9, strategy)
-    idat = deflate.compress(filtered.data) + deflate.flush()
+    # ISA-L's level 1 deflates an overlay in two thirds of the time of zlib-ng's Huffman-only
+    # coding, into 10 % fewer bytes (and a palette heatmap in 60 % of zlib-ng level 1's bytes)
+    idat = isal_zlib.compress(filtered.data, level)
     chunks.append(_png_chunk(b"IDAT", idat))
     chunks.append(_png_chunk(b"IEND", b""))
     return b"".join([b"\x89PNG\r\n\x1a\n", *chunks])
@@ -232,12 +230,12 @@ def save_png(
         tmp.write_bytes(data)
 
 
-def _deflate_with_zlib_ng(entry: Any) -> None:
-    """Deflate a zip entry being written with zlib-ng (the same format, in a third of the
+def _deflate_with_isal(entry: Any) -> None:
+    """Deflate a zip entry being written with ISA-L (the same format, in a fraction of the
     time of the system zlib): zipfile has no public hook for its compressor, so the entry's
     own is swapped; a zipfile without that attribute keeps its own."""
     if hasattr(entry, "_compressor") and entry._compressor is not None:
-        entry._compressor = zlib_ng.compressobj(1, zlib_ng.DEFLATED, -15)
+        entry._compressor = isal_zlib.compressobj(1, isal_zlib.DEFLATED, -15)
 
 
 class NpzWriter:
@@ -258,7 +256,7 @@ class NpzWriter:
         never holds more than one row."""
         dt = np.dtype(dtype)
         with self._zf.open(f"{name}.npy", "w", force_zip64=True) as f:
-            _deflate_with_zlib_ng(f)
+            _deflate_with_isal(f)
             header = {"descr": np.lib.format.dtype_to_descr(dt), "fortran_order": False,
                       "shape": tuple(shape)}  # fmt: skip
             np.lib.format.write_array_header_1_0(f, header)

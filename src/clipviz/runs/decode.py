@@ -26,16 +26,24 @@ RENDER_MAX_SIDE = 4096
 
 @dataclass
 class Decoded:
-    """One decoded input: `tensor` for the model, `display` (uint8 `[h, w, 3]`, the image
+    """One decoded input: `tensor` for the model, `pixels` (uint8 `[h, w, 3]`, the image
     scaled to the render size), its original `size` (width, height) and the `crop`
-    (left, top, right, bottom) in display pixels that the model saw; or an `error`."""
+    (left, top, right, bottom) in display pixels that the model saw; or an `error`.
+
+    Both images are tensors so that a worker hands them over in shared memory: a pickled
+    array would be copied through a pipe and unpickled by the model's process."""
 
     index: int
     tensor: torch.Tensor | None = None
-    display: np.ndarray | None = None
+    pixels: torch.Tensor | None = None
     size: tuple[int, int] = (0, 0)
     crop: tuple[int, int, int, int] = (0, 0, 0, 0)
     error: str | None = None
+
+    @property
+    def display(self) -> np.ndarray | None:
+        """The display image as uint8 `[h, w, 3]` (a view, no copy)."""
+        return None if self.pixels is None else self.pixels.numpy()
 
 
 def display_image(image: Image.Image, max_side: int) -> Image.Image:
@@ -82,7 +90,7 @@ class DecodedImages(torch.utils.data.Dataset):  # type: ignore[type-arg]
             shown = display_image(image, self.max_side)
             size = (image.width, image.height)
             crop = scaled_box(self.preprocess.crop_box(*size), size, shown.size)
-            return Decoded(i, tensor, np.asarray(shown), size, crop)
+            return Decoded(i, tensor, torch.from_numpy(np.array(shown)), size, crop)
         except ImageError as e:
             return Decoded(i, error=str(e))
         except MemoryError:

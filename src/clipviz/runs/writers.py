@@ -2,7 +2,7 @@
 bounded queue, whose results come back in the order the work was handed in.
 
 Threads, not processes: the work (colouring, blending, deflating PNGs, zipping maps) is numpy
-and zlib-ng, which release the GIL, and a thread reads the display image and the maps where
+and ISA-L, which release the GIL, and a thread reads the display image and the maps where
 they are instead of receiving a copy.
 """
 
