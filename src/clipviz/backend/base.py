@@ -100,6 +100,8 @@ class Backend:
     preprocess: Preprocess
     identity: dict[str, Any]
     autocast_dtype: torch.dtype | None = None
+    # what `speed.accelerate` did to the image tower: channels_last, compiled_units
+    speed: dict[str, Any] = field(default_factory=dict)
     text_cache: TextCache = field(default_factory=lambda: TextCache(None))
     _memo: dict[Hashable, Any] = field(default_factory=dict, repr=False)
 

@@ -130,6 +130,8 @@ def load_backend(
     resolution: int | None = None,
     crop: Crop = "none",
     text_cache: bool = True,
+    compile: bool = False,
+    channels_last: bool | None = None,
 ) -> Backend:
     """Load a CLIP model and wrap it in a `Backend`.
 
@@ -139,7 +141,26 @@ def load_backend(
     pretrained: open_clip tag (`openai`, `laion2b_s34b_b88k`, …), a weights file, or `random`;
         defaults to `openai` where the architecture has it.
     resolution: run the image tower at this input size (positions interpolated on the fly).
+    compile, channels_last: speed options for the image tower (`speed.accelerate`).
     """
+    from .speed import accelerate
+
+    backend = _load_backend(
+        model, pretrained, model_config, device, precision, resolution, crop, text_cache
+    )
+    return accelerate(backend, compile, channels_last)  # type: ignore[no-any-return]
+
+
+def _load_backend(
+    model: str | None,
+    pretrained: str | None,
+    model_config: str | os.PathLike[str] | None,
+    device: str,
+    precision: Precision,
+    resolution: int | None,
+    crop: Crop,
+    text_cache: bool,
+) -> Backend:
     import open_clip
     from open_clip.factory import parse_model_name
 

@@ -10,6 +10,8 @@ from rich.table import Table
 
 from ..errors import ClipvizError
 from .options import (
+    ChannelsLastOpt,
+    CompileOpt,
     DebugOpt,
     DeviceOpt,
     EclipOpt,
@@ -58,6 +60,8 @@ def bench(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     resolution: ResolutionOpt = None,
+    compile: CompileOpt = False,
+    channels_last: ChannelsLastOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Milliseconds per image of each method, as a multiple of a bare forward pass (default:
@@ -84,7 +88,8 @@ def bench(
         if not pipeline.is_dir():
             raise ClipvizError(f"--pipeline {pipeline} is not a folder; pass a folder of images")
         items, _ = collect_inputs([str(pipeline)])
-    backend = load(model, pretrained, model_config, device, precision, resolution)
+    backend = load(model, pretrained, model_config, device, precision, resolution, "none", compile,
+                   channels_last)  # fmt: skip
     extra: dict[str, object] = {}
     with err_console.status("timing…"):
         if pipeline is not None:

@@ -11,6 +11,8 @@ from rich.table import Table
 
 from ..errors import ClipvizError
 from .options import (
+    ChannelsLastOpt,
+    CompileOpt,
     CropOpt,
     DebugOpt,
     DeviceOpt,
@@ -106,6 +108,8 @@ def evaluate(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     resolution: ResolutionOpt = None,
+    compile: CompileOpt = False,
+    channels_last: ChannelsLastOpt = None,
     crop: CropOpt = "none",
     quiet: QuietOpt = False,
     report: ReportOpt = False,
@@ -172,7 +176,8 @@ def evaluate(
         if tune.classes != dataset.classes:
             raise ClipvizError(f"{tune.name} and {dataset.name} have different classes")
     try:
-        backend = load(model, pretrained, model_config, device, precision, resolution, crop)
+        backend = load(model, pretrained, model_config, device, precision, resolution, crop,
+                       compile, channels_last)  # fmt: skip
         texts = backend.encode_texts(prompts, ensemble=not no_ensemble)
         progress = progress_bar("evaluating", quiet, transient=True)
         tuning = None

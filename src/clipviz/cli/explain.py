@@ -12,7 +12,9 @@ from rich.table import Table
 from ..errors import ClipvizError
 from .options import (
     AlphaOpt,
+    ChannelsLastOpt,
     ColormapOpt,
+    CompileOpt,
     CropOpt,
     DebugOpt,
     DeviceOpt,
@@ -119,6 +121,8 @@ def explain(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     resolution: ResolutionOpt = None,
+    compile: CompileOpt = False,
+    channels_last: ChannelsLastOpt = None,
     workers: Annotated[
         int | None,
         typer.Option(
@@ -197,7 +201,8 @@ def explain(
     dist, device = setup_distributed(device)
     quiet = quiet or not dist.main
     try:
-        backend = load(model, pretrained, model_config, device, precision, resolution, crop)
+        backend = load(model, pretrained, model_config, device, precision, resolution, crop,
+                       compile, channels_last)  # fmt: skip
         warn_truncated(backend, all_prompts, not no_ensemble)
         texts = encode_with_progress(backend, all_prompts, not no_ensemble, quiet)
         started = time.perf_counter()

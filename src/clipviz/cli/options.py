@@ -50,6 +50,22 @@ ResolutionOpt = Annotated[
         "--resolution", help="run the image tower at this size, e.g. 448 (default: the model's)"
     ),
 ]
+CompileOpt = Annotated[
+    bool,
+    typer.Option(
+        "--compile",
+        help="compile the image tower's blocks with torch.compile (a GPU speed option; the "
+        "first batch waits for the compiler)",
+    ),
+]
+ChannelsLastOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--channels-last/--no-channels-last",
+        help="convolutions in channels-last memory (default: on for convolutional towers on CUDA)",
+        show_default=False,
+    ),
+]
 CropOpt = Annotated[
     Literal["none", "center"],
     typer.Option("--crop", help="none: resize the whole image; center: open_clip's eval crop"),
@@ -185,11 +201,13 @@ def load(
     precision: str,
     resolution: int | None = None,
     crop: str = "none",
+    compile: bool = False,
+    channels_last: bool | None = None,
 ) -> Any:
-    """The backend of the model options, with a spinner while it loads."""
+    """The backend of the model options, with a spinner while it loads (and compiles)."""
     from ..backend import load_backend
 
-    with err_console.status("loading model…"):
+    with err_console.status("loading and compiling model…" if compile else "loading model…"):
         return load_backend(
             model=model,
             pretrained=pretrained,
@@ -198,6 +216,8 @@ def load(
             precision=precision,  # type: ignore[arg-type]
             resolution=resolution,
             crop=crop,  # type: ignore[arg-type]
+            compile=compile,
+            channels_last=channels_last,
         )
 
 

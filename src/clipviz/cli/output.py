@@ -33,6 +33,8 @@ FLAGS = {
     "device": "--device",
     "precision": "--precision",
     "resolution": "--resolution",
+    "compile": "--compile",
+    "channels_last": "--channels-last",
     "crop": "--crop",
     "batch_size": "--batch-size",
     "workers": "--workers",

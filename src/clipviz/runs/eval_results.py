@@ -108,6 +108,7 @@ def write_report(
             **provenance(),
             "model": backend.identity,
             "device": str(backend.device),
+            "speed": backend.speed,
             "dataset": {
                 "root": str(dataset.root),
                 "format": dataset.format,

@@ -188,6 +188,7 @@ def _run(
                     **provenance(),
                     "model": backend.identity,
                     "device": str(backend.device),
+                    "speed": backend.speed,
                     "crop": backend.preprocess.crop,
                     "methods": list(methods),
                     "prompts": texts.prompts,

@@ -146,6 +146,7 @@ def run_explain_shards(
             with disk_full_stops(out / "run.json"):
                 write_json_atomic(out / "run.json", {
                     **provenance(), "model": backend.identity, "device": str(backend.device),
+                    "speed": backend.speed,
                     "methods": list(methods), "prompts": texts.prompts,
                     "ensemble": texts.ensemble, "options": options, "maps": maps_dtype,
                     "shards": [str(p) for p in shards], "key": key,
