@@ -266,3 +266,38 @@ def test_stdin_lists_are_refused_under_torchrun(tmp_path, tiny_weights, monkeypa
     result = runner.invoke(app, ["explain", "--inputs-file", "-", "dog", "-o", str(tmp_path)],
                            input="a.jpg\n")  # fmt: skip
     assert result.exit_code == 2 and "cannot be read by several torchrun" in result.output
+
+
+def test_the_reader_thread_hands_on_in_order_then_the_error_it_met():
+    def source():
+        yield from range(5)
+        raise tarfile.ReadError("unexpected end of data")
+
+    it = shard_decode.read_ahead(source(), depth=2)
+    assert [next(it) for _ in range(5)] == [0, 1, 2, 3, 4]
+    with pytest.raises(tarfile.ReadError, match="unexpected end"):
+        next(it)
+
+
+def test_the_reader_thread_stays_a_few_samples_ahead_and_stops_when_closed():
+    import threading
+    import time
+
+    produced, closed = [], threading.Event()
+
+    def source():
+        try:
+            for i in range(1000):
+                produced.append(i)
+                yield i
+        finally:
+            closed.set()
+
+    it = shard_decode.read_ahead(source(), depth=3)
+    assert next(it) == 0
+    time.sleep(0.3)  # time enough for the reader to run ahead as far as it may
+    assert 1 + 3 <= len(produced) <= 1 + 3 + 1  # the queue full, one more in its hand
+    it.close()
+    assert closed.wait(5) and not any(
+        t.name == "clipviz-shard-reader" for t in threading.enumerate()
+    )

@@ -1,9 +1,11 @@
-"""Decoding a shard's samples: the tar is read once, in the run's process, and each sample's
-bytes handed to one of a few decoding processes; the decoded samples come back in tar order.
+"""Decoding a shard's samples: the tar is read once, by a reader thread of the run's process,
+and each sample's bytes handed to one of a few decoding processes; the decoded samples come
+back in tar order.
 
 Reading in one place means one pass over the shard's bytes (on a network file system, not
-one per decoding process) and the order is the tar's by construction. A decoding process
-that dies (a crashing image library) fails the shard, which the next run redoes.
+one per decoding process) and the order is the tar's by construction; reading in a thread
+means a slow read waits beside the model, not in front of it. A decoding process that dies
+(a crashing image library) fails the shard, which the next run redoes.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import multiprocessing
+import queue
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -25,6 +29,10 @@ from .decode import die_with_parent
 
 # samples handed to the decoding processes ahead of the model, per process
 AHEAD_PER_WORKER = 4
+# samples read from the tar ahead of the decoding (their bytes held in memory)
+READ_AHEAD = 16
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -75,6 +83,55 @@ def _decode_in_worker(index: int, sample: ShardSample) -> DecodedSample:
     return decode_sample(index, sample, _DECODER["preprocess"], _DECODER["max_pixels"])
 
 
+class _Raised:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+_END = object()
+
+
+def read_ahead(items: Iterator[T], depth: int = READ_AHEAD) -> Iterator[T]:
+    """The items of `items` in order, produced by a thread at most `depth` ahead of the
+    consumer; an exception raised while producing is raised here, after the items before
+    it. Closing this iterator stops the thread and closes `items`."""
+    ready: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def hand(value: Any) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(value, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not hand(item):
+                    return
+            hand(_END)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            hand(_Raised(e))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    reader = threading.Thread(target=produce, name="clipviz-shard-reader", daemon=True)
+    reader.start()
+    try:
+        while (value := ready.get()) is not _END:
+            if isinstance(value, _Raised):
+                raise value.error
+            yield value
+    finally:
+        stop.set()
+        reader.join()
+
+
 def _batches(samples: Iterable[DecodedSample], size: int) -> Iterator[list[DecodedSample]]:
     batch: list[DecodedSample] = []
     for s in samples:
@@ -91,7 +148,7 @@ def decoded_batches(
 ) -> Iterator[list[DecodedSample]]:
     """The samples of shard `path` in tar order, decoded, in batches of `batch_size`: by
     `workers` processes (0: here), at most a few samples each ahead of the model."""
-    samples = enumerate(read_shard(path))
+    samples = enumerate(read_ahead(read_shard(path)))
     if workers == 0:
         yield from _batches((decode_sample(i, s, preprocess, max_pixels) for i, s in samples),
                             batch_size)  # fmt: skip
