@@ -6,7 +6,8 @@
 #
 #   bash examples/gpu_bench.sh [OUT]          (OUT: gpu-bench)
 #
-# DEVICE (cuda), BATCH (64), REPEATS (5), PHOTOS (1024) and CLIPVIZ (clipviz) change it.
+# DEVICE (cuda), BATCH (64), REPEATS (5), PHOTOS (1024), CLIPVIZ (clipviz) and PYTHON (the
+# python beside $CLIPVIZ) change it.
 set -euo pipefail
 OUT=${1:-gpu-bench}
 DEVICE=${DEVICE:-cuda}
@@ -14,6 +15,7 @@ BATCH=${BATCH:-64}
 REPEATS=${REPEATS:-5}
 PHOTOS=${PHOTOS:-1024}
 CLIPVIZ=${CLIPVIZ:-clipviz}
+PYTHON=${PYTHON:-$(dirname "$(command -v "$CLIPVIZ")")/python}
 HERE=$(dirname "$0")
 mkdir -p "$OUT"
 bench() {  # NAME ARGS…: one benchmark, its table on stdout and its rows in OUT/NAME.json
@@ -29,6 +31,6 @@ bench vit-b-16-compiled --model ViT-B-16 --compile "${methods[@]}"
 bench vit-b-16-fp32 --model ViT-B-16 --precision fp32 "${methods[@]}"
 bench rn50-contiguous --model RN50 --no-channels-last -m itsm -m gradcam --prompts 3
 bench rn50-channels-last --model RN50 --channels-last -m itsm -m gradcam --prompts 3
-python "$HERE/bench_photos.py" "$OUT/photos" "$PHOTOS"
+"$PYTHON" "$HERE/bench_photos.py" "$OUT/photos" "$PHOTOS"
 bench pipeline-vit-b-16 --model ViT-B-16 --pipeline "$OUT/photos" --prompts 3
 echo "rows in $OUT/*.json"

@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from conftest import random_image
 from PIL import Image
 
@@ -103,13 +104,43 @@ def test_a_failing_job_raises_after_the_results_before_it():
     assert got[:3] == [0, 1, 2] and 3 not in got
 
 
-def _run(folder, backend, out, writers):
+def _run(folder, backend, out, writers, workers=0):
     items, _ = collect_inputs([str(folder)])
     texts = backend.encode_texts(["a red square", "noise"], ensemble=False)
     return run_explain(
-        backend, items, texts, out, methods=("itsm", "surgery"), batch_size=2, workers=0,
+        backend, items, texts, out, methods=("itsm", "surgery"), batch_size=2, workers=workers,
         writers=writers,
     )  # fmt: skip
+
+
+def _outputs(out):
+    return {
+        str(p.relative_to(out)): p.read_bytes()
+        for p in out.rglob("*")
+        if p.is_file() and p.name not in (MANIFEST, "run.json", ".clipviz.lock")
+    }
+
+
+@pytest.mark.parametrize("room", [True, False])
+def test_decoding_workers_hand_photos_over_in_shared_memory_or_pipes_alike(
+    tmp_path, vit_backend, monkeypatch, room
+):
+    from clipviz.runs import decode
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(3):
+        random_image(i, (80 + 8 * i, 48)).save(folder / f"{i}.png")
+    inline = _run(folder, vit_backend, tmp_path / "inline", writers=0)
+    monkeypatch.setattr(decode, "shared_memory_has_room", lambda: room)
+    workers = _run(folder, vit_backend, tmp_path / "workers", writers=2, workers=2)
+    assert workers.ok == inline.ok == 3
+    assert _outputs(tmp_path / "workers") == _outputs(tmp_path / "inline")
+    items, _ = collect_inputs([str(folder)])
+    loader = decode.image_loader(items, vit_backend.preprocess, 3, 2, 10**8)
+    (batch,) = list(loader)
+    assert {type(d.pixels) for d in batch} == {torch.Tensor if room else np.ndarray}
+    assert all(d.display.dtype == np.uint8 and d.display.shape[2] == 3 for d in batch)
 
 
 def test_writer_threads_give_the_files_and_manifest_of_writing_in_line(tmp_path, vit_backend):

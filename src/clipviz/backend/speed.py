@@ -28,16 +28,43 @@ def use_channels_last(visual: Any) -> None:
     visual.to(memory_format=torch.channels_last)
 
 
+def _is_repeat(container: torch.nn.Module) -> bool:
+    """A `ModuleList`/`Sequential` of composite modules of one class (blocks, stages), not a
+    stem or head that happens to be a `Sequential` of different layers."""
+    if not isinstance(container, torch.nn.ModuleList | torch.nn.Sequential) or not len(container):
+        return False
+    kinds = {type(m) for m in container}
+    return len(kinds) == 1 and all(any(True for _ in m.children()) for m in container)
+
+
 def repeated_units(module: torch.nn.Module) -> list[torch.nn.Module]:
-    """The elements of the outermost `ModuleList`/`Sequential` containers under `module`
-    (transformer blocks, ResNet bottlenecks, timm stages): the units the towers run whole."""
+    """The elements of the outermost repeats under `module` (transformer blocks, ResNet
+    bottlenecks, timm stages): the units the towers run whole."""
     units: list[torch.nn.Module] = []
     for child in module.children():
-        if isinstance(child, torch.nn.ModuleList | torch.nn.Sequential):
-            units.extend(child)
+        if _is_repeat(child):
+            units.extend(child.children())
         else:
             units.extend(repeated_units(child))
     return units
+
+
+def _allow_compiled_units(units: int) -> None:
+    """torch settings every compiled unit needs, set once for the process:
+    - every unit is compiled through the same `Module._call_impl`, whose graphs share one
+      cache: room for each unit's graphs (no gradients and with them, a fixed and a dynamic
+      batch), else the units past torch's default of 8 would run uncompiled;
+    - gradient methods backpropagate once per prompt through the same graph
+      (`retain_graph`), which compiled backwards with donated buffers refuse."""
+    import torch._dynamo.config
+    import torch._functorch.config
+
+    needed = 4 * units
+    if torch._dynamo.config.recompile_limit < needed:
+        torch._dynamo.config.recompile_limit = needed
+    if torch._dynamo.config.accumulated_recompile_limit < needed:
+        torch._dynamo.config.accumulated_recompile_limit = needed
+    torch._functorch.config.donated_buffer = False
 
 
 def compile_units(visual: Any, backend: Any = None) -> int:
@@ -48,6 +75,7 @@ def compile_units(visual: Any, backend: Any = None) -> int:
         raise ClipvizError(
             "`compile`: this image tower has no blocks or stages to compile; run without it"
         )
+    _allow_compiled_units(len(units))
     for unit in units:
         unit.compile(backend=backend or COMPILE_BACKEND)
     return len(units)

@@ -30,12 +30,13 @@ class Decoded:
     scaled to the render size), its original `size` (width, height) and the `crop`
     (left, top, right, bottom) in display pixels that the model saw; or an `error`.
 
-    Both images are tensors so that a worker hands them over in shared memory: a pickled
-    array would be copied through a pipe and unpickled by the model's process."""
+    `pixels` is a tensor when shared memory has room for it (a worker then hands it over
+    without a copy; a pickled array is copied through a pipe and unpickled by the model's
+    process), else an array."""
 
     index: int
     tensor: torch.Tensor | None = None
-    pixels: torch.Tensor | None = None
+    pixels: torch.Tensor | np.ndarray | None = None
     size: tuple[int, int] = (0, 0)
     crop: tuple[int, int, int, int] = (0, 0, 0, 0)
     error: str | None = None
@@ -43,7 +44,9 @@ class Decoded:
     @property
     def display(self) -> np.ndarray | None:
         """The display image as uint8 `[h, w, 3]` (a view, no copy)."""
-        return None if self.pixels is None else self.pixels.numpy()
+        if isinstance(self.pixels, torch.Tensor):
+            return self.pixels.numpy()
+        return self.pixels
 
 
 def display_image(image: Image.Image, max_side: int) -> Image.Image:
@@ -74,9 +77,11 @@ class DecodedImages(torch.utils.data.Dataset):  # type: ignore[type-arg]
         preprocess: Preprocess,
         max_pixels: int,
         max_side: int = RENDER_MAX_SIDE,
+        shared: bool = False,
     ) -> None:
         self.items, self.preprocess = items, preprocess
         self.max_pixels, self.max_side = max_pixels, max_side
+        self.shared = shared  # display images as tensors, for shared memory
 
     def __len__(self) -> int:
         return len(self.items)
@@ -90,7 +95,8 @@ class DecodedImages(torch.utils.data.Dataset):  # type: ignore[type-arg]
             shown = display_image(image, self.max_side)
             size = (image.width, image.height)
             crop = scaled_box(self.preprocess.crop_box(*size), size, shown.size)
-            return Decoded(i, tensor, torch.from_numpy(np.array(shown)), size, crop)
+            pixels = torch.from_numpy(np.array(shown)) if self.shared else np.asarray(shown)
+            return Decoded(i, tensor, pixels, size, crop)
         except ImageError as e:
             return Decoded(i, error=str(e))
         except MemoryError:
@@ -110,6 +116,22 @@ def die_with_parent(_worker_id: int = 0) -> None:
             os._exit(0)
 
 
+# Shared memory (/dev/shm) a run may fill with display images in flight before they go
+# through pipes instead: containers often give it 64 MB, where a few batches of large
+# photos would not fit and the workers would die of a bus error.
+SHARED_MEMORY_NEEDED = 2 << 30
+
+
+def shared_memory_has_room(needed: int = SHARED_MEMORY_NEEDED) -> bool:
+    """Whether /dev/shm (where tensors handed between processes live) has `needed` bytes."""
+    import shutil
+
+    try:
+        return shutil.disk_usage("/dev/shm").free >= needed
+    except OSError:
+        return False
+
+
 def image_loader(
     items: Sequence[InputItem],
     preprocess: Preprocess,
@@ -119,8 +141,9 @@ def image_loader(
     max_side: int = RENDER_MAX_SIDE,
 ) -> torch.utils.data.DataLoader:  # type: ignore[type-arg]
     """Batches of `Decoded` inputs, decoded in `workers` processes (0: in this one)."""
+    shared = workers > 0 and shared_memory_has_room()
     return torch.utils.data.DataLoader(
-        DecodedImages(items, preprocess, max_pixels, max_side),
+        DecodedImages(items, preprocess, max_pixels, max_side, shared),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=as_list,

@@ -225,6 +225,8 @@ def _run(
             if not good:
                 continue
             images = torch.stack([d.tensor for d in good])  # type: ignore[misc]
+            for d in good:
+                d.tensor = None  # the batch holds it now; the writers keep only the picture
             if backend.device.type == "cuda":
                 images = images.pin_memory()  # the copy to the device overlaps the model
             try:

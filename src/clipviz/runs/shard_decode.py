@@ -148,8 +148,8 @@ def decoded_batches(
 ) -> Iterator[list[DecodedSample]]:
     """The samples of shard `path` in tar order, decoded, in batches of `batch_size`: by
     `workers` processes (0: here), at most a few samples each ahead of the model."""
-    samples = enumerate(read_ahead(read_shard(path)))
     if workers == 0:
+        samples = enumerate(read_ahead(read_shard(path)))
         yield from _batches((decode_sample(i, s, preprocess, max_pixels) for i, s in samples),
                             batch_size)  # fmt: skip
         return
@@ -157,6 +157,8 @@ def decoded_batches(
         workers, mp_context=multiprocessing.get_context("fork"), initializer=_start_decoder,
         initargs=(preprocess, max_pixels),
     )  # fmt: skip
+    pool.submit(int).result()  # the decoders are forked now, before the reader thread starts
+    samples = enumerate(read_ahead(read_shard(path)))
 
     def in_order() -> Iterator[DecodedSample]:
         pending: collections.deque[concurrent.futures.Future[DecodedSample]] = collections.deque()
