@@ -158,12 +158,10 @@ def test_writer_threads_give_the_files_and_manifest_of_writing_in_line(tmp_path,
         return [{k: v for k, v in r.items() if k not in ("seconds",)} for r in lines]
 
     assert records(tmp_path / "inline") == records(tmp_path / "pooled")
-    files = sorted(p.relative_to(tmp_path / "inline") for p in (tmp_path / "inline").rglob("*")
-                   if p.is_file() and p.name not in (MANIFEST, "run.json", ".clipviz.lock"))  # fmt: skip
+    files = _outputs(tmp_path / "inline")
     # per image: 2 prompts × 2 methods × 2 PNGs, the comparison sheet and maps.npz
     assert len(files) == 5 * (2 * 2 * 2 + 2)
-    for rel in files:
-        assert (tmp_path / "inline" / rel).read_bytes() == (tmp_path / "pooled" / rel).read_bytes()
+    assert _outputs(tmp_path / "pooled") == files
 
 
 def test_an_interrupted_run_keeps_every_result_finished_before_it():

@@ -172,9 +172,8 @@ def prompt_slugs(prompts: Sequence[str], max_len: int = 60) -> list[str]:
     return slugs
 
 
-PNG_LEVEL = (
-    1  # deflate level: ISA-L's fastest with matching, which keeps the writers behind the model
-)
+# deflate level: ISA-L's fastest with matching, which keeps the writers behind the model
+PNG_LEVEL = 1
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:

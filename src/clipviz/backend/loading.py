@@ -148,7 +148,7 @@ def load_backend(
     backend = _load_backend(
         model, pretrained, model_config, device, precision, resolution, crop, text_cache
     )
-    return accelerate(backend, compile, channels_last)  # type: ignore[no-any-return]
+    return accelerate(backend, compile, channels_last)
 
 
 def _load_backend(

@@ -8,11 +8,14 @@ before. Results equal the eager ones up to the rounding of other kernels.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import ClipvizError
+
+if TYPE_CHECKING:
+    from .base import Backend
 
 COMPILE_BACKEND = "inductor"
 
@@ -93,7 +96,9 @@ def warm_up(run: Any, what: str) -> None:
         ) from e
 
 
-def accelerate(backend: Any, compile: bool = False, channels_last: bool | None = None) -> Any:
+def accelerate(
+    backend: Backend, compile: bool = False, channels_last: bool | None = None
+) -> Backend:
     """Apply the speed options to a loaded backend's image tower, in place; returns it.
 
     channels_last: None (default) chooses it for convolutional towers on CUDA, where it pays;

@@ -88,8 +88,8 @@ def bench(
         if not pipeline.is_dir():
             raise ClipvizError(f"--pipeline {pipeline} is not a folder; pass a folder of images")
         items, _ = collect_inputs([str(pipeline)])
-    backend = load(model, pretrained, model_config, device, precision, resolution, "none", compile,
-                   channels_last)  # fmt: skip
+    backend = load(model, pretrained, model_config, device, precision, resolution,
+                   compile=compile, channels_last=channels_last)  # fmt: skip
     extra: dict[str, object] = {}
     with err_console.status("timing…"):
         if pipeline is not None:

@@ -177,7 +177,7 @@ def evaluate(
             raise ClipvizError(f"{tune.name} and {dataset.name} have different classes")
     try:
         backend = load(model, pretrained, model_config, device, precision, resolution, crop,
-                       compile, channels_last)  # fmt: skip
+                       compile=compile, channels_last=channels_last)  # fmt: skip
         texts = backend.encode_texts(prompts, ensemble=not no_ensemble)
         progress = progress_bar("evaluating", quiet, transient=True)
         tuning = None

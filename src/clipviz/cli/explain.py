@@ -202,7 +202,7 @@ def explain(
     quiet = quiet or not dist.main
     try:
         backend = load(model, pretrained, model_config, device, precision, resolution, crop,
-                       compile, channels_last)  # fmt: skip
+                       compile=compile, channels_last=channels_last)  # fmt: skip
         warn_truncated(backend, all_prompts, not no_ensemble)
         texts = encode_with_progress(backend, all_prompts, not no_ensemble, quiet)
         started = time.perf_counter()
