@@ -54,11 +54,13 @@ lint: install
 	$(BIN)/ruff format --check src tests examples
 	$(BIN)/mypy src
 
+# the slowest tests are listed at the end of the log (--durations)
 test: install lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 	$(MAKE) --no-print-directory test-compat
 
-# The oldest open_clip that pyproject.toml allows, in a venv that borrows everything else
+# The tests that read open_clip's internals (marker `open_clip`, tests/conftest.py) under the
+# oldest open_clip that pyproject.toml allows, in a venv that borrows everything else
 # (torch, timm, …) from .venv: a .pth line adds .venv's site-packages after its own, so the
 # pinned open_clip shadows the newest one. About a minute (the download is 1.5 MB).
 COMPAT_OPEN_CLIP ?= 3.0.0
@@ -70,7 +72,7 @@ test-compat: install
 	  echo "import site; site.addsitedir('$$main')" > "$$own/zz-clipviz-main.pth"
 	$(COMPAT_VENV)/bin/python -m pip install -q --no-deps open_clip_torch==$(COMPAT_OPEN_CLIP)
 	$(COMPAT_VENV)/bin/python -c "import open_clip; assert open_clip.__version__ == '$(COMPAT_OPEN_CLIP)', open_clip.__version__"
-	$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider
+	$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider -m open_clip --durations=5
 
 format: install
 	$(BIN)/ruff check --fix src tests examples

@@ -30,6 +30,30 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     shutil.rmtree(_CACHE, ignore_errors=True)
 
 
+# Test modules whose subject reads open_clip's modules (the tower adapters, the text tower, the
+# loaders, and the references that hook open_clip's blocks): `make test-compat` runs only these
+# (`-m open_clip`) under the oldest open_clip that pyproject.toml admits. A test elsewhere that
+# reads open_clip's internals carries `@pytest.mark.open_clip` itself.
+OPEN_CLIP_MODULES = frozenset({
+    "test_attention_stages", "test_backend", "test_eclip", "test_families", "test_gradeclip",
+    "test_gradients", "test_methods", "test_rollout", "test_selfattention", "test_speed",
+    "test_support", "test_surgery", "test_textspan",
+})  # fmt: skip
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "open_clip: reads open_clip's internals; also run under the oldest open_clip"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = getattr(item, "module", None)
+        if module is not None and module.__name__ in OPEN_CLIP_MODULES:
+            item.add_marker(pytest.mark.open_clip)
+
+
 @contextlib.contextmanager
 def single_thread() -> Iterator[None]:
     """Tiny models: on a busy machine, waking torch's second intra-op thread costs far more
