@@ -157,6 +157,7 @@ def test_captions_csv_lists_relative_paths_and_captions(tmp_path):
         assert np.array_equal(np.asarray(Image.open(tmp_path / row["filepath"])), scene.image)
 
 
+@pytest.mark.open_clip
 def test_tiny_clip_loss_falls_within_thirty_steps(tmp_path, one_thread):
     losses: list[float] = []
     tiny = tinyclip.train_tiny_clip(

@@ -106,6 +106,7 @@ def test_models_loaded_in_a_notebook_give_the_same_maps(family_backends):
     torch.testing.assert_close(a.maps, b.maps)
 
 
+@pytest.mark.open_clip
 def test_from_open_clip_wraps_a_loaded_model(vit_backend):
     import open_clip
 

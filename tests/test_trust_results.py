@@ -168,6 +168,7 @@ def test_text_cache_of_changed_weights_is_not_reused(tmp_path, tiny_weights):
     assert not torch.allclose(got, before.embeddings[0])
 
 
+@pytest.mark.open_clip
 def test_local_dir_models_are_identified_by_config_and_weights(tmp_path, tiny_weights):
     config, weights = tiny_weights["vit"]
     folder = tmp_path / "model"
