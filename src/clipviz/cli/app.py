@@ -7,7 +7,9 @@ open_clip, so `clipviz --help` and every `--help` answer at once.
 
 from __future__ import annotations
 
+import inspect
 import sys
+from collections.abc import Callable
 from typing import Annotated
 
 import typer
@@ -25,6 +27,15 @@ app = typer.Typer(
 )
 
 _METHOD_COMMANDS = {"explain", "eval", "bench", "sanity"}
+
+
+def command_help(fn: Callable[..., object]) -> str:
+    """A command's docstring as help text: the lines of each paragraph joined, so that the
+    terminal wraps them at its own width instead of at the source's line breaks."""
+    paragraphs = inspect.cleandoc(fn.__doc__ or "").split("\n\n")
+    return "\n\n".join(" ".join(p.split()) for p in paragraphs)
+
+
 for name, fn in (
     ("explain", explain.explain),
     ("eval", evaluate.evaluate),
@@ -39,7 +50,7 @@ for name, fn in (
     ("models", catalog.models),
 ):
     epilog = methods_epilog() if name in _METHOD_COMMANDS else None
-    app.command(name, epilog=epilog)(handle_errors(fn))
+    app.command(name, help=command_help(fn), epilog=epilog)(handle_errors(fn))
 
 
 def _version(value: bool) -> None:

@@ -120,19 +120,18 @@ OptionOpt = Annotated[
         show_default=False,
     ),
 ]
-# named flags kept for options users already rely on: (method, option)
+# named flags from before -O, still accepted for scripts that use them but hidden from --help
 SurgeryDepthOpt = Annotated[
-    int | None, typer.Option("--surgery-depth", help="= -O surgery.depth=K", show_default=False)
+    int | None, typer.Option("--surgery-depth", help="= -O surgery.depth=K", hidden=True)
 ]
 GaeStartOpt = Annotated[
-    int | None,
-    typer.Option("--gae-start-layer", help="= -O gae.start_layer=L", show_default=False),
+    int | None, typer.Option("--gae-start-layer", help="= -O gae.start_layer=L", hidden=True)
 ]
 LegradLayersOpt = Annotated[
-    int | None, typer.Option("--legrad-layers", help="= -O legrad.layers=L", show_default=False)
+    int | None, typer.Option("--legrad-layers", help="= -O legrad.layers=L", hidden=True)
 ]
 GscorecamTopkOpt = Annotated[
-    int | None, typer.Option("--gscorecam-topk", help="= -O gscorecam.topk=K", show_default=False)
+    int | None, typer.Option("--gscorecam-topk", help="= -O gscorecam.topk=K", hidden=True)
 ]
 EclipOpt = Annotated[
     Path | None,
