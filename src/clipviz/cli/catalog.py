@@ -42,9 +42,6 @@ def methods(debug: DebugOpt = False) -> None:
     table.add_column("options (default)")
     table.add_column("reference code")
     for info in catalog().values():
-        opts = "\n".join(
-            f"{o.name}: {o.type} = {o.default!r}" + (f" — {o.help}" if o.help else "")
-            for o in info.options
-        )
+        opts = "\n".join(o.describe() for o in info.options)
         table.add_row(info.name, ", ".join(info.towers), info.summary, opts or "—", info.reference)
     print_table(table)

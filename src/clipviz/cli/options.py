@@ -148,8 +148,11 @@ def methods_epilog() -> str:
     """Every method with its options and defaults, for the end of a command's `--help`."""
     lines = ["Method options (-O KEY=VALUE):"]
     for info in catalog().values():
-        opts = ", ".join(f"{o.name}={o.default!r} ({o.type})" for o in info.options) or "none"
-        lines.append(f"{info.name} ({'/'.join(info.towers)}): {opts}")
+        opts = ", ".join(
+            f"{o.name}={o.default!r} ({o.type}{f', {o.range}' if o.range else ''})"
+            for o in info.options
+        )
+        lines.append(f"{info.name} ({'/'.join(info.towers)}): {opts or 'none'}")
     # click rewraps paragraphs (a \b line keeps these as they are); rich reads [..] as markup
     return "\b\n" + escape("\n".join(lines))
 

@@ -16,6 +16,7 @@ from .registry import MapResult, register
 @register(
     "random",
     towers=("vit", "rn", "conv"),
+    ranges={"seed": "[0, 4294967295]"},
     summary="Baseline: uniform random maps (chance level for every metric)",
     citation="—",
     reference="—",

@@ -67,6 +67,7 @@ def as_grid(backend: Backend, images: Tensor, layer: Tensor) -> Tensor:
 @register(
     "gradcam",
     towers=("vit", "rn", "conv"),
+    ranges={"layer": "[-256, 255]"},
     needs={"vit": ("attention",)},
     summary="Grad-CAM on the image-text cosine: channel activations weighted by mean gradients",
     citation="Selvaraju et al., Grad-CAM: Visual Explanations from Deep Networks via "
@@ -135,6 +136,7 @@ def _last_features(backend: Backend, images: Tensor) -> tuple[Tensor, Tensor]:
 @register(
     "gscorecam",
     towers=("vit", "rn", "conv"),
+    ranges={"topk": "[1, 65536]", "batch_size": "[1, 4096]"},
     summary="Score-CAM over the top-gradient channels of the last layer, weighted by a softmax "
     "over the channels of the masked images' logits",
     citation="Chen, Li, Biaz, Bui and Nguyen, gScoreCAM: What Objects Is CLIP Looking At?, "

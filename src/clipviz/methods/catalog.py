@@ -18,6 +18,7 @@ from .registry import (
     display_order,
     normalized_needs,
     option_help,
+    with_ranges,
 )
 
 
@@ -43,6 +44,7 @@ def _info(fn: ast.FunctionDef, call: ast.Call) -> MethodInfo:
                helps.get(name, ""))
         for name, annotation, default in params
     )  # fmt: skip
+    options = with_ranges(options, kw.get("ranges"), fn.name)
     return MethodInfo(
         name=ast.literal_eval(call.args[0]),
         summary=kw["summary"],

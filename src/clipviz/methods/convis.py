@@ -52,6 +52,7 @@ def text_concepts(prompts: Sequence[str], synsets: str | Sequence[str] | None = 
 @register(
     "convis",
     towers=("vit", "rn", "conv"),
+    ranges={"seed": "[0, 4294967295]", "window_batch": "[1, 4096]"},
     summary="ConVis: maps of WordNet concepts from the ranks of every synset's definition over "
     "1,800 windows (a text = a synset: the synsets option, a 'dog.n.01' prompt, or a noun)",
     citation="Giulivi & Boracchi, Concept Visualization: Explaining the CLIP Multi-modal "

@@ -154,6 +154,7 @@ def _text_side(
 @register(
     "gradeclip",
     towers=("vit",),
+    ranges={"layers": "[1, 256]", "text_layers": "[0, 256]"},
     needs={"vit": ("attention", "class_token")},
     summary="Grad-ECLIP: the cosine's gradient at the class token's attention output times the "
     "values, weighted by query-key similarity; also the importance of each prompt token",

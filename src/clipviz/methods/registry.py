@@ -1,7 +1,8 @@
 """The method registry: a method registers itself where it is defined, and its options are the
 keyword parameters of its function.
 
-    @register("gradcam", towers=("vit", "rn"), summary="…", citation="…", reference="…")
+    @register("gradcam", towers=("vit", "rn"), summary="…", citation="…", reference="…",
+              ranges={"layer": "[-256, 255]"})
     def gradcam(backend, images, texts, layer: int = -1) -> MapResult:
         '''…
         layer: the block whose `ln_1` output is read (−1 = last).
@@ -10,8 +11,11 @@ keyword parameters of its function.
 A method function takes `(backend, images [B, 3, H, W], texts)` and its options, and returns
 raw maps `[B, T, h, w]` (float32) in a `MapResult`; normalising, upsampling and rendering
 happen once, outside the methods. Option names, types (from the annotation) and defaults come
-from the signature, their help from the docstring's `name: text` lines. This module imports
-neither torch nor open_clip: `catalog.py` reads the same facts from the source for `--help`.
+from the signature, their help from the docstring's `name: text` lines. Every int and float
+option declares in `ranges` the finite values it allows, checked whenever options are bound
+(block counts and indexes are capped at 256 there; each method checks them against its
+tower's depth when it runs). This module imports neither torch nor open_clip: `catalog.py`
+reads the same facts from the source for `--help`.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import math
 import pkgutil
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -86,7 +91,10 @@ def _convert(node: ast.expr, value: Any, from_text: bool) -> Any:
         if from_text:
             return kind(value)
         if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an int past float's range: out of any option's range
+                return math.inf if value > 0 else -math.inf
         if isinstance(value, kind) and not isinstance(value, bool):
             return value
         raise ValueError
@@ -113,14 +121,70 @@ def _literal_elements(node: ast.Subscript) -> list[ast.expr]:
     return list(node.slice.elts) if isinstance(node.slice, ast.Tuple) else [node.slice]
 
 
+_NUMBER = r"\s*([-+]?[0-9][0-9_.eE+-]*)\s*"
+_INTERVAL = re.compile(rf"\s*([\[(]){_NUMBER},{_NUMBER}([\])])\s*")
+
+
+def _number(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+@dataclass(frozen=True)
+class Range:
+    """The finite values a numeric option allows, an interval as mathematics writes it:
+    `[1, 20]` holds both ends, `(0, 1000]` everything above 0 up to and with 1000."""
+
+    low: int | float
+    high: int | float
+    low_open: bool = False
+    high_open: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> Range:
+        """`[a, b]`, `(a, b]`, `[a, b)` or `(a, b)` with finite `a < b`, or ValueError."""
+        m = _INTERVAL.fullmatch(text)
+        if not m:
+            raise ValueError(f"range {text!r} is not an interval such as [1, 20] or (0, 1000]")
+        low, high = _number(m.group(2)), _number(m.group(3))
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise ValueError(f"range {text!r} needs finite ends, the lower one first")
+        return cls(low, high, m.group(1) == "(", m.group(4) == ")")
+
+    def __contains__(self, value: object) -> bool:
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            return False
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"{left}{self.low}, {self.high}{right}"
+
+    def words(self) -> str:
+        """The range in words: `from 1 to 20`, `above 0 and at most 1000`."""
+        if not self.low_open and not self.high_open:
+            return f"from {self.low} to {self.high}"
+        low = f"above {self.low}" if self.low_open else f"at least {self.low}"
+        high = f"below {self.high}" if self.high_open else f"at most {self.high}"
+        return f"{low} and {high}"
+
+
 @dataclass(frozen=True)
 class Option:
-    """One method knob: its name, type (the annotation's text), default and help."""
+    """One method knob: its name, type (the annotation's text), default, help and, for a
+    number, the range it allows."""
 
     name: str
     type: str
     default: Any
     help: str = ""
+    range: Range | None = None
 
     def convert(self, value: Any, from_text: bool = False) -> Any:
         """`value` checked against the type (`from_text`: parse a command-line string)."""
@@ -141,9 +205,28 @@ class Option:
             for e in _literal_elements(m)
         ]
 
+    @property
+    def numeric(self) -> bool:
+        """True for an int or float option (`None` may be allowed besides)."""
+        return any(
+            isinstance(m, ast.Name) and m.id in ("int", "float") for m in _members(self.type)
+        )
+
+    def check_range(self, value: Any, method: str) -> None:
+        """Refuse a number outside the option's range (`None`, where allowed, passes)."""
+        if self.range is None or value is None or value in self.range:
+            return
+        kind = "an integer" if "int" in self.type else "a finite number"
+        raise ClipvizError(
+            f"method {method}: option {self.name}={value} is outside {self.range}; pass "
+            f"{kind} {self.range.words()}"
+        )
+
     def describe(self) -> str:
-        """`name: type = default — help`, as `clipviz methods` and errors list it."""
+        """`name: type = default, range [a, b] — help`, as `clipviz methods` and errors list
+        it."""
         text = f"{self.name}: {self.type} = {self.default!r}"
+        text += f", range {self.range}" if self.range else ""
         return f"{text} — {self.help}" if self.help else text
 
 
@@ -214,6 +297,7 @@ class MethodInfo:
                     + (f" (one of {', '.join(map(str, opt.choices))})" if opt.choices else "")
                     + f"; {self.options_text()}"
                 ) from None
+            opt.check_range(bound[key], self.name)
         return bound
 
 
@@ -237,8 +321,36 @@ class Method:
         return self.info.options
 
 
-def signature_options(fn: Callable[..., Any]) -> tuple[Option, ...]:
-    """The options of a method function: its parameters after `FIXED_PARAMETERS`."""
+def with_ranges(
+    options: Sequence[Option], ranges: Mapping[str, str] | None, method: str
+) -> tuple[Option, ...]:
+    """`options` with the ranges of `register(ranges=...)` attached; a range for an option
+    that is not there or not a number, or one its default falls outside, is a TypeError."""
+    ranges = dict(ranges or {})
+    if unknown := set(ranges) - {o.name for o in options}:
+        raise TypeError(f"{method}: ranges for no option {', '.join(map(repr, sorted(unknown)))}")
+    out = []
+    for opt in options:
+        if opt.name not in ranges:
+            out.append(opt)
+            continue
+        if not opt.numeric:
+            raise TypeError(f"{method}: option {opt.name} is not numeric; it takes no range")
+        try:
+            r = Range.parse(ranges[opt.name])
+        except ValueError as e:
+            raise TypeError(f"{method}: option {opt.name}: {e}") from None
+        if opt.default is not None and opt.default not in r:
+            raise TypeError(f"{method}: option {opt.name}'s default {opt.default} is outside {r}")
+        out.append(Option(opt.name, opt.type, opt.default, opt.help, r))
+    return tuple(out)
+
+
+def signature_options(
+    fn: Callable[..., Any], ranges: Mapping[str, str] | None = None
+) -> tuple[Option, ...]:
+    """The options of a method function: its parameters after `FIXED_PARAMETERS`, with the
+    `ranges` its registration declares."""
     params = list(inspect.signature(fn).parameters.values())
     names = tuple(p.name for p in params[: len(FIXED_PARAMETERS)])
     if names != FIXED_PARAMETERS:
@@ -251,7 +363,7 @@ def signature_options(fn: Callable[..., Any]) -> tuple[Option, ...]:
             raise TypeError(f"{fn.__name__}: option {p.name} needs an annotation and a default")
         annotation = p.annotation if isinstance(p.annotation, str) else p.annotation.__name__
         options.append(Option(p.name, annotation, p.default, helps.get(p.name, "")))
-    return tuple(options)
+    return with_ranges(options, ranges, fn.__name__)
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -273,10 +385,13 @@ def register(
     citation: str,
     reference: str,
     needs: dict[str, tuple[str, ...]] | None = None,
+    ranges: dict[str, str] | None = None,
 ) -> Callable[[Callable[..., MapResult]], Callable[..., MapResult]]:
     """Register a method function under `name` (arguments must be literals: `catalog.py`
     reads them from the source). `needs`: per tower family, the adapter capabilities the
-    method reads (see `MethodInfo.needs`)."""
+    method reads (see `MethodInfo.needs`). `ranges`: per int or float option, the finite
+    values it allows as an interval (`"[0, 20]"`, `"(0, 1000]"`), checked when options are
+    bound."""
     if unknown := set(towers) - set(TOWERS):
         raise ValueError(f"unknown towers {unknown}")
     requirements = normalized_needs(needs)
@@ -284,9 +399,8 @@ def register(
     def decorate(fn: Callable[..., MapResult]) -> Callable[..., MapResult]:
         if name in _REGISTRY and _REGISTRY[name].fn.__qualname__ != fn.__qualname__:
             raise ValueError(f"method {name!r} is registered twice")
-        info = MethodInfo(
-            name, summary, citation, reference, towers, signature_options(fn), requirements
-        )
+        options = signature_options(fn, ranges)
+        info = MethodInfo(name, summary, citation, reference, towers, options, requirements)
         _REGISTRY[name] = Method(info, fn)
         return fn
 

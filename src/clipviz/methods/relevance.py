@@ -47,6 +47,7 @@ def attention_graph(
 @register(
     "gae",
     towers=("vit",),
+    ranges={"start_layer": "[-256, 255]"},
     needs={"vit": ("attention", "class_token")},
     summary="Gradient-weighted attention relevance propagated through the ViT blocks",
     citation="Chefer, Gur and Wolf, Generic Attention-model Explainability for Interpreting "
@@ -96,6 +97,7 @@ def gae(
 @register(
     "legrad",
     towers=("vit",),
+    ranges={"layers": "[1, 256]", "correction_threshold": "[0, 1]"},
     needs={"vit": ("attention",)},
     summary="Positive gradients of per-layer similarities w.r.t. the last blocks' attention",
     citation="Bousselham, Boggust, Chaybouti, Strobelt and Kuehne, LeGrad: An Explainability "

@@ -18,6 +18,7 @@ from .registry import MapResult, register
 @register(
     "rollout",
     towers=("vit",),
+    ranges={"start_layer": "[-256, 255]"},
     needs={"vit": ("attention", "class_token")},
     summary="Attention rollout: head-averaged attention with the residual, multiplied through "
     "the blocks (text-agnostic)",

@@ -100,6 +100,7 @@ def sclip(backend: Backend, images: torch.Tensor, texts: Texts) -> MapResult:
 @register(
     "naclip",
     towers=("vit",),
+    ranges={"std": "[0.1, 1000]"},
     needs={"vit": ("attention",)},
     summary="NACLIP: k-k attention with a Gaussian neighbourhood prior in the last block, "
     "without residual or MLP, cosine",
@@ -138,6 +139,7 @@ def naclip(backend: Backend, images: torch.Tensor, texts: Texts, std: float = 5.
 @register(
     "gem",
     towers=("vit",),
+    ranges={"depth": "[1, 256]", "iterations": "[0, 20]", "temperature": "(0, 1000]"},
     needs={"vit": ("attention",)},
     summary="GEM: iterated self-self (q-q, k-k, v-v) attention on a parallel path through the "
     "last 6 blocks, without MLP, cosine",

@@ -132,6 +132,7 @@ def _itsm(
 @register(
     "surgery",
     towers=("vit", "rn"),
+    ranges={"depth": "[1, 256]"},
     needs={"vit": ("attention",)},
     summary="CLIP Surgery: v-v attention in the last blocks plus feature surgery across the texts",
     citation="Yi Li, Hualiang Wang, Yiqun Duan, Jiheng Zhang, Xiaomeng Li: A Closer Look at the "

@@ -169,6 +169,7 @@ def text_span(
 @register(
     "textspan",
     towers=("vit",),
+    ranges={"layers": "[1, 256]"},
     needs={"vit": ("attention", "linear_head")},
     summary="TextSpan decomposition: each head's direct contribution of every patch to the "
     "image-text cosine, summed over the heads of the last 4 blocks; per-head maps kept",
