@@ -25,6 +25,7 @@ from .resnet import ResNetTower, resnet_tower
 from .text import TextCache, Texts, ensemble_templates
 from .text_tower import TextTower
 from .timm_conv import TimmConvTower
+from .timm_kinds import timm_kinds
 from .timm_stage import TimmStageTower, reads_last_stage
 from .timm_vit import TimmRelPosTower, TimmViTTower
 from .vit import ViTTower
@@ -51,16 +52,17 @@ def tower_adapter(visual: Any, memo: Any, name: str) -> Tower:
     if isinstance(visual, HFVision):
         return HFViTTower(visual, memo, name)
     trunk = getattr(visual, "trunk", None)
-    trunk_kind = type(trunk).__name__
-    if trunk_kind in TIMM_VITS:
-        return TimmViTTower(visual, memo, name)
-    if trunk_kind in TIMM_MAPS:
-        if reads_last_stage(trunk):
-            return TimmStageTower(visual, memo, name)
-        return TimmConvTower(visual, memo, name)
-    if trunk_kind == "VisionTransformerRelPos":
-        return TimmRelPosTower(visual, memo, name)
-    what = f"timm {trunk_kind}" if trunk is not None else type(visual).__name__
+    if trunk is not None:  # timm trunks, by exact type (a subclass may change its forward)
+        kinds = timm_kinds()
+        if type(trunk) in kinds.vits:
+            return TimmViTTower(visual, memo, name)
+        if type(trunk) in kinds.maps:
+            if reads_last_stage(trunk):
+                return TimmStageTower(visual, memo, name)
+            return TimmConvTower(visual, memo, name)
+        if type(trunk) in kinds.relpos_vits:
+            return TimmRelPosTower(visual, memo, name)
+    what = f"timm {type(trunk).__name__}" if trunk is not None else type(visual).__name__
     raise ClipvizError(
         f"{name}: the image tower {what} is not supported; `clipviz models` lists the "
         "architectures clipviz explains"
@@ -82,12 +84,6 @@ def tower_family(v: Tower) -> str:
     if isinstance(v, ViTTower) and v.latent is not None:
         return "open_clip ViT, attentional pool"
     return {"vit": "open_clip ViT", "rn": "open_clip ModifiedResNet"}[v.kind]
-
-
-# timm trunks by how clipviz reads them: a token stream with blocks, or a pooled feature map
-# (whose last stage is read as tokens where it is global attention)
-TIMM_VITS = frozenset({"VisionTransformer", "Eva"})
-TIMM_MAPS = frozenset({"ConvNeXt", "FastVit", "SwinTransformer"})
 
 
 @dataclass(eq=False)

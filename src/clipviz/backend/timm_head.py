@@ -9,7 +9,11 @@ from typing import Any
 import torch
 
 from ..errors import ClipvizError
+from .timm_kinds import timm_kinds
 from .vit import attention_probs
+
+# how an attention-pool probe reduces its latents' outputs, as this head reproduces it
+PROBE_POOLS = ("token", "avg")  # the first latent's output; the mean over the latents
 
 
 class TimmHead:
@@ -21,6 +25,25 @@ class TimmHead:
     prefix: int
     pooling: str
     _name: str
+
+    def check_probe(self, pool: Any) -> None:
+        """Refuse an attention pool whose output the head would not reproduce: another module
+        than timm's `AttentionPoolLatent`, position embeddings added to what it attends over
+        (its dense tokens would leave them out), or latents not reduced to one vector."""
+        kind = timm_kinds().probe
+        admitted = type(pool) is kind  # the exact type: a subclass may change its forward
+        if not admitted:
+            why = f"its attention pool {type(pool).__name__} is not timm's {kind.__name__}"
+        elif pool.pos_embed is not None:
+            why = "its attention-pool probe adds position embeddings to the tokens it reads"
+        elif pool.pool not in PROBE_POOLS:
+            why = f"its attention-pool probe returns its latents unpooled (pooling {pool.pool!r})"
+        else:
+            return
+        raise ClipvizError(
+            f"{self._name}: {why}, which clipviz does not reproduce; `clipviz models` lists the "
+            "architectures clipviz explains"
+        )
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         """The trunk's own pooling of normed tokens `[B, prefix + N, W]` -> `[B, W]`
@@ -90,26 +113,33 @@ class TimmHead:
             getattr(self.trunk, "pool_include_prefix", False)
         )
 
+    def _read_latents(self) -> torch.Tensor:
+        """The probe's latents its pooled output reads `[1, latents, C]`: the first alone
+        (`token` pooling) or all (`avg`)."""
+        pool = self.trunk.attn_pool
+        return pool.latent[:, :1] if pool.pool == "token" else pool.latent
+
     def latent_probs(self, tokens: torch.Tensor) -> torch.Tensor:
         """The MAP probe's attention probabilities `[B, heads, latents, L]` over `tokens`
-        (what it attends over, see `pool_input`), recomputed from its own weights."""
+        (what it attends over, see `pool_input`), recomputed from its own weights, for the
+        latents its pooled output reads."""
         pool = self.trunk.attn_pool
         B, N, C = tokens.shape
         H = pool.num_heads
-        q = pool.q(pool.latent.expand(B, -1, -1)).reshape(B, -1, H, C // H).transpose(1, 2)
+        q = pool.q(self._read_latents().expand(B, -1, -1)).reshape(B, -1, H, C // H).transpose(1, 2)
         k = pool.kv(tokens)[..., :C].reshape(B, N, H, C // H).transpose(1, 2)
         q, k = pool.q_norm(q), pool.k_norm(k)
         return attention_probs(q, k)
 
     def pool_from_probs(self, tokens: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-        """The MAP head's output `[B, W]` given its attention `probs` over `tokens` (so a
-        gradient can be taken with respect to the probabilities)."""
+        """The MAP head's output `[B, W]` given its attention `probs` over `tokens` (as
+        `latent_probs` gives them; so a gradient can be taken with respect to them)."""
         pool = self.trunk.attn_pool
         B, N, C = tokens.shape
         H = pool.num_heads
         v = self._probe_values(tokens).reshape(B, N, H, C // H).transpose(1, 2)
         y = self._probe_out((probs @ v).transpose(1, 2).reshape(B, -1, C))
-        return y[:, 0] if getattr(pool, "pool_type", "token") == "token" else y.mean(dim=1)
+        return y[:, 0] if pool.pool == "token" else y.mean(dim=1)
 
     def patch_columns(self, probs: torch.Tensor) -> torch.Tensor:
         """Columns of a probe attention that belong to the patches."""

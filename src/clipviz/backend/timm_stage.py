@@ -19,28 +19,33 @@ import torch.nn.functional as F
 
 from ..errors import ClipvizError
 from .timm_conv import TimmConvTower
+from .timm_kinds import timm_kinds
 from .vit import BlockAttention, Memo
 
 
 def reads_last_stage(trunk: Any) -> bool:
-    """True if every block of the trunk's last stage attends over the whole map: FastViT's
-    attention blocks, or Swin blocks whose one window is the map, unshifted."""
+    """True if every block of the trunk's last stage attends over the whole map with an
+    attention clipviz reproduces: FastViT's attention blocks, or Swin blocks whose one window
+    is the map, unshifted."""
     stages = getattr(trunk, "stages", None) or getattr(trunk, "layers", None)
     blocks = list(getattr(stages[-1], "blocks", [])) if stages else []
-    if not blocks:
+    return bool(blocks) and all(map(_global_attention, blocks))
+
+
+def _global_attention(block: Any) -> bool:
+    """A block and its attention of the exact types clipviz reproduces (`timm_kinds`); a Swin
+    block's window must be the whole map, unshifted."""
+    kinds = timm_kinds()
+    if type(block) not in kinds.stage_blocks:
         return False
-    kind = type(trunk).__name__
-    if kind == "FastVit":
-        return all(type(b).__name__ == "AttentionBlock" for b in blocks)
-    if kind == "SwinTransformer":
-        return all(
-            type(b).__name__ == "SwinTransformerBlock"
-            and not any(b.shift_size)
-            and tuple(b.window_size) == tuple(b.input_resolution)
-            and not b.always_partition
-            for b in blocks
-        )
-    return False
+    if hasattr(block, "token_mixer"):  # FastViT
+        return type(block.token_mixer) in kinds.stage_attention
+    return (
+        type(block.attn) in kinds.stage_attention
+        and not any(block.shift_size)
+        and tuple(block.window_size) == tuple(block.input_resolution)
+        and not block.always_partition
+    )
 
 
 class TimmStageTower(BlockAttention):

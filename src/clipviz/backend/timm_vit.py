@@ -18,11 +18,8 @@ import torch.nn.functional as F
 
 from ..errors import ClipvizError
 from .timm_head import TimmHead
+from .timm_kinds import timm_kinds
 from .vit import BlockAttention, Memo
-
-# timm block classes whose attention clipviz recomputes: norm before (or after) the branches
-PRE_NORM = frozenset({"Block", "EvaBlock", "RelPosBlock"})
-POST_NORM = frozenset({"EvaBlockPostNorm", "ResPostBlock", "ResPostRelPosBlock"})
 
 
 def _resample(pos: torch.Tensor, src: tuple[int, int], grid: tuple[int, int], prefix: int) -> Any:
@@ -34,6 +31,20 @@ def _resample(pos: torch.Tensor, src: tuple[int, int], grid: tuple[int, int], pr
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
+
+
+def _unread(i: int, block: Any) -> str | None:
+    """What clipviz cannot recompute in timm block `i`, in words ("block 0's DiffAttention"),
+    or None: blocks and attention modules are admitted by their exact types (`timm_kinds`)."""
+    kinds = timm_kinds()
+    if type(block) not in kinds.pre_norm | kinds.post_norm:
+        return f"block {i} ({type(block).__name__})"
+    attn = block.attn
+    if type(attn) not in kinds.attention:
+        return f"block {i}'s {type(attn).__name__}"
+    if getattr(attn, "gate", None) is not None:
+        return f"block {i}'s gated {type(attn).__name__}"
+    return None
 
 
 class TimmViTTower(TimmHead, BlockAttention):
@@ -55,12 +66,16 @@ class TimmViTTower(TimmHead, BlockAttention):
             raise ClipvizError(f"{name}: patch embedding {type(pe).__name__} is not supported")
         self._rope_grid: tuple[int, int] | None = None
         pool = getattr(self.trunk, "attn_pool", None)
+        if pool is not None:
+            self.check_probe(pool)
         self.pooling = "map" if pool is not None else str(self.trunk.global_pool or "token")
         # the token a method can read as the image's query over the patches
         self.readout = {"map": "latent", "token": "class"}.get(self.pooling)
         if self.readout == "class" and self.prefix == 0:
             self.readout = None
-        self.explicit_attention = all(self._attention_kind(b) for b in self._blocks)
+        # the first block whose attention clipviz would not recompute faithfully
+        self._unread = next(filter(None, map(_unread, range(self.depth), self._blocks)), None)
+        self.explicit_attention = self._unread is None
         caps = {"attention"} if self.explicit_attention else set()
         if self.readout == "class":
             caps |= {"readout", "class_token"}
@@ -160,27 +175,18 @@ class TimmViTTower(TimmHead, BlockAttention):
             x = self.run_block(i, x)
         return x
 
-    @staticmethod
-    def _attention_kind(block: Any) -> bool:
-        """Blocks whose attention clipviz recomputes: pre- or post-norm, ungated."""
-        attn = getattr(block, "attn", None)
-        if attn is None or getattr(attn, "gate", None) is not None:
-            return False
-        if type(block).__name__ not in PRE_NORM | POST_NORM:
-            return False
-        return hasattr(attn, "qkv") or hasattr(attn, "q_proj")
-
     def _explicit(self, i: int) -> Any:
-        if not self.explicit_attention:
-            kinds = sorted({type(b).__name__ for b in self._blocks})
+        if self._unread is not None:
             raise ClipvizError(
-                f"{self._name}: this method needs explicit attention, which clipviz implements "
-                f"for pre-norm timm ViT and EVA blocks only (not {', '.join(kinds)})"
+                f"{self._name}: this method recomputes each block's attention, and clipviz "
+                f"does not reproduce {self._unread} (it does timm's "
+                f"{timm_kinds().attention_names}, ungated, in its ViT and EVA blocks); "
+                "choose a method that reads no attention"
             )
         return self._blocks[i]
 
     def _post_norm(self, block: Any) -> bool:
-        return type(block).__name__ in POST_NORM
+        return type(block) in timm_kinds().post_norm
 
     def norm1(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """What block `i`'s attention reads: `norm1(x)`, or `x` itself in post-norm blocks."""
