@@ -318,6 +318,28 @@ def test_output_files_follow_the_umask(tmp_path, tiny_weights):
         assert (out / name).stat().st_mode & 0o777 == 0o644, name
 
 
+def test_every_file_train_writes_follows_the_umask(tmp_path, tiny_weights, monkeypatch):
+    from clipviz import files
+    from clipviz.testbed.world import write_captions_csv
+
+    write_captions_csv(tmp_path / "world", 16, seed=3, size=64)
+    out = tmp_path / "run"
+    args = ["train", str(tmp_path / "world" / "captions.csv"), "--out", str(out), "-b", "8",
+            "--steps", "2", "--checkpoint-every", "1", "--workers", "0", "-q",
+            *_args(tiny_weights)]  # fmt: skip
+    old = os.umask(0o022)
+    files._umask.cache_clear()
+    try:
+        result = runner.invoke(app, args)
+    finally:
+        os.umask(old)
+        files._umask.cache_clear()
+    assert result.exit_code == 0, result.output
+    written = {p.name: p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file()}
+    assert {"checkpoint.safetensors", "eclip.safetensors", "metrics.jsonl"} <= set(written)
+    assert written == dict.fromkeys(written, 0o644)
+
+
 # -- configuration errors and prompts ------------------------------------------------------------
 
 

@@ -66,8 +66,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     )
     os.close(fd)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs follow the umask
         yield Path(tmp)
+        # mkstemp makes 0600, and so do writers that write a file of their own and rename
+        # it over ours (safetensors): the finished file follows the umask like any output
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
