@@ -99,6 +99,29 @@ def test_head_maps_are_the_references_spatial_entries_read_by_the_text(vit_backe
     assert result.labels["heads"][0][:2] == [f"L{2 - layers}.H0", f"L{2 - layers}.H1"]
 
 
+def test_textspan_sums_the_heads_of_every_block_by_default(tmp_path):
+    """The authors' spatial map (demo.ipynb, compute_segmentations.py) sums the entries of
+    every layer's heads (`attentions[:, :, 1:].sum(axis=(1, 3))`): here on a tower deeper than
+    the 4 last blocks their head descriptions read."""
+    import json
+
+    from clipviz.backend import load_backend
+
+    config = json.loads((Path(__file__).parent / "configs" / "tiny-vit.json").read_text())
+    config["vision_cfg"]["layers"] = 5
+    path = tmp_path / "deep-vit.json"
+    path.write_text(json.dumps(config))
+    torch.manual_seed(0)
+    b = load_backend(model_config=path, pretrained="random", device="cpu", text_cache=False)
+    x = _batch(b)
+    texts = _texts(b, PROMPTS)
+    heads, _, _ = _prs_decomposition(copy.deepcopy(b.model).double(), x)  # [B, 5, M, H, D]
+    expected = torch.einsum("blmhd,td->btm", heads[:, :, 1:], texts.embeddings.double())
+    result = textspan(b, x, texts)
+    torch.testing.assert_close(result.maps.flatten(2), expected.float(), atol=1e-5, rtol=1e-4)
+    assert result.labels["heads"][0][0] == "L0.H0" and len(result.labels["heads"][0]) == 5 * 3
+
+
 def test_textspan_needs_a_linear_class_token_head(family_backends):
     b = family_backends("map")
     with pytest.raises(ClipvizError, match="textspan"):
@@ -109,7 +132,7 @@ def test_textspan_runs_on_transformers_clip(family_backends):
     b = family_backends("hf-clip")
     e = explain(b, _batch(b), PROMPTS, method="textspan", ensemble=False)
     heads = b.vit.heads
-    assert e.extras["head_maps"].shape[:3] == (2, 3, min(4, b.vit.depth) * heads)
+    assert e.extras["head_maps"].shape[:3] == (2, 3, b.vit.depth * heads)
     torch.testing.assert_close(e.maps, e.extras["head_maps"].sum(dim=2))
     assert not torch.allclose(e.extras["head_maps"][:, :, 0], e.extras["head_maps"][:, :, 1])
 

@@ -39,7 +39,12 @@ def heads(
     ] = None,
     vocabulary: VocabularyOpt = "default",
     layers: Annotated[
-        int, typer.Option("--layers", "-l", help="describe the heads of the last L blocks")
+        int,
+        typer.Option(
+            "--layers",
+            "-l",
+            help="describe the heads of the last L blocks (4, as the authors' descriptions)",
+        ),
     ] = 4,
     per_head: Annotated[int, typer.Option("--per-head", "-k", help="texts chosen per head")] = 10,
     rank: Annotated[

@@ -1,5 +1,5 @@
-"""TextSpan's decomposition: the direct contribution of every attention head of the last
-blocks to the image embedding, by source token (Gandelsman, Efros, Steinhardt).
+"""TextSpan's decomposition: the direct contribution of every attention head (of every block,
+or of the last ones) to the image embedding, by source token (Gandelsman, Efros, Steinhardt).
 
 The class token's output is a sum of what each block's heads and MLP added to it. With the
 final `ln_post` linearised at the image's own statistics (mean μ and `σ = √(var + eps)` of
@@ -21,8 +21,6 @@ from ..backend import Backend, Texts, TimmViTTower
 from ..backend.vit import attention_probs
 from ..errors import ClipvizError
 from .registry import MapResult, register
-
-TEXTSPAN_LAYERS = 4  # the reference README's `--num_of_last_layers` for ViT-B/L/H
 
 
 @dataclass(frozen=True)
@@ -172,27 +170,27 @@ def text_span(
     ranges={"layers": "[1, 256]"},
     needs={"vit": ("attention", "linear_head")},
     summary="TextSpan decomposition: each head's direct contribution of every patch to the "
-    "image-text cosine, summed over the heads of the last 4 blocks; per-head maps kept",
+    "image-text cosine, summed over the heads of every block; per-head maps kept",
     citation="Yossi Gandelsman, Alexei A. Efros, Jacob Steinhardt: Interpreting CLIP's Image "
     "Representation via Text-Based Decomposition, ICLR 2024",
     reference="yossigandelsman/clip_text_span, prs_hook.py (compute_attentions_spatial, "
-    "_normalize_attentions_spatial), utils/transformer.py (forward_per_head), demo.ipynb",
+    "_normalize_attentions_spatial), utils/transformer.py (forward_per_head), demo.ipynb and "
+    "compute_segmentations.py (the spatial map: every layer's heads summed)",
 )
 def textspan(
     backend: Backend, images: Tensor, texts: Texts, layers: int | None = None
 ) -> MapResult:
     """TextSpan: `Σ_{l, h} entry[l, h, m] · text` over the heads of the last `layers` blocks.
 
-    layers: the last blocks decomposed; None: the reference README's 4, or every block of a
-        shallower tower.
+    layers: the last blocks decomposed; None: every block, as the authors' spatial maps
+        (demo.ipynb, compute_segmentations.py); 4 is their head descriptions' setting
+        (`compute_complete_text_set.py --num_of_last_layers 4`, `clipviz heads`).
 
     The per-head maps are kept as `head_maps` `[B, T, layers·heads, h, w]` (labels `heads`,
     "L<block>.H<head>"). The class token's own source entry is left out of the maps.
     """
     vit = backend.vit
-    reads = read_heads(
-        backend, images, min(TEXTSPAN_LAYERS, vit.depth) if layers is None else layers
-    )
+    reads = read_heads(backend, images, vit.depth if layers is None else layers)
     entries = head_maps(backend, reads, texts.embeddings.to(images.device))
     patches = entries[..., vit.prefix :]  # [B, T, blocks·heads, N]
     h, w = backend.grid_size(images)
