@@ -429,6 +429,39 @@ def test_blank_prompts_exit_2_and_long_ones_are_warned_about_once(tmp_path, tiny
     assert "and 1 more" in result.output
 
 
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"a dog\n\x01\x02\x1b\n", "1 blank prompt"),
+        (b"a dog\n\xe2\x80\x8b\x7f \n", "1 blank prompt"),  # zero-width space, DEL
+        (b"a dog\nca\x00t\n", "holds a NUL byte"),
+    ],
+)
+def test_prompts_of_control_characters_or_with_a_nul_exit_2(
+    tmp_path, tiny_weights, content, message
+):
+    random_image(0).save(tmp_path / "a.png")
+    (tmp_path / "prompts.txt").write_bytes(content)
+    result = runner.invoke(app, ["explain", str(tmp_path / "a.png"), "--prompts-file",
+                                 str(tmp_path / "prompts.txt"), "-o", str(tmp_path / "o"),
+                                 *_args(tiny_weights)])  # fmt: skip
+    _one_line_error(result, 2, message)
+    assert not (tmp_path / "o" / "a.png").exists()
+
+
+def test_the_library_refuses_blank_and_nul_prompts_before_encoding(vit_backend, monkeypatch):
+    import clipviz
+    from clipviz import ClipvizError
+
+    monkeypatch.setattr(vit_backend, "encode_texts", lambda *a, **k: pytest.fail("encoded"))
+    image = torch.zeros(1, 3, 32, 32)
+    for prompts, message in ((["a dog", "\x07"], "1 blank prompt"),
+                             (["a\x00dog"], "holds a NUL byte")):  # fmt: skip
+        with pytest.raises(ClipvizError, match=message) as e:
+            clipviz.explain(vit_backend, image, prompts)
+        assert e.value.exit_code == 2
+
+
 def test_prompt_embeddings_are_cached_chunk_by_chunk(vit_backend, monkeypatch):
     from clipviz.backend import text
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,6 +78,28 @@ class Explanation:
         return figure_png(self, 0)
 
 
+def _blank(prompt: str) -> bool:
+    """True for a prompt with no text: empty, or only spaces and control or format characters
+    (such as escape codes or zero-width spaces)."""
+    return all(c.isspace() or unicodedata.category(c) in ("Cc", "Cf") for c in prompt)
+
+
+def check_prompt_text(prompts: Sequence[str], hint: str = "") -> None:
+    """Refuse blank prompts and any holding a NUL byte (a binary or corrupt file read as
+    prompts), in one line. hint: added to the blank prompts' message, e.g. where to look."""
+    if nul := [p for p in prompts if "\0" in p]:
+        shown = nul[0].replace("\0", "\\0")[:40]
+        raise ClipvizError(
+            f"prompt {shown!r} holds a NUL byte: not text (is the prompts file a binary or "
+            "corrupt file?); pass prompts as plain text"
+        )
+    if blank := [p for p in prompts if _blank(p)]:
+        raise ClipvizError(
+            f"{len(blank)} blank prompt(s) given (empty, or only spaces or control "
+            f"characters); every prompt needs some text{hint}"
+        )
+
+
 def to_batch(backend: Backend, images: torch.Tensor | Sequence[Image.Image]) -> torch.Tensor:
     if isinstance(images, torch.Tensor):
         return images[None] if images.dim() == 3 else images
@@ -108,6 +131,7 @@ def explain(
         prompts = [str(p) for p in prompts]  # type: ignore[union-attr]
         if not prompts:
             raise ClipvizError("no prompts given; pass at least one text to explain")
+        check_prompt_text(prompts)
         texts = backend.encode_texts(prompts, ensemble=ensemble)
     batch = to_batch(backend, images).to(backend.device, non_blocking=True)
     result = spec.fn(backend, batch, texts, **bound)

@@ -224,17 +224,13 @@ def load(
 
 
 def unique_prompts(prompts: list[str]) -> list[str]:
-    """The prompts once each, in order, with a warning for repeats; blank ones refused
-    (their files and scores are keyed by the prompt's text)."""
+    """The prompts once each, in order, with a warning for repeats; blank ones and any with a
+    NUL byte refused (their files and scores are keyed by the prompt's text)."""
     from collections import Counter
 
-    from ..errors import ClipvizError
+    from ..explanation import check_prompt_text
 
-    if blank := [p for p in prompts if not p.strip()]:
-        raise ClipvizError(
-            f"{len(blank)} blank prompt(s) given; every prompt needs some text (check the "
-            "prompts file for empty quotes)"
-        )
+    check_prompt_text(prompts, " (check the prompts file for empty quotes)")
     for prompt, n in Counter(prompts).items():
         if n > 1:
             err_console.print(
