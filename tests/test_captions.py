@@ -50,6 +50,30 @@ def test_csv_bad_rows_are_skipped_and_counted_by_reason(tmp_path):
     assert describe_skipped(data.skipped) == "1 empty caption, 1 malformed row, 2 missing image"
 
 
+def test_a_caption_over_128_kb_or_an_image_name_too_long_is_one_skipped_row(tmp_path):
+    import csv
+
+    _png(tmp_path / "a.png")
+    huge = "a red square " * 11_000  # 143,000 characters, past csv's 131,072 field limit
+    (tmp_path / "pairs.csv").write_text(
+        "image,caption\n"
+        "a.png,a red square\n"
+        f'a.png,"{huge}\non two lines"\n'
+        f"{'x' * 300}.png,a long name\n"  # longer than a file name may be
+        "a.png,a blue square\n",
+        encoding="utf-8",
+    )
+    limit = csv.field_size_limit()
+    data = read_captions(tmp_path / "pairs.csv")
+    assert data.captions == ["a red square", "a blue square"]
+    assert dict(data.skipped) == {"caption too long": 1, "missing image": 1}
+    assert csv.field_size_limit() == limit
+    rows = [{"image": "a.png", "caption": ["a cat", huge]}, {"image": "a.png", "caption": "a dog"}]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(map(json.dumps, rows)), encoding="utf-8")
+    data = read_captions(tmp_path / "pairs.jsonl")
+    assert data.captions == ["a cat", "a dog"] and dict(data.skipped) == {"caption too long": 1}
+
+
 def test_tsv_and_csv_need_a_header_naming_both_columns(tmp_path):
     _png(tmp_path / "a.png")
     (tmp_path / "pairs.tsv").write_text("image\tcaption\na.png\ta, b and c\n", encoding="utf-8")

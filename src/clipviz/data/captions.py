@@ -16,19 +16,22 @@ Formats (`fmt="auto"` picks by the path: a folder, `.jsonl`, `.json`, `.tsv`, el
   the sidecar's whole text is the caption.
 
 Bad rows never stop a read: they are skipped and counted by reason in `CaptionSet.skipped`
-(`missing image`, `empty caption`, `malformed row`, `no caption file`). Images that exist but
+(`missing image`, `empty caption`, `caption too long` (over `MAX_CAPTION_CHARS`),
+`malformed row`, `no caption file`). Images that exist but
 cannot be decoded are found when training loads them (`CaptionImages` returns the error
 instead of raising) and counted as `unreadable image` there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import json
+import os
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -44,8 +47,12 @@ CAPTION_COLUMNS = ("caption", "text")
 
 MISSING_IMAGE = "missing image"
 EMPTY_CAPTION = "empty caption"
+CAPTION_TOO_LONG = "caption too long"
 MALFORMED_ROW = "malformed row"
 NO_CAPTION_FILE = "no caption file"
+# 128 KiB, the csv module's default field limit: a text tower reads 77 tokens or so, and a
+# caption this long is a broken row (a lost quote swallowing the file), not a description
+MAX_CAPTION_CHARS = 131_072
 
 
 @dataclass
@@ -148,12 +155,26 @@ def _resolve(base: Path, name: str) -> Path:
 def _add_checked(out: CaptionSet, image: Path | None, caption: Any) -> None:
     """Add one pair, or count why not."""
     text = normalize_caption(caption)
-    if image is None or not image.is_file():
+    # os.path.isfile: a name too long for the file system or holding a NUL is not a file
+    if image is None or not os.path.isfile(image):
         out.skipped[MISSING_IMAGE] += 1
     elif not text:
         out.skipped[EMPTY_CAPTION] += 1
+    elif len(text) > MAX_CAPTION_CHARS:
+        out.skipped[CAPTION_TOO_LONG] += 1
     else:
         out.add(image, text)
+
+
+@contextlib.contextmanager
+def _field_limit(limit: int) -> Iterator[None]:
+    """Let the csv module read fields up to `limit` characters (its default refuses a whole
+    file for one field over 128 KiB); the old limit is restored after."""
+    old = csv.field_size_limit(max(limit, csv.field_size_limit()))
+    try:
+        yield
+    finally:
+        csv.field_size_limit(old)
 
 
 def _pick(names: Iterable[str], choices: tuple[str, ...]) -> str | None:
@@ -164,25 +185,27 @@ def _pick(names: Iterable[str], choices: tuple[str, ...]) -> str | None:
 def _read_table(path: Path, text: str, fmt: str, base: Path) -> CaptionSet:
     first = text.split("\n", 1)[0]
     delimiter = "\t" if fmt == "tsv" or ("\t" in first and "," not in first) else ","
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
-    header = reader.fieldnames or []
-    image_col, caption_col = _pick(header, IMAGE_COLUMNS), _pick(header, CAPTION_COLUMNS)
-    if image_col is None or caption_col is None:
-        raise ClipvizError(
-            f"{path}: the first row must be a header naming an image column "
-            f"({'/'.join(IMAGE_COLUMNS)}) and a caption column ({'/'.join(CAPTION_COLUMNS)}); "
-            f"found {', '.join(header) or 'nothing'}"
-        )
     out = CaptionSet(path, "tsv" if delimiter == "\t" else "csv")
-    try:
-        for row in reader:
-            if None in row or row.get(image_col) is None or row.get(caption_col) is None:
-                out.skipped[MALFORMED_ROW] += 1  # too many or too few fields
-                continue
-            name = row[image_col].strip()
-            _add_checked(out, _resolve(base, name) if name else None, row[caption_col])
-    except csv.Error as e:
-        raise ClipvizError(f"{path}: not a readable {out.format.upper()} file ({e})") from e
+    # no field is longer than the file: a long one is read whole and judged as a row
+    with _field_limit(len(text) + 1):
+        try:
+            reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+            header = reader.fieldnames or []
+            image_col, caption_col = _pick(header, IMAGE_COLUMNS), _pick(header, CAPTION_COLUMNS)
+            if image_col is None or caption_col is None:
+                raise ClipvizError(
+                    f"{path}: the first row must be a header naming an image column "
+                    f"({'/'.join(IMAGE_COLUMNS)}) and a caption column "
+                    f"({'/'.join(CAPTION_COLUMNS)}); found {', '.join(header)[:200] or 'nothing'}"
+                )
+            for row in reader:
+                if None in row or row.get(image_col) is None or row.get(caption_col) is None:
+                    out.skipped[MALFORMED_ROW] += 1  # too many or too few fields
+                    continue
+                name = row[image_col].strip()
+                _add_checked(out, _resolve(base, name) if name else None, row[caption_col])
+        except csv.Error as e:
+            raise ClipvizError(f"{path}: not a readable {out.format.upper()} file ({e})") from e
     return out
 
 
