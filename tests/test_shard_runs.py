@@ -301,3 +301,153 @@ def test_the_reader_thread_stays_a_few_samples_ahead_and_stops_when_closed():
     assert closed.wait(5) and not any(
         t.name == "clipviz-shard-reader" for t in threading.enumerate()
     )
+
+
+# -- hostile shards: every member accounted for, nothing read unbounded, outputs complete -----
+
+
+def _hostile_shard(path, entries):
+    """entries: (name, bytes) for a regular member, (name, tarfile.SYMTYPE or LNKTYPE, target)
+    for a link; names may hold undecodable bytes as surrogates, as tarfile reads them."""
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for name, *rest in entries:
+            info = tarfile.TarInfo(name)
+            if len(rest) == 2:
+                info.type, info.linkname = rest
+                tar.addfile(info)
+            else:
+                info.size = len(rest[0])
+                tar.addfile(info, io.BytesIO(rest[0]))
+    return path
+
+
+def _table_and_members(out, name="00000"):
+    rows = pq.read_table(out / "shards" / f"{name}.parquet").to_pylist()
+    with tarfile.open(out / "shards" / f"{name}.tar") as tar:
+        maps = {m.name: np.load(io.BytesIO(tar.extractfile(m).read())) for m in tar}
+    return rows, maps
+
+
+def test_a_key_met_again_later_in_the_shard_is_a_failed_row_and_keeps_the_first_maps(
+    tmp_path, tiny_weights, vit_backend
+):
+    first, other, again = (random_image(s, (72, 56)) for s in (1, 2, 3))
+    png = {}
+    for name, image in (("first", first), ("other", other), ("again", again)):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        png[name] = buffer.getvalue()
+    shard = _hostile_shard(tmp_path / "00000.tar", [
+        ("1.png", png["first"]), ("1.txt", b"first"), ("2.png", png["other"]),
+        ("1.png", png["again"]), ("1.txt", b"again"),
+    ])  # fmt: skip
+    out = tmp_path / "out"
+    assert _explain_cli(str(shard), out, tiny_weights).exit_code == 1
+    rows, maps = _table_and_members(out)
+    assert [(r["key"], r["status"], r["caption"]) for r in rows] == [
+        ("1", "ok", "first"), ("2", "ok", None), ("1", "failed", "again")
+    ]  # fmt: skip
+    assert rows[2]["error"] == "key appears twice in the shard; only its first sample is explained"
+    assert list(maps) == ["1.maps.npy", "2.maps.npy"]
+    want = explain(vit_backend, [first, other], PROMPTS, "itsm", ensemble=False).maps.numpy()
+    np.testing.assert_allclose(maps["1.maps.npy"], want[0], rtol=1e-3, atol=1e-3)
+
+
+def test_link_members_are_failed_rows_not_read(tmp_path, tiny_weights):
+    shard = _hostile_shard(tmp_path / "00000.tar", [
+        ("0.png", _png(0)), ("1.png", tarfile.SYMTYPE, "/etc/passwd"), ("1.txt", b"one"),
+        ("2.png", tarfile.LNKTYPE, "0.png"), ("3.png", _png(3)),
+    ])  # fmt: skip
+    out = tmp_path / "out"
+    assert _explain_cli(str(shard), out, tiny_weights).exit_code == 1
+    rows, maps = _table_and_members(out)
+    assert [(r["key"], r["status"], r["error"]) for r in rows] == [
+        ("0", "ok", None),
+        ("1", "failed", "member 1.png is a link; not read"),
+        ("2", "failed", "member 2.png is a link; not read"),
+        ("3", "ok", None),
+    ]
+    assert rows[1]["caption"] == "one" and list(maps) == ["0.maps.npy", "3.maps.npy"]
+
+
+def test_members_named_outside_the_shard_are_failed_rows_and_the_run_goes_on(tmp_path,
+                                                                             tiny_weights):  # fmt: skip
+    root = tmp_path / "data"
+    root.mkdir()
+    _hostile_shard(root / "00000.tar", [
+        ("0.png", _png(0)), ("../../x.jpg", _png(1)), ("../../x.txt", b"up"),
+        ("/abs.jpg", _png(2)), ("a/../../b.png", _png(3)), ("4.png", _png(4)),
+    ])  # fmt: skip
+    _hostile_shard(root / "00001.tar", [("5.png", _png(5))])
+    out = tmp_path / "out"
+    for _ in range(2):  # the second run skips both shards: they are done
+        result = _explain_cli(str(root / "*.tar"), out, tiny_weights)
+        assert result.exit_code == 1, result.output
+    rows, maps = _table_and_members(out)
+    escape = "its name is absolute or holds '..'; not read"
+    assert [(r["key"], r["status"], r["error"]) for r in rows] == [
+        ("0", "ok", None),
+        ("../../x", "failed", f"member ../../x.jpg: {escape}; member ../../x.txt: {escape}"),
+        ("/abs", "failed", f"member /abs.jpg: {escape}"),
+        ("a/../../b", "failed", f"member a/../../b.png: {escape}"),
+        ("4", "ok", None),
+    ]
+    assert list(maps) == ["0.maps.npy", "4.maps.npy"]
+    assert sorted(r["status"] for r in latest_records(out).values()) == ["skipped", "skipped"]
+    assert _table_and_members(out, "00001")[0][0]["status"] == "ok"
+
+
+def test_undecodable_member_names_become_escaped_keys_alike_in_tar_and_table(tmp_path,
+                                                                             tiny_weights):  # fmt: skip
+    from urllib.parse import unquote_to_bytes
+
+    shard = _hostile_shard(tmp_path / "00000.tar", [
+        ("caf\udce9.png", _png(0)), ("caf\udce9.txt", b"latin-1 name"), ("50%.png", _png(1)),
+        ("caf\u00e9.png", _png(2)), ("7.t\udcffxt", b"no image"),
+    ])  # fmt: skip
+    out = tmp_path / "out"
+    result = _explain_cli(str(shard), out, tiny_weights)
+    assert result.exit_code == 1, result.output  # sample 7 has no image
+    rows, maps = _table_and_members(out)
+    assert [(r["key"], r["status"]) for r in rows] == [
+        ("caf%E9", "ok"), ("50%25", "ok"), ("caf\u00e9", "ok"), ("7", "failed")
+    ]  # fmt: skip
+    assert rows[0]["caption"] == "latin-1 name"
+    assert rows[3]["error"] == "no image in this sample (members: t%FFxt)"
+    assert list(maps) == [f"{r['key']}.maps.npy" for r in rows[:3]]
+    assert [unquote_to_bytes(r["key"]) for r in rows] == [
+        b"caf\xe9", b"50%", "caf\u00e9".encode(), b"7"
+    ]  # fmt: skip
+
+
+def test_members_above_their_size_cap_fail_unread_and_long_captions_are_cut(tmp_path,
+                                                                           tiny_weights):  # fmt: skip
+    from clipviz.data import shards as shard_data
+
+    over = shard_data.SIDECAR_MAX_BYTES + 200_000
+    big_image = b"\xff\xd8" + bytes(1 << 21)  # 2 MB, not read: no "not an image" for it
+    shard = _hostile_shard(tmp_path / "00000.tar", [
+        ("0.png", _png(0)), ("0.txt", b"w" * over),
+        ("1.png", _png(1)), ("1.json", b"[" * over), ("1.txt", b"one"),
+        ("2.jpg", big_image), ("2.txt", b"two"),
+        ("3.png", _png(3)), ("3.txt", "\u00fc".encode() * 50_000), ("3.mp4", b"v" * over),
+    ])  # fmt: skip
+    out = tmp_path / "out"
+    # 4,032 pixels per image here: 4,100 allow them, and cap an image member near 1 MB
+    result = _explain_cli(str(shard), out, tiny_weights, "--max-pixels", "4100")
+    assert result.exit_code == 1, result.output
+    rows, maps = _table_and_members(out)
+    assert [(r["key"], r["status"]) for r in rows] == [
+        ("0", "failed"), ("1", "failed"), ("2", "failed"), ("3", "ok")
+    ]  # fmt: skip
+    sidecar = "4.2 MB, above the 4.0 MB a .txt or .json may be; not read"
+    assert rows[0]["error"] == f"member 0.txt is {sidecar}" and rows[0]["caption"] is None
+    assert rows[1]["error"] == f"member 1.json is {sidecar}" and rows[1]["caption"] == "one"
+    assert rows[2]["error"] == (
+        "member 2.jpg is 2.1 MB, above the 1.1 MB an image may be with `max_pixels` 4100; "
+        "not read (raise `max_pixels`)"
+    )
+    assert rows[2]["caption"] == "two" and list(maps) == ["3.maps.npy"]
+    caption = rows[3]["caption"]  # cut; the unused .mp4 beside it is not read, whatever its size
+    assert len(caption) == shard_data.CAPTION_MAX_CHARS
+    assert caption == "\u00fc" * (len(caption) - 1) + "\u2026"

@@ -185,7 +185,7 @@ def test_keys_keep_their_folders_and_extensions_are_lower_case(tmp_path):
     assert samples[3].error == "no image in this sample (members: seg.png)"
 
 
-def test_links_folders_and_hidden_members_are_ignored(tmp_path):
+def test_folders_and_hidden_members_are_ignored_and_links_or_devices_fail_their_sample(tmp_path):
     path = tmp_path / "s.tar"
     with tarfile.open(path, "w") as tar:
         folder = tarfile.TarInfo("d")
@@ -198,10 +198,21 @@ def test_links_folders_and_hidden_members_are_ignored(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+        fifo = tarfile.TarInfo("2.png")
+        fifo.type = tarfile.FIFOTYPE
+        tar.addfile(fifo)
+        for i in range(12):  # a sample of many links names the first few
+            many = tarfile.TarInfo(f"3.{i}.png")
+            many.type, many.linkname = tarfile.LNKTYPE, "1.txt"
+            tar.addfile(many)
     samples = list(read_shard(path))
-    assert samples == [
-        ShardSample("1", caption="one", error="no image in this sample (members: txt)")
+    assert samples[:2] == [
+        ShardSample("1", caption="one", error="member 1.png is a link; not read"),
+        ShardSample("2", error="member 2.png is not a regular file; not read"),
     ]
+    assert samples[2].error == "; ".join(
+        [f"member 3.{i}.png is a link; not read" for i in range(8)] + ["and 4 more"]
+    )
 
 
 def test_a_sample_without_an_image_says_what_it_has(tmp_path):

@@ -19,7 +19,7 @@ from typing import Any, Self
 
 from ..errors import ClipvizError
 from ..files import atomic_path
-from .images import IMAGE_EXTENSIONS
+from .images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS
 
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 # A typo such as {0..99999999} should fail at once, not fill the memory with names.
@@ -32,6 +32,16 @@ _IMAGE_EXTS = frozenset(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
 # What a damaged or unreadable stream raises; tarfile turns decompression errors into its own.
 _STREAM_ERRORS = (OSError, EOFError, tarfile.TarError)
 _HEADER_ENDS = {"EmptyHeaderError": "the file ends without the tar end-of-archive marker"}
+# A member a sample uses is read whole: a caption or metadata file up to this size, an image up
+# to what `max_pixels` lets it be (`image_byte_limit`). Larger ones fail their sample unread.
+SIDECAR_MAX_BYTES = 4_000_000
+_SIDECARS = frozenset({"txt", "json"})
+# an encoded image's bytes per pixel at most (16-bit RGBA or CMYK, stored), plus its metadata
+_IMAGE_BYTES_PER_PIXEL = 8
+_IMAGE_HEADROOM = 1 << 20
+# the caption column holds this many characters at most (CLIP reads 77 tokens of it)
+CAPTION_MAX_CHARS = 2000
+_TWICE = "key appears twice in the shard; only its first sample is explained"
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -85,10 +95,38 @@ def shard_paths(spec: str) -> list[Path]:
     return [Path(p) for p in dict.fromkeys(found)]
 
 
+def escape_name(text: str) -> str:
+    """A member name (undecodable bytes as surrogates, as tarfile reads them) as UTF-8 text,
+    reversibly: `%` becomes `%25` and each byte that is not UTF-8 `%XX`, so that
+    `urllib.parse.unquote_to_bytes` gives back the name's bytes."""
+    if "%" not in text and text.isascii():
+        return text
+    return "".join(_escape_char(c) for c in text)
+
+
+def _escape_char(c: str) -> str:
+    if c == "%":
+        return "%25"
+    if "\udc80" <= c <= "\udcff":  # the byte tarfile could not decode (surrogateescape)
+        return f"%{ord(c) - 0xDC00:02X}"
+    return c
+
+
+def _leaves_shard(name: str) -> bool:
+    """Whether member `name`, extracted, would land outside the folder it is extracted in."""
+    return name.startswith("/") or ".." in name.split("/")
+
+
+def image_byte_limit(max_pixels: int) -> int:
+    """The most bytes an encoded image of at most `max_pixels` pixels is read with."""
+    return _IMAGE_BYTES_PER_PIXEL * max_pixels + _IMAGE_HEADROOM
+
+
 @dataclass
 class ShardSample:
     """The members of a shard sharing `key` (the name up to the first dot of its file name,
-    folders kept); `ext` is the image's, in lower case; `error` says why it is unusable."""
+    folders kept, escaped by `escape_name`); `ext` is the image's, in lower case; `error`
+    says why it is unusable."""
 
     key: str
     image: bytes | None = None
@@ -122,62 +160,131 @@ def _reason(e: BaseException) -> str:
     return " ".join(text.split()) or type(e).__name__
 
 
-def read_shard(path: Path) -> Iterator[ShardSample]:
+@dataclass
+class _Member:
+    """A member of the sample being read: `data` only if the sample uses it and it could be
+    read, `problem` if the member fails its sample."""
+
+    ext: str  # lower case, escaped
+    data: bytes | None = None
+    problem: str | None = None
+
+
+def read_shard(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[ShardSample]:
     """Stream the samples of one tar shard in tar order, never seeking nor extracting.
 
+    Only the members a sample uses are read (its image, first `.txt` and first `.json`), each
+    up to its size limit; a larger one, a link, a device, a name that would land outside the
+    shard's folder, or a key met again after other samples makes a sample with an `error`.
     A damaged shard yields the samples completed before the damage (not the one being read:
     it may lack members), then one `<name>#damaged` sample whose `error` says why; a shard
     that cannot be opened yields one `<name>#unreadable` sample."""
     path = Path(path)
+    shard = escape_name(path.name)
     try:
         tar = _WatchedTar.open(path, "r|*", tarinfo=_WatchedInfo)
     except _STREAM_ERRORS as e:
-        yield ShardSample(f"{path.name}#unreadable", error=f"shard cannot be read: {_reason(e)}")
+        yield ShardSample(f"{shard}#unreadable", error=f"shard cannot be read: {_reason(e)}")
         return
     done, key, damage = 0, "", None
-    parts: list[tuple[str, bytes]] = []  # (extension, bytes) of the sample being read
+    parts: list[_Member] = []  # the members of the sample being read
+    taken: set[str] = set()  # what of it is read: "image", "txt", "json"
+    seen: set[str] = set()  # the keys of the samples before it
     with tar:
         try:
             while (info := tar.next()) is not None:
                 tar.members.clear()  # stream mode would keep every header of the shard
                 name = info.name.removeprefix("./")
                 base = posixpath.basename(name)
-                if not info.isreg() or base.startswith((".", "__")):
+                if info.isdir() or base.startswith((".", "__")):
                     continue
                 stem, _, ext = base.partition(".")
-                member_key = posixpath.join(posixpath.dirname(name), stem)
+                member_key = escape_name(posixpath.join(posixpath.dirname(name), stem))
                 if parts and member_key != key:
-                    yield _assemble(key, parts)
-                    done, parts = done + 1, []
+                    yield _assemble(key, parts, seen)
+                    done, parts, taken = done + 1, [], set()
                 key = member_key
-                member = tar.extractfile(info)
-                parts.append((ext.lower(), member.read() if member else b""))
+                parts.append(_take(tar, info, name, ext.lower(), taken, max_pixels))
         except _STREAM_ERRORS as e:
             damage = _reason(e)
     damage = damage or tar.unclean_end
     if damage is not None:
-        why = f"shard is truncated or corrupt after {done} samples: {damage}"
-        yield ShardSample(f"{path.name}#damaged", error=why)
+        why = f"shard is truncated or corrupt after {done} samples: {escape_name(damage)}"
+        yield ShardSample(f"{shard}#damaged", error=why)
     elif parts:
-        yield _assemble(key, parts)
+        yield _assemble(key, parts, seen)
 
 
-def _assemble(key: str, parts: list[tuple[str, bytes]]) -> ShardSample:
-    """One sample from its members' (extension, bytes): the image, caption and metadata."""
-    sample = ShardSample(key)
-    images = [(ext, data) for ext, data in parts if ext in _IMAGE_EXTS]
-    first = dict(reversed(parts))  # extension -> bytes of its first member
-    problems: list[str] = []
-    if len(images) == 1:
-        sample.ext, sample.image = images[0]
-    elif not images:
-        members = ", ".join(ext or "(no extension)" for ext, _ in parts)
-        problems.append(f"no image in this sample (members: {members})")
+def _take(
+    tar: tarfile.TarFile,
+    info: tarfile.TarInfo,
+    name: str,
+    ext: str,
+    taken: set[str],
+    max_pixels: int,
+) -> _Member:
+    """Member `info`, read if its sample uses it: its first image, `.txt` and `.json` (what
+    `taken` does not hold yet; it is added)."""
+    shown, member = escape_name(name), _Member(escape_name(ext))
+    kind = "image" if ext in _IMAGE_EXTS else ext
+    used = kind in ("image", *_SIDECARS) and kind not in taken
+    taken.add(kind)
+    limit = image_byte_limit(max_pixels) if kind == "image" else SIDECAR_MAX_BYTES
+    if info.islnk() or info.issym():
+        member.problem = f"member {shown} is a link; not read"
+    elif not info.isreg():
+        member.problem = f"member {shown} is not a regular file; not read"
+    elif _leaves_shard(name):
+        member.problem = f"member {shown}: its name is absolute or holds '..'; not read"
+    elif not used:
+        return member  # left unread
+    elif info.size > limit:
+        what = (
+            f"an image may be with `max_pixels` {max_pixels}; not read (raise `max_pixels`)"
+            if kind == "image"
+            else "a .txt or .json may be; not read"
+        )
+        member.problem = (
+            f"member {shown} is {_megabytes(info.size)}, above the {_megabytes(limit)} {what}"
+        )
     else:
-        count = "two" if len(images) == 2 else str(len(images))
-        problems.append(f"{count} images in one sample: {', '.join(e for e, _ in images)}")
+        reader = tar.extractfile(info)
+        member.data = reader.read() if reader else b""
+    return member
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
+def _listing(items: list[str], sep: str, most: int = 8) -> str:
+    """`items` joined by `sep`, each once, the first `most` of them and how many more."""
+    distinct = list(dict.fromkeys(items))
+    more = f"{sep}and {len(distinct) - most} more" if len(distinct) > most else ""
+    return sep.join(distinct[:most]) + more
+
+
+def _assemble(key: str, parts: list[_Member], seen: set[str]) -> ShardSample:
+    """One sample from its members: the image, caption and metadata, or why it fails."""
+    sample = ShardSample(key)
+    images = [m for m in parts if m.ext in _IMAGE_EXTS]
+    first = {m.ext: m.data for m in reversed(parts) if m.data is not None}  # ext -> its bytes
+    problems = [m.problem for m in parts if m.problem is not None]
+    if key in seen:
+        problems.insert(0, _TWICE)
+    seen.add(key)
+    if not problems:  # else they are the reason, and the images are not looked at
+        if len(images) == 1:
+            sample.ext, sample.image = images[0].ext, images[0].data
+        elif not images:
+            members = _listing([m.ext or "(no extension)" for m in parts], ", ")
+            problems.append(f"no image in this sample (members: {members})")
+        else:
+            count = "two" if len(images) == 2 else str(len(images))
+            kinds = _listing([m.ext for m in images], ", ")
+            problems.append(f"{count} images in one sample: {kinds}")
     if "txt" in first:
-        sample.caption = first["txt"].decode("utf-8", errors="replace").strip()
+        sample.caption = _caption(first["txt"])
     if "json" in first:
         try:
             meta, why = json.loads(first["json"]), "its json is not a JSON object"
@@ -187,8 +294,16 @@ def _assemble(key: str, parts: list[tuple[str, bytes]]) -> ShardSample:
             sample.meta = meta
         elif not images:
             problems.append(why)
-    sample.error = "; ".join(problems) or None
+    sample.error = _listing(problems, "; ") or None
     return sample
+
+
+def _caption(data: bytes) -> str:
+    """A `.txt` member as the caption column holds it: stripped, cut to `CAPTION_MAX_CHARS`."""
+    text = data.decode("utf-8", errors="replace").strip()
+    if len(text) > CAPTION_MAX_CHARS:
+        text = text[: CAPTION_MAX_CHARS - 1] + "\u2026"
+    return text
 
 
 class ShardWriter:
@@ -215,7 +330,7 @@ class ShardWriter:
         """Add one regular file `name` (a relative path inside the shard) holding `data`."""
         if self._tar is None:
             raise ClipvizError("ShardWriter.add needs an open writer; use `with ShardWriter(p)`")
-        if not name or name.startswith("/") or ".." in name.split("/") or "\x00" in name:
+        if not name or _leaves_shard(name) or "\x00" in name:
             raise ClipvizError(f"shard member {name!r} must be a relative path without '..'")
         info = tarfile.TarInfo(name)
         info.size, info.mode, info.mtime, info.uid, info.gid = len(data), 0o644, 0, 0, 0

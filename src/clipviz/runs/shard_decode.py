@@ -149,7 +149,7 @@ def decoded_batches(
     """The samples of shard `path` in tar order, decoded, in batches of `batch_size`: by
     `workers` processes (0: here), at most a few samples each ahead of the model."""
     if workers == 0:
-        samples = enumerate(read_ahead(read_shard(path)))
+        samples = enumerate(read_ahead(read_shard(path, max_pixels)))
         yield from _batches((decode_sample(i, s, preprocess, max_pixels) for i, s in samples),
                             batch_size)  # fmt: skip
         return
@@ -158,7 +158,7 @@ def decoded_batches(
         initargs=(preprocess, max_pixels),
     )  # fmt: skip
     pool.submit(int).result()  # the decoders are forked now, before the reader thread starts
-    samples = enumerate(read_ahead(read_shard(path)))
+    samples = enumerate(read_ahead(read_shard(path, max_pixels)))
 
     def in_order() -> Iterator[DecodedSample]:
         pending: collections.deque[concurrent.futures.Future[DecodedSample]] = collections.deque()
