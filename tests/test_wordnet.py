@@ -90,6 +90,28 @@ def test_unknown_synsets_and_words_suggest_close_matches(db, tmp_path):
         load_hierarchy(str(bad))
 
 
+def test_a_vocabulary_of_many_unknown_words_suggests_spellings_for_the_first_five(
+    tmp_path, monkeypatch
+):
+    from clipviz.convis import nouns
+
+    calls = []
+
+    def close_matches(word, *args, **kwargs):
+        calls.append(word)
+        return ["dog"]
+
+    monkeypatch.setattr(nouns.difflib, "get_close_matches", close_matches)
+    path = tmp_path / "many.txt"
+    path.write_text("dog\n" + "".join(f"zzq{i}x\n" for i in range(12)) + "zzq.n.01\n")
+    with pytest.raises(ClipvizError) as e:
+        vocabulary_synsets(str(path))
+    text = str(e.value)
+    assert calls == ["zzq0x", "zzq1x", "zzq2x", "zzq3x", "zzq4x"]
+    assert text.count("did you mean dog.n.01") == 5 and "'zzq5x'" not in text
+    assert "and 8 more entries WordNet does not know" in text and "\n" not in text
+
+
 def test_words_resolve_to_their_most_frequent_sense_and_list_the_others():
     concepts, ambiguous = resolve_concepts(["wolf.n.01"], ["dog", "geese", "dog"])
     assert concepts == ["wolf.n.01", "dog.n.01", "goose.n.01"]  # "geese" through nltk's morphy

@@ -13,6 +13,9 @@ import numpy as np
 from ..errors import ClipvizError
 from .nouns import ROOT, SYNSET_NAME, NounDatabase, closure, noun_database
 
+# the unknown entries of a vocabulary file an error shows, with spelling suggestions
+SHOWN_PROBLEMS = 5
+
 
 @dataclass(frozen=True, eq=False)
 class Hierarchy:
@@ -90,16 +93,23 @@ def vocabulary_synsets(vocabulary: str = "default") -> tuple[tuple[str, ...], fr
         )
     words, members, problems = [], set(), []
     for entry in _read_words_file(path):
+        # spelling suggestions cost a fraction of a second each: only for the entries shown
+        suggest = len(problems) < SHOWN_PROBLEMS
         try:
             if SYNSET_NAME.match(entry):
-                members.add(db.synset(entry))
+                members.add(db.synset(entry, suggest))
             else:
-                members.update(db.resolve_word(entry))
+                members.update(db.resolve_word(entry, suggest))
                 words.append(entry)
         except ClipvizError as e:
             problems.append(str(e))
     if problems:
-        raise ClipvizError(f"{path}: " + "; ".join(problems[:5]))
+        more = len(problems) - SHOWN_PROBLEMS
+        raise ClipvizError(
+            f"{path}: "
+            + "; ".join(problems[:SHOWN_PROBLEMS])
+            + (f" (and {more:,} more entries WordNet does not know)" if more > 0 else "")
+        )
     if not members:
         raise ClipvizError(f"vocabulary file {path} lists no words")
     return tuple(words), frozenset(members)

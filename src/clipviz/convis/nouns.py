@@ -150,8 +150,9 @@ class NounDatabase:
             return ", ".join(name.replace("_", " ") for name in self.lemmas[i])
         return self.definitions[i]
 
-    def synset(self, name: str) -> int:
-        """Position of synset `name`, or a `ClipvizError` with close matches."""
+    def synset(self, name: str, suggest: bool = True) -> int:
+        """Position of synset `name`, or a `ClipvizError` (with close matches if `suggest`:
+        they cost a fraction of a second a name)."""
         name = name.strip()
         if (i := self.position.get(name)) is not None:
             return i
@@ -162,10 +163,11 @@ class NounDatabase:
         if word in self.words:
             choices = ", ".join(self.names[s] for s in self.words[word])
             raise ClipvizError(f"unknown synset {name!r}; the noun {word!r} has: {choices}")
-        raise ClipvizError(f"unknown synset {name!r}{self._suggestions(word)}")
+        raise ClipvizError(f"unknown synset {name!r}{self._suggestions(word, suggest)}")
 
-    def resolve_word(self, word: str) -> list[int]:
-        """The noun synsets of `word` (inflected forms too), most frequent sense first."""
+    def resolve_word(self, word: str, suggest: bool = True) -> list[int]:
+        """The noun synsets of `word` (inflected forms too), most frequent sense first; for
+        an unknown word a `ClipvizError`, with close matches if `suggest`."""
         key = word.strip().lower().replace(" ", "_")
         if key in self.words:
             return list(self.words[key])
@@ -173,10 +175,12 @@ class NounDatabase:
         if key:
             found = [s.name() for s in ensure_wordnet().synsets(key, pos="n")]
         if not found:
-            raise ClipvizError(f"{word!r} is not a WordNet noun{self._suggestions(key)}")
+            raise ClipvizError(f"{word!r} is not a WordNet noun{self._suggestions(key, suggest)}")
         return [self.position[n] for n in found]
 
-    def _suggestions(self, word: str) -> str:
+    def _suggestions(self, word: str, suggest: bool = True) -> str:
+        if not suggest:
+            return ""
         close = difflib.get_close_matches(word, list(self.words), n=5, cutoff=0.7)
         if not close:
             return ""
