@@ -135,7 +135,7 @@ def _number(text: str) -> int | float:
 @dataclass(frozen=True)
 class Range:
     """The finite values a numeric option allows, an interval as mathematics writes it:
-    `[1, 20]` holds both ends, `(0, 1000]` everything above 0 up to and with 1000."""
+    `[1, 20]` holds both ends, `(0, 1000]` everything above 0 up to 1000 inclusive."""
 
     low: int | float
     high: int | float
