@@ -122,7 +122,7 @@ class Segmenter:
         """Resize, normalise (in 0 … 255 units, as mmseg's preprocessor) and lay the windows."""
         array = as_array(image)
         resized = resize_image(array, self.protocol.short_side)
-        x = torch.from_numpy(np.ascontiguousarray(resized)).to(self.backend.device)
+        x = torch.from_numpy(np.require(resized, requirements=["C", "W"])).to(self.backend.device)
         x = (x.permute(2, 0, 1).float() - self._mean) / self._std
         h, w = resized.shape[:2]
         windows = window_grid(h, w, self.protocol.window, self.protocol.stride)
