@@ -78,10 +78,15 @@ class HFModel(nn.Module):
 class HFTokenizer:
     """The model's tokenizer as the backend calls it: texts -> padded inputs."""
 
-    def __init__(self, tokenizer: Any, siglip: bool) -> None:
+    def __init__(self, tokenizer: Any, siglip: bool, positions: int | None = None) -> None:
+        """positions: the text tower's `max_position_embeddings`; the text length is the
+        tokenizer's `model_max_length` where it sets one within it (a tokenizer saved without
+        one, or Gemma's, says 1e30)."""
         self.tokenizer = tokenizer
         self.siglip = siglip  # SigLIP pools its last token: always pad to the full length
-        self.context_length = int(getattr(tokenizer, "model_max_length", 77))
+        own = getattr(tokenizer, "model_max_length", None)
+        lengths = [n for n in (own, positions) if isinstance(n, int) and 0 < n <= 2**20]
+        self.context_length = min(lengths) if lengths else 77
 
     def too_long(self, texts: list[str]) -> list[str]:
         """The texts with more tokens than the context holds (they are cut)."""
@@ -200,8 +205,11 @@ class HFViTTower:
         return x + self.mlp(i, x), probs
 
     def run_block(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """Encoder layer `i`, computed from its modules (the same numbers as its forward)."""
-        return self.block_with_attention(i, x)[0]
+        """Encoder layer `i`, computed from its modules (the same numbers as its forward), its
+        attention fused: methods that read the probabilities call `block_with_attention`."""
+        q, k, v = self.qkv(i, self.norm1(i, x))
+        x = x + self.attn_out(i, self.attend(i, q, k, v))
+        return x + self.mlp(i, x)
 
     def run_blocks(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
         for i in range(start, self.depth if stop is None else stop):

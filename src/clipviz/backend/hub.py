@@ -75,6 +75,18 @@ def cached_hf_file(repo_id: str, filenames: Sequence[str]) -> str | None:
     return None
 
 
+def hub_file(repo_id: str, filename: str, offline: bool) -> Path | None:
+    """A file of a hub repository: from the local cache (offline), else downloaded; None
+    where the repository has no such file (or, offline, it is not cached)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo_id=repo_id, filename=filename, local_files_only=offline))
+    except EntryNotFoundError:  # LocalEntryNotFoundError too: not cached
+        return None
+
+
 def offline_message(what: str) -> str:
     return (
         f"no cached weights for {what} and the model hub cannot be reached (offline); "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -237,11 +238,7 @@ def _load_backend(
     except ClipvizError:
         raise
     except Exception as e:  # noqa: BLE001 - open_clip raises bare RuntimeError/ValueError
-        where = kwargs.get("pretrained") or model
-        raise ClipvizError(
-            f"could not load {model} with weights {where}: {str(e).splitlines()[0][:300]} — "
-            "check that `model` (or `model_config`) matches the weights"
-        ) from e
+        raise ClipvizError(_load_error(model, str(kwargs.get("pretrained") or model), e)) from e
     if weights_id == RANDOM_WEIGHTS:
         _fill_uninitialised(clip)
     visual_cfg = getattr(clip.visual, "preprocess_cfg", {}) or {}
@@ -258,6 +255,45 @@ def _load_backend(
     }
     return assemble(
         clip, tokenizer, dev, size, mean, std, crop, identity, precision, resolution, text_cache
+    )
+
+
+def _load_error(model: str, weights: str, e: Exception) -> str:
+    """One line on why open_clip could not load `weights`: pickled objects, or the tensors
+    the model misses, does not expect or has in another shape (a few of each, by name)."""
+    import pickle
+
+    from .hf_load import pickled_message
+
+    text = str(e)
+    if isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in text:
+        return pickled_message(weights)
+    if "Error(s) in loading state_dict" in text:
+        problems = []
+        for label, what in (("Missing key(s)", "missing"), ("Unexpected key(s)", "unexpected")):
+            found = re.search(re.escape(label) + r" in state_dict: (.*?)\.?\s*(?:\n|$)", text)
+            names = re.findall(r'"([^"]+)"', found.group(1)) if found else []
+            if names:
+                shown = ", ".join(names[:3]) + (
+                    f" and {len(names) - 3} more" if len(names) > 3 else ""
+                )
+                problems.append(
+                    f"{what} {len(names)} tensor{'s' if len(names) > 1 else ''}: {shown}"
+                )
+        shapes = re.findall(r"size mismatch for ([^:]+): copying a param with shape "
+                            r"torch\.Size\((\[[^]]*\])\) from checkpoint, the shape in current "
+                            r"model is torch\.Size\((\[[^]]*\])\)", text)  # fmt: skip
+        if shapes:
+            problems.append("misshapen " + "; ".join(
+                f"{n} is {a} in the weights, {b} in the model" for n, a, b in shapes[:3]))  # fmt: skip
+        if problems:
+            return (
+                f"weights {weights} do not match {model} ({'; '.join(problems)}); check that "
+                "`model` (or `model_config`) matches the weights"
+            )
+    return (
+        f"could not load {model} with weights {weights}: {text.splitlines()[0][:300] if text else type(e).__name__} — "
+        "check that `model` (or `model_config`) matches the weights"
     )
 
 

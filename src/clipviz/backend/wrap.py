@@ -45,7 +45,8 @@ def _hf_parts(model: Any, processor: Any) -> tuple[Any, Any, Any, Any, Any]:
     else:
         size = getattr(ip, "crop_size", None) or getattr(ip, "size", None) or {}
         side = size.get("height") or size.get("shortest_edge") or 224
-    tokenizer = HFTokenizer(processor.tokenizer, siglip=kind != "CLIPModel")
+    positions = getattr(model.config.text_config, "max_position_embeddings", None)
+    tokenizer = HFTokenizer(processor.tokenizer, siglip=kind != "CLIPModel", positions=positions)
     return HFModel(model), tokenizer, side, ip.image_mean, ip.image_std
 
 
@@ -85,46 +86,63 @@ def load_transformers(
     text_cache: bool = True,
 ) -> Backend:
     """`transformers:REPO_OR_DIR`: a local folder written by `save_pretrained`, or a hub
-    repository (from the local cache when offline; failing within seconds otherwise)."""
+    repository (from the local cache when offline; failing within seconds otherwise).
+    Refused in one line where the folder, its config or its weights are wrong (`hf_load`)."""
+    from . import hf_load
     from .loading import assemble, resolve_device
 
     try:
-        from transformers import AutoModel, AutoProcessor
+        from transformers import AutoConfig, AutoModel, AutoProcessor
     except ImportError:
         raise ClipvizError(
             "`model` transformers:… needs the transformers package: pip install 'clipviz[hf]'"
         ) from None
     source = spec[len(TRANSFORMERS) :]
-    folder = Path(source).expanduser()
-    local = folder.is_dir()
+    folder = hf_load.local_folder(spec, source)
+    local = folder is not None
     offline = not local and not hub.hub_reachable(hub.hf_endpoint())
     dev = resolve_device(device)
     import transformers
 
     transformers.utils.logging.set_verbosity_error()  # the CLI reports problems itself
     transformers.utils.logging.disable_progress_bar()
+    where = str(folder) if folder is not None else source
+
+    def fetch(name: str) -> Path | None:
+        if folder is not None:
+            return folder / name if (folder / name).is_file() else None
+        return hub.hub_file(source, name, offline)
+
     try:
         with hub.quiet_open_clip():
-            model = AutoModel.from_pretrained(str(folder) if local else source,
-                                              local_files_only=local or offline)  # fmt: skip
-            processor = AutoProcessor.from_pretrained(str(folder) if local else source,
-                                                      local_files_only=local or offline)  # fmt: skip
-    except (OSError, ValueError) as e:
+            config = AutoConfig.from_pretrained(where, local_files_only=local or offline)
+            kind = getattr(config, "model_type", None)
+            if kind not in ("clip", "siglip", "siglip2"):
+                raise ClipvizError(
+                    f"{spec} is a transformers {kind} model; clipviz reads CLIP, SigLIP and "
+                    "SigLIP2 models (CLIPModel, SiglipModel, Siglip2Model)"
+                )
+            files = hf_load.weights_files(fetch, spec)
+            hf_load.check_sizes(config, files, spec)
+            model, info = AutoModel.from_pretrained(
+                where, config=config, local_files_only=True, output_loading_info=True,
+                ignore_mismatched_sizes=True,  # reported by `refuse_loading_report` instead
+            )  # fmt: skip
+            hf_load.refuse_loading_report(info, spec)
+            processor = AutoProcessor.from_pretrained(where, local_files_only=local or offline)
+    except ClipvizError:
+        raise
+    except Exception as e:  # noqa: BLE001 - transformers and the hub raise many types
         if offline:
             raise ClipvizError(hub.offline_message(spec)) from e
         raise ClipvizError(
-            f"could not load {spec}: {str(e).splitlines()[0][:300]} — pass a folder written "
-            "by save_pretrained or a transformers CLIP/SigLIP repository"
+            f"could not load {spec} ({type(e).__name__}: {str(e).splitlines()[0][:300]}); "
+            "pass a folder written by save_pretrained or a transformers CLIP/SigLIP repository"
         ) from e
     wrapped, tokenizer, side, mean, std = _hf_parts(model, processor)
-    names = ("model.safetensors", "pytorch_model.bin")
-    if local:
-        found = next((w for w in (folder / n for n in names) if w.is_file()), None)
-    else:  # a hub repository: its file in the local cache, hashed once (`content_digest`)
-        cached = hub.cached_hf_file(source, names)
-        found = Path(cached) if cached else None
+    found = files[0] if len(files) == 1 else None
     identity = {
-        "model": spec if not local else f"{TRANSFORMERS}{os.path.abspath(folder)}",
+        "model": spec if not local else f"{TRANSFORMERS}{os.path.abspath(where)}",
         "pretrained": None,
         "weights": "sha256:" + content_digest(found) if found else _weights_digest(model),
         "weights_file": str(found) if found else None,
