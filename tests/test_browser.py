@@ -142,3 +142,41 @@ def test_eval_report_shows_intervals_plots_and_images_without_errors(browser, ev
     assert "mIoU per class" in text and "best and worst images" in text and " – " in text
     assert "thresholds chosen on the scored images" in text
     assert errors == []
+
+
+HOSTILE_PROMPTS = ["</script><script>window.ran = 1</script>", "<!--<script> & grass"]
+
+
+@pytest.fixture(scope="module")
+def hostile_report(tmp_path_factory, tiny_weights):
+    """A run whose file name and prompts hold what ends or comments out a script element."""
+    root = tmp_path_factory.mktemp("hostile")
+    photos = root / "photos"
+    photos.mkdir()
+    random_image(seed=30, size=(96, 64)).save(photos / "<!--<script>x.png")
+    random_image(seed=31, size=(96, 64)).save(photos / "<img src=y onerror=window.ran=2>.png")
+    config, weights = tiny_weights["vit"]
+    out = root / "run"
+    result = CliRunner().invoke(app, [
+        "explain", str(photos), *HOSTILE_PROMPTS, "-o", str(out), "--no-ensemble", "-q",
+        "--model-config", str(config), "--pretrained", str(weights),
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert CliRunner().invoke(app, ["report", str(out)]).exit_code == 0
+    return out / "report.html"
+
+
+def test_a_report_of_hostile_names_shows_every_image_and_runs_no_script_of_them(
+    browser, hostile_report
+):
+    page, errors = _open(browser, hostile_report)
+    shown = _all_images_loaded(page)
+    assert len(shown) == 2 * 2 and all(width > 0 for _, width in shown), shown
+    captions = page.locator("#grid figcaption").all_inner_texts()
+    for prompt in HOSTILE_PROMPTS:
+        assert sum(prompt in c for c in captions) == 2, captions
+    assert any(c.startswith("<!--<script>x.png: ") for c in captions)
+    assert page.evaluate("window.ran") is None
+    page.locator("#grid figure").first.click()
+    assert len([s for s, w in _all_images_loaded(page) if w > 0]) >= 2 * 2
+    assert page.evaluate("window.ran") is None and errors == []

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import collections
 import html
-import json
-from pathlib import Path
+from collections.abc import Callable
+from pathlib import Path, PurePath
 from typing import Any
 
 from ..files import write_text_atomic
 from .manifest import latest_records
-from .report import STYLE, page_link
+from .report import STYLE, inside, page_link, read_run_info
 
 MAX_FAILURES = 500  # listed on the page; the tables hold them all
 
@@ -27,32 +27,61 @@ def _table_rows(path: Path) -> list[dict[str, Any]]:
         return []
 
 
-def build_shard_report(run_dir: Path, out: Path | None = None) -> Path:
-    """Write `RUN_DIR/report.html` (or `out`) over a shard run (see the module)."""
+def _shard_files(run_dir: Path, rec: dict[str, Any]) -> dict[str, Path] | None:
+    """A shard's output files by name, each inside the run folder; None when one is not."""
+    output = rec.get("output")
+    if inside(run_dir, output) is None:
+        return None
+    files = {}
+    for name in rec.get("outputs") or []:
+        path = inside(run_dir, str(PurePath(str(output)).parent), name)
+        if path is None:
+            return None
+        files[name] = path
+    return files
+
+
+def build_shard_report(
+    run_dir: Path, out: Path | None = None, warn: Callable[[str], None] | None = None
+) -> Path:
+    """Write `RUN_DIR/report.html` (or `out`) over a shard run (see the module). A shard whose
+    files are not inside the run folder (an absolute path, `..`, a link out) is neither read
+    nor linked: its row says so, and `warn` is told."""
     target = out if out is not None else run_dir / "report.html"
-    run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
-    prompts: list[str] = list(run.get("prompts", []))
+    run = read_run_info(run_dir)
+    prompts: list[str] = [str(p) for p in run.get("prompts", [])]
     records = sorted(latest_records(run_dir).values(), key=lambda r: str(r.get("output", "")))
     overall: collections.Counter[str] = collections.Counter()
-    shard_rows, failures = [], []
+    shard_rows: list[str] = []
+    failures: list[tuple[str, Any, Any]] = []
     for rec in records:
         name = Path(str(rec.get("output", ""))).name
-        rows = _table_rows(run_dir / f"{rec.get('output')}.parquet") if rec.get("outputs") else []
+        files = _shard_files(run_dir, rec)
+        if files is None:
+            reason = f"{rec.get('output')} is outside the run folder"
+            if warn:
+                warn(f"left out of the report: {rec.get('input')}: {reason}")
+            failures.append((name, "(the whole shard, left out)", reason))
+            rec = {**rec, "outputs": [], "samples": 0, "failed_samples": 0}
+            files = {}
+        parquet = files.get(f"{name}.parquet")
+        rows = _table_rows(parquet) if parquet else []
         ok = [r for r in rows if r["status"] == "ok"]
         tops = collections.Counter(str(r["top"]) for r in ok)
         overall.update(tops)
         failures += [(name, r["key"], r["error"]) for r in rows if r["status"] == "failed"]
         if rec.get("status") == "failed":
             failures.append((name, "(the whole shard)", rec.get("error")))
-        files = " ".join(
-            f"<a href='{page_link(run_dir / 'shards' / f, target.parent)}'>{html.escape(f)}</a>"
-            for f in rec.get("outputs", [])
+        links = " ".join(
+            f"<a href='{page_link(path, target.parent)}'>{html.escape(f)}</a>"
+            for f, path in files.items()
         )
         common = ", ".join(f"{html.escape(p)} ({n})" for p, n in tops.most_common(3))
         shard_rows.append(
             f"<tr><td>{html.escape(name)}</td><td>{html.escape(str(rec.get('status')))}</td>"
-            f"<td>{rec.get('samples', 0)}</td><td>{len(ok)}</td>"
-            f"<td>{rec.get('failed_samples', 0)}</td><td>{common}</td><td>{files}</td></tr>"
+            f"<td>{html.escape(str(rec.get('samples', 0)))}</td><td>{len(ok)}</td>"
+            f"<td>{html.escape(str(rec.get('failed_samples', 0)))}</td><td>{common}</td>"
+            f"<td>{links}</td></tr>"
         )
     total = sum(overall.values())
     shares = "".join(
