@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import ClipvizError
 from ..files import atomic_path, read_jsonl, write_text_atomic
-from .report import STYLE, page_link
+from .report import STYLE, inside, page_link
 
 SHOWN = 6  # best and worst images per method
 COLUMNS = [("miou", "mIoU %", 1), ("msc", "mSC %", 1), ("pointing", "pointing", 3),
@@ -21,16 +21,37 @@ COLUMNS = [("miou", "mIoU %", 1), ("msc", "mSC %", 1), ("pointing", "pointing", 
            ("deletion", "deletion ↓", 3), ("insertion", "insertion ↑", 3)]  # fmt: skip
 
 
+def _number(value: Any, digits: int) -> str:
+    """A number with `digits` decimals; anything else (a results JSON may come from someone
+    else) as escaped text."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return f"{value:.{digits}f}"
+    return html.escape(str(value))
+
+
 def _cell(res: dict[str, Any], key: str, digits: int) -> str:
     value, ci = res.get(key), res.get(f"{key}_ci")
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
-    text = f"{value:.{digits}f}"
+    text = _number(value, digits)
     if key in ("miou", "maxboxacc") and res.get(f"{key}_threshold") is not None:
-        text += f" (τ {res[f'{key}_threshold']:.2f})"
-    if ci:
-        text += f"<br><small>{ci[0]:.{digits}f} – {ci[1]:.{digits}f}</small>"
+        text += f" (τ {_number(res[f'{key}_threshold'], 2)})"
+    if isinstance(ci, list | tuple) and len(ci) == 2:
+        text += f"<br><small>{_number(ci[0], digits)} – {_number(ci[1], digits)}</small>"
     return text
+
+
+def eval_results_in(folder: Path) -> list[Path]:
+    """The `clipviz eval` results JSONs in `folder` (JSON objects with `results`), by name."""
+    found = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and isinstance(data.get("results"), dict):
+            found.append(path)
+    return found
 
 
 def build_eval_report(
@@ -43,10 +64,23 @@ def build_eval_report(
         data = json.loads(json_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise ClipvizError(f"cannot read the eval results {json_path}: {e}") from None
-    if "results" not in data:
+    if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
         raise ClipvizError(f"{json_path} is not a `clipviz eval` results JSON (no results)")
     target = Path(out) if out is not None else json_path.with_suffix(".html")
-    results: dict[str, Any] = data["results"]
+    try:
+        page = _page(json_path, target, data)
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError) as e:
+        raise ClipvizError(
+            f"{json_path} is not a results JSON as `clipviz eval` writes it ({type(e).__name__}: "
+            f"{e}); run the eval again to write it afresh"
+        ) from None
+    write_text_atomic(target, page)
+    return target
+
+
+def _page(json_path: Path, target: Path, data: dict[str, Any]) -> str:
+    """The page's HTML (its plots written beside `target`)."""
+    results = {m: r for m, r in data["results"].items() if isinstance(r, dict)}
     metrics = [c for c in COLUMNS if c[0] in data.get("metrics", [])]
     parts = [
         "<!doctype html><meta charset='utf-8'><title>clipviz eval report</title>",
@@ -59,9 +93,8 @@ def build_eval_report(
     ]
     for method, res in results.items():
         cells = "".join(f"<td>{_cell(res, k, d)}</td>" for k, _, d in metrics)
-        parts.append(
-            f"<tr><td>{html.escape(method)}</td>{cells}<td>{res.get('pairs', 0)}</td></tr>"
-        )
+        parts.append(f"<tr><td>{html.escape(method)}</td>{cells}"
+                     f"<td>{html.escape(str(res.get('pairs', 0)))}</td></tr>")  # fmt: skip
     parts.append("</table><p class='meta'>Under each number: its 95 % interval, a percentile bootstrap "
                  "over images (threshold search included).</p>")  # fmt: skip
     parts += _per_class(results)
@@ -77,8 +110,7 @@ def build_eval_report(
             parts.append(f"<tr><td>{html.escape(f['image'])}</td>"
                          f"<td class='failed'>{html.escape(str(f['error']))}</td></tr>")  # fmt: skip
         parts.append("</table>")
-    write_text_atomic(target, "\n".join(parts) + "\n")
-    return target
+    return "\n".join(parts) + "\n"
 
 
 def _meta(data: dict[str, Any]) -> str:
@@ -100,7 +132,8 @@ def _per_class(results: dict[str, Any]) -> list[str]:
              + "".join(f"<th>{html.escape(m)}</th>" for m in with_classes) + "</tr>"]  # fmt: skip
     for c in classes:
         cells = "".join(
-            f"<td>{per[c]:.1f}</td>" if c in per else "<td>—</td>" for per in with_classes.values()
+            f"<td>{_number(per[c], 1)}</td>" if c in per else "<td>—</td>"
+            for per in with_classes.values()
         )
         parts.append(f"<tr><td>{html.escape(c)}</td>{cells}</tr>")
     parts.append("</table>")
@@ -140,8 +173,11 @@ def _plots(target: Path, data: dict[str, Any]) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
         fig.tight_layout()
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{name}.png"
+        path = inside(target.parent, folder.name, f"{name}.png")
+        if path is None:  # a link beside the page pointing elsewhere: not followed
+            plt.close(fig)
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             fig.savefig(f, format="png", dpi=100)
         plt.close(fig)
