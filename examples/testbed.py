@@ -73,9 +73,10 @@ def sanity_table(path: Path) -> str:
     head = "| method | " + " | ".join(data["stages"]) + " | SSIM, all random | |"
     rows = [head, "| --- |" + " --- |" * (len(data["stages"]) + 2)]
     for name, s in data["methods"].items():
-        cells = " | ".join(f"{v:.2f}" for v in s["spearman"])
+        cells = " | ".join("—" if v is None else f"{v:.2f}" for v in s["spearman"])
         verdict = "flagged" if s["flagged"] else "passes"
-        rows.append(f"| {name} | {cells} | {s['ssim'][-1]:.2f} | {verdict} |")
+        last = "—" if s["ssim"][-1] is None else f"{s['ssim'][-1]:.2f}"  # null: undefined
+        rows.append(f"| {name} | {cells} | {last} | {verdict} |")
     return "\n".join(rows)
 
 

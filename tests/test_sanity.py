@@ -151,3 +151,35 @@ def test_sanity_usage_errors(tmp_path, tiny_weights):
         result = CliRunner().invoke(app, [*args, *model])
         assert result.exit_code == 2, (args, result.output)
         assert message in result.output, result.output
+
+
+def test_sanity_json_prints_the_result_alone_on_stdout(tmp_path, tiny_weights):
+    d = tmp_path / "photos"
+    d.mkdir()
+    random_image(seed=40).save(d / "p.png")
+    out = tmp_path / "sanity"
+    result = CliRunner().invoke(app, ["sanity", str(d), "a dog", "-m", "random", "-o", str(out),
+                                      "--json", *_model_args(tiny_weights)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)  # the JSON alone: no table, no summary line
+    assert data["schema_version"] and data["images"] == 1 and data["failed"] == []
+    assert data["out"] == str(out) and data["results"] == str(out / "sanity.json")
+    assert data["plot"] == str(out / "sanity.png")
+    assert data["methods"]["random"]["flagged"] and data["stages"][-1] == "block 0"
+    saved = json.loads((out / "sanity.json").read_text())
+    assert {k: v for k, v in data.items() if k not in ("out", "results", "plot")} == saved
+
+
+def test_sanity_json_writes_undefined_correlations_as_null(tmp_path):
+    from clipviz.runs.sanity import CascadeScores, SanityResult, sanity_summary
+
+    nan = float("nan")
+    scores = CascadeScores(spearman=[0.5, nan], spearman_std=[0.1, nan], ssim=[0.9, 0.8],
+                           ssim_std=[0.0, 0.0], undefined=[0, 4], flagged=False)  # fmt: skip
+    result = SanityResult(stages=["head", "block 0"], pairs=4, threshold=0.5,
+                          methods={"itsm": scores})  # fmt: skip
+    summary = sanity_summary(result, {"model": "tiny"}, {"images": 2})
+    text = json.dumps(summary, allow_nan=False)  # strict JSON: no NaN
+    back = json.loads(text)["methods"]["itsm"]
+    assert back["spearman"] == [0.5, None] and back["spearman_std"] == [0.1, None]
+    assert back["undefined"] == [0, 4] and json.loads(text)["model"] == {"model": "tiny"}

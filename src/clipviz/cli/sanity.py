@@ -13,6 +13,7 @@ from .options import (
     DebugOpt,
     DeviceOpt,
     EclipOpt,
+    JsonOpt,
     MethodOpt,
     ModelConfigOpt,
     ModelOpt,
@@ -26,7 +27,14 @@ from .options import (
     load,
     unique_prompts,
 )
-from .output import out_console, print_failure, print_table, progress_bar, set_table_format
+from .output import (
+    out_console,
+    print_failure,
+    print_json,
+    print_table,
+    progress_bar,
+    set_table_format,
+)
 
 if TYPE_CHECKING:
     from ..runs.sanity import SanityResult
@@ -85,6 +93,7 @@ def sanity(
     precision: PrecisionOpt = "auto",
     resolution: ResolutionOpt = None,
     quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
     table_format: TableFormatOpt = "table",
     debug: DebugOpt = False,
 ) -> None:
@@ -135,8 +144,11 @@ def sanity(
         "seed": seed,
         "options": options,
     }
-    write_sanity(out, result, backend, info)
-    if not quiet:
+    summary = write_sanity(out, result, backend, info)
+    if json_out:
+        print_json({"out": str(out), "results": str(out / "sanity.json"),
+                    "plot": str(out / "sanity.png"), **summary})  # fmt: skip
+    elif not quiet:
         _print_sanity(result, len(tensors))
         for bad, error in failed[:20]:
             print_failure(bad, error)

@@ -151,14 +151,34 @@ def sanity_check(
     )
 
 
-def write_sanity(out: Path, result: SanityResult, backend: Backend, info: dict[str, Any]) -> None:
-    """`sanity.json` and the cascade plot `sanity.png` in `out`."""
+def sanity_summary(
+    result: SanityResult, model: dict[str, Any], info: dict[str, Any]
+) -> dict[str, Any]:
+    """What `sanity.json` holds (and `--json` prints): provenance, the model's identity,
+    `info` about the inputs, and the result, with an undefined mean (NaN) as null."""
+    return _nan_as_null({**provenance(), "model": model, **info, **asdict(result)})
+
+
+def _nan_as_null(value: Any) -> Any:
+    """NaN is not JSON: write it as null, as the eval results do."""
+    if isinstance(value, dict):
+        return {k: _nan_as_null(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_as_null(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def write_sanity(
+    out: Path, result: SanityResult, backend: Backend, info: dict[str, Any]
+) -> dict[str, Any]:
+    """`sanity.json` and the cascade plot `sanity.png` in `out`; returns what the JSON holds."""
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(
-        out / "sanity.json",
-        {**provenance(), "model": backend.identity, **info, **asdict(result)},
-    )
+    summary = sanity_summary(result, backend.identity, info)
+    write_json_atomic(out / "sanity.json", summary)
     plot_cascade(out / "sanity.png", result)
+    return summary
 
 
 def plot_cascade(path: Path, result: SanityResult) -> None:
