@@ -48,12 +48,17 @@ class Preset:
 
     def with_overrides(self, **settings: Any) -> Protocol:
         """The preset's protocol with the settings given (None: keep the preset's)."""
-        given = {k: v for k, v in settings.items() if v is not None}
-        if unknown := set(given) - _FIELDS:
-            raise ClipvizError(f"unknown protocol setting(s) {sorted(unknown)}")
-        if "pamr_dilations" in given:
-            given["pamr_dilations"] = tuple(given["pamr_dilations"])
-        return dataclasses.replace(self.protocol, **given)
+        return override(self.protocol, **settings)
+
+
+def override(protocol: Protocol, **settings: Any) -> Protocol:
+    """`protocol` with the settings given (None: keep its own)."""
+    given = {k: v for k, v in settings.items() if v is not None}
+    if unknown := set(given) - _FIELDS:
+        raise ClipvizError(f"unknown protocol setting(s) {sorted(unknown)}")
+    if "pamr_dilations" in given:
+        given["pamr_dilations"] = tuple(given["pamr_dilations"])
+    return dataclasses.replace(protocol, **given)
 
 
 def preset_names() -> list[str]:

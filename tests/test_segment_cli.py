@@ -1,0 +1,104 @@
+"""`clipviz segment` on the tiny ViT: outputs per image, the run's settings, bad inputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import typer
+from conftest import random_image
+from PIL import Image
+from typer.testing import CliRunner
+
+from clipviz.cli.output import handle_errors
+from clipviz.cli.segment import segment
+from clipviz.segment.outputs import overlay_with_legend, palette
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def app():
+    app = typer.Typer()
+    app.command("segment")(handle_errors(segment))
+    app.command("other")(lambda: None)  # two commands: `segment` is named on the line
+    return app
+
+
+def model_args(tiny_weights):
+    config, weights = tiny_weights["vit"]
+    return ["--model-config", str(config), "--pretrained", str(weights), "--device", "cpu"]
+
+
+def test_segment_writes_labels_overlay_and_manifest(app, tiny_weights, tmp_path):
+    images = tmp_path / "photos"
+    images.mkdir()
+    random_image(0, (130, 97)).save(images / "a.png")
+    (images / "broken.jpg").write_bytes(b"not a jpeg")
+    classes = tmp_path / "classes.txt"
+    classes.write_text("background, sky\nred square\ncat; kitten\n")
+    out = tmp_path / "out"
+    args = ["segment", str(images / "a.png"), str(images / "broken.jpg"), "--classes-file",
+            str(classes), "--short-side", "96", "--window", "64", "--stride", "32",
+            "--pamr", "--pamr-dilations", "1,2", "--save-probs", "--out", str(out), "-q",
+            *model_args(tiny_weights)]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1, result.output  # the broken file failed, the other is done
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    by_status = {r["status"]: r for r in records}
+    assert set(by_status) == {"ok", "failed"} and "broken.jpg" in by_status["failed"]["input"]
+    ok = by_status["ok"]
+    labels = Image.open(ok["files"]["labels"])
+    assert labels.mode == "P" and labels.size == (130, 97)
+    assert set(np.unique(np.asarray(labels)).tolist()) == set(ok["classes"]) <= {0, 1, 2}
+    probs = np.load(ok["files"]["probs"])
+    assert probs["probs"].shape == (3, 97, 130)
+    assert np.array_equal(probs["probs"].astype(np.float32).argmax(0), np.asarray(labels))
+    run = json.loads((out / "run.json").read_text())
+    assert run["protocol"]["pamr_steps"] == 10 and run["protocol"]["pamr_dilations"] == [1, 2]
+    assert run["method"] == "sclip" and run["classes"][2] == ["cat", "kitten"]
+
+
+def test_a_preset_brings_its_settings_and_classes_and_options_override(app, tiny_weights, tmp_path):
+    random_image(0, (64, 64)).save(tmp_path / "a.png")
+    out = tmp_path / "out"
+    args = ["segment", str(tmp_path / "a.png"), "--preset", "sclip/voc21", "--short-side", "64",
+            "--window", "64", "--stride", "32", "--out", str(out), "-q",
+            *model_args(tiny_weights)]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    run = json.loads((out / "run.json").read_text())
+    assert run["protocol"]["logit_scale"] == 65.0 and run["protocol"]["area_thd"] == 0.1
+    assert run["protocol"]["short_side"] == 64 and run["protocol"]["stride"] == 32
+    assert len(run["classes"]) == 21 and run["preset"] == "sclip/voc21"
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["--classes", "a,b", "--window", "64", "--stride", "0"], "stride"),
+        (["--classes", "a,,b"], "empty name"),
+        (["--preset", "gem/voc21"], "no preset gem/voc21"),
+        (["--preset", "proxyclip/voc21"], "pass `--method`"),
+        ([], "no classes"),
+    ],
+)
+def test_bad_options_are_one_line_and_exit_2(app, tiny_weights, tmp_path, extra, says):
+    random_image(0, (64, 64)).save(tmp_path / "a.png")
+    args = ["segment", str(tmp_path / "a.png"), "--out", str(tmp_path / "out"), *extra,
+            *model_args(tiny_weights)]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and says in result.output, result.output
+
+
+def test_palette_is_vocs_and_the_legend_names_present_classes():
+    assert palette(3).tolist() == [[0, 0, 0], [128, 0, 0], [0, 128, 0]]
+    assert palette(16)[15].tolist() == [192, 128, 128]  # VOC's person
+    image = np.full((40, 30, 3), 200, dtype=np.uint8)
+    labels = np.zeros((40, 30), dtype=np.int64)
+    labels[:, 20:] = 2
+    shown = overlay_with_legend(image, labels, ["bg", "cat", "dog"], alpha=0.5)
+    assert shown.shape[0] == 40 and shown.shape[1] > 30
+    assert shown[0, 0].tolist() == [100, 100, 100]  # class 0 black, half blended
+    assert shown[0, 25].tolist() == [100, 164, 100]  # class 2 (0, 128, 0), half blended
