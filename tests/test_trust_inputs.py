@@ -462,6 +462,16 @@ def test_the_library_refuses_blank_and_nul_prompts_before_encoding(vit_backend, 
         assert e.value.exit_code == 2
 
 
+def test_runs_refuse_blank_and_nul_prompts_like_the_cli():
+    from clipviz import ClipvizError
+    from clipviz.runs.explain import check_prompts
+
+    for prompts, message in ((["a dog", "\x1b\x07"], "1 blank prompt"),
+                             (["a dog", "\x00"], "holds a NUL byte")):  # fmt: skip
+        with pytest.raises(ClipvizError, match=message):
+            check_prompts(prompts)
+
+
 def test_prompt_embeddings_are_cached_chunk_by_chunk(vit_backend, monkeypatch):
     from clipviz.backend import text
 

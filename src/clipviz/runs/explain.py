@@ -31,7 +31,7 @@ from ..data.images import DEFAULT_MAX_PIXELS
 from ..data.inputs import InputItem
 from ..distributed import Dist, barrier
 from ..errors import ClipvizError
-from ..explanation import Explanation, explain
+from ..explanation import Explanation, check_prompt_text, explain
 from ..files import SCHEMA_VERSION, provenance, write_json_atomic
 from ..methods import check_methods, get_method
 from .decode import Decoded, image_loader
@@ -86,8 +86,7 @@ def request_key(
 
 def check_prompts(prompts: Sequence[str]) -> None:
     """Prompts of a run: none blank, none twice (their files and scores are keyed by prompt)."""
-    if blank := [p for p in prompts if not p.strip()]:
-        raise ClipvizError(f"{len(blank)} blank prompt(s); every prompt needs some text")
+    check_prompt_text(prompts)
     seen: set[str] = set()
     twice = [p for p in prompts if p in seen or seen.add(p)]  # type: ignore[func-returns-value]
     if twice:
