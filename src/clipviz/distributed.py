@@ -1,9 +1,12 @@
 """Joining a torchrun job (several processes, GPUs or machines; SLURM through torchrun's
-environment) and the few collective steps runs need: a barrier, the largest value of all."""
+environment) and the few collective steps runs need: a barrier, the largest value of all,
+errors that end every rank alike."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TypeVar
@@ -94,6 +97,46 @@ def broadcast(value: T, d: Dist) -> T:
     box = [value]
     torch_dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+class JobError(ClipvizError):
+    """An error that every rank of a torchrun job raises alike (see `together`): each rank can
+    say it, and only rank 0 need carry its exit code."""
+
+
+def agree(error: ClipvizError | None, d: Dist) -> ClipvizError | None:
+    """The error of the first rank that has one, as the same `JobError` on every rank (None
+    when no rank has one); this rank's own `error` without a job."""
+    if d.world == 1:
+        return error
+    mine = None if error is None else (str(error), error.exit_code)
+    found: list[tuple[str, int] | None] = [None] * d.world
+    torch_dist.all_gather_object(found, mine)
+    for rank, got in enumerate(found):
+        if got is not None:
+            message, code = got
+            return JobError(message if rank == 0 else f"rank {rank}: {message}", code)
+    return None
+
+
+@contextlib.contextmanager
+def together(d: Dist) -> Iterator[None]:
+    """Run a step on every rank of a job and end it together: when the step raised on any
+    rank, every rank raises the same `JobError` (rather than one rank dying and the others
+    crashing in their next collective). Without a job, errors pass unchanged."""
+    if d.world == 1:
+        yield
+        return
+    error: ClipvizError | None = None
+    cause: BaseException | None = None
+    try:
+        yield
+    except ClipvizError as e:
+        error, cause = e, e
+    except Exception as e:  # noqa: BLE001 - said on every rank, then raised there
+        error, cause = ClipvizError(f"internal error: {type(e).__name__}: {e}", 1), e
+    if (shared := agree(error, d)) is not None:
+        raise shared from cause
 
 
 def refuse_stdin(*paths: str | None) -> None:

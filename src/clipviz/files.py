@@ -45,13 +45,16 @@ def package_version(name: str) -> str | None:
 
 
 def provenance() -> dict[str, Any]:
-    """`schema_version` and the versions of clipviz, open_clip and torch, for every output."""
+    """`schema_version` and the versions of clipviz, open_clip, torch, timm and transformers
+    (None: not installed), for every output."""
     return {
         "schema_version": SCHEMA_VERSION,
         "versions": {
             "clipviz": package_version("clipviz"),
             "open_clip": package_version("open_clip_torch"),
             "torch": package_version("torch"),
+            "timm": package_version("timm"),
+            "transformers": package_version("transformers"),
         },
     }
 

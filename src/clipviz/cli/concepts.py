@@ -86,6 +86,10 @@ def concepts(
     recursive: Annotated[
         bool, typer.Option("--recursive", "-r", help="descend into folders")
     ] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="write into a folder that is not a clipviz run"),
+    ] = False,
     colormap: ColormapOpt = "jet",
     alpha: AlphaOpt = 0.5,
     model: ModelOpt = None,
@@ -109,6 +113,7 @@ def concepts(
     from ..data.inputs import collect_inputs
     from ..runs.concepts import run_concepts
     from ..runs.outputs import RenderOptions
+    from ..runs.prepare import check_out_folder
 
     set_table_format(table_format)
     if not synset and not word and top < 1:
@@ -131,6 +136,7 @@ def concepts(
             soft_wrap=True,
         )
     load_hierarchy(vocabulary)  # a bad vocabulary fails before the model loads
+    check_out_folder(out, "concepts", overwrite)
     items, ignored = collect_inputs(images, recursive=recursive)
     if not items:
         raise ClipvizError(f"no images found in {', '.join(images)}", exit_code=1)
@@ -152,6 +158,7 @@ def concepts(
             max_pixels,
             run_info={"vocabulary": vocabulary, "embed": embed},
             on_record=lambda r: progress.advance(task),
+            overwrite=overwrite,
         )
     failed = [r for r in records if r["status"] == "failed"]
     if report:

@@ -35,7 +35,14 @@ from .options import (
     gather_method_options,
     load,
 )
-from .output import out_console, print_failure, print_table, progress_bar, set_table_format
+from .output import (
+    out_console,
+    print_failure,
+    print_table,
+    progress_bar,
+    set_table_format,
+    torchrun_job,
+)
 
 COLUMNS = {  # metric -> (result key, header, decimals)
     "miou": [("miou", "mIoU %", 1), ("miou_threshold", "τ", 2)],
@@ -131,11 +138,12 @@ def evaluate(
 ) -> None:
     """Score methods on a dataset with masks or boxes: a methods × metrics table and a JSON."""
     from ..data.datasets import open_dataset
-    from ..distributed import all_max, broadcast, cleanup_distributed, setup_distributed
+    from ..distributed import broadcast, setup_distributed
     from ..runs.eval_results import tuned_thresholds, write_report
     from ..runs.evaluate import EvalOptions, check_metrics, class_prompts, default_metrics
     from ..runs.evaluate import evaluate as run_eval
     from ..runs.manifest import remove_records
+    from ..runs.prepare import check_results_file
 
     set_table_format(table_format)
     methods = tuple(chosen_methods(method, eclip))
@@ -158,6 +166,7 @@ def evaluate(
     to_stdout = json_path == Path("-")
     if json_path is None or to_stdout:
         json_path = Path("clipviz-eval") / f"{_safe_name(dataset.name)}.json"
+    check_results_file(json_path)
     records_path = json_path.with_suffix(".records.jsonl")
     dist, device = setup_distributed(device)
     quiet = quiet or not dist.main
@@ -175,7 +184,7 @@ def evaluate(
             raise ClipvizError(f"{tune.name} has no images; check --tune-split and the layout")
         if tune.classes != dataset.classes:
             raise ClipvizError(f"{tune.name} and {dataset.name} have different classes")
-    try:
+    with torchrun_job(dist):
         backend = load(model, pretrained, model_config, device, precision, resolution, crop,
                        compile=compile, channels_last=channels_last)  # fmt: skip
         texts = backend.encode_texts(prompts, ensemble=not no_ensemble)
@@ -204,11 +213,9 @@ def evaluate(
                 on_image=lambda r: progress.advance(task),
                 fixed=tuning["thresholds"] if tuning else None, dist=dist,
             )  # fmt: skip
-        exit_code = all_max(int(any(r["status"] == "failed" for r in records)), dist)
-    finally:
-        cleanup_distributed()
-    if not dist.main:
-        raise typer.Exit(exit_code)
+    if not dist.main:  # rank 0 holds every rank's records and carries the exit code
+        raise typer.Exit(0)
+    exit_code = int(any(r["status"] == "failed" for r in records))
     csv_path = write_report(json_path, results, records, backend, dataset, texts, opts, tuning)
     failed = [r for r in records if r["status"] == "failed"]
     if report:

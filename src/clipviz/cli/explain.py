@@ -50,6 +50,7 @@ from .output import (
     print_table,
     progress_bar,
     set_table_format,
+    torchrun_job,
 )
 
 
@@ -87,7 +88,13 @@ def explain(
     recursive: Annotated[
         bool, typer.Option("--recursive", "-r", help="descend into folders")
     ] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="redo finished images")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="redo finished images; write into a folder that is not a clipviz run",
+        ),
+    ] = False,
     save: Annotated[
         list[str] | None,
         typer.Option(
@@ -155,9 +162,10 @@ def explain(
     its share of the images or shards; the manifest holds them all at the end."""
     from ..data.inputs import collect_inputs, read_list_file
     from ..data.shards import is_shard_spec, shard_paths
-    from ..distributed import all_max, all_sum, cleanup_distributed, refuse_stdin, setup_distributed
+    from ..distributed import refuse_stdin, setup_distributed
     from ..runs.explain import RenderOptions, check_run_args, run_explain
     from ..runs.outputs import SAVE_KINDS
+    from ..runs.prepare import check_out_folder
 
     set_table_format(table_format)
     positional = list(prompts or [])
@@ -189,6 +197,7 @@ def explain(
         methods, option, surgery_depth, gae_start_layer, legrad_layers, gscorecam_topk, eclip
     )
     check_run_args(out, batch_size, workers, max_pixels, writers)
+    check_out_folder(out, "shards" if shards else "explain", overwrite)
     shard_files = shard_paths(inputs[0]) if shards else []
     items, ignored = (
         ([], 0)
@@ -200,7 +209,7 @@ def explain(
 
     dist, device = setup_distributed(device)
     quiet = quiet or not dist.main
-    try:
+    with torchrun_job(dist):
         backend = load(model, pretrained, model_config, device, precision, resolution, crop,
                        compile=compile, channels_last=channels_last)  # fmt: skip
         warn_truncated(backend, all_prompts, not no_ensemble)
@@ -222,8 +231,10 @@ def explain(
                 from ..runs.shards import run_explain_shards
 
                 summary = run_explain_shards(
-                    backend, shard_files, texts, out, methods, batch_size, overwrite, workers,
-                    max_pixels, on_record, options, maps_dtype or "float16", dist,
+                    backend, shard_files, texts, out, methods=methods, batch_size=batch_size,
+                    overwrite=overwrite, workers=workers, max_pixels=max_pixels,
+                    on_record=on_record, method_options=options,
+                    maps_dtype=maps_dtype or "float16", dist=dist,
                 )  # fmt: skip
             else:
                 summary = run_explain(
@@ -232,15 +243,8 @@ def explain(
                     max_pixels=max_pixels, on_record=on_record, method_options=options,
                     writers=writers, dist=dist,
                 )  # fmt: skip
-        exit_code = all_max(summary.exit_code, dist)
-        if dist.world > 1:  # the counts of the whole job; the failures listed are rank 0's
-            summary.ok, summary.skipped, summary.failed = all_sum(
-                [summary.ok, summary.skipped, summary.failed], dist
-            )
-    finally:
-        cleanup_distributed()
-    if not dist.main:
-        raise typer.Exit(exit_code)
+    if not dist.main:  # rank 0 holds the whole job's summary and carries its exit code
+        raise typer.Exit(0)
     if report:
         from .report import write_any_report
 
@@ -255,11 +259,8 @@ def explain(
         else:
             print_summary(summary, out, ignored)
         if dist.world > 1:
-            out_console.print(
-                f"(rank 0 of {dist.world}; {out / 'manifest.jsonl'} holds every rank's records)",
-                highlight=False,
-            )
-    raise typer.Exit(exit_code)
+            out_console.print(f"({dist.world} processes, counted together)", highlight=False)
+    raise typer.Exit(summary.exit_code)
 
 
 def run_payload(summary: Any, out: Path, ignored: int) -> dict[str, Any]:

@@ -46,6 +46,8 @@ FLAGS = {
     "prompts": "--prompts",
     "repeats": "--repeats",
     "out": "--out",
+    "json": "--json",
+    "overwrite": "--overwrite",
     "checkpoint": "--eclip",
     "embed": "--embed",
     "vocabulary": "--vocabulary",
@@ -199,6 +201,39 @@ def print_failure(source: str, error: object) -> None:
     )
 
 
+def print_error(error: Exception) -> None:
+    """An error as the one line on stderr (flags named as typed)."""
+    err_console.print(
+        f"[bold red]error:[/] {escape(as_flags(str(error)))}", highlight=False, soft_wrap=True
+    )
+
+
+@contextlib.contextmanager
+def torchrun_job(dist: Any) -> Iterator[None]:
+    """Where a command's work under torchrun ends (`dist`: this rank's place; nothing to do
+    without a job). Ranks that end in step (all done, or all stopped by the same `JobError`)
+    meet at a final barrier, the ranks other than 0 having said that error, which they then
+    leave with exit code 0: only rank 0 carries the job's code, since a rank that exits
+    non-zero makes torchrun stop the others, rank 0 perhaps while it writes. A rank that
+    fails alone (no collective to share it) leaves at once with its own code."""
+    from ..distributed import JobError, barrier, cleanup_distributed
+
+    in_step = False
+    try:
+        yield
+        in_step = True
+    except JobError as e:
+        in_step = True
+        if dist.main:
+            raise
+        print_error(e)
+        raise typer.Exit(0) from None
+    finally:
+        if in_step:
+            barrier(dist)
+        cleanup_distributed()
+
+
 def handle_errors(fn: F) -> F:
     """Turn `ClipvizError` into one line on stderr and its exit code (tracebacks with --debug)."""
 
@@ -211,9 +246,7 @@ def handle_errors(fn: F) -> F:
         except ClipvizError as e:
             if debug:
                 traceback.print_exc()
-            err_console.print(
-                f"[bold red]error:[/] {escape(as_flags(str(e)))}", highlight=False, soft_wrap=True
-            )
+            print_error(e)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("interrupted; finished results are kept (re-run to resume)")

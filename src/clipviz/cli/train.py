@@ -127,8 +127,10 @@ def train(
 
     from ..data.captions import describe_skipped, read_captions
     from ..eclip.config import TrainConfig
-    from ..eclip.state import cleanup_distributed, setup_distributed
+    from ..eclip.state import setup_distributed
     from ..eclip.train import train as run_training
+    from ..runs.prepare import check_out_folder
+    from .output import torchrun_job
 
     if workers is None:
         workers = min(4, max(0, (os.cpu_count() or 1) - 1))
@@ -153,8 +155,9 @@ def train(
         log_every=log_every,
         max_pixels=max_pixels,
     )
+    check_out_folder(out, "train", overwrite=resume, can_overwrite=False)
     dist, device = setup_distributed(device)
-    try:
+    with torchrun_job(dist):
         show = dist.main and not quiet
         train_set = read_captions(data, format, images)
         val_set = read_captions(val_data, "auto") if val_data is not None else None
@@ -200,8 +203,6 @@ def train(
         finally:
             if progress.live.is_started:
                 progress.stop()
-    finally:
-        cleanup_distributed()
     if dist.main and not quiet:
         parts = [f"trained {result.steps} steps"]
         if result.resumed_from:

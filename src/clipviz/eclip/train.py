@@ -3,7 +3,7 @@ frozen text embeddings of the captions (METHODS.md, ECLIP; model part in `method
 
 Run directory::
 
-    RUN/run.json                 options, base model, data summary (written at the start)
+    RUN/run.json                 kind `train`, options, base model, data summary (at the start)
     RUN/metrics.jsonl            one line per logged step (loss, lr, images/s) and validation
     RUN/checkpoint.safetensors   the latest training state (every --checkpoint-every steps)
     RUN/eclip.safetensors        the final head, for `--method eclip --eclip RUN/eclip.safetensors`
@@ -46,7 +46,8 @@ from torch import nn
 from ..backend import Backend
 from ..data.captions import CaptionImages, CaptionSet, as_list
 from ..errors import ClipvizError
-from ..files import append_jsonl, provenance, write_json_atomic, write_text_atomic
+from ..files import append_jsonl, write_text_atomic
+from ..runs.prepare import prepare_run
 from .config import NOT_COMPARED, RUNTIME_FIELDS, TrainConfig, TrainResult, check_options
 from .head import ExplainHead, base_identity
 from .objective import TextBank, micro_step, validate
@@ -126,116 +127,121 @@ def train(
             f"{out} already holds a training run; pass `resume` to continue it, "
             "or choose another `out`"
         )
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        if resume:
-            trim_metrics(metrics, step)
-        else:
-            write_text_atomic(metrics, "")
-        write_json_atomic(
-            out / "run.json",
-            {
-                **provenance(),
-                "base": base_identity(backend),
-                "config": run_config,
-                "runtime": {k: getattr(config, k) for k in sorted(RUNTIME_FIELDS)},
-                "world_size": d.world,
-                "data": {"source": str(data.source), "format": data.format, "pairs": len(data),
-                         "captions": len(data.unique_captions), "skipped": dict(data.skipped)},
-                "val_data": str(val.source) if val is not None else None,
-                "resumed_from": step if resume else None,
-            },
-        )  # fmt: skip
+    fields = {
+        "base": base_identity(backend),
+        "config": run_config,
+        "runtime": {k: getattr(config, k) for k in sorted(RUNTIME_FIELDS)},
+        "world_size": d.world,
+        "data": {"source": str(data.source), "format": data.format, "pairs": len(data),
+                 "captions": len(data.unique_captions), "skipped": dict(data.skipped)},
+        "val_data": str(val.source) if val is not None else None,
+        "resumed_from": step if resume else None,
+    }  # fmt: skip
+    # the ranks meet in the steps' collectives, so a rank that fails there cannot also wait
+    # for the others at the end: torchrun stops the job
+    with prepare_run(out, "train", fields, overwrite=resume, can_overwrite=False, dist=d,
+                     end_together=False):  # fmt: skip
+        if d.main:
+            if resume:
+                trim_metrics(metrics, step)
+            else:
+                write_text_atomic(metrics, "")
 
-    loader = torch.utils.data.DataLoader(
-        CaptionImages(data.images, backend.preprocess, config.max_pixels),
-        batch_sampler=GlobalBatches(
-            len(data), config.batch_size, config.seed, step * A, total * A, d
-        ),
-        num_workers=config.workers,
-        collate_fn=as_list,
-    )
-    bank = TextBank(backend, data.unique_captions)
-    val_bank = TextBank(backend, val.unique_captions) if val is not None else None
-    val_every = config.val_every or config.checkpoint_every
-    unreadable = torch.zeros(len(data), dtype=torch.int32)
-    resumed_from, last_loss, val_result = step, None, None
-    window: list[float] = []
-    window_images, window_start = 0, time.perf_counter()
+        loader = torch.utils.data.DataLoader(
+            CaptionImages(data.images, backend.preprocess, config.max_pixels),
+            batch_sampler=GlobalBatches(
+                len(data), config.batch_size, config.seed, step * A, total * A, d
+            ),
+            num_workers=config.workers,
+            collate_fn=as_list,
+        )
+        bank = TextBank(backend, data.unique_captions)
+        val_bank = TextBank(backend, val.unique_captions) if val is not None else None
+        val_every = config.val_every or config.checkpoint_every
+        unreadable = torch.zeros(len(data), dtype=torch.int32)
+        resumed_from, last_loss, val_result = step, None, None
+        window: list[float] = []
+        window_images, window_start = 0, time.perf_counter()
 
-    def scale() -> torch.Tensor | float:
-        if config.learnable_scale:
-            return log_scale.exp().clamp(max=MAX_LOGIT_SCALE)
-        return backend.logit_scale
+        def scale() -> torch.Tensor | float:
+            if config.learnable_scale:
+                return log_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+            return backend.logit_scale
 
-    def scale_value() -> float:
-        with torch.no_grad():
-            return float(scale())
+        def scale_value() -> float:
+            with torch.no_grad():
+                return float(scale())
 
-    batches = iter(loader)
-    while step < total:
-        started = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        losses, images = [], 0
-        for _ in range(A):
-            micro = micro_step(
-                backend, head, scale(), next(batches), data.caption_ids, bank, config, d
-            )
-            unreadable[micro.failed] = 1
-            if micro.loss is not None:
-                if micro.loss.requires_grad:
-                    (micro.loss / A).backward()
-                losses.append(float(micro.loss.detach()))
-                images += micro.images
-        if images:  # the same on every rank: counted on the gathered batch
-            reduce_gradients(
-                [p for _, p in head_params], log_scale if config.learnable_scale else None, d
-            )
-            lr = learning_rate(step, total, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.step()
-        step += 1
-        if not d.main:
-            continue
-        last_loss = sum(losses) / len(losses) if losses else None
-        window += losses
-        window_images += images
-        if on_step is not None:
-            seconds = max(time.perf_counter() - started, 1e-9)
-            on_step(step, total, {"loss": last_loss or math.nan, "images_per_s": images / seconds})
-        if step % config.log_every == 0 or step == total:
-            now = time.perf_counter()
+        batches = iter(loader)
+        while step < total:
+            started = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            losses, images = [], 0
+            for _ in range(A):
+                micro = micro_step(
+                    backend, head, scale(), next(batches), data.caption_ids, bank, config, d
+                )
+                unreadable[micro.failed] = 1
+                if micro.loss is not None:
+                    if micro.loss.requires_grad:
+                        (micro.loss / A).backward()
+                    losses.append(float(micro.loss.detach()))
+                    images += micro.images
+            if images:  # the same on every rank: counted on the gathered batch
+                reduce_gradients(
+                    [p for _, p in head_params], log_scale if config.learnable_scale else None, d
+                )
+                lr = learning_rate(step, total, config)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                optimizer.step()
+            step += 1
+            if not d.main:
+                continue
+            last_loss = sum(losses) / len(losses) if losses else None
+            window += losses
+            window_images += images
+            if on_step is not None:
+                seconds = max(time.perf_counter() - started, 1e-9)
+                on_step(
+                    step, total, {"loss": last_loss or math.nan, "images_per_s": images / seconds}
+                )
+            if step % config.log_every == 0 or step == total:
+                now = time.perf_counter()
+                append_jsonl(
+                    metrics,
+                    {
+                        "step": step,
+                        "epoch": round(step * A / micro_per_epoch, 4),
+                        "loss": sum(window) / len(window) if window else None,
+                        "lr": learning_rate(step - 1, total, config),
+                        "images_per_s": round(window_images / max(now - window_start, 1e-9), 2),
+                        "logit_scale": scale_value(),
+                        "unreadable": int(unreadable.sum()),
+                    },
+                )
+                window, window_images, window_start = [], 0, now
+            if (
+                val is not None
+                and val_bank is not None
+                and (step % val_every == 0 or step == total)
+            ):
+                val_result = validate(backend, head, val, val_bank, config, scale_value())
+                append_jsonl(metrics, {"step": step, **val_result})
+            if step % config.checkpoint_every == 0 or step == total:
+                save_checkpoint(checkpoint, head, log_scale, step, meta, optimizer, named)
+
+        if d.world > 1:
+            torch_dist.all_reduce(unreadable, op=torch_dist.ReduceOp.MAX)
+        if d.main:
+            save_checkpoint(out / FINAL, head, log_scale, step, meta)
             append_jsonl(
                 metrics,
-                {
-                    "step": step,
-                    "epoch": round(step * A / micro_per_epoch, 4),
-                    "loss": sum(window) / len(window) if window else None,
-                    "lr": learning_rate(step - 1, total, config),
-                    "images_per_s": round(window_images / max(now - window_start, 1e-9), 2),
-                    "logit_scale": scale_value(),
-                    "unreadable": int(unreadable.sum()),
-                },
-            )
-            window, window_images, window_start = [], 0, now
-        if val is not None and val_bank is not None and (step % val_every == 0 or step == total):
-            val_result = validate(backend, head, val, val_bank, config, scale_value())
-            append_jsonl(metrics, {"step": step, **val_result})
-        if step % config.checkpoint_every == 0 or step == total:
-            save_checkpoint(checkpoint, head, log_scale, step, meta, optimizer, named)
-
-    if d.world > 1:
-        torch_dist.all_reduce(unreadable, op=torch_dist.ReduceOp.MAX)
-    if d.main:
-        save_checkpoint(out / FINAL, head, log_scale, step, meta)
-        append_jsonl(
-            metrics,
-            {"step": step, "event": "end", "unreadable": int(unreadable.sum()),
-             "skipped": dict(data.skipped)},
-        )  # fmt: skip
-    if d.world > 1:
-        torch_dist.barrier()
-    return TrainResult(
-        step, out / FINAL, resumed_from, last_loss, val_result, int(unreadable.sum())
-    )
+                {"step": step, "event": "end", "unreadable": int(unreadable.sum()),
+                 "skipped": dict(data.skipped)},
+            )  # fmt: skip
+        if d.world > 1:
+            torch_dist.barrier()
+        return TrainResult(
+            step, out / FINAL, resumed_from, last_loss, val_result, int(unreadable.sum())
+        )

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +21,9 @@ from ..data.images import DEFAULT_MAX_PIXELS, ImageError, load_image
 from ..data.inputs import InputItem
 from ..errors import ClipvizError
 from ..explanation import Explanation
-from ..files import provenance, write_json_atomic
-from .manifest import (
-    MANIFEST,
-    append_record,
-    remove_stale_temporaries,
-    repair_manifest,
-    run_lock,
-)
+from .manifest import MANIFEST, append_record
 from .outputs import RenderOptions, write_outputs
+from .prepare import prepare_run
 
 
 def _describe(name: str) -> tuple[str, str]:
@@ -113,26 +106,23 @@ def run_concepts(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     run_info: dict[str, Any] | None = None,
     on_record: Callable[[dict[str, Any]], None] | None = None,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """ConVis maps of `chosen` (and `options["top"]` discovered) concepts for every item;
-    writes `run.json`, each image's outputs and one manifest record per image."""
-    with run_lock(out):
-        repair_manifest(out / MANIFEST)
-        remove_stale_temporaries(out)
-        write_json_atomic(
-            out / "run.json",
-            {
-                **provenance(),
-                "model": backend.identity,
-                "device": str(backend.device),
-                "method": f"convis-{options['variant']}",
-                "concepts": list(chosen),
-                "hierarchy_size": len(bank.hierarchy),
-                **(run_info or {}),
-                **options,
-                "started": datetime.now(UTC).isoformat(timespec="seconds"),
-            },
-        )
+    writes `run.json`, each image's outputs and one manifest record per image.
+
+    overwrite: write into a folder that holds files but no clipviz run, or another kind of run.
+    """
+    fields = {
+        "model": backend.identity,
+        "device": str(backend.device),
+        "method": f"convis-{options['variant']}",
+        "concepts": list(chosen),
+        "hierarchy_size": len(bank.hierarchy),
+        **(run_info or {}),
+        **options,
+    }
+    with prepare_run(out, "concepts", fields, overwrite=overwrite):
         records = []
         for item in items:
             rec = concepts_one(backend, bank, item, chosen, options, out, render, max_pixels)

@@ -20,7 +20,6 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +28,10 @@ import torch
 from ..backend import Backend, Texts
 from ..data.images import DEFAULT_MAX_PIXELS
 from ..data.inputs import InputItem
-from ..distributed import Dist, barrier
+from ..distributed import Dist
 from ..errors import ClipvizError
 from ..explanation import Explanation, check_prompt_text, explain
-from ..files import SCHEMA_VERSION, provenance, write_json_atomic
+from ..files import SCHEMA_VERSION
 from ..methods import check_methods, get_method
 from .decode import Decoded, image_loader
 from .manifest import (
@@ -40,10 +39,11 @@ from .manifest import (
     check_out,
     disk_full_stops,
     finished,
-    run_folder,
+    latest_records,
     source_stamp,
 )
 from .outputs import RenderOptions, write_outputs
+from .prepare import prepare_run
 from .writers import OrderedWriters
 
 
@@ -57,6 +57,43 @@ class RunSummary:
     @property
     def exit_code(self) -> int:
         return 1 if self.failed else 0
+
+    def add(self, rec: dict[str, Any]) -> None:
+        """Count one image's record."""
+        self.records.append(rec)
+        setattr(self, rec["status"], getattr(self, rec["status"]) + 1)
+
+
+@dataclass(frozen=True)
+class ExplainRequest:
+    """What a run asks of every image or shard: its methods with their options, how they are
+    batched, decoded and written, and the `key` that tells its outputs from other runs'."""
+
+    methods: tuple[str, ...]
+    options: dict[str, dict[str, Any]]  # each method's bound options, by method name
+    key: str
+    batch_size: int = 16
+    overwrite: bool = False
+    workers: int | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    render: RenderOptions = RenderOptions()
+    writers: int | None = None
+    maps_dtype: str = "float16"  # of the raw maps in output shards
+
+
+def run_fields(backend: Backend, texts: Texts, request: ExplainRequest) -> dict[str, Any]:
+    """What the run.json of an explain run (of images or shards) records."""
+    return {
+        "model": backend.identity,
+        "device": str(backend.device),
+        "speed": backend.speed,
+        "crop": backend.preprocess.crop,
+        "methods": list(request.methods),
+        "prompts": texts.prompts,
+        "ensemble": texts.ensemble,
+        "options": request.options,
+        "key": request.key,
+    }
 
 
 def request_key(
@@ -145,11 +182,30 @@ def run_explain(
     check_prompts(texts.prompts)
     check_methods(backend, methods)
     options = {m: get_method(m).info.bind((method_options or {}).get(m)) for m in methods}
-    with run_folder(out, dist.rank, dist.world, lambda: barrier(dist)) as manifest:
+    request = ExplainRequest(
+        tuple(methods), options, request_key(backend, methods, texts, render, options),
+        batch_size, overwrite, workers, max_pixels, render, writers,
+    )  # fmt: skip
+    fields = {**run_fields(backend, texts, request), "render": asdict(render)}
+    with prepare_run(out, "explain", fields, overwrite=overwrite, dist=dist) as manifest:
         mine = items[dist.rank :: dist.world]  # every rank its own images, none twice
-        return _run(backend, mine, texts, out, methods, batch_size, overwrite, render,
-                    workers, max_pixels, on_record, options, writers, manifest,
-                    dist.main)  # fmt: skip
+        summary = _run(backend, mine, texts, out, request, manifest, on_record)
+    if dist.world > 1 and dist.main:
+        return job_summary(out, [it.key for it in items], RunSummary.add)
+    return summary
+
+
+def job_summary(
+    out: Path, inputs: Sequence[str], add: Callable[[RunSummary, dict[str, Any]], None]
+) -> RunSummary:
+    """The summary of a whole torchrun job, read by rank 0 from the merged manifest: the
+    latest record of each of `inputs`, counted by `add`."""
+    latest = latest_records(out)
+    summary = RunSummary()
+    for key in inputs:
+        if key in latest:
+            add(summary, latest[key])
+    return summary
 
 
 def _run(
@@ -157,48 +213,21 @@ def _run(
     items: Sequence[InputItem],
     texts: Texts,
     out: Path,
-    methods: Sequence[str],
-    batch_size: int,
-    overwrite: bool,
-    render: RenderOptions,
-    workers: int | None,
-    max_pixels: int,
-    on_record: Callable[[dict[str, Any]], None] | None,
-    options: dict[str, dict[str, Any]],
-    writers: int | None,
+    request: ExplainRequest,
     manifest: Path,
-    main: bool,
+    on_record: Callable[[dict[str, Any]], None] | None,
 ) -> RunSummary:
-    key = request_key(backend, methods, texts, render, options)
+    methods, options, render = request.methods, request.options, request.render
+    batch_size, workers, writers = request.batch_size, request.workers, request.writers
     summary = RunSummary()
 
     def record(rec: dict[str, Any]) -> None:
-        rec["key"] = key
-        summary.records.append(append_record(manifest, rec))
-        setattr(summary, rec["status"], getattr(summary, rec["status"]) + 1)
+        rec["key"] = request.key
+        summary.add(append_record(manifest, rec))
         if on_record:
             on_record(rec)
 
-    if main:
-        with disk_full_stops(out / "run.json"):
-            write_json_atomic(
-                out / "run.json",
-                {
-                    **provenance(),
-                    "model": backend.identity,
-                    "device": str(backend.device),
-                    "speed": backend.speed,
-                    "crop": backend.preprocess.crop,
-                    "methods": list(methods),
-                    "prompts": texts.prompts,
-                    "ensemble": texts.ensemble,
-                    "render": asdict(render),
-                    "options": options,
-                    "key": key,
-                    "started": datetime.now(UTC).isoformat(timespec="seconds"),
-                },
-            )
-    done = {} if overwrite else finished(out, key, {it.key for it in items})
+    done = {} if request.overwrite else finished(out, request.key, {it.key for it in items})
     todo = []
     for it in items:
         prev = done.get(it.key)
@@ -212,7 +241,7 @@ def _run(
     if writers is None:
         writers = default_pool_size(len(todo))
     loader = image_loader(
-        todo, backend.preprocess, batch_size, workers, max_pixels, render.max_side
+        todo, backend.preprocess, batch_size, workers, request.max_pixels, render.max_side
     )
     with OrderedWriters(writers, record, max_pending=2 * batch_size) as pool:
         for batch in loader:

@@ -1,5 +1,6 @@
 """The bookkeeping of a run folder: one run at a time, a manifest that survives kills and full
-disks, what an earlier run finished, and files a killed run left half-written."""
+disks, what an earlier run finished, and files a killed run left half-written (`prepare_run`
+puts them together)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,17 @@ def check_out(out: Path) -> None:
         raise ClipvizError(f"`out` {out} is a file; pass a folder (it is created if missing)")
 
 
+def not_writable(out: Path, error: OSError, option: str = "out") -> ClipvizError:
+    """The one line for an `out` (or another `option`'s path) this process cannot write into
+    (a full disk has its own)."""
+    if error.errno in DISK_FULL:
+        return disk_full(error, out)
+    return ClipvizError(
+        f"`{option}` {out} is not writable ({error.strerror or error}); choose a place you "
+        "can write to"
+    )
+
+
 @contextlib.contextmanager
 def run_lock(out: Path) -> Iterator[None]:
     """Hold `OUT/.clipviz.lock` for a run: a second run into the same folder is refused at
@@ -32,15 +44,17 @@ def run_lock(out: Path) -> Iterator[None]:
     from filelock import FileLock, Timeout
 
     check_out(out)
-    out.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(out / LOCK), timeout=0)
     try:
+        out.mkdir(parents=True, exist_ok=True)
         lock.acquire()
     except Timeout:
         raise ClipvizError(
             f"another clipviz run is writing into {out}; wait for it to finish or choose "
             "another `out`"
         ) from None
+    except OSError as e:
+        raise not_writable(out, e) from None
     try:
         yield
     finally:
@@ -185,22 +199,3 @@ def append_record(path: Path, rec: dict[str, Any]) -> dict[str, Any]:
     with disk_full_stops(path):
         append_jsonl(path, rec)
     return rec
-
-
-@contextlib.contextmanager
-def run_folder(out: Path, rank: int = 0, world: int = 1, barrier: Any = None) -> Iterator[Path]:
-    """Hold `out` for a run and yield the manifest this process appends to. In a job of
-    `world` ranks, rank 0 holds the lock for all and tidies the folder (a torn line cut,
-    parts of a killed job merged, half-written temporaries removed) before `barrier()` lets
-    any rank write; after the last rank is done it merges the parts into the manifest."""
-    wait = barrier or (lambda: None)
-    with run_lock(out) if rank == 0 else contextlib.nullcontext():
-        if rank == 0:
-            repair_manifest(out / MANIFEST)
-            merge_parts(out / MANIFEST)
-            remove_stale_temporaries(out)
-        wait()
-        yield manifest_path(out, rank, world)
-        wait()
-        if rank == 0:
-            merge_parts(out / MANIFEST)

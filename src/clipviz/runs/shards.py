@@ -38,32 +38,34 @@ from ..data.shards import (
     read_parquet_metadata,
     write_parquet_atomic,
 )
-from ..distributed import Dist, barrier
+from ..distributed import Dist
 from ..errors import ClipvizError
 from ..explanation import explain
-from ..files import SCHEMA_VERSION, provenance, write_json_atomic
+from ..files import SCHEMA_VERSION, provenance
 from ..methods import check_methods, get_method
 from .explain import (
+    ExplainRequest,
     RunSummary,
     check_prompts,
     check_run_args,
     default_pool_size,
+    job_summary,
     non_finite,
     request_key,
+    run_fields,
 )
-from .manifest import append_record, disk_full_stops, run_folder, source_stamp
+from .manifest import append_record, disk_full_stops, source_stamp
 from .outputs import MAP_DTYPES, RenderOptions
+from .prepare import prepare_run
+from .run_json import run_kind
 from .shard_decode import IncompleteShard, decoded_batches
 
 SHARDS = "shards"
 
 
 def is_shard_run(out: Path) -> bool:
-    """Whether `out` holds a shard run (its run.json names the input shards)."""
-    try:
-        return "shards" in json.loads((out / "run.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
+    """Whether `out` holds a shard run."""
+    return run_kind(out) == "shards"
 
 
 def shard_name(path: Path) -> str:
@@ -138,51 +140,42 @@ def run_explain_shards(
         raise ClipvizError(f"two shards are named {twice}; their outputs would collide")
     options = {m: get_method(m).info.bind((method_options or {}).get(m)) for m in methods}
     key = request_key(backend, methods, texts, RenderOptions(), {**options, "maps": maps_dtype})
+    request = ExplainRequest(
+        tuple(methods), options, key, batch_size, overwrite, workers, max_pixels,
+        maps_dtype=maps_dtype,
+    )  # fmt: skip
+    fields = {**run_fields(backend, texts, request), "maps": maps_dtype,
+              "shards": [str(p) for p in shards]}  # fmt: skip
     summary = RunSummary()
-    if workers is None:
-        workers = default_pool_size()
-    with run_folder(out, dist.rank, dist.world, lambda: barrier(dist)) as manifest:
-        if dist.main:
-            with disk_full_stops(out / "run.json"):
-                write_json_atomic(out / "run.json", {
-                    **provenance(), "model": backend.identity, "device": str(backend.device),
-                    "speed": backend.speed,
-                    "methods": list(methods), "prompts": texts.prompts,
-                    "ensemble": texts.ensemble, "options": options, "maps": maps_dtype,
-                    "shards": [str(p) for p in shards], "key": key,
-                })  # fmt: skip
+    with prepare_run(out, "shards", fields, overwrite=overwrite, dist=dist) as manifest:
         for path in list(shards)[dist.rank :: dist.world]:
-            rec = _explain_shard(backend, path, texts, out, methods, options, batch_size,
-                                 overwrite, workers, max_pixels, maps_dtype, key)  # fmt: skip
-            append_record(manifest, rec)
-            summary.records.append(rec)
-            if rec["status"] == "skipped":  # its failed samples stay failed (listed in its table)
-                summary.skipped += rec["samples"] - rec["failed_samples"]
-                summary.failed += rec["failed_samples"]
-            elif rec["status"] == "failed":  # the shard as a whole
-                summary.failed += max(1, rec["failed_samples"])
-            else:
-                summary.ok += rec["samples"] - rec["failed_samples"]
-                summary.failed += rec["failed_samples"]
+            rec = _explain_shard(backend, path, texts, out, request)
+            add_shard(summary, append_record(manifest, rec))
             if on_record:
                 on_record(rec)
+    if dist.world > 1 and dist.main:
+        return job_summary(out, [os.path.realpath(p) for p in shards], add_shard)
     return summary
 
 
+def add_shard(summary: RunSummary, rec: dict[str, Any]) -> None:
+    """Count one shard's record by its samples."""
+    summary.records.append(rec)
+    if rec["status"] == "skipped":  # its failed samples stay failed (listed in its table)
+        summary.skipped += rec["samples"] - rec["failed_samples"]
+        summary.failed += rec["failed_samples"]
+    elif rec["status"] == "failed":  # the shard as a whole
+        summary.failed += max(1, rec["failed_samples"])
+    else:
+        summary.ok += rec["samples"] - rec["failed_samples"]
+        summary.failed += rec["failed_samples"]
+
+
 def _explain_shard(
-    backend: Backend,
-    path: Path,
-    texts: Texts,
-    out: Path,
-    methods: Sequence[str],
-    options: dict[str, dict[str, Any]],
-    batch_size: int,
-    overwrite: bool,
-    workers: int,
-    max_pixels: int,
-    maps_dtype: str,
-    key: str,
+    backend: Backend, path: Path, texts: Texts, out: Path, request: ExplainRequest
 ) -> dict[str, Any]:
+    methods, options, key = request.methods, request.options, request.key
+    overwrite, maps_dtype = request.overwrite, request.maps_dtype
     started = time.perf_counter()
     name = shard_name(path)
     tar_path, table_path = out / SHARDS / f"{name}.tar", out / SHARDS / f"{name}.parquet"
@@ -201,7 +194,10 @@ def _explain_shard(
     ):
         return {**record, "status": "skipped", "error": None, "samples": info.get("samples", 0),
                 "failed_samples": info.get("failed", 0), "seconds": 0.0}  # fmt: skip
-    loader = decoded_batches(path, backend.preprocess, max_pixels, workers, batch_size)
+    workers = default_pool_size() if request.workers is None else request.workers
+    loader = decoded_batches(
+        path, backend.preprocess, request.max_pixels, workers, request.batch_size
+    )
     several = len(methods) > 1
     try:
         with disk_full_stops(tar_path), ShardWriter(tar_path) as tar:
@@ -211,6 +207,8 @@ def _explain_shard(
     except IncompleteShard as e:  # the tar was not kept: the next run redoes the shard
         return {**record, "status": "failed", "error": str(e), "samples": 0,
                 "failed_samples": 0, "outputs": [], "seconds": 0.0}  # fmt: skip
+    except OSError as e:  # this shard's outputs cannot be written (a full disk stops the run)
+        return _unwritten(record, e)
     samples = len(table.columns["key"])
     unreadable = samples == 1 and str(table.columns["key"][0]).endswith("#unreadable")
     if unreadable:  # nothing was read: leave no outputs, so the next run tries again
@@ -220,11 +218,21 @@ def _explain_shard(
     meta = {"key": key, "source": stamp, "samples": samples, "failed": table.failed,
             "prompts": texts.prompts, "methods": list(methods), "maps": maps_dtype,
             "schema_version": SCHEMA_VERSION, **provenance()}  # fmt: skip
-    with disk_full_stops(table_path):
-        write_parquet_atomic(table_path, table.columns, {"clipviz": json.dumps(meta)})
+    try:
+        with disk_full_stops(table_path):
+            write_parquet_atomic(table_path, table.columns, {"clipviz": json.dumps(meta)})
+    except OSError as e:
+        return _unwritten(record, e)
     return {**record, "status": "ok", "error": None, "samples": samples,
             "failed_samples": table.failed,
             "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
+
+
+def _unwritten(record: dict[str, Any], error: OSError) -> dict[str, Any]:
+    """The record of a shard whose outputs could not be written: failed with the reason, and
+    done again by the next run."""
+    return {**record, "status": "failed", "error": f"could not write outputs: {error}",
+            "samples": 0, "failed_samples": 0, "outputs": [], "seconds": 0.0}  # fmt: skip
 
 
 def _explain_samples(
