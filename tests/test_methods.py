@@ -48,6 +48,8 @@ CASES = [
     if m.info.fits(tower, frozenset(caps))
 ]
 runner = CliRunner()
+# what every output records the versions of
+VERSIONS = {"clipviz", "open_clip", "torch", "timm", "transformers"}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -217,7 +219,7 @@ def test_dash_o_sets_a_method_knob_from_the_command_line(tmp_path, tiny_weights,
     assert not np.allclose(saved, last_block.maps[0].numpy(), atol=1e-4)
     run = json.loads((out / "run.json").read_text())
     assert run["options"] == {"gradcam": {"layer": -2}}
-    assert run["schema_version"] == 1 and set(run["versions"]) == {"clipviz", "open_clip", "torch"}
+    assert run["schema_version"] == 1 and set(run["versions"]) == VERSIONS
 
 
 @pytest.mark.parametrize(
@@ -307,5 +309,5 @@ def test_every_output_carries_the_schema_version_and_the_versions(tmp_path, tiny
     ]
     for out in outputs:
         assert out["schema_version"] == 1
-        assert set(out["versions"]) == {"clipviz", "open_clip", "torch"}
+        assert set(out["versions"]) == VERSIONS
         assert out["versions"]["clipviz"] == clipviz.__version__
