@@ -50,7 +50,8 @@ class HeadReads:
 
 
 def read_heads(backend: Backend, images: Tensor, layers: int) -> HeadReads:
-    """Run the stock forward, keeping what the heads of the last `layers` blocks read."""
+    """Run the forward, keeping what the heads of the last `layers` blocks read (those blocks
+    computed from their own q, k, v: each is projected once)."""
     vit = backend.readout_vit
     if not 1 <= layers <= vit.depth:
         raise ClipvizError(f"textspan: layers={layers} is outside 1…{vit.depth}, the blocks")
@@ -60,9 +61,11 @@ def read_heads(backend: Backend, images: Tensor, layers: int) -> HeadReads:
         x = vit.run_blocks(vit.embed(images), stop=first)
         for i in range(first, vit.depth):
             q, k, v = vit.qkv(i, vit.norm1(i, x))
-            attention.append(attention_probs(q, k)[:, :, 0].float())  # [B, heads, M]
+            probs = attention_probs(q, k)  # [B, heads, M, M]
+            attention.append(probs[:, :, 0].float())  # the class token's row
             values.append(v.float())
-            x = vit.run_block(i, x)
+            y = x + vit.attn_out(i, probs.to(v.dtype) @ v)
+            x = y + vit.mlp(i, y)
         embeddings = vit.pooled(x).float()
     final = x[:, 0].float()
     eps = float(vit.post_norm.eps)
