@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from . import bench, catalog, concepts, evaluate, explain, heads, report, sanity, train
+from . import bench, catalog, concepts, evaluate, explain, heads, report, sanity, train, webapp
 from .options import methods_epilog
 from .output import handle_errors, out_console
 
@@ -48,6 +48,7 @@ for name, fn in (
     ("bench", bench.bench),
     ("methods", catalog.methods),
     ("models", catalog.models),
+    ("app", webapp.serve),
 ):
     epilog = methods_epilog() if name in _METHOD_COMMANDS else None
     app.command(name, help=command_help(fn), epilog=epilog)(handle_errors(fn))

@@ -91,7 +91,8 @@ def vocabulary_synsets(vocabulary: str = "default") -> tuple[tuple[str, ...], fr
         raise ClipvizError(
             f"`vocabulary` {vocabulary!r} is neither default, all nor a file of words"
         )
-    words, members, problems = [], set(), []
+    words, members = [], set()
+    problems: list[str] = []
     for entry in _read_words_file(path):
         # spelling suggestions cost a fraction of a second each: only for the entries shown
         suggest = len(problems) < SHOWN_PROBLEMS
