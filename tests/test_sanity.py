@@ -140,17 +140,27 @@ def test_sanity_usage_errors(tmp_path, tiny_weights):
     d = tmp_path / "photos"
     d.mkdir()
     random_image(seed=1).save(d / "p.png")
+    mine, plot = tmp_path / "mine", tmp_path / "plot"
+    (mine / "sanity.json").parent.mkdir()
+    (mine / "sanity.json").write_text('{"my": "notes"}')
+    plot.mkdir()
+    (plot / "sanity.png").write_bytes(b"my picture")
     cases = [
         (["sanity", str(d)], "no prompts given"),
         (["sanity", str(d), "dog", "-f", "voc"], "drop the prompts"),
         (["sanity", str(d), "dog", "-m", "clearclip"], "not defined"),
         (["sanity", str(d), "dog", "--limit", "0"], "at least 1"),
+        # results never replace files clipviz did not write
+        (["sanity", str(d), "dog", "-o", str(mine)], "is not clipviz results"),
+        (["sanity", str(d), "dog", "-o", str(plot)], "sanity.png that clipviz did not write"),
     ]
     for args, message in cases:
         model = _model_args(tiny_weights, "rn" if "clearclip" in args else "vit")
         result = CliRunner().invoke(app, [*args, *model])
         assert result.exit_code == 2, (args, result.output)
         assert message in result.output, result.output
+    assert (mine / "sanity.json").read_text() == '{"my": "notes"}'
+    assert (plot / "sanity.png").read_bytes() == b"my picture"
 
 
 def test_sanity_json_prints_the_result_alone_on_stdout(tmp_path, tiny_weights):

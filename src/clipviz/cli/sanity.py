@@ -111,6 +111,7 @@ def sanity(
     options = gather_method_options(methods, option, eclip=eclip)
     if limit < 1:
         raise ClipvizError(f"--limit {limit} must be at least 1")
+    _check_out(out)
     paths, classes, all_prompts = _inputs(
         inputs, [*(prompts or []), *(prompt or [])], format, split, classes_file, limit, recursive
     )
@@ -212,3 +213,16 @@ def _print_sanity(result: SanityResult, images: int) -> None:
         last = "—" if s.ssim[-1] != s.ssim[-1] else f"{s.ssim[-1]:.2f}"
         table.add_row(name, *cells, last, "[red]flagged[/]" if s.flagged else "passes")
     print_table(table)
+
+
+def _check_out(out: Path) -> None:
+    """Refuse, before the model loads, an `out` where the results would replace a file that
+    clipviz did not write (or that this process cannot write)."""
+    from ..runs.prepare import check_results_file
+
+    check_results_file(out / "sanity.json")
+    if (out / "sanity.png").exists() and not (out / "sanity.json").exists():
+        raise ClipvizError(
+            f"`out` {out} holds a sanity.png that clipviz did not write; choose another folder "
+            "or move that file away"
+        )
