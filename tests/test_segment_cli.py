@@ -49,10 +49,15 @@ def test_segment_writes_labels_overlay_and_manifest(app, tiny_weights, tmp_path)
     by_status = {r["status"]: r for r in records}
     assert set(by_status) == {"ok", "failed"} and "broken.jpg" in by_status["failed"]["input"]
     ok = by_status["ok"]
-    labels = Image.open(ok["files"]["labels"])
+    assert ok["files"] == {"labels": "labels.png", "overlay": "overlay.png", "probs": "probs.npz"}
+    folder = out / ok["output"]
+    assert folder == out / "a.png"
+    labels = Image.open(folder / "labels.png")
     assert labels.mode == "P" and labels.size == (130, 97)
     assert set(np.unique(np.asarray(labels)).tolist()) == set(ok["classes"]) <= {0, 1, 2}
-    probs = np.load(ok["files"]["probs"])
+    counts = np.bincount(np.asarray(labels).ravel())
+    assert ok["shares"] == {str(c): round(n / counts.sum(), 6) for c, n in enumerate(counts) if n}
+    probs = np.load(folder / "probs.npz")
     assert probs["probs"].shape == (3, 97, 130)
     assert np.array_equal(probs["probs"].astype(np.float32).argmax(0), np.asarray(labels))
     run = json.loads((out / "run.json").read_text())
@@ -102,3 +107,68 @@ def test_palette_is_vocs_and_the_legend_names_present_classes():
     assert shown.shape[0] == 40 and shown.shape[1] > 30
     assert shown[0, 0].tolist() == [100, 100, 100]  # class 0 black, half blended
     assert shown[0, 25].tolist() == [100, 164, 100]  # class 2 (0, 128, 0), half blended
+
+
+def _records(out):
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+def test_a_rerun_skips_finished_images_and_overwrite_redoes_them(app, tiny_weights, tmp_path):
+    for i, name in enumerate(["a.png", "b.png"]):
+        random_image(i, (64, 48)).save(tmp_path / name)
+    listed = tmp_path / "list.txt"
+    listed.write_text(f"{tmp_path / 'a.png'}\n{tmp_path / 'b.png'}\n")
+    out = tmp_path / "out"
+    args = ["segment", "--inputs-file", str(listed), "--classes", "sky,grass", "--short-side",
+            "64", "--window", "0", "--out", str(out), "-q", "--workers", "0",
+            *model_args(tiny_weights)]  # fmt: skip
+    assert runner.invoke(app, args).exit_code == 0
+    first = _records(out)
+    assert [r["status"] for r in first] == ["ok", "ok"]
+    (out / "b.png" / "labels.png").unlink()  # lost: b is done again, a is skipped
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert (payload["ok"], payload["skipped"], payload["failed"]) == (1, 1, 0)
+    assert [r["status"] for r in _records(out)[2:]] == ["skipped", "ok"]
+    assert (out / "b.png" / "labels.png").is_file()
+    assert runner.invoke(app, [*args, "--overwrite"]).exit_code == 0
+    assert [r["status"] for r in _records(out)[4:]] == ["ok", "ok"]
+    # other classes are another request: nothing is skipped
+    other = [a if a != "sky,grass" else "sky,water" for a in args]
+    assert runner.invoke(app, other).exit_code == 0
+    assert [r["status"] for r in _records(out)[6:]] == ["ok", "ok"]
+    assert json.loads((out / "run.json").read_text())["kind"] == "segment"
+
+
+@pytest.mark.parametrize(
+    ("existing", "says"),
+    [
+        ({"notes.txt": "mine"}, "is not a clipviz run"),
+        ({"run.json": json.dumps({"schema_version": 1, "kind": "explain"})}, "explain run"),
+    ],
+)
+def test_an_out_folder_of_other_files_or_another_run_is_refused(
+    app, tiny_weights, tmp_path, existing, says
+):
+    random_image(0, (64, 64)).save(tmp_path / "a.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, text in existing.items():
+        (out / name).write_text(text)
+    args = ["segment", str(tmp_path / "a.png"), "--classes", "a,b", "--out", str(out),
+            *model_args(tiny_weights)]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and says in result.output, result.output
+    assert sorted(p.name for p in out.iterdir()) == sorted(existing)
+    result = runner.invoke(app, [*args, "--overwrite", "-q"])
+    assert result.exit_code == 0, result.output
+    assert (out / "a.png" / "labels.png").is_file()
+
+
+def test_a_run_json_without_kind_holding_a_protocol_and_classes_is_a_segment_run(tmp_path):
+    from clipviz.runs.run_json import run_kind
+
+    run = {"schema_version": 1, "protocol": {"window": 224}, "classes": [["sky"], ["sea"]]}
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    assert run_kind(tmp_path) == "segment"

@@ -3,16 +3,18 @@ field's training-free protocol; labels.png and overlay.png per image, with a man
 
 from __future__ import annotations
 
-import json
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from ..errors import ClipvizError
+from .explain import run_payload
 from .options import (
     DebugOpt,
     DeviceOpt,
+    JsonOpt,
     MaxPixelsOpt,
     ModelConfigOpt,
     ModelOpt,
@@ -22,7 +24,7 @@ from .options import (
     QuietOpt,
     load,
 )
-from .output import err_console, out_console, print_failure
+from .output import out_console, print_failure, print_json, progress_bar, torchrun_job
 
 FloatOpt = float | None
 IntOpt = int | None
@@ -41,9 +43,13 @@ def _dilations(text: str | None) -> tuple[int, ...] | None:
 
 def segment(
     inputs: Annotated[
-        list[str],
+        list[str] | None,
         typer.Argument(help="images, folders or quoted globs", show_default=False),
-    ],
+    ] = None,
+    inputs_file: Annotated[
+        str | None,
+        typer.Option("--inputs-file", help="one image path per line ('-' for stdin)"),
+    ] = None,
     classes_file: Annotated[
         Path | None,
         typer.Option(
@@ -100,6 +106,13 @@ def segment(
     recursive: Annotated[
         bool, typer.Option("--recursive", "-r", help="descend into folders")
     ] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="redo finished images; write into a folder that is not a clipviz run",
+        ),
+    ] = False,
     save_probs: Annotated[
         bool, typer.Option("--save-probs", help="also write probs.npz per image")
     ] = False,
@@ -109,8 +122,23 @@ def segment(
     model_config: ModelConfigOpt = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers", help="image-decoding processes (default: up to 4)", show_default=False
+        ),
+    ] = None,
+    writers: Annotated[
+        int | None,
+        typer.Option(
+            "--writers",
+            help="threads writing outputs while the model runs (default: up to 4; 0: none)",
+            show_default=False,
+        ),
+    ] = None,
     max_pixels: MaxPixelsOpt = 100_000_000,
     quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Segment images into the given classes (open-vocabulary semantic segmentation).
@@ -119,14 +147,15 @@ def segment(
     the protocol of the field's papers: resize to a short side, windows averaged, optional
     PAMR, softmax over all names, the best of each class's synonyms, thresholds. Writes
     OUT/<image>/labels.png (palette PNG of class indices at the original size), overlay.png
-    with a legend, optionally probs.npz, and OUT/manifest.jsonl.
+    with a legend, optionally probs.npz, and OUT/manifest.jsonl. Re-running skips images
+    already done (`--overwrite` to redo); under torchrun every process takes its share.
     """
-    import numpy as np
-
-    from ..data.images import ImageError, load_image
     from ..data.inputs import collect_inputs
-    from ..files import append_jsonl, provenance, write_json_atomic
+    from ..distributed import refuse_stdin, setup_distributed
     from ..methods import method_options
+    from ..runs.explain import check_run_args
+    from ..runs.prepare import check_out_folder
+    from ..runs.segment import SegmentRequest, run_segment, segment_key
     from ..segment import (
         Protocol,
         Segmenter,
@@ -134,7 +163,6 @@ def segment(
         inline_classes,
         read_classes_file,
     )
-    from ..segment.outputs import write_segmentation
     from ..segment.presets import override
 
     if classes_file is not None and classes is not None:
@@ -174,56 +202,52 @@ def segment(
     )  # fmt: skip
     protocol.check()
     options = method_options([method], list(option or []))[method]
-    items, _ = collect_inputs(inputs, recursive=recursive, exclude=[out])
+    check_run_args(out, batch_size, workers, max_pixels, writers)
+    refuse_stdin(inputs_file)
+    if not inputs and inputs_file is None:
+        raise ClipvizError("no input given; pass images, folders, globs or --inputs-file")
+    check_out_folder(out, "segment", overwrite)
+    items, ignored = collect_inputs(
+        inputs or [], recursive=recursive, inputs_file=inputs_file, exclude=[out]
+    )
     if not items:
-        raise ClipvizError("no images found in the inputs; pass image files or folders")
-    backend = load(model, pretrained, model_config, device, precision)
-    segmenter = Segmenter(backend, names, method, protocol, options)
-    settings: dict[str, Any] = {
-        **provenance(),
-        "model": backend.identity,
-        "method": method,
-        "options": options,
-        "preset": chosen.name if chosen else None,
-        "sources": list(chosen.sources) if chosen else [],
-        "protocol": {**protocol.__dict__, "pamr_dilations": list(protocol.pamr_dilations)},
-        "classes": [list(line) for line in names.lines],
-        "precision": str(backend.autocast_dtype or "fp32"),
-    }
-    write_json_atomic(out / "run.json", settings)
-    manifest, failed, done = out / "manifest.jsonl", 0, 0
-    for start in range(0, len(items), batch_size):
-        batch, arrays = [], []
-        for item in items[start : start + batch_size]:
-            try:
-                if item.error:
-                    raise ImageError(item.error)
-                arrays.append(np.asarray(load_image(item.path, max_pixels)))
-                batch.append(item)
-            except ImageError as e:
-                failed += 1
-                append_jsonl(manifest, {"input": str(item.path), "status": "failed",
-                                        "error": str(e)})  # fmt: skip
-                print_failure(str(item.path), e)
-        for item, image, result in zip(batch, arrays, segmenter(arrays, save_probs), strict=True):
-            record: dict[str, Any] = {"input": str(item.path)}
-            if result.labels is None:
-                failed += 1
-                record.update(status="failed", error=result.error)
-                print_failure(str(item.path), result.error)
-            else:
-                probs = result.probs.numpy() if result.probs is not None else None
-                folder = out / item.rel / item.path.name
-                files = write_segmentation(folder, image, result.labels, names.labels, probs,
-                                           alpha)  # fmt: skip
-                done += 1
-                present = sorted(set(result.labels.ravel().tolist()))
-                record.update(status="ok", files=files, resized=list(result.resized),
-                              windows=result.windows, classes=present)  # fmt: skip
-            append_jsonl(manifest, record)
-        if not quiet:
-            err_console.print(f"segmented {done} of {len(items)} images", highlight=False)
-    if not quiet:
-        out_console.print(json.dumps({"ok": done, "failed": failed, "out": str(out)}))
-    if failed:
-        raise typer.Exit(1)
+        raise ClipvizError(
+            f"no images found in {', '.join(inputs or []) or inputs_file}", exit_code=1
+        )
+    dist, device = setup_distributed(device)
+    quiet = quiet or not dist.main
+    with torchrun_job(dist):
+        backend = load(model, pretrained, model_config, device, precision)
+        segmenter = Segmenter(backend, names, method, protocol, options)
+        request = SegmentRequest(
+            segment_key(segmenter, save_probs, alpha), batch_size, overwrite, workers,
+            max_pixels, writers, save_probs, alpha,
+        )  # fmt: skip
+        fields = {"preset": chosen.name if chosen else None,
+                  "sources": list(chosen.sources) if chosen else []}  # fmt: skip
+        started = time.perf_counter()
+        progress = progress_bar("segmenting", quiet, "rate", transient=True)
+        task = progress.add_task("segment", total=len(items[dist.rank :: dist.world]), rate="")
+
+        def on_record(rec: dict[str, Any]) -> None:
+            n = progress.tasks[0].completed + 1
+            rate = n / max(time.perf_counter() - started, 1e-9)
+            progress.update(task, advance=1, rate=f"{rate:.1f} img/s")
+
+        with progress:
+            summary = run_segment(segmenter, items, out, request, fields, on_record, dist)
+    if not dist.main:  # rank 0 holds the whole job's summary and carries its exit code
+        raise typer.Exit(0)
+    for r in summary.records:
+        if r["status"] == "failed" and not json_out:
+            print_failure(r["input"], r["error"])
+    if json_out:
+        print_json(run_payload(summary, out, ignored))
+    elif not quiet:
+        extra = f", {ignored} non-image files ignored" if ignored else ""
+        out_console.print(
+            f"{summary.ok} ok, {summary.skipped} skipped, {summary.failed} failed{extra} — "
+            f"outputs in {out}/, manifest {out / 'manifest.jsonl'}",
+            highlight=False,
+        )
+    raise typer.Exit(summary.exit_code)

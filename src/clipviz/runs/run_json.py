@@ -22,6 +22,7 @@ KINDS = {
     "shards": "explain run over shards",
     "concepts": "concepts run",
     "train": "training run",
+    "segment": "segment run",
 }
 
 
@@ -43,6 +44,8 @@ def _kind_of_fields(run: dict[str, Any]) -> str:
         return "shards"
     if "base" in run and "config" in run:
         return "train"
+    if "protocol" in run and "classes" in run:
+        return "segment"
     if "concepts" in run:
         return "concepts"
     return "explain"

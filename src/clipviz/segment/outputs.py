@@ -79,11 +79,14 @@ def write_segmentation(
     alpha: float = 0.5,
 ) -> dict[str, str]:
     """`labels.png`, `overlay.png` and (given `probs` `[K, H, W]`) `probs.npz` (float32
-    probabilities and the class labels) in `folder`; returns the files written by kind."""
+    probabilities and the class labels) in `folder`; returns the files written by kind (a
+    `probs.npz` of an earlier segmentation there is removed when `probs` is not given)."""
     files = {"labels": folder / "labels.png", "overlay": folder / "overlay.png"}
     save_labels(files["labels"], labels, len(class_labels))
     save_png(files["overlay"], overlay_with_legend(image, labels, class_labels, alpha))
-    if probs is not None:
+    if probs is None:
+        (folder / "probs.npz").unlink(missing_ok=True)
+    else:
         files["probs"] = folder / "probs.npz"
         with npz_writer(files["probs"]) as npz:
             npz.add("probs", probs.astype(np.float32))
