@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from clipviz.cli import app
@@ -109,3 +111,57 @@ def test_pipeline_bench_hands_the_method_options_to_the_run(tmp_path, vit_backen
     options = {"surgery": {"depth": 1}}
     run_pipeline_bench(vit_backend, items, ["surgery"], 2, 2, 1, workers=0, options=options)
     assert seen == [options]
+
+
+def test_segment_bench_times_the_run_against_the_forward_over_the_same_windows(
+    tmp_path, vit_backend
+):
+    from conftest import random_image
+
+    from clipviz.data.inputs import collect_inputs
+    from clipviz.runs.bench import run_segment_bench, window_forward
+    from clipviz.segment import Protocol, Segmenter, inline_classes
+
+    random_image(0, (96, 64)).save(tmp_path / "a.png")
+    random_image(1, (64, 130)).save(tmp_path / "b.png")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    items, _ = collect_inputs([str(tmp_path)])
+    protocol = Protocol(short_side=64, window=32, stride=16)
+    segmenter = Segmenter(vit_backend, inline_classes("sky,grass"), "sclip", protocol)
+    windows, _ = window_forward(segmenter, items)
+    # a: 64 high, 96 wide in 3x5 windows of 32, stride 16; b: 130 high, 64 wide in 8x3
+    expected = sum(
+        len(segmenter.prepare(np.asarray(Image.open(tmp_path / n).convert("RGB"))).windows)
+        for n in ("a.png", "b.png")
+    )
+    assert windows == expected == 3 * 5 + 8 * 3
+    result = run_segment_bench(segmenter, items, batch_size=2, repeats=1, workers=0, writers=0)
+    forward, run = result.rows
+    assert run.name == f"segment 3 images, {windows} windows (sclip)"
+    # windows per second relative to the forward's: the forward's time over the run's
+    assert run.ratio == pytest.approx(forward.ms_per_image / run.ms_per_image)
+    assert not list(tmp_path.glob("**/labels.png"))  # written to a temporary folder
+
+
+def test_segment_bench_cli_reports_windows_and_refuses_two_folders(tmp_path, tiny_weights):
+    from conftest import random_image
+
+    random_image(0, (64, 64)).save(tmp_path / "a.png")
+    config, weights = tiny_weights["vit"]
+    out = tmp_path / "bench.json"
+    model = ["--model-config", str(config), "--pretrained", str(weights)]
+    result = CliRunner().invoke(
+        app,
+        ["bench", "--segment", str(tmp_path), "--repeats", "1", "--workers", "0", "--json",
+         str(out), *model],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert [r["name"] for r in data["rows"]] == [
+        "forward (image_embedding)", "segment 1 images, 4 windows (sclip)"
+    ]  # fmt: skip  (resized to 336x336: 2x2 windows of 224, stride 112)
+    assert data["segment"]["preset"] == "sclip/voc21" and data["segment"]["unit"] == "window"
+    both = CliRunner().invoke(
+        app, ["bench", "--segment", str(tmp_path), "--pipeline", str(tmp_path), *model]
+    )
+    assert both.exit_code == 2 and "not both" in both.output

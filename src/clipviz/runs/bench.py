@@ -15,6 +15,7 @@ from ..data.inputs import InputItem
 from ..errors import ClipvizError
 from ..explanation import explain
 from ..methods import get_method, methods
+from ..segment import Segmenter
 
 NOT_BY_DEFAULT = frozenset({"random", "eclip", "convis"})
 
@@ -226,3 +227,96 @@ def run_pipeline_bench(
                        statistics.median(speed), "", min(ms), max(ms), min(speed), max(speed))  # fmt: skip
     return PipelineBench([forward_row, run_row], n, rss.get("early", rss["end"]), rss["end"],
                          early_at)  # fmt: skip
+
+
+def window_forward(
+    segmenter: Segmenter, items: Sequence[InputItem]
+) -> tuple[int, Callable[[], object]]:
+    """The windows a segment run slides over `items` (resized and cut as it cuts them, in
+    batches of its window batch and of one size) and the bare forward pass over them
+    (`image_embedding`, no gradients, the backend's precision); returns (windows, forward)."""
+    import numpy as np
+
+    from ..data.images import ImageError, load_image
+
+    backend, unit = segmenter.backend, segmenter.unit
+    groups: dict[tuple[int, int], list[torch.Tensor]] = {}
+    for item in items:
+        try:
+            prepared = segmenter.prepare(np.asarray(load_image(item.path)))
+        except ImageError:
+            continue  # the run records it as failed; the forward has no window of it
+        for w in prepared.windows:
+            h, wd = w.size
+            sh, sw = h - h % unit[0], wd - wd % unit[1]
+            if min(sh, sw) > 0:
+                crop = prepared.image[:, w.top : w.top + sh, w.left : w.left + sw]
+                groups.setdefault((sh, sw), []).append(crop)
+    batches = [
+        torch.stack(crops[i : i + segmenter.window_batch])
+        for crops in groups.values()
+        for i in range(0, len(crops), segmenter.window_batch)
+    ]
+
+    def forward() -> object:
+        with torch.no_grad(), backend.autocast():
+            return [backend.vision.image_embedding(b) for b in batches]
+
+    return sum(len(b) for b in batches), forward
+
+
+def run_segment_bench(
+    segmenter: Segmenter,
+    items: Sequence[InputItem],
+    batch_size: int = 8,
+    repeats: int = 3,
+    workers: int | None = None,
+    writers: int | None = None,
+) -> PipelineBench:
+    """Windows per second of a whole segment run over `items` (decoding, the method on every
+    window, merging, classifying, labels and overlays written to a temporary folder), as a
+    ratio to the bare forward pass over the same windows timed just before each round."""
+    import tempfile
+
+    from .segment import SegmentRequest, run_segment, segment_key
+
+    if not items:
+        raise ClipvizError("the segment benchmark needs a folder with images")
+    _check_counts(batch_size, 1, repeats)
+    windows, forward = window_forward(segmenter, items)
+    if not windows:
+        raise ClipvizError("no image of the folder could be segmented; pass a folder of images")
+    request = SegmentRequest(segment_key(segmenter, False, 0.5), batch_size, workers=workers,
+                             writers=writers)  # fmt: skip
+    forward()
+    early_at = max(1, min(200, len(items) // 10))
+    rss: dict[str, float] = {}
+    fwd: list[float] = []  # seconds per window
+    runs: list[float] = []  # seconds per window
+
+    def note_memory(done: list[int]) -> None:
+        done[0] += 1
+        if done[0] == early_at and "early" not in rss:
+            rss["early"] = peak_rss_mb()
+
+    for _ in range(repeats):
+        fwd.append(_seconds(forward, segmenter.backend.device) / windows)
+        with tempfile.TemporaryDirectory(prefix="clipviz-bench-") as out:
+            count = [0]
+            seconds = _seconds(
+                lambda: run_segment(segmenter, items, Path(out), request,  # noqa: B023
+                                    on_record=lambda rec: note_memory(count)),  # noqa: B023
+                segmenter.backend.device,
+            )  # fmt: skip
+        runs.append(seconds / windows)
+        rss.setdefault("end", peak_rss_mb())
+    speed = [f / t for f, t in zip(fwd, runs, strict=True)]  # in windows per second
+    ms = [t * 1e3 for t in runs]
+    forward_row = bench_row("forward (image_embedding)", fwd, fwd, 1)
+    run_row = BenchRow(
+        f"segment {len(items)} images, {windows} windows ({segmenter.method.name})",
+        statistics.median(ms), statistics.median(speed), "", min(ms), max(ms), min(speed),
+        max(speed),
+    )  # fmt: skip
+    return PipelineBench([forward_row, run_row], len(items), rss.get("early", rss["end"]),
+                         rss["end"], early_at)  # fmt: skip
