@@ -79,11 +79,14 @@ def figure(
 ) -> Any:
     """A matplotlib figure: image `index`, then each prompt's overlay titled with the prompt
     (wrapped, never cut), the method and the model's probability, and a colorbar."""
+    import os
+    import sys
     import textwrap
 
     import matplotlib
 
-    matplotlib.use("Agg", force=False)
+    if not os.environ.get("MPLBACKEND") and "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")  # no backend chosen (a script, a server): draw off screen
     from matplotlib import pyplot as plt
     from matplotlib.colors import ListedColormap
 

@@ -1,0 +1,77 @@
+"""The example notebooks (jupytext `py:percent` files) run from top to bottom in a fresh
+kernel, on the trained test bed, and each finds what its text says it shows.
+
+Each notebook ends with a cell that displays a `summary` dict of plain Python values; the
+tests read it back from that cell's output."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+from typing import Any
+
+import conftest
+import jupytext
+import pytest
+from ipykernel.kernelspec import write_kernel_spec
+from nbclient import NotebookClient
+
+NOTEBOOKS = Path(__file__).parents[1] / "examples" / "notebooks"
+
+
+@pytest.fixture(scope="module")
+def kernel_env(trained_clip, tmp_path_factory, monkeypatch_module) -> None:
+    """The kernels' environment: this Python's ipykernel as `python3`, the trained test bed,
+    one thread, and temporary files under the test's folder."""
+    root = tmp_path_factory.mktemp("notebooks")
+    write_kernel_spec(root / "jupyter" / "kernels" / "python3")
+    (root / "tmp").mkdir()
+    monkeypatch_module.setenv("JUPYTER_PATH", str(root / "jupyter"))
+    monkeypatch_module.setenv("CLIPVIZ_TESTBED_CACHE", str(conftest.testbed_cache()))
+    monkeypatch_module.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch_module.setenv("TMPDIR", str(root / "tmp"))
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+def run_notebook(name: str) -> tuple[dict[str, Any], Any]:
+    """Execute `examples/notebooks/<name>.py` in its folder; return its final `summary` and
+    the executed notebook."""
+    nb = jupytext.read(NOTEBOOKS / f"{name}.py")
+    NotebookClient(
+        nb,
+        kernel_name="python3",
+        timeout=120,
+        resources={"metadata": {"path": str(NOTEBOOKS)}},
+    ).execute()
+    last = [c for c in nb.cells if c.cell_type == "code"][-1]
+    shown = [o for o in last.outputs if "text/plain" in o.get("data", {})]
+    assert shown, f"{name}: its last cell shows no value"
+    return ast.literal_eval(shown[-1]["data"]["text/plain"]), nb
+
+
+def pictures(nb: Any, code: str) -> int:
+    """How many images the cells whose source holds `code` displayed."""
+    cells = [c for c in nb.cells if c.cell_type == "code" and code in c.source]
+    assert cells, f"no cell runs {code!r}"
+    return sum("image/png" in o.get("data", {}) for c in cells for o in c.outputs)
+
+
+def test_kernel_is_this_python(kernel_env) -> None:
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    assert KernelSpecManager().get_kernel_spec("python3").argv[0] == sys.executable
+
+
+def test_your_photo_ranks_the_drawn_object_first_and_surgery_finds_it(kernel_env) -> None:
+    summary, nb = run_notebook("01_your_photo")
+    assert summary["top_prompt"] == summary["prompts"][0]
+    assert summary["contrast"]["surgery"] > 0.2
+    # an explanation and its figure show as pictures, not as their text
+    assert pictures(nb, "display(exp)") == 1
+    assert pictures(nb, ".show()") == 1
