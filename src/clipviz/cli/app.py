@@ -39,6 +39,7 @@ def command_help(fn: Callable[..., object]) -> str:
 for name, fn in (
     ("explain", explain.explain),
     ("eval", evaluate.evaluate),
+    ("coco-object", evaluate.coco_object),
     ("train", train.train),
     ("concepts", concepts.concepts),
     ("concepts-ood", concepts.concepts_ood),

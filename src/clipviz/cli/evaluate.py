@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from ..errors import ClipvizError
+from .coco_object import coco_object as coco_object  # registered beside eval
 from .options import (
     ChannelsLastOpt,
     CompileOpt,
@@ -60,8 +61,32 @@ def evaluate(
         Path, typer.Argument(help="dataset root (or a COCO instances JSON)", show_default=False)
     ],
     format: Annotated[
-        Literal["voc", "coco", "cub", "generic"], typer.Option("--format", "-f", help="layout")
-    ] = "voc",
+        Literal[
+            "voc",
+            "coco",
+            "cub",
+            "generic",
+            "context",
+            "coco-stuff",
+            "coco-object",
+            "cityscapes",
+            "ade",
+        ],
+        typer.Option(
+            "--format",
+            "-f",
+            help="layout: voc, coco, cub, generic (maps); voc, context, coco-stuff, "
+            "coco-object, cityscapes, ade (--task segment)",
+        ),
+    ] = "voc",  # fmt: skip
+    eval_task: Annotated[
+        Literal["maps", "segment"],
+        typer.Option(
+            "--task",
+            help="maps: score saliency maps per class; segment: open-vocabulary segmentation "
+            "by the field's protocol, scored by mIoU, aAcc, mAcc over the split",
+        ),
+    ] = "maps",
     method: MethodOpt = None,
     option: OptionOpt = None,
     metric: Annotated[
@@ -90,7 +115,12 @@ def evaluate(
         ),
     ] = None,
     classes_file: Annotated[
-        Path | None, typer.Option("--classes-file", help="'class: prompt' lines")
+        Path | None,
+        typer.Option(
+            "--classes-file",
+            help="'class: prompt' lines; --task segment: one class per line in label order, "
+            "synonyms separated by , or ; (default: the benchmark's)",
+        ),
     ] = None,
     json_path: Annotated[
         Path | None,
@@ -134,9 +164,87 @@ def evaluate(
             show_default=False,
         ),
     ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            "--preset",
+            help="segment: a method's settings on a benchmark, e.g. naclip/voc21",
+            show_default=False,
+        ),
+    ] = None,
+    short_side: Annotated[
+        int | None, typer.Option("--short-side", help="segment: resize to short side S (336)")
+    ] = None,
+    window: Annotated[
+        int | None, typer.Option("--window", help="segment: sliding window (0: whole; 224)")
+    ] = None,
+    stride: Annotated[int | None, typer.Option("--stride", help="segment: stride (112)")] = None,
+    logit_scale: Annotated[
+        float | None, typer.Option("--logit-scale", help="segment: softmax(L · cos) (40)")
+    ] = None,
+    prob_thd: Annotated[
+        float | None, typer.Option("--prob-thd", help="segment: below it, class 0 (0)")
+    ] = None,
+    area_thd: Annotated[
+        float | None, typer.Option("--area-thd", help="segment: area threshold (0)")
+    ] = None,
+    pamr_on: Annotated[
+        bool | None,
+        typer.Option(
+            "--pamr/--no-pamr", help="segment: PAMR on the cosine maps", show_default=False
+        ),
+    ] = None,  # fmt: skip
+    pamr_steps: Annotated[
+        int | None, typer.Option("--pamr-steps", help="segment: PAMR steps (10)")
+    ] = None,
+    pamr_dilations: Annotated[
+        str | None, typer.Option("--pamr-dilations", help="segment: PAMR dilations (8,16)")
+    ] = None,
+    pamr_compare: Annotated[
+        bool,
+        typer.Option(
+            "--pamr-compare",
+            help="segment: score each method without and with PAMR (rows METHOD and METHOD+pamr)",
+        ),
+    ] = False,  # fmt: skip
+    reduce_zero_label: Annotated[
+        bool | None,
+        typer.Option(
+            "--reduce-zero-label/--keep-zero-label",
+            help="segment: label 0 ignored, the others one lower (VOC20, PC59; ADE always)",
+            show_default=False,
+        ),
+    ] = None,
     debug: DebugOpt = False,
 ) -> None:
-    """Score methods on a dataset with masks or boxes: a methods × metrics table and a JSON."""
+    """Score methods on a dataset with masks or boxes: a methods × metrics table and a JSON.
+
+    With `--task segment`: segment each image into the benchmark's classes by the field's
+    protocol and score the split by mIoU, aAcc and mAcc (mmseg's IoUMetric)."""
+    if eval_task == "segment":
+        from .evaluate_segment import SegmentSettings, evaluate_segment
+
+        set_table_format(table_format)
+        settings = SegmentSettings(
+            preset, short_side, window, stride, logit_scale, prob_thd, area_thd, pamr_on,
+            pamr_steps, pamr_dilations, pamr_compare, reduce_zero_label,
+        )  # fmt: skip
+        load_args = {"model": model, "pretrained": pretrained, "model_config": model_config,
+                     "device": device, "precision": precision}  # fmt: skip
+        evaluate_segment(root, format, settings, method, option, split, limit, classes_file,
+                         json_path, batch_size, fresh, load_args, quiet, report)  # fmt: skip
+    segment_only = {"preset": preset, "short-side": short_side, "window": window,
+                    "stride": stride, "logit-scale": logit_scale, "prob-thd": prob_thd,
+                    "area-thd": area_thd, "pamr": pamr_on, "pamr-steps": pamr_steps,
+                    "pamr-dilations": pamr_dilations, "pamr-compare": pamr_compare or None,
+                    "reduce-zero-label": reduce_zero_label}  # fmt: skip
+    if given := [k for k, v in segment_only.items() if v is not None]:
+        raise ClipvizError(f"`--{given[0]}` is a segmentation setting; add `--task segment`")
+    if format not in ("voc", "coco", "cub", "generic"):
+        raise ClipvizError(
+            f"layout {format} is a segmentation benchmark; add `--task segment` (maps are "
+            "scored on voc, coco, cub or generic)"
+        )
     from ..data.datasets import open_dataset
     from ..distributed import broadcast, setup_distributed
     from ..runs.eval_results import tuned_thresholds, write_report

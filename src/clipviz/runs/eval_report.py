@@ -18,7 +18,8 @@ from .report import STYLE, inside, page_link
 SHOWN = 6  # best and worst images per method
 COLUMNS = [("miou", "mIoU %", 1), ("msc", "mSC %", 1), ("pointing", "pointing", 3),
            ("energy", "energy", 3), ("maxboxacc", "MaxBoxAcc %", 1),
-           ("deletion", "deletion ↓", 3), ("insertion", "insertion ↑", 3)]  # fmt: skip
+           ("deletion", "deletion ↓", 3), ("insertion", "insertion ↑", 3),
+           ("aacc", "aAcc %", 2), ("macc", "mAcc %", 2)]  # fmt: skip
 
 
 def _number(value: Any, digits: int) -> str:
@@ -116,6 +117,11 @@ def _page(json_path: Path, target: Path, data: dict[str, Any]) -> str:
 def _meta(data: dict[str, Any]) -> str:
     model = data.get("model", {})
     ds = data.get("dataset", {})
+    if data.get("task") == "segment":
+        return (f"model {model.get('model')} ({model.get('pretrained') or model.get('weights')}), "
+                f"{ds.get('scored')} of {ds.get('size')} images scored, preset "
+                f"{data.get('preset')}, protocol {json.dumps(data.get('protocol'))}, "
+                f"reduce_zero_label {ds.get('reduce_zero_label')}")  # fmt: skip
     chosen = data.get("thresholds_chosen_on", "the scored images")
     where = chosen if isinstance(chosen, str) else f"{chosen['split']} ({chosen['images']} images)"
     return (f"model {model.get('model')} ({model.get('pretrained') or model.get('weights')}), "

@@ -19,7 +19,10 @@ from ..metrics import BOX_THRESHOLDS, MIOU_THRESHOLDS, MaxBoxAcc, MIoU, mean_sco
 from .eval_stats import CI_LEVEL, RESAMPLES, bootstrap_intervals, threshold_index
 
 if TYPE_CHECKING:
+    from ..data.datasets.semseg import SegDataset
+    from ..segment import ClassNames
     from .evaluate import EvalOptions
+    from .segment_eval import SegmentEvalOptions
 
 
 def reduce_records(
@@ -185,3 +188,65 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.6g}"
     return str(value)
+
+
+def write_segment_results(
+    json_path: Path,
+    results: dict[str, Any],
+    records: Sequence[dict[str, Any]],
+    backend: Backend,
+    dataset: SegDataset,
+    classes: ClassNames,
+    opts: SegmentEvalOptions,
+    preset: str | None = None,
+) -> None:
+    """Write the results JSON of a segmentation eval: the numbers of every row, the settings
+    they were computed with (protocol, classes, label rule, preset) and the failed images."""
+    from .segment_eval import SEGMENT_METRICS, protocol_json
+
+    ok = [r for r in records if r["status"] == "ok"]
+    write_json_atomic(
+        json_path,
+        {
+            **provenance(),
+            "task": "segment",
+            "model": backend.identity,
+            "device": str(backend.device),
+            "precision": str(backend.autocast_dtype or "fp32"),
+            "dataset": {
+                "root": str(dataset.root),
+                "format": dataset.format,
+                "name": dataset.name,
+                "split": dataset.split,
+                "benchmark": dataset.benchmark,
+                "reduce_zero_label": dataset.reduce_zero_label,
+                "ignore_index": 255,
+                "size": len(dataset),
+                "scored": len(ok),
+                "failed": [
+                    {"image": r["image"], "error": r["error"]}
+                    for r in records
+                    if r["status"] == "failed"
+                ],
+            },  # fmt: skip
+            "classes": [list(line) for line in classes.lines],
+            "methods": list(opts.methods),
+            "rows": {
+                name: {"method": m, "protocol": protocol_json(p)} for name, m, p in opts.rows()
+            },  # fmt: skip
+            "preset": preset,
+            "protocol": protocol_json(opts.protocol),
+            "metrics": list(SEGMENT_METRICS),
+            "metric": "mmseg IoUMetric: per-class intersection and union summed over the split, "
+            "mIoU the mean over classes present or predicted, ×100",
+            "intervals": {
+                "level": CI_LEVEL,
+                "resamples": RESAMPLES,
+                "seed": 0,
+                "resampled": "images",
+            },  # fmt: skip
+            "method_options": opts.method_options,
+            "results": _json_safe(results),
+            "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+        },
+    )
