@@ -21,6 +21,7 @@ from urllib.parse import quote
 from ..errors import ClipvizError
 from ..files import atomic_path, write_text_atomic
 from .manifest import MANIFEST, latest_records
+from .run_json import run_kind
 
 PAGE_SIZE = 60
 THUMBS = "report-thumbs"  # the grid's small copies of the overlays, inside the run folder
@@ -211,7 +212,8 @@ def build_report(
     warn: Callable[[str], None] | None = None,
 ) -> Path:
     """Write `RUN_DIR/report.html` (or `out`) over an explain or concepts run: the grid of
-    overlays with filters, sorting and pages, a large view per image, and the failures.
+    overlays with filters, sorting and pages, a large view per image, and the failures (over
+    a segment run: `build_segment_report`'s page).
 
     Every file the page shows or the report writes stays inside the run folder: a record
     whose files are elsewhere (an absolute path, `..`, a link out) is left out, listed on the
@@ -223,6 +225,10 @@ def build_report(
             f"{run_dir} has no {MANIFEST}; pass the `out` folder of a `clipviz explain` run"
         )
     target = Path(out) if out is not None else run_dir / "report.html"
+    if run_kind(run_dir) == "segment":
+        from .segment_report import build_segment_report
+
+        return build_segment_report(run_dir, target, warn)
     root = os.path.realpath(run_dir)
     run = read_run_info(run_dir)
     records = _latest_records(run_dir)
