@@ -14,7 +14,19 @@ from typing import Annotated
 
 import typer
 
-from . import bench, catalog, concepts, evaluate, explain, heads, report, sanity, train, webapp
+from . import (
+    bench,
+    concepts,
+    evaluate,
+    explain,
+    heads,
+    listings,
+    report,
+    sanity,
+    segment,
+    train,
+    webapp,
+)
 from .options import methods_epilog
 from .output import handle_errors, out_console
 
@@ -41,14 +53,15 @@ for name, fn in (
     ("eval", evaluate.evaluate),
     ("coco-object", evaluate.coco_object),
     ("train", train.train),
+    ("segment", segment.segment),
     ("concepts", concepts.concepts),
     ("concepts-ood", concepts.concepts_ood),
     ("heads", heads.heads),
     ("sanity", sanity.sanity),
     ("report", report.report),
     ("bench", bench.bench),
-    ("methods", catalog.methods),
-    ("models", catalog.models),
+    ("methods", listings.methods),
+    ("models", listings.models),
     ("app", webapp.serve),
 ):
     epilog = methods_epilog() if name in _METHOD_COMMANDS else None

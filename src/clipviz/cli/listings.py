@@ -1,4 +1,4 @@
-"""`clipviz models` and `clipviz methods`: what can be explained, and how."""
+"""`clipviz models` and `clipviz methods`: the listings of what can be explained, and how."""
 
 from __future__ import annotations
 

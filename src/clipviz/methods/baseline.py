@@ -20,6 +20,8 @@ from .registry import MapResult, register
     summary="Baseline: uniform random maps (chance level for every metric)",
     citation="—",
     reference="—",
+    defaults="uniform random maps, drawn per image from `seed`: chance level, for reading the other "
+    "numbers",
 )
 def random_map(backend: Backend, images: torch.Tensor, texts: Texts, seed: int = 0) -> MapResult:
     """Uniform random maps, drawn per image from `seed` and the image's pixels: the same
@@ -44,6 +46,8 @@ def random_map(backend: Backend, images: torch.Tensor, texts: Texts, seed: int =
     "block, or the MAP probe's (text-agnostic)",
     citation="the free attention of Li et al. (ECLIP), 2022",
     reference="the ECLIP paper's free attention; clipviz.eclip.head.frozen_features",
+    defaults="the class token's attention over the patches in the last block, heads averaged (MAP "
+    "heads: the probe's; ResNets: the attention pool's mean query): ECLIP's free attention",
 )
 def attention_map(backend: Backend, images: torch.Tensor, texts: Texts) -> MapResult:
     """The global query's attention over the positions in the last attention layer (ViT:

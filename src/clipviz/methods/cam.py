@@ -1,12 +1,15 @@
 """Class-activation maps of a CLIP similarity: Grad-CAM and gScoreCAM.
 
-Both read one layer's activations `A` `[B, C, h, w]` and weight its channels: Grad-CAM by
-the mean gradient of the similarity, gScoreCAM by the scores of the image masked by each of
-the channels with the largest gradients. The shared gradient mechanism is in `gradients.py`.
+Both read one layer's activations `A` `[B, C, h, w]` and weight its channels, `ReLU(Σ_c w_c
+A_c)`: `channel_cam` is that mechanism once (as pytorch-grad-cam's `base_cam.py`), and each
+method gives only its weights (its `get_cam_weights`): Grad-CAM the mean gradient of the
+similarity, gScoreCAM the scores of the image masked by each of the channels with the largest
+gradients. The gradient mechanism is in `gradients.py`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -39,14 +42,14 @@ def cam_layer(backend: Backend, images: Tensor, layer: int) -> tuple[Tensor, Ten
         y, _ = vit.block_with_attention(i, x, normed=read)
         return read, vit.pooled(vit.run_blocks(y, start=i + 1))
     if backend.tower == "conv":
-        conv = backend.vision
+        conv = backend.conv
         if layer == -1:
             with torch.no_grad():
-                read = conv.features(images)  # type: ignore[union-attr]
+                read = conv.features(images)
             read.requires_grad_(True)
-            return read, conv.pooled(read)  # type: ignore[union-attr]
-        i = block_index(layer, conv.depth, "layer", "gradcam")  # type: ignore[union-attr]
-        return conv.stage_output(images, i)  # type: ignore[union-attr]
+            return read, conv.pooled(read)
+        i = block_index(layer, conv.depth, "layer", "gradcam")
+        return conv.stage_output(images, i)
     rn = backend.rn
     i = block_index(layer, rn.depth, "layer", "gradcam")
     with torch.no_grad():
@@ -64,6 +67,43 @@ def as_grid(backend: Backend, images: Tensor, layer: Tensor) -> Tensor:
     return layer.float()
 
 
+# (activations `[B, C, h, w]`, mean gradients of each text's similarity `[B, T, C]`) ->
+# channel weights `[B, T, C]`
+ChannelWeights = Callable[[Tensor, Tensor], Tensor]
+
+
+def channel_cam(
+    backend: Backend,
+    images: Tensor,
+    texts: Texts,
+    read_layer: Callable[[Backend, Tensor], tuple[Tensor, Tensor]],
+    weigh: ChannelWeights,
+) -> MapResult:
+    """The class-activation map of every (image, text): `ReLU(Σ_c w_c A_c)` `[B, T, h, w]`.
+
+    read_layer: `(backend, images)` -> the activations read, requiring grad, and the image
+        embeddings computed from them (`cam_layer`).
+    weigh: the channel weights from the activations as a grid and the spatial mean of each
+        text's cosine gradient (a method's own part, pytorch-grad-cam's `get_cam_weights`).
+    """
+    with torch.enable_grad():
+        with backend.autocast():
+            read, embeddings = read_layer(backend, images)
+        similarities = cosine(embeddings, texts)  # [B, T]
+    acts = as_grid(backend, images, read.detach())  # [B, C, h, w]
+    mean_grads = torch.stack(
+        [
+            as_grid(backend, images, grad).mean(dim=(2, 3))  # [B, C]
+            for (grad,) in similarity_gradients(similarities, [read])
+        ],
+        dim=1,
+    )  # [B, T, C]
+    weights = weigh(acts, mean_grads)
+    # the weighted sum as base_cam.py computes it, one text at a time
+    maps = [(w[:, :, None, None] * acts).sum(dim=1).relu() for w in weights.unbind(dim=1)]
+    return MapResult(torch.stack(maps, dim=1), unit(embeddings))
+
+
 @register(
     "gradcam",
     towers=("vit", "rn", "conv"),
@@ -74,6 +114,9 @@ def as_grid(backend: Backend, images: Tensor, layer: Tensor) -> Tensor:
     "Gradient-based Localization, ICCV 2017",
     reference="jacobgil/pytorch-grad-cam, pytorch_grad_cam/grad_cam.py (GradCAM.get_cam_weights) "
     "with a ViT reshape transform; target: the image-text cosine",
+    defaults="the last block's `ln_1` output (ViT), `layer4` (RN), the final map after the trunk's "
+    "norm (conv); weights: mean gradients of `cos(image, text)` per channel, ReLU of the "
+    "weighted sum",
 )
 def gradcam(backend: Backend, images: Tensor, texts: Texts, layer: int = -1) -> MapResult:
     """Grad-CAM on the CLIP similarity: `ReLU(Σ_c α_c A_c)`, `α_c = mean_spatial ∂s/∂A_c`.
@@ -82,16 +125,13 @@ def gradcam(backend: Backend, images: Tensor, texts: Texts, layer: int = -1) -> 
         stage whose output is read (−1 = `layer4`); convolutional towers: the final map (−1)
         or a stage's output (0 … stages − 2, or −2 … to count from the last).
     """
-    with torch.enable_grad():
-        with backend.autocast():
-            read, embeddings = cam_layer(backend, images, layer)
-        similarities = cosine(embeddings, texts)  # [B, T]
-    acts = as_grid(backend, images, read.detach())  # [B, C, h, w]
-    maps = []
-    for (grad,) in similarity_gradients(similarities, [read]):
-        alpha = as_grid(backend, images, grad).mean(dim=(2, 3), keepdim=True)  # [B, C, 1, 1]
-        maps.append((alpha * acts).sum(dim=1).relu())
-    return MapResult(torch.stack(maps, dim=1), unit(embeddings))
+    return channel_cam(
+        backend,
+        images,
+        texts,
+        lambda backend, images: cam_layer(backend, images, layer),
+        lambda acts, mean_grads: mean_grads,
+    )
 
 
 def _channel_masks(channels: Tensor, size: tuple[int, int]) -> Tensor:
@@ -144,6 +184,11 @@ def _last_features(backend: Backend, images: Tensor) -> tuple[Tensor, Tensor]:
     reference="anguyen8/gScoreCAM, pytorch_grad_cam/gscore_cam.py (get_cam_weights) and "
     "base_cam.py, called as in predict.py; ViT: model_loader/clip_loader.py (target "
     "`resblocks[-1]`, reshape_transform)",
+    defaults="top 300 channels by mean gradient (RN: `layer4`; ViT: the last block's output, "
+    "`resblocks[-1]`, without the class token, as `model_loader/clip_loader.py` targets it;"
+    " conv: the final map); masks upsampled with `UpsamplingBilinear2d` and normalised `(x "
+    "− min)/(max − min + 1e-6)`; the masked image's raw logit `logit_scale · cos` for the "
+    "text; a softmax over **all** channels (0 for those not kept); batches of 128",
 )
 def gscorecam(
     backend: Backend,
@@ -170,33 +215,24 @@ def gscorecam(
         raise ClipvizError(
             f"gscorecam: topk ({topk}) and batch_size ({batch_size}) must be at least 1"
         )
-    with torch.enable_grad():
-        with backend.autocast():
-            read, embeddings = _last_features(backend, images)
-        similarities = cosine(embeddings, texts)  # the logit ranks channels the same way
-    acts = as_grid(backend, images, read.detach())  # [B, C, h, w]
-    B, C = acts.shape[:2]
-    T = texts.embeddings.shape[0]
-    k = min(topk, C)
-    kept = torch.stack(
-        [
-            as_grid(backend, images, grad).mean(dim=(2, 3)).topk(k, dim=1).indices  # [B, k]
-            for (grad,) in similarity_gradients(similarities, [read])
-        ],
-        dim=1,
-    )  # [B, T, k]
-    weights = torch.zeros(B, T, C, device=acts.device)  # [B, T, C]
-    for b in range(B):
-        # A masked image's score for one text does not depend on the others: score the union
-        # of the channels kept for any text once, with every text.
-        channels = kept[b].unique()
-        logits = torch.zeros(C, T, device=acts.device)  # [C, T]
-        logits[channels] = _masked_image_logits(
-            backend, images[b], acts[b, channels], texts, batch_size
-        )
-        scores = logits.softmax(dim=1) if score == "text_softmax" else logits
-        chosen = torch.zeros(T, C, dtype=torch.bool, device=acts.device).scatter_(1, kept[b], True)
-        kept_scores = scores.T * chosen  # [T, C], 0 for the channels not kept
-        weights[b] = kept_scores.softmax(dim=1) if channel_softmax else kept_scores
-    maps = torch.einsum("btc,bchw->bthw", weights, acts).relu()
-    return MapResult(maps, unit(embeddings))
+
+    def weigh(acts: Tensor, mean_grads: Tensor) -> Tensor:
+        B, T, C = mean_grads.shape
+        kept = mean_grads.topk(min(topk, C), dim=2).indices  # [B, T, k]
+        weights = torch.zeros(B, T, C, device=acts.device)  # [B, T, C]
+        for b in range(B):
+            # A masked image's score for one text does not depend on the others: score the
+            # union of the channels kept for any text once, with every text.
+            channels = kept[b].unique()
+            logits = torch.zeros(C, T, device=acts.device)  # [C, T]
+            logits[channels] = _masked_image_logits(
+                backend, images[b], acts[b, channels], texts, batch_size
+            )
+            scores = logits.softmax(dim=1) if score == "text_softmax" else logits
+            chosen = torch.zeros(T, C, dtype=torch.bool, device=acts.device)
+            kept_scores = scores.T * chosen.scatter_(1, kept[b], True)  # [T, C], 0 if not kept
+            weights[b] = kept_scores.softmax(dim=1) if channel_softmax else kept_scores
+        return weights
+
+    # the cosine's gradient ranks the channels as the logit's does (a positive multiple)
+    return channel_cam(backend, images, texts, _last_features, weigh)

@@ -53,6 +53,7 @@ def _info(fn: ast.FunctionDef, call: ast.Call) -> MethodInfo:
         towers=tuple(kw["towers"]),
         options=options,
         needs=normalized_needs(kw.get("needs")),
+        defaults=kw.get("defaults", ""),
     )
 
 

@@ -57,7 +57,11 @@ def text_concepts(prompts: Sequence[str], synsets: str | Sequence[str] | None = 
     "1,800 windows (a text = a synset: the synsets option, a 'dog.n.01' prompt, or a noun)",
     citation="Giulivi & Boracchi, Concept Visualization: Explaining the CLIP Multi-modal "
     "Embedding Using WordNet, IJCNN 2024",
-    reference="the paper's grid and stochastic window procedures (METHODS.md, ConVis)",
+    reference="the paper's grid and stochastic window procedures, as described (README: Concepts "
+    "(ConVis)); the docstrings of clipviz.convis list where clipviz departs",
+    defaults="the grid variant: 1,800 windows of 128 and 64 px at stride 16 on seeded noise padding,"
+    " synsets embedded by their definitions, the default 2,066-word vocabulary (a prompt "
+    "names a concept: `dog.n.01`, or a noun)",
 )
 def convis(
     backend: Backend,

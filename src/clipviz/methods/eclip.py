@@ -11,6 +11,7 @@ import torch
 from ..backend import Backend, Texts
 from ..eclip.head import frozen_features, load_head
 from ..errors import ClipvizError
+from .kernels import similarity_maps
 from .registry import MapResult, register
 
 
@@ -22,6 +23,8 @@ from .registry import MapResult, register
     citation="Li et al., Exploring Visual Interpretability for CLIP (ECLIP), arXiv:2209.07046, "
     "2022 — our implementation",
     reference="the paper's description (its code was never published); clipviz.eclip",
+    defaults="ITSM on the explain projection trained by `clipviz train` (masked max pooling guided "
+    "by free attention; SigLIP models with their sigmoid loss); needs `--eclip CKPT`",
 )
 def eclip(
     backend: Backend, images: torch.Tensor, texts: Texts, checkpoint: str | None = None
@@ -44,7 +47,5 @@ def eclip(
     feats = frozen_features(backend, images)
     with torch.no_grad():
         e = head.features(feats.tokens)  # [B, N, D]
-    h, w = backend.grid_size(images)
-    sim = e @ texts.embeddings.float().T  # [B, N, T]
-    maps = sim.transpose(1, 2).reshape(sim.shape[0], -1, h, w)
+    maps = similarity_maps(e, texts.embeddings.float(), backend.grid_size(images))
     return MapResult(maps, image_embeddings=feats.stock_embedding)

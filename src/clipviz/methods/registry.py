@@ -262,6 +262,9 @@ class MethodInfo:
     # (explicit per-block attention), "readout" (a class token or a MAP probe reading the
     # patches), "class_token", "probe", "eclip" (an explain head can be built)
     needs: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # what the method computes with no options, as its authors' released code does (the
+    # README's defaults table)
+    defaults: str = ""
 
     def fits(self, tower: str, capabilities: frozenset[str]) -> bool:
         """True if the method is defined for a tower of this family with these capabilities."""
@@ -386,12 +389,14 @@ def register(
     reference: str,
     needs: dict[str, tuple[str, ...]] | None = None,
     ranges: dict[str, str] | None = None,
+    defaults: str = "",
 ) -> Callable[[Callable[..., MapResult]], Callable[..., MapResult]]:
     """Register a method function under `name` (arguments must be literals: `catalog.py`
     reads them from the source). `needs`: per tower family, the adapter capabilities the
     method reads (see `MethodInfo.needs`). `ranges`: per int or float option, the finite
     values it allows as an interval (`"[0, 20]"`, `"(0, 1000]"`), checked when options are
-    bound."""
+    bound. `defaults`: what the method computes with no options, in the words of its
+    reference code (the README's defaults table)."""
     if unknown := set(towers) - set(TOWERS):
         raise ValueError(f"unknown towers {unknown}")
     requirements = normalized_needs(needs)
@@ -400,7 +405,9 @@ def register(
         if name in _REGISTRY and _REGISTRY[name].fn.__qualname__ != fn.__qualname__:
             raise ValueError(f"method {name!r} is registered twice")
         options = signature_options(fn, ranges)
-        info = MethodInfo(name, summary, citation, reference, towers, options, requirements)
+        info = MethodInfo(
+            name, summary, citation, reference, towers, options, requirements, defaults
+        )
         _REGISTRY[name] = Method(info, fn)
         return fn
 

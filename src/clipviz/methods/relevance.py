@@ -53,6 +53,7 @@ def attention_graph(
     citation="Chefer, Gur and Wolf, Generic Attention-model Explainability for Interpreting "
     "Bi-Modal and Encoder-Decoder Transformers, ICCV 2021",
     reference="hila-chefer/Transformer-MM-Explainability, CLIP_explainability.ipynb, interpret",
+    defaults="`start_layer = −1` (the last block), target `logit_scale · cos`",
 )
 def gae(
     backend: Backend,
@@ -104,6 +105,9 @@ def gae(
     "Method for Vision Transformers via Feature Formation Sensitivity, ICCV 2025 "
     "(arXiv:2404.03214, 2024)",
     reference="WalBouss/LeGrad, legrad/wrapper.py, compute_legrad_clip",
+    defaults="the last 2 blocks; each block's feature is the mean over **all** tokens (class token "
+    "included) before `ln_post`/`proj`; MAP heads: the probe on each block's output, the "
+    "gradient on the probe's attention, the empty-prompt correction (threshold 0.8)",
 )
 def legrad(
     backend: Backend,
@@ -174,7 +178,7 @@ def _legrad_probe(
     `ReLU(∂s_l/∂A_probe)` averaged over heads, the latent row; summed over the blocks. With
     `correction`, where the map of the empty prompt "a photo of a" (min-maxed) exceeds the
     threshold, the map is 0; then min-max."""
-    vit = backend.vit
+    vit = backend.readout_vit  # the probe reads the image
     extra = backend.encode_texts([EMPTY_PROMPT], ensemble=False).embeddings if correction else None
     targets = texts.embeddings if extra is None else torch.cat([texts.embeddings, extra])
     with torch.no_grad(), backend.autocast():  # gradients are taken at the probe only
@@ -187,16 +191,16 @@ def _legrad_probe(
         with backend.autocast():
             probs, pooled = [], []
             for x in outputs:
-                tokens = vit.pool_input(x, norm=False)  # type: ignore[union-attr]
-                p = vit.latent_probs(tokens).detach().requires_grad_(True)  # type: ignore[union-attr]
+                tokens = vit.pool_input(x, norm=False)
+                p = vit.latent_probs(tokens).detach().requires_grad_(True)
                 probs.append(p)
-                pooled.append(vit._after_pool(vit.pool_from_probs(tokens, p)))  # type: ignore[union-attr]
+                pooled.append(vit.after_pool(vit.pool_from_probs(tokens, p)))
         similarities = torch.stack(
             [F.normalize(e.float(), dim=-1) @ targets.float().T for e in pooled]
         ).sum(dim=0)
     maps = []
     for grads in similarity_gradients(similarities, probs):
-        per_layer = [vit.patch_columns(g.float().clamp(min=0).mean(dim=1)[:, 0]) for g in grads]  # type: ignore[union-attr]
+        per_layer = [vit.patch_columns(g.float().clamp(min=0).mean(dim=1)[:, 0]) for g in grads]
         maps.append(torch.stack(per_layer).sum(dim=0))  # [B, N]
     h, w = backend.grid_size(images)
     maps_t = torch.stack(maps, dim=1).reshape(len(images), -1, h, w)

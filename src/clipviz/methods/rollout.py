@@ -25,6 +25,7 @@ from .registry import MapResult, register
     citation="Samira Abnar and Willem Zuidema, Quantifying Attention Flow in Transformers, "
     "ACL 2020",
     reference="samiraabnar/attention_flow, attention_graph_util.py, compute_joint_attention",
+    defaults="every block, residual added and rows renormalised, heads averaged",
 )
 def rollout(
     backend: Backend,

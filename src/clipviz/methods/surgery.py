@@ -2,8 +2,8 @@
 
 All three replace the attention of the last block(s) by a path whose tokens keep their own
 content (v-v, value-only or q-q attention), then read the tokens through the stock head
-(`ln_post`, `proj`). The model is never modified: the new paths run the blocks' own pieces
-(`ln_1`, q/k/v, `out_proj`, the MLP branch), which the backend's tower adapter gives.
+(`ln_post`, `proj`). The model is never modified: the paths run the blocks' own pieces
+through the shared kernels of `kernels.py`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,18 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from ..backend import Backend, ResNetTower, Texts, TokenTower
+from ..backend import Backend, ResNetPoolTower, Texts
 from ..errors import ClipvizError
+from .kernels import (
+    QKV,
+    cosine_maps,
+    first_path_block,
+    last_block_variant,
+    normalized,
+    parallel_path,
+    patch_maps,
+)
+from .kernels import stock_block as kernels_stock_block
 from .registry import MapResult, register
 
 SURGERY_DEPTH = 6  # the reference's v-v blocks: the last 6
@@ -40,7 +50,7 @@ def value_only(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tenso
     return v
 
 
-def pool_branch(rn: ResNetTower, x: torch.Tensor, mix: Mixing) -> torch.Tensor:
+def pool_branch(rn: ResNetPoolTower, x: torch.Tensor, mix: Mixing) -> torch.Tensor:
     """ModifiedResNet's attention pool on `x` `[B, L, C]` with every position as a query and
     its attention replaced by `mix`: `c_proj(mix(q, k, v))` -> `[B, L, D]`."""
     return rn.pool_out(mix(*rn.pool_qkv(x)))
@@ -82,50 +92,6 @@ def feature_surgery(
     return weighted - weighted.mean(dim=-1, keepdim=True)
 
 
-def _maps(similarity: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """`[B, N, T]` -> `[B, T, h, w]` float32."""
-    B, _, T = similarity.shape
-    return similarity.transpose(1, 2).reshape(B, T, *grid).float()
-
-
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    return F.normalize(x.float(), dim=-1)
-
-
-QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-def stock_block(vit: TokenTower, i: int, x: torch.Tensor, qkv: QKV) -> torch.Tensor:
-    """Block `i`'s stock output on the stream `x`, from the q, k, v of `norm1(x)` a method
-    already holds (so its own path and the stock one compute them once)."""
-    y = x + vit.attn_out(i, vit.attend(i, *qkv))
-    return y + vit.mlp(i, y)
-
-
-def _vit_last_block_variant(
-    vit: TokenTower,
-    images: torch.Tensor,
-    tokens_of: Callable[[int, torch.Tensor, QKV], torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unit patch tokens `[B, N, D]` from `tokens_of(last, x, (q, k, v))` in place of the
-    last block, and the stock global embeddings `[B, D]`; the variant and the stock block
-    share the last block's q, k, v (computed once)."""
-    last = vit.depth - 1
-    x = vit.run_blocks(vit.embed(images), stop=last)
-    qkv = vit.qkv(last, vit.norm1(last, x))
-    tokens = _unit(vit.head(tokens_of(last, x, qkv)))[:, 1:]
-    stock = _unit(vit.pooled(stock_block(vit, last, x, qkv)))
-    return tokens, stock
-
-
-def _itsm(
-    backend: Backend, images: torch.Tensor, texts: Texts, tokens: torch.Tensor, stock: torch.Tensor
-) -> MapResult:
-    """Cosine of unit tokens `[B, N, D]` with the texts, in float32 outside autocast."""
-    sim = tokens @ texts.embeddings.float().T  # [B, N, T]
-    return MapResult(_maps(sim, backend.grid_size(images)), image_embeddings=stock)
-
-
 # -- methods -------------------------------------------------------------------------------
 
 
@@ -141,6 +107,9 @@ def _itsm(
     "Enhancement in Open-Vocabulary Tasks)",
     reference="xmed-lab/CLIP_Surgery, clip/clip_surgery_model.py (VisionTransformer.forward, "
     "Attention) and clip/clip.py clip_feature_surgery",
+    defaults="v-v attention in the last 6 blocks, the original path for the class token, feature "
+    "surgery; one prompt: minus the empty prompt's embedding; batched with per-image text "
+    "weights (the reference handles one image)",
 )
 def surgery(
     backend: Backend, images: torch.Tensor, texts: Texts, depth: int | None = None
@@ -164,34 +133,20 @@ def surgery(
     with torch.no_grad():
         with backend.autocast():
             if backend.tower == "vit":
-                vit = backend.vit
-                if depth is None:
-                    depth = min(SURGERY_DEPTH, vit.depth)
-                if not 1 <= depth <= vit.depth:
-                    raise ClipvizError(
-                        f"surgery: depth={depth} is outside 1…{vit.depth}, the blocks of "
-                        f"{backend.identity['model']}"
-                    )
-                first = vit.depth - depth
-                x = vit.run_blocks(vit.embed(images), stop=first)
-                x_new = x
-                for i in range(first, vit.depth):
-                    # both paths read the original stream's q, k, v: computed once
-                    qkv = vit.qkv(i, vit.norm1(i, x))
-                    x_new = x_new + vit.attn_out(i, vv_attention(*qkv))
-                    x = stock_block(vit, i, x, qkv)
-                tokens = _unit(vit.head(x_new))[:, 1:]
-                token0 = _unit(vit.pooled(x))
+                first = first_path_block(backend, depth, SURGERY_DEPTH, "surgery")
+                tokens, token0 = parallel_path(
+                    backend.vit, images, first, lambda i, h, qkv: vv_attention(*qkv)
+                )
             else:
                 rn = backend.rn
                 x = rn.pool_inputs(rn.features(images))
-                tokens = _unit(pool_branch(rn, x, vv_attention))[:, 1:]
-                token0 = _unit(rn.pooled(x))
+                tokens = normalized(pool_branch(rn, x, vv_attention))[:, 1:]
+                token0 = normalized(rn.pooled(x))
         redundant = None
         if len(texts.prompts) == 1:
             redundant = backend.encode_texts([""], ensemble=texts.ensemble).embeddings.float()
         sim = feature_surgery(tokens, token0, texts.embeddings.float(), redundant)
-    return MapResult(_maps(sim, backend.grid_size(images)), image_embeddings=token0)
+    return MapResult(patch_maps(sim, backend.grid_size(images)), image_embeddings=token0)
 
 
 @register(
@@ -202,6 +157,8 @@ def surgery(
     citation="Chong Zhou, Chen Change Loy, Bo Dai: Extract Free Dense Labels from CLIP, ECCV 2022",
     reference="chongzhou96/MaskCLIP, mmseg/models/backbones/vit.py (last layer, v path) and "
     "mmseg/models/decode_heads/maskclip_head.py",
+    defaults="the last block's value path with its residual and MLP, as released; RN: "
+    "`c_proj(v_proj(layer4))` without positions",
 )
 def maskclip(backend: Backend, images: torch.Tensor, texts: Texts) -> MapResult:
     """MaskCLIP: the last attention's value path in place of its attention, then ITSM.
@@ -221,13 +178,13 @@ def maskclip(backend: Backend, images: torch.Tensor, texts: Texts) -> MapResult:
                 y = x + vit.attn_out(i, value_only(*qkv))
                 return y + vit.mlp(i, y)
 
-            tokens, stock = _vit_last_block_variant(vit, images, value_block)
+            tokens, stock = last_block_variant(vit, images, value_block)
         else:
             rn = backend.rn
             features = rn.features(images)
-            tokens = _unit(rn.value_tokens(features))
-            stock = _unit(rn.pooled(rn.pool_inputs(features)))
-    return _itsm(backend, images, texts, tokens, stock)
+            tokens = normalized(rn.value_tokens(features))
+            stock = normalized(rn.pooled(rn.pool_inputs(features)))
+    return cosine_maps(backend, images, texts, tokens, stock)
 
 
 @register(
@@ -239,6 +196,7 @@ def maskclip(backend: Backend, images: torch.Tensor, texts: Texts) -> MapResult:
     "ClearCLIP: Decomposing CLIP Representations for Dense Vision-Language Inference, ECCV 2024",
     reference="mc-lan/ClearCLIP, open_clip/transformer.py (the last block's custom "
     "attention: q-q, no residual, no FFN) and clearclip_segmentor.py",
+    defaults="q-q attention, no residual, no FFN in the last block",
 )
 def clearclip(backend: Backend, images: torch.Tensor, texts: Texts) -> MapResult:
     """ClearCLIP: the last block reduced to q-q attention, then ITSM (ViT only).
@@ -253,5 +211,10 @@ def clearclip(backend: Backend, images: torch.Tensor, texts: Texts) -> MapResult
         return vit.attn_out(i, qq_attention(*qkv))
 
     with torch.no_grad(), backend.autocast():
-        tokens, stock = _vit_last_block_variant(vit, images, qq_block)
-    return _itsm(backend, images, texts, tokens, stock)
+        tokens, stock = last_block_variant(vit, images, qq_block)
+    return cosine_maps(backend, images, texts, tokens, stock)
+
+
+# names selfattention.py still imports from here
+_itsm, _unit, _vit_last_block_variant = cosine_maps, normalized, last_block_variant
+stock_block = kernels_stock_block

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..backend import Backend, Texts, TimmViTTower
+from ..backend import Backend, Texts
 from ..backend.vit import attention_probs
 from ..errors import ClipvizError
 from .registry import MapResult, register
@@ -90,9 +90,7 @@ def head_maps(backend: Backend, reads: HeadReads, texts: Tensor) -> Tensor:
     """Per (image, text, decomposed head, source token) the entry's cosine share with the
     unit `texts` `[T, D]`: `[B, T, blocks·heads, M]` (sums to `cos(image, text)` with the
     entries of the MLPs, the embedding and the earlier blocks)."""
-    vit = backend.readout_vit
-    if isinstance(vit, TimmViTTower):  # no `linear_head`: check_methods refuses it first
-        raise ClipvizError("textspan: the tower's head is not ln_post(class token) @ proj")
+    vit = backend.linear_head_vit
     norm = vit.post_norm
     M, H = reads.tokens, reads.heads
     share = _entries(backend) * M * H
@@ -119,9 +117,7 @@ def head_embeddings(backend: Backend, reads: HeadReads) -> Tensor:
     """Each decomposed head's whole direct contribution to the image embedding (its entries
     summed over the source tokens): `[B, blocks·heads, D]`, the vectors TextSpan describes
     with texts (the reference's `attentions.sum(axis=2)`)."""
-    vit = backend.readout_vit
-    if isinstance(vit, TimmViTTower):
-        raise ClipvizError("textspan: the tower's head is not ln_post(class token) @ proj")
+    vit = backend.linear_head_vit
     norm = vit.post_norm
     H = reads.heads
     share = _entries(backend) * H  # per head: the mean and bias of all its M entries
@@ -179,6 +175,12 @@ def text_span(
     reference="yossigandelsman/clip_text_span, prs_hook.py (compute_attentions_spatial, "
     "_normalize_attentions_spatial), utils/transformer.py (forward_per_head), demo.ipynb and "
     "compute_segmentations.py (the spatial map: every layer's heads summed)",
+    defaults="every block, as the authors' spatial maps (`attentions[:, :, 1:].sum(axis=(1, 3))`); "
+    "per entry `attn[cls→m]·v_m·W_O,h + b_O/(M·H)`, the final `ln_post`'s mean and bias "
+    "spread over all `2·depth+1` components, `@ proj`, divided by the embedding's norm; "
+    "per-head maps in `maps.npz` (`head_maps`, `heads`); `clipviz heads` describes each "
+    "head of the last 4 blocks by texts (`compute_complete_text_set.py`: 10 texts per head,"
+    " rank 80)",
 )
 def textspan(
     backend: Backend, images: Tensor, texts: Texts, layers: int | None = None
