@@ -1,5 +1,5 @@
-"""ConVis maps (Giulivi et al. 2024; METHODS.md "ConVis"): ranks accumulated over windows,
-the grid, stochastic and dense variants, and maps of one image for any concepts.
+"""ConVis maps (Giulivi et al. 2024; the README's "Concepts (ConVis)"): ranks accumulated over
+windows, the grid, stochastic and dense variants, and maps of one image for any concepts.
 
 The reference embeds one window at a time and re-ranks per concept; here all windows of an
 image go through the image tower in batches and one rank table serves every concept.

@@ -1,2 +1,3 @@
-"""Inputs: robust image loading (`images`), the files of a run (`inputs`), image–caption sets
-for ECLIP training (`captions`) and evaluation datasets (`datasets`)."""
+"""Inputs: robust image loading (`images`), the files of a run (`inputs`), WebDataset shards
+(`shards`), image–caption sets for ECLIP training (`captions`) and evaluation datasets
+(`datasets`)."""

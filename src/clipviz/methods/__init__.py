@@ -1,5 +1,9 @@
 """The methods: each module registers its methods with `@register` (see `registry.py`); the
-registry imports them on first use, so importing this package costs nothing."""
+registry imports them on first use, so importing this package costs nothing. The mechanisms
+several methods share live once: the dense kernels in `kernels.py`, the gradients of
+similarities in `gradients.py`, the class-activation map in `cam.py` (`channel_cam`);
+`catalog.py` reads the registrations from the source for `--help` without importing torch.
+docs/adding-a-method.md walks through adding one."""
 
 from __future__ import annotations
 

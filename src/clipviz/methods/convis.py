@@ -1,7 +1,9 @@
 """ConVis — concept maps from WordNet (Giulivi et al. 2024); machinery in `clipviz.convis`.
 
-Each text names a concept: the `synsets` option (one synset per text, or one for all), else the prompt
-itself when it is a synset name (`dog.n.01`), else the prompt's most frequent noun sense (a leading article dropped: "a dog" is dog).
+Each text names a concept: the `synsets` option (one synset per text, or one for all), else
+the prompt itself when it is a synset name (`dog.n.01`), else the prompt's most frequent noun
+sense (a leading article dropped: "a dog" is dog). The README's "Concepts (ConVis)" section
+says what the maps show and how to run them.
 Grid and stochastic maps are `[B, T, 224, 224]` over the input, which `explain` hands over
 already resized by the backend (`--crop center` gives the paper's centre crop); `dense`
 (ours) is `[B, T, h, w]` from one forward pass.
