@@ -75,3 +75,39 @@ def test_your_photo_ranks_the_drawn_object_first_and_surgery_finds_it(kernel_env
     # an explanation and its figure show as pictures, not as their text
     assert pictures(nb, "display(exp)") == 1
     assert pictures(nb, ".show()") == 1
+
+
+def test_methods_notebook_finds_itsm_on_the_background_and_surgery_on_the_object(kernel_env):
+    summary, nb = run_notebook("02_methods_and_prompts")
+    contrast = summary["contrast"]
+    assert contrast["itsm"] < 0 and abs(contrast["random"]) < 0.1
+    assert contrast["surgery"] > 0.4
+    assert min(contrast[m] for m in ("gradcam", "legrad", "textspan")) > 0.2
+    assert pictures(nb, "plt.subplots(len(PROMPTS)") == 1  # the methods x prompts grid
+
+
+def test_heads_notebook_sums_the_heads_to_textspans_map_and_describes_each(kernel_env):
+    summary, nb = run_notebook("03_layers_and_heads")
+    assert summary["heads"] == summary["described"] == 16  # 4 blocks of 4 heads
+    assert summary["sum_gap"] < 1e-5
+    assert summary["best_head_contrast"] > 0.3
+    assert all(0 < e <= 1 for e in summary["explained"])
+    assert summary["gradcam_contrast"][-1] > 0.3
+    assert pictures(nb, "head_maps[k]") == 1
+
+
+def test_evaluation_notebook_separates_surgery_from_random_and_flags_random(kernel_env):
+    summary, nb = run_notebook("04_evaluation")
+    low, high = summary["msc_ci"]["surgery"][0], summary["msc_ci"]["random"][1]
+    assert low > high  # the intervals do not overlap
+    assert summary["msc_ci"]["itsm"][1] < 0  # ITSM prefers the background, interval included
+    assert summary["flagged"] == {"surgery": False, "gradcam": False, "attention": False,
+                                  "random": True}  # fmt: skip
+    assert pictures(nb, "sanity.png") == 1
+
+
+def test_segmentation_notebook_repaired_attention_beats_itsm(kernel_env):
+    summary, nb = run_notebook("05_segmentation")
+    miou = summary["miou"]
+    assert min(miou["clearclip"], miou["naclip"]) > miou["itsm"] + 15
+    assert pictures(nb, "palette[truth[row]]") == 1
