@@ -10,7 +10,7 @@ from PIL import Image
 
 import clipviz
 from clipviz.maps import place_in_box, upsample_normalized
-from clipviz.render import overlay as blend
+from clipviz.render import blend_heatmap
 
 PROMPTS = ["a dog", "a red square", "a very long prompt that would be cut at nineteen characters"]
 
@@ -22,7 +22,7 @@ def test_overlay_of_an_explanation_is_the_runs_overlay(vit_backend):
         for t in range(len(PROMPTS)):
             got = np.asarray(exp.overlay(i, t))
             norm = place_in_box(exp.maps[i, t : t + 1], (0, 0, *image.size), image.size[::-1])
-            expected = blend(np.asarray(image), norm[0].numpy())
+            expected = blend_heatmap(np.asarray(image), norm[0].numpy())
             np.testing.assert_array_equal(got, expected)
     assert np.array_equal(np.asarray(exp.overlay(0, "a red square")), np.asarray(exp.overlay(0, 1)))
 
@@ -53,7 +53,7 @@ def test_top_level_overlay_normalises_and_upsamples_any_map():
     saliency[1, 4] = 7.0  # one hot spot, raw scale
     out = np.asarray(clipviz.overlay(image, saliency, alpha=1.0))
     norm = upsample_normalized(torch.tensor(saliency, dtype=torch.float32)[None], (40, 60))[0]
-    np.testing.assert_array_equal(out, blend(image, norm.numpy(), alpha=1.0))
+    np.testing.assert_array_equal(out, blend_heatmap(image, norm.numpy(), alpha=1.0))
     y, x = np.unravel_index(norm.numpy().argmax(), norm.shape)
     assert out[y, x, 0] > 100 and out[y, x, 2] < 100  # jet's top is red
     floats = clipviz.overlay(np.ones((40, 60)) * 0.5, saliency)  # grey floats in [0, 1]

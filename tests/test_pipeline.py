@@ -15,7 +15,7 @@ from conftest import random_image
 from PIL import Image
 
 from clipviz.data.inputs import collect_inputs
-from clipviz.render import colorize, encode_png, map_levels, overlay
+from clipviz.render import blend_heatmap, colorize, encode_png, map_levels
 from clipviz.runs.explain import run_explain
 from clipviz.runs.manifest import MANIFEST
 from clipviz.runs.outputs import map_bytes
@@ -54,10 +54,10 @@ def test_overlay_is_the_fixed_point_blend_of_image_and_heatmap():
         w = round(alpha * 256)
         expected = ((256 - w) * image.astype(np.int64) + w * heat + 128) // 256
         expected[0, :4] = image[0, :4]  # no data: the photo as it is
-        np.testing.assert_array_equal(overlay(image, norm, "turbo", alpha), expected)
+        np.testing.assert_array_equal(blend_heatmap(image, norm, "turbo", alpha), expected)
         # within one level of the exact (1-α)·image + α·heat
         exact = (1 - alpha) * image + alpha * heat
-        assert np.abs(overlay(image, norm, "turbo", alpha)[1:] - exact[1:]).max() <= 1.0
+        assert np.abs(blend_heatmap(image, norm, "turbo", alpha)[1:] - exact[1:]).max() <= 1.0
 
 
 def test_levels_and_map_bytes_of_nan_and_the_ends():

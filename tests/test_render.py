@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from clipviz import ClipvizError
-from clipviz.render import colorize, comparison_sheet, overlay, prompt_slugs
+from clipviz.render import blend_heatmap, colorize, comparison_sheet, prompt_slugs
 
 
 def test_jet_runs_from_dark_blue_through_green_to_dark_red():
@@ -40,10 +40,10 @@ def test_perceptual_maps_match_matplotlib_endpoints(name, low, high):
 def test_overlay_blends_with_alpha():
     image = np.full((2, 2, 3), 100, dtype=np.uint8)
     norm = np.zeros((2, 2))
-    out = overlay(image, norm, "gray", alpha=0.25)  # gray colormap at 0 is black
+    out = blend_heatmap(image, norm, "gray", alpha=0.25)  # gray colormap at 0 is black
     np.testing.assert_array_equal(out, np.full((2, 2, 3), 75))
     with pytest.raises(ClipvizError, match="alpha"):
-        overlay(image, norm, alpha=1.5)
+        blend_heatmap(image, norm, alpha=1.5)
 
 
 def test_unknown_colormap_lists_choices():

@@ -13,8 +13,7 @@ import torch
 from PIL import Image
 
 from .maps import upsample_normalized
-from .render import colorize
-from .render import overlay as blend
+from .render import blend_heatmap, colorize
 
 if TYPE_CHECKING:
     from .explanation import Explanation
@@ -67,7 +66,7 @@ def overlay(
     rgb = as_rgb(image)
     raw = torch.as_tensor(np.asarray(saliency), dtype=torch.float32)
     norm = upsample_normalized(raw[None], rgb.shape[:2])[0].numpy()
-    return Image.fromarray(blend(rgb, norm, colormap, alpha))
+    return Image.fromarray(blend_heatmap(rgb, norm, colormap, alpha))
 
 
 def figure(

@@ -17,7 +17,7 @@ from .display import Shown
 from .errors import ClipvizError
 from .maps import place_in_box, upsample_normalized
 from .methods import check_methods, get_method
-from .render import overlay
+from .render import blend_heatmap
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class Explanation:
         image = self.image(index)
         box = self.shown.box(index) if self.shown is not None else (0, 0, *image.size)
         norm = place_in_box(self.maps[index, t : t + 1], box, (image.height, image.width))
-        return Image.fromarray(overlay(np.asarray(image), norm[0].numpy(), colormap, alpha))
+        return Image.fromarray(blend_heatmap(np.asarray(image), norm[0].numpy(), colormap, alpha))
 
     def show(self, index: int = 0, colormap: str = "jet", alpha: float = 0.5) -> Any:
         """A matplotlib figure of image `index` and each prompt's overlay, with the prompt,

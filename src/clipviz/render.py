@@ -1,4 +1,5 @@
-"""Colormaps, overlays and the files of an explanation (PNG, NPZ), written atomically."""
+"""Colormaps, heatmaps blended over images and the files of an explanation (PNG, NPZ), written
+atomically."""
 
 from __future__ import annotations
 
@@ -140,7 +141,7 @@ def save_heatmap(path: str | os.PathLike[str], norm_map: np.ndarray, colormap: s
         save_png(path, map_levels(norm_map), palette=colormap_table(colormap))
 
 
-def overlay(
+def blend_heatmap(
     image: np.ndarray, norm_map: np.ndarray, colormap: str = "jet", alpha: float = 0.5
 ) -> np.ndarray:
     """Blend the colorized map over `image` (uint8 `[H, W, 3]`): `(1-α)·image + α·heat` in
@@ -341,7 +342,7 @@ def comparison_sheet(
                 )
             )
             sheet.paste(
-                Image.fromarray(overlay(small, norm, colormap, alpha)),
+                Image.fromarray(blend_heatmap(small, norm, colormap, alpha)),
                 (label_w + (j + 1) * (cw + pad), y),
             )
         y += row_h[i] + pad

@@ -23,10 +23,10 @@ from ..errors import ClipvizError
 from ..explanation import Explanation
 from ..maps import place_in_box
 from ..render import (
+    blend_heatmap,
     colormap_function,
     comparison_sheet,
     npz_writer,
-    overlay,
     prompt_slugs,
     save_heatmap,
     save_png,
@@ -154,7 +154,7 @@ def write_outputs(
                         )
                         if kind == "overlay":
                             save_png(
-                                folder / name, overlay(image, norm, render.colormap, render.alpha)
+                                folder / name, blend_heatmap(image, norm, render.colormap, render.alpha)
                             )
                         else:
                             save_heatmap(folder / name, norm, render.colormap)
