@@ -215,6 +215,7 @@ def clearclip(backend: Backend, images: torch.Tensor, texts: Texts) -> MapResult
     return cosine_maps(backend, images, texts, tokens, stock)
 
 
-# names selfattention.py still imports from here
+# the kernels under the names method modules written before `kernels.py` import from here
+# (selfattention, gradeclip, scclip, resclip, sfp); new code imports `kernels`
 _itsm, _unit, _vit_last_block_variant = cosine_maps, normalized, last_block_variant
 stock_block = kernels_stock_block
