@@ -252,6 +252,7 @@ def test_cli_scores_the_split_records_the_settings_and_reports(tmp_path, tiny_we
         (["--task", "segment", "--format", "cub"], "not a segmentation layout"),
         (["--task", "segment", "--prob-thd", "2"], "between 0 and 1"),
         (["--task", "segment", "--preset", "nosuch/voc21"], "no preset"),
+        (["--task", "segment", "--preset", "proxyclip/voc21"], "pass `--method`"),
     ],
 )
 def test_segment_usage_errors_exit_2(tmp_path, tiny_weights, args, message):

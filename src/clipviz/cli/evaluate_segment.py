@@ -89,6 +89,11 @@ def evaluate_segment(
         raise ClipvizError(f"{dataset.name} has no images; check --split and the layout")
     chosen_methods = list(dict.fromkeys(m.lower() for m in methods or []))
     chosen, protocol = protocol_of(settings, chosen_methods[0] if chosen_methods else "sclip")
+    if not chosen_methods and chosen is not None and chosen.method is None:
+        raise ClipvizError(
+            f"no clipviz method computes {chosen.name}'s maps; pass `--method` to use its "
+            "settings with one"
+        )
     if not chosen_methods:
         chosen_methods = [chosen.method if chosen is not None and chosen.method else "sclip"]
     if classes_file is not None:
