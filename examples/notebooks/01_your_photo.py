@@ -83,7 +83,8 @@ else:
 
 photo = ImageOps.exif_transpose(Image.open(PHOTO)).convert("RGB")  # upright, as taken
 print(PHOTO, photo.size, PROMPTS)
-display(photo.resize((192, 192), Image.NEAREST) if photo.width < 192 else photo)
+small = photo.width < 192  # a 64-px scene: enlarged for the eye
+display(photo.resize((photo.width * 3, photo.height * 3), Image.NEAREST) if small else photo)
 
 # %% [markdown]
 # ## Explain it
