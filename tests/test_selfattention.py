@@ -196,6 +196,33 @@ def test_gem_follows_the_self_self_attention_path(vit_backend, depth, iterations
     torch.testing.assert_close(result.image_embeddings, _stock_image(b, x), atol=1e-5, rtol=1e-5)
 
 
+def test_gem_never_materialises_an_attention_matrix(vit_backend):
+    """Its self-self attentions (three per block, each `iterations + 1` products) run fused:
+    no tensor the size of the token-by-token probabilities is ever made."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    b = vit_backend
+    x, texts = _batch(b), _texts(b, PROMPTS)
+    L = 1 + 4 * 4  # class token and the 4x4 patches of the tiny ViT
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.square = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, tuple | list) else [out]:
+                if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[-2:] == (L, L):
+                    self.square.append(str(func))
+            return out
+
+    with Shapes() as seen:
+        result = gem(b, x, texts, iterations=2)
+    assert seen.square == []
+    assert result.maps.shape == (2, 3, 4, 4)
+
+
 def test_gem_refuses_a_depth_beyond_the_tower(vit_backend):
     b = vit_backend
     with pytest.raises(ClipvizError, match="depth=3 is outside 1…2"):

@@ -51,12 +51,16 @@ def self_self_attention(
 ) -> torch.Tensor:
     """GEM's self-self attention of `z` (q, k or v) per head, `[B, heads, L, d]`: `iterations`
     times `z ← softmax(n(z) n(z)ᵀ τ) n(z)` (n: L2 normalisation over the head's channels), then
-    `softmax(n(z) n(z)ᵀ τ) v`. inverse_temperature τ: `[B, 1, 1, 1]` (or a scalar)."""
-    for _ in range(iterations):
-        z = F.normalize(z, dim=-1)
-        z = ((z @ z.transpose(-2, -1)) * inverse_temperature).softmax(dim=-1) @ z
+    `softmax(n(z) n(z)ᵀ τ) v`. inverse_temperature τ: `[B, 1, 1, 1]` (or a scalar).
+
+    Each product is one fused attention with τ on its queries, `softmax((τ n(z)) n(z)ᵀ)`: the
+    `[L, L]` probabilities are never materialised.
+    """
     z = F.normalize(z, dim=-1)
-    return ((z @ z.transpose(-2, -1)) * inverse_temperature).softmax(dim=-1) @ v
+    for _ in range(iterations):
+        z = F.scaled_dot_product_attention(z * inverse_temperature, z, z, scale=1.0)
+        z = F.normalize(z, dim=-1)
+    return F.scaled_dot_product_attention(z * inverse_temperature, z, v, scale=1.0)
 
 
 def gem_inverse_temperature(h: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -190,10 +194,15 @@ def gem(
             tau = (
                 gem_inverse_temperature(h, q.shape[-1])
                 if temperature is None
-                else torch.tensor(temperature, dtype=q.dtype, device=q.device)
+                else torch.full((len(h), 1, 1, 1), temperature, dtype=q.dtype, device=q.device)
             )
-            mixed = sum(self_self_attention(z, v, tau, iterations) for z in (q, k, v)) / 3
-            x_gem = x_gem + vit.attn_out(i, mixed)  # type: ignore[arg-type]
+            # q, k and v's self-self attentions as one batch `[3·B, heads, L, d]` (the fused
+            # attention takes four dimensions), then their mean
+            mixed = self_self_attention(
+                torch.cat((q, k, v)), v.repeat(3, 1, 1, 1), tau.repeat(3, 1, 1, 1), iterations
+            )
+            mixed = mixed.view(3, *q.shape).mean(dim=0)
+            x_gem = x_gem + vit.attn_out(i, mixed)
             x = stock_block(vit, i, x, (q, k, v))
         tokens = _unit(vit.head(x_gem))[:, 1:]
         stock = _unit(vit.pooled(x))
