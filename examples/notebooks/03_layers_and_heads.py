@@ -17,9 +17,10 @@
 # A CLIP ViT builds its image embedding over several blocks, each with several attention
 # heads. This notebook looks inside:
 #
-# 1. **TextSpan's per-head maps**: the class token's output is, up to the last layer norm, a
-#    sum of each head's direct contribution; TextSpan maps every head's contribution per
-#    patch, and the method's map is their sum.
+# 1. **TextSpan's per-head maps**: through the last layer norm and the projection, the image
+#    embedding is a sum of direct contributions of every block's heads and MLPs; TextSpan
+#    splits each head's contribution over the patches it attends to and reads it along the
+#    prompt's text embedding. The method's map is the sum of the heads' maps.
 # 2. **`clipviz heads`**: which texts each head writes, over a set of images.
 # 3. **Grad-CAM at several blocks**: where the gradient of the image–text score points as
 #    we read earlier and earlier blocks.
@@ -126,6 +127,8 @@ print("contributions", tuple(data.shape), "(images, heads, embedding)", "unreada
 
 texts = [*world.COLOURS, *world.SHAPES, *(world.class_prompt(c) for c in world.CLASSES)]
 bank = TextBank(texts, torch.stack(model.embed_texts(texts, ensemble=False)))
+# 3 texts per head, read in the span of the head's top 16 output directions (the shell's
+# defaults, `--per-head 10 --rank 80`, suit a real CLIP's 512 or 768 dimensions)
 described = describe_heads(data, names, bank, count=3, rank=16)
 for d in described:
     print(f"{d.head:6s} explains {d.explained:.2f}: {' | '.join(d.texts)}")

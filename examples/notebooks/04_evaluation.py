@@ -139,7 +139,8 @@ print(f"then: clipviz report {json_path}")
 # from the top; after each step every method explains the same images again, and its maps
 # are compared with the original ones (Spearman's rank correlation, and SSIM). A method
 # whose maps stay the same once the whole tower is random is flagged. From the shell:
-# `clipviz sanity IMAGES... -m surgery -m gradcam`.
+# `clipviz sanity photos/ "a cat" -m surgery -m gradcam`, or on a dataset's own classes
+# `clipviz sanity OUT/voc --format voc --limit 4 -m surgery`.
 
 # %%
 few = world.make_scenes(4, seed=5, n_objects=1)
