@@ -74,13 +74,17 @@ def aggregate(x: torch.Tensor, affinity: torch.Tensor, beta: float) -> torch.Ten
     return (a @ x.float()).to(x.dtype)
 
 
-def calibrated_attention(affinity: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """SC-CLIP's last-block attention per head: `½ (softmax(m) + softmax(k kᵀ/√d)) v` with
-    `m = 3 (a − mean a)` and `−∞` where negative (a: the patch affinity `[B, N, N]`, its
-    mean per image)."""
+def affinity_attention(affinity: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """`softmax(m) v` for every head, `m = 3 (a − mean a)` and `−∞` where negative (a: the
+    patch affinity `[B, N, N]`, its mean per image)."""
     m = 3 * (affinity - affinity.mean(dim=(1, 2), keepdim=True))
-    m = m.masked_fill(m < 0, float("-inf")).softmax(dim=-1)[:, None].to(v.dtype)
-    return (m @ v + F.scaled_dot_product_attention(k, k, v)) / 2
+    return m.masked_fill(m < 0, float("-inf")).softmax(dim=-1)[:, None].to(v.dtype) @ v
+
+
+def calibrated_attention(affinity: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SC-CLIP's last-block attention per head: `½ (softmax(m) + softmax(k kᵀ/√d)) v`, m as
+    in `affinity_attention`."""
+    return (affinity_attention(affinity, v) + F.scaled_dot_product_attention(k, k, v)) / 2
 
 
 @register(
@@ -197,6 +201,7 @@ def scclip(
         out = aggregate(calibrated_block(x, aggregate(patches, before, beta)), after, beta)
         multi = torch.stack(outputs[multi_start:multi_end]).sum(dim=0)
         out = out + aggregate(calibrated_block(multi, multi[:, prefix:]), after, beta)
-        tokens = _unit(vit.project(out))
+        # the stock head reads the patches after the prefix tokens
+        tokens = _unit(vit.head(torch.cat([x[:, :prefix], out], dim=1)))[:, 1:]
         stock = _unit(vit.pooled(stock_block(vit, last, x, vit.qkv(last, vit.norm1(last, x)))))
     return _itsm(backend, images, texts, tokens, stock)

@@ -1,0 +1,168 @@
+"""SFP: feature purification that stops anomalous tokens from spreading, a sibling of SC-CLIP
+(`scclip.py`) that finds the anomalous patches by attention and reads the last block with
+three attentions.
+
+A patch is anomalous when the class token attends to it (scaled) more than the patch attends
+to itself, in the second-to-last block; the ten strongest are replaced by the mean of their
+neighbours. The last block's attention is the mean of k-k, q-q and a softmax over an
+intermediate block's thresholded patch affinity, without residual or MLP, plus a share of the
+class token; the sum of several intermediate blocks goes through the affinity softmax alone;
+both are aggregated by another block's patch affinity.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..backend import Backend, Texts
+from ..errors import ClipvizError
+from .registry import MapResult, register
+from .scclip import affinity_attention, aggregate, fill_from_neighbours, patch_affinity
+from .surgery import _itsm, _unit, stock_block
+
+# the reference's block indices, fixed in its forward for every model size:
+# (pre_adjust, post_adjust, multi_start, multi_end)
+REFERENCE_BLOCKS = (8, 3, 3, 10)
+RES_SCALE = 5.0  # the reference's `res_scale`: the class row is scaled by res_cls · res_scale
+
+
+def salient_outliers(probs: torch.Tensor, prefix: int, scale: float, count: int) -> torch.Tensor:
+    """SFP's anomalous patches `[B, N]` from a block's attention `[B, heads, L, L]`: heads
+    averaged, the patches whose class-token attention times `scale` exceeds their attention
+    to themselves, the `count` largest of those."""
+    a = probs.float().mean(dim=1)
+    from_cls = a[:, 0, prefix:] * scale
+    to_self = a[:, prefix:, prefix:].diagonal(dim1=1, dim2=2)
+    score = from_cls.masked_fill(from_cls <= to_self, float("-inf"))
+    top = score.topk(min(count, score.shape[1]), dim=1)
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    return mask.scatter_(1, top.indices, top.values > float("-inf"))
+
+
+def purified_attention(
+    affinity: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> torch.Tensor:
+    """SFP's last-block attention per head: `⅓ (softmax(k kᵀ/√d) + softmax(q qᵀ/√d) +
+    softmax(m)) v`, m as in `affinity_attention`."""
+    kk = F.scaled_dot_product_attention(k, k, v)
+    qq = F.scaled_dot_product_attention(q, q, v)
+    return (kk + qq + affinity_attention(affinity, v)) / 3
+
+
+@register(
+    "sfp",
+    towers=("vit",),
+    ranges={
+        "pre_adjust": "[0, 255]",
+        "post_adjust": "[0, 255]",
+        "multi_start": "[0, 255]",
+        "multi_end": "[1, 256]",
+        "res_cls": "[0, 10]",
+        "beta": "[-1, 1]",
+        "outliers": "[0, 1000]",
+    },
+    needs={"vit": ("attention", "class_token")},
+    summary="SFP: attention-salient tokens filled from neighbours, last block as k-k, q-q and "
+    "affinity attention, multi-level features, affinity aggregation, cosine",
+    citation="Shuo Jin, Siyue Yu, Bingfeng Zhang, Mingjie Sun, Yi Dong, Jimin Xiao: Feature "
+    "Purification Matters: Suppressing Outlier Propagation for Training-Free Open-Vocabulary "
+    "Semantic Segmentation, ICCV 2025",
+    reference="Kimsure/SFP, SFP_ICCV/clip/model.py (VisionTransformer.forward with pm 'SOM', "
+    "custom_attn, sinkhorn_attn, mean_interpolation, adaptively_aggregate)",
+    defaults="blocks 8 (pre), 3 (post), 3-9 (multi-level) for every tower deep enough, as the "
+    "reference fixes them (shallower towers: scaled); res_cls 0.3 (class-token scale 1.5 in "
+    "the outlier test), beta 0.4, 10 outliers; per image (the reference handles one)",
+)
+def sfp(
+    backend: Backend,
+    images: torch.Tensor,
+    texts: Texts,
+    pre_adjust: int | None = None,
+    post_adjust: int | None = None,
+    multi_start: int | None = None,
+    multi_end: int | None = None,
+    res_cls: float = 0.3,
+    beta: float = 0.4,
+    outliers: int = 10,
+) -> MapResult:
+    """SFP: purified last block with multi-level fusion, then ITSM.
+
+    pre_adjust: the block whose (filled, thresholded) patch affinity aggregates the last
+        block's input and forms its attention (0-based, below the last block).
+    post_adjust: the block whose thresholded patch affinity aggregates the outputs.
+    multi_start: the first block of the multi-level sum.
+    multi_end: the block after the last of the multi-level sum.
+    res_cls: the share of the class token added after the last block; times 5, the scale of
+        the class token's attention in the outlier test.
+    beta: affinities below it are set to 0.
+    outliers: at most this many anomalous patches are filled.
+
+    With `x` the stream after all blocks but the last: its patches with the anomalous ones
+    filled, aggregated by the pre_adjust affinity `a`, go through the last block's
+    `attn_out(purified_attention)` (q, k, v from `ln_1`, no residual, no MLP) plus
+    `res_cls ·` its class token, then are aggregated by the post_adjust affinity; the sum of
+    the block outputs multi_start … multi_end−1 goes through `attn_out(affinity_attention)`
+    plus `res_cls ·` its class token, is aggregated the same way and added. `ln_post`,
+    `proj`, normalise, cosine with the texts. Global embeddings: stock.
+    """
+    vit = backend.vit
+    last = vit.depth - 1
+    if last < 1:
+        raise ClipvizError(f"sfp: {backend.identity['model']} has one block; it needs two")
+    blocks: tuple[int, ...] = REFERENCE_BLOCKS
+    if blocks[3] > last:  # a shallow tower: the reference's blocks scaled to its depth
+        blocks = (
+            *(min(round(i * vit.depth / 12), last - 1) for i in blocks[:3]),
+            min(max(round(blocks[3] * vit.depth / 12), 1), last),
+        )
+    pre_adjust = blocks[0] if pre_adjust is None else pre_adjust
+    post_adjust = blocks[1] if post_adjust is None else post_adjust
+    multi_start = blocks[2] if multi_start is None else multi_start
+    multi_end = blocks[3] if multi_end is None else multi_end
+    for name, value in (("pre_adjust", pre_adjust), ("post_adjust", post_adjust)):
+        if not 0 <= value < last:
+            raise ClipvizError(
+                f"sfp: {name}={value} is outside 0…{last - 1}, the blocks before the last of "
+                f"{backend.identity['model']}"
+            )
+    if not 0 <= multi_start < multi_end <= last:
+        raise ClipvizError(
+            f"sfp: multi_start={multi_start}, multi_end={multi_end} must satisfy "
+            f"0 ≤ multi_start < multi_end ≤ {last} for {backend.identity['model']}"
+        )
+    grid = backend.grid_size(images)
+    prefix = vit.prefix
+    with torch.no_grad(), backend.autocast():
+        outputs = []  # block outputs 0 … last-1
+        x = vit.embed(images)
+        for i in range(last - 1):
+            x = vit.run_block(i, x)
+            outputs.append(x)
+        x, probs = vit.block_with_attention(last - 1, x)
+        outputs.append(x)
+        anomalous = salient_outliers(probs, prefix, res_cls * RES_SCALE, outliers)
+        patches = fill_from_neighbours(x[:, prefix:], anomalous, grid)
+        before = patch_affinity(
+            fill_from_neighbours(outputs[pre_adjust][:, prefix:], anomalous, grid)
+        )
+        before = torch.where(before < beta, torch.zeros_like(before), before)
+        after = patch_affinity(outputs[post_adjust][:, prefix:])
+
+        def last_block(stream: torch.Tensor, patches: torch.Tensor, purified: bool) -> torch.Tensor:
+            # q, k and v of the patches alone; the prefix tokens go along so that towers with
+            # rotary positions place every patch where it is
+            h = vit.norm1(last, torch.cat([stream[:, :prefix], patches], dim=1))
+            q, k, v = (t[:, :, prefix:] for t in vit.qkv(last, h))
+            mixed = (
+                purified_attention(before, q, k, v) if purified else affinity_attention(before, v)
+            )
+            return vit.attn_out(last, mixed) + res_cls * stream[:, :1]
+
+        out = aggregate(last_block(x, aggregate(patches, before, beta), True), after, beta)
+        multi = torch.stack(outputs[multi_start:multi_end]).sum(dim=0)
+        out = out + aggregate(last_block(multi, multi[:, prefix:], False), after, beta)
+        # the stock head reads the patches after the prefix tokens
+        tokens = _unit(vit.head(torch.cat([x[:, :prefix], out], dim=1)))[:, 1:]
+        stock = _unit(vit.pooled(stock_block(vit, last, x, vit.qkv(last, vit.norm1(last, x)))))
+    return _itsm(backend, images, texts, tokens, stock)
