@@ -253,6 +253,8 @@ def test_cli_scores_the_split_records_the_settings_and_reports(tmp_path, tiny_we
         (["--task", "segment", "--prob-thd", "2"], "between 0 and 1"),
         (["--task", "segment", "--preset", "nosuch/voc21"], "no preset"),
         (["--task", "segment", "--preset", "proxyclip/voc21"], "pass `--method`"),
+        (["--task", "segment", "--metric", "msc"], "scores saliency maps"),
+        (["--task", "segment", "--tune-split", "train"], "scores saliency maps"),
     ],
 )
 def test_segment_usage_errors_exit_2(tmp_path, tiny_weights, args, message):

@@ -224,6 +224,14 @@ def evaluate(
     if eval_task == "segment":
         from .evaluate_segment import SegmentSettings, evaluate_segment
 
+        maps_only = {"metric": metric, "tune-split": tune_split, "synset": synset,
+                     "eclip": eclip, "no-ensemble": no_ensemble or None}  # fmt: skip
+        if given := [k for k, v in maps_only.items() if v is not None]:
+            raise ClipvizError(
+                f"`--{given[0]}` scores saliency maps, not `--task segment` (which scores "
+                "mIoU, aAcc and mAcc); drop it"
+            )
+
         set_table_format(table_format)
         settings = SegmentSettings(
             preset, short_side, window, stride, logit_scale, prob_thd, area_thd, pamr_on,
