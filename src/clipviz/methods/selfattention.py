@@ -4,7 +4,8 @@ Like MaskCLIP and ClearCLIP (`surgery.py`), each replaces the attention of the l
 by one whose tokens attend to tokens like themselves (q-q plus k-k, k-k with a neighbourhood
 prior, or iterated self-self attention), then reads every token through the stock head and
 takes its cosine with the texts. The model is never modified: the new paths run the blocks'
-own pieces, which the tower adapter gives.
+own pieces through the shared kernels of `kernels.py` (GEM's path is CLIP Surgery's
+`parallel_path`).
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import torch.nn.functional as F
 
 from ..backend import Backend, Texts
 from ..errors import ClipvizError
+from .kernels import QKV, cosine_maps, first_path_block, last_block_variant, parallel_path
 from .registry import MapResult, register
-from .surgery import QKV, _itsm, _unit, _vit_last_block_variant, stock_block
 
 GEM_BLOCKS = 6  # the reference's `gem_depth=7`: the GEM path runs in the last 6 blocks
 
@@ -81,6 +82,9 @@ def gem_inverse_temperature(h: torch.Tensor, head_dim: int) -> torch.Tensor:
     "Vision-Language Inference, ECCV 2024",
     reference="wangf3014/SCLIP, clip/model.py (VisionTransformer.forward, custom_attn with "
     "csa=True)",
+    defaults="the last block: `(softmax(q qᵀ/√d) + softmax(k kᵀ/√d)) v` per head (a sum, not "
+    "renormalised), residual and MLP kept (the reference's sliding window, logit scale 40 "
+    "and PAMR are segmentation post-processing)",
 )
 def sclip(backend: Backend, images: torch.Tensor, texts: Texts) -> MapResult:
     """SCLIP: the last block's attention replaced by correlative self-attention, then ITSM.
@@ -97,8 +101,8 @@ def sclip(backend: Backend, images: torch.Tensor, texts: Texts) -> MapResult:
         return y + vit.mlp(i, y)
 
     with torch.no_grad(), backend.autocast():
-        tokens, stock = _vit_last_block_variant(vit, images, correlative_block)
-    return _itsm(backend, images, texts, tokens, stock)
+        tokens, stock = last_block_variant(vit, images, correlative_block)
+    return cosine_maps(backend, images, texts, tokens, stock)
 
 
 @register(
@@ -112,6 +116,8 @@ def sclip(backend: Backend, images: torch.Tensor, texts: Texts) -> MapResult:
     "Training-Free Open-Vocabulary Semantic Segmentation, WACV 2025",
     reference="sinahmr/NACLIP, clip/model.py (VisionTransformer.custom_attn, attn 'naclip', "
     "arch 'reduced', gaussian_std 5)",
+    defaults="the last block: `softmax(k kᵀ/√d + ω) v`, `ω = exp(−‖p − p′‖²/(2·5²))` over the patch "
+    "grid, 0 for the class (and register) tokens; no residual, no MLP",
 )
 def naclip(backend: Backend, images: torch.Tensor, texts: Texts, std: float = 5.0) -> MapResult:
     """NACLIP: the last block reduced to neighbourhood-aware k-k attention, then ITSM.
@@ -136,8 +142,8 @@ def naclip(backend: Backend, images: torch.Tensor, texts: Texts, std: float = 5.
         return vit.attn_out(i, neighbourhood_attention(qkv[1], qkv[2], bias))
 
     with torch.no_grad(), backend.autocast():
-        tokens, stock = _vit_last_block_variant(vit, images, neighbourhood_block)
-    return _itsm(backend, images, texts, tokens, stock)
+        tokens, stock = last_block_variant(vit, images, neighbourhood_block)
+    return cosine_maps(backend, images, texts, tokens, stock)
 
 
 @register(
@@ -151,6 +157,10 @@ def naclip(backend: Backend, images: torch.Tensor, texts: Texts, std: float = 5.
     "Everything: Emerging Localization Properties in Vision-Language Transformers, CVPR 2024",
     reference="WalBouss/GEM, gem/gem_utils.py (SelfSelfAttention, GEMResidualBlock, "
     "modified_vit_forward) and gem/gem_wrapper.py (GEMWrapper)",
+    defaults="`gem_depth` 7 (the last 6 blocks carry the GEM path), 1 iteration, inverse temperature"
+    " = mean token norm of `ln_1(x)` × `head_dim^-½` per image and block; the GEM path has "
+    'no FFN; the reference embeds prompts as "a photo of a {}.": `--no-ensemble -p "a photo'
+    ' of a dog."` does the same',
 )
 def gem(
     backend: Backend,
@@ -174,36 +184,24 @@ def gem(
     come from the GEM stream through `ln_post` and `proj`; the global embeddings are the stock
     ones.
     """
-    vit = backend.vit
-    if depth is None:
-        depth = min(GEM_BLOCKS, vit.depth)
-    if not 1 <= depth <= vit.depth:
-        raise ClipvizError(
-            f"gem: depth={depth} is outside 1…{vit.depth}, the blocks of "
-            f"{backend.identity['model']}"
-        )
+    first = first_path_block(backend, depth, GEM_BLOCKS, "gem")
     if iterations < 0:
         raise ClipvizError(f"gem: iterations={iterations} must be 0 or more (the reference: 1)")
+
+    def mean_self_self(i: int, h: torch.Tensor, qkv: QKV) -> torch.Tensor:
+        q, k, v = qkv
+        tau = (
+            gem_inverse_temperature(h, q.shape[-1])
+            if temperature is None
+            else torch.full((len(h), 1, 1, 1), temperature, dtype=q.dtype, device=q.device)
+        )
+        # q, k and v's self-self attentions as one batch `[3·B, heads, L, d]` (the fused
+        # attention takes four dimensions), then their mean
+        mixed = self_self_attention(
+            torch.cat((q, k, v)), v.repeat(3, 1, 1, 1), tau.repeat(3, 1, 1, 1), iterations
+        )
+        return mixed.view(3, *q.shape).mean(dim=0)
+
     with torch.no_grad(), backend.autocast():
-        first = vit.depth - depth
-        x = vit.run_blocks(vit.embed(images), stop=first)
-        x_gem = x
-        for i in range(first, vit.depth):
-            h = vit.norm1(i, x)
-            q, k, v = vit.qkv(i, h)
-            tau = (
-                gem_inverse_temperature(h, q.shape[-1])
-                if temperature is None
-                else torch.full((len(h), 1, 1, 1), temperature, dtype=q.dtype, device=q.device)
-            )
-            # q, k and v's self-self attentions as one batch `[3·B, heads, L, d]` (the fused
-            # attention takes four dimensions), then their mean
-            mixed = self_self_attention(
-                torch.cat((q, k, v)), v.repeat(3, 1, 1, 1), tau.repeat(3, 1, 1, 1), iterations
-            )
-            mixed = mixed.view(3, *q.shape).mean(dim=0)
-            x_gem = x_gem + vit.attn_out(i, mixed)
-            x = stock_block(vit, i, x, (q, k, v))
-        tokens = _unit(vit.head(x_gem))[:, 1:]
-        stock = _unit(vit.pooled(x))
-    return _itsm(backend, images, texts, tokens, stock)
+        tokens, stock = parallel_path(backend.vit, images, first, mean_self_self)
+    return cosine_maps(backend, images, texts, tokens, stock)
