@@ -96,8 +96,9 @@ def save_random_weights(config: Path, path: Path, seed: int = 0) -> Path:
 # through open_clip's TimmModel — a ViT with a MAP head (SigLIP's), PE-Core (EVA blocks with
 # rotary positions and a MAP head that sees the class token), EVA-02 (class token), ConvNeXt
 # (a pooled feature map), FastViT (MobileCLIP's MCi) and Swin (attention in the last stage),
-# and a relative-position ViT (the last two registered with timm by `timm_tiny`)
-FAMILIES = ("vit", "rn", "map", "pe", "eva", "convnext", "fastvit", "coca", "swin", "relpos")
+# a relative-position ViT and a ViT with register tokens (the last three registered with timm
+# by `timm_tiny`)
+FAMILIES = ("vit", "rn", "map", "pe", "eva", "convnext", "fastvit", "coca", "swin", "relpos", "reg4")  # fmt: skip
 
 
 @pytest.fixture(scope="session")

@@ -273,3 +273,29 @@ def test_explicit_attention_reproduces_the_stock_block(vit_backend):
         torch.testing.assert_close(explicit, stock, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(probs.mean(dim=1), mha, atol=1e-5, rtol=1e-5)
         x = stock
+
+
+def test_adapters_are_asked_by_priority_and_an_unmatched_tower_is_a_usage_error(monkeypatch):
+    from clipviz.backend import towers
+
+    monkeypatch.setattr(towers, "_ADAPTERS", list(towers.adapters()))
+
+    class Striped(torch.nn.Module):
+        pass
+
+    @towers.register_adapter(lambda visual: isinstance(visual, Striped))
+    def broad(visual, memo, name):
+        return "broad"
+
+    with pytest.raises(ClipvizError, match=r"^tiny: the image tower Identity is not supported"):
+        towers.tower_adapter(torch.nn.Identity(), lambda key, build: build(), "tiny")
+    assert towers.tower_adapter(Striped(), lambda key, build: build(), "tiny") == "broad"
+
+    @towers.register_adapter(lambda visual: getattr(visual, "narrow", False), priority=1)
+    def narrow(visual, memo, name):
+        return "narrow"
+
+    visual = Striped()
+    visual.narrow = True
+    assert towers.tower_adapter(visual, lambda key, build: build(), "tiny") == "narrow"
+    assert towers.tower_adapter(Striped(), lambda key, build: build(), "tiny") == "broad"

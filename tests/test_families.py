@@ -15,7 +15,7 @@ import clipviz
 from clipviz.methods.cam import gradcam
 from clipviz.methods.relevance import EMPTY_PROMPT, legrad
 
-TIMM_VITS = ("map", "pe", "eva")
+TIMM_VITS = ("map", "pe", "eva", "reg4")
 PROMPTS = ["a dog", "a square"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -99,6 +99,24 @@ def test_explicit_attention_reproduces_timms_blocks_and_their_probabilities(
             torch.testing.assert_close(explicit, stock, atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(probs, captured[-1], atol=1e-6, rtol=1e-4)
             x = stock
+
+
+def test_register_tokens_are_prefix_tokens_between_the_class_token_and_the_patches(
+    family_backends,
+):
+    b = family_backends("reg4")
+    vit = b.readout_vit
+    assert b.family == "timm VisionTransformer, 4 registers, token head"
+    assert (vit.prefix, vit.readout, b.grid_size(_batch(b))) == (5, "class", (4, 4))
+    x = _batch(b)
+    trunk = b.model.visual.trunk
+    with torch.no_grad():
+        stream = vit.run_blocks(vit.embed(x))
+        torch.testing.assert_close(trunk.norm(stream), trunk.forward_features(x))
+        # the stream's registers are timm's own, after the class token and before the patches
+        first = vit.embed(x)
+        torch.testing.assert_close(vit.register_tokens(first), trunk.reg_token.expand(2, -1, -1))
+        torch.testing.assert_close(first[:, 0], trunk.cls_token[:, 0].expand(2, -1))
 
 
 def test_siglip_probabilities_are_a_sigmoid_per_prompt(family_backends):
@@ -282,7 +300,7 @@ def test_coca_pooler_read_as_a_probe_is_open_clips_own(family_backends):
         _, weights = pool.attn(q, kx, kx, need_weights=True, average_attn_weights=False)
         probs = v.latent_probs(v.pool_input(tokens))
         torch.testing.assert_close(probs[:, :, 0], weights[:, :, 0], atol=1e-6, rtol=1e-5)
-        embedding = v._after_pool(v.pool_from_probs(tokens, probs))
+        embedding = v.after_pool(v.pool_from_probs(tokens, probs))
         own = F.normalize(b.model.encode_image(x), dim=-1)  # CoCa's normalises by default
         torch.testing.assert_close(F.normalize(embedding, dim=-1), own, atol=1e-5, rtol=1e-5)
         dense = b.dense_tokens(x)  # [B, 1 + N, D], unit

@@ -36,6 +36,7 @@ FAMILY_TOWERS = {
     "fastvit": ("vit", {"attention"}),
     "swin": ("vit", {"attention"}),
     "relpos": ("vit", {"attention", "readout", "class_token", "eclip"}),
+    "reg4": ("vit", {"attention", "readout", "class_token", "eclip"}),
     "coca": ("vit", {"attention", "readout", "probe", "eclip"}),
     "hf-clip": ("vit", {"attention", "readout", "class_token", "linear_head", "eclip"}),
     "hf-siglip": ("vit", {"attention", "readout", "probe", "eclip"}),

@@ -1,7 +1,7 @@
 """Tiny timm towers of families whose registered variants are large: a Swin whose last stage
-is one window over the whole map, and a relative-position ViT with a class token. Registered
-with timm under their own names, so the open_clip configs in `configs/` build them the way
-a user's config builds a registered model."""
+is one window over the whole map, a relative-position ViT with a class token, and a ViT with
+register tokens. Registered with timm under their own names, so the open_clip configs in
+`configs/` build them the way a user's config builds a registered model."""
 
 from __future__ import annotations
 
@@ -42,3 +42,14 @@ def clipviz_tiny_relpos(**kwargs: Any) -> Any:
     args = dict(img_size=64, patch_size=16, embed_dim=32, depth=2, num_heads=2, qkv_bias=False,
                 class_token=True, global_pool="token", rel_pos_dim=16, init_values=None)  # fmt: skip
     return _built(VisionTransformerRelPos(**{**args, **_own(kwargs)}))
+
+
+@register_model
+def clipviz_tiny_vit_reg4(**kwargs: Any) -> Any:
+    """timm's ViT with a class token and 4 register tokens at 64 px (a 4x4 grid), positions on
+    the patches alone and layer scale, as `vit_*_reg4_dinov2`."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    args = dict(img_size=64, patch_size=16, embed_dim=32, depth=2, num_heads=2, reg_tokens=4,
+                no_embed_class=True, init_values=1e-5, global_pool="token")  # fmt: skip
+    return _built(VisionTransformer(**{**args, **_own(kwargs)}))

@@ -13,77 +13,30 @@ import json
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import ClipvizError
-from .hf import HFVision, HFViTTower
 from .preprocess import Preprocess
-from .resnet import ResNetTower, resnet_tower
 from .text import TextCache, Texts, ensemble_templates
 from .text_tower import TextTower
-from .timm_conv import TimmConvTower
-from .timm_kinds import timm_kinds
-from .timm_stage import TimmStageTower, reads_last_stage
-from .timm_vit import TimmRelPosTower, TimmViTTower
-from .vit import ViTTower
+from .towers import (
+    MAP,
+    RESNET,
+    TOKENS,
+    ConvMapTower,
+    LinearHeadTower,
+    ReadoutTower,
+    ResNetPoolTower,
+    TokenTower,
+    Tower,
+    tower_adapter,
+)
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 T = TypeVar("T")
-
-
-# towers read as blocks of tokens; those whose patches a class token or a probe reads
-ReadoutTower = ViTTower | TimmViTTower | HFViTTower
-TokenTower = ReadoutTower | TimmStageTower
-Tower = ViTTower | ResNetTower | TimmViTTower | HFViTTower | TimmStageTower | TimmConvTower
-
-
-def tower_adapter(visual: Any, memo: Any, name: str) -> Tower:
-    """The adapter of an open_clip image tower's family, or a usage error naming it."""
-    from open_clip.modified_resnet import ModifiedResNet
-    from open_clip.transformer import VisionTransformer
-
-    if isinstance(visual, VisionTransformer):
-        return ViTTower(visual, memo, name)
-    if isinstance(visual, ModifiedResNet):
-        return resnet_tower(visual, memo, name)
-    if isinstance(visual, HFVision):
-        return HFViTTower(visual, memo, name)
-    trunk = getattr(visual, "trunk", None)
-    if trunk is not None:  # timm trunks, by exact type (a subclass may change its forward)
-        kinds = timm_kinds()
-        if type(trunk) in kinds.vits:
-            return TimmViTTower(visual, memo, name)
-        if type(trunk) in kinds.maps:
-            if reads_last_stage(trunk):
-                return TimmStageTower(visual, memo, name)
-            return TimmConvTower(visual, memo, name)
-        if type(trunk) in kinds.relpos_vits:
-            return TimmRelPosTower(visual, memo, name)
-    what = f"timm {type(trunk).__name__}" if trunk is not None else type(visual).__name__
-    raise ClipvizError(
-        f"{name}: the image tower {what} is not supported; `clipviz models` lists the "
-        "architectures clipviz explains"
-    )
-
-
-def tower_family(v: Tower) -> str:
-    """An adapter's tower family in words, e.g. "timm Eva, map head"."""
-    if isinstance(v, TimmViTTower):
-        return f"timm {type(v.trunk).__name__}, {v.pooling} head"
-    if isinstance(v, TimmStageTower):
-        return f"timm {type(v.trunk).__name__}, attention in the last stage"
-    if isinstance(v, TimmConvTower):
-        return f"timm {type(v.trunk).__name__}"
-    if isinstance(v, HFViTTower):
-        if v.visual.naflex:
-            return "transformers SigLIP2 (NaFlex)"
-        return "transformers SigLIP" if v.siglip else "transformers CLIP"
-    if isinstance(v, ViTTower) and v.latent is not None:
-        return "open_clip ViT, attentional pool"
-    return {"vit": "open_clip ViT", "rn": "open_clip ModifiedResNet"}[v.kind]
 
 
 @dataclass(eq=False)
@@ -105,7 +58,8 @@ class Backend:
 
     @cached_property
     def vision(self) -> Tower:
-        """The image tower's adapter (one per family: `ViTTower`, `TimmStageTower`, …)."""
+        """The image tower's adapter (one per family: `ViTTower`, `TimmStageTower`, …; see
+        `towers.py` for what each kind offers)."""
         return tower_adapter(self.model.visual, self.memo, str(self.identity.get("model")))
 
     @cached_property
@@ -122,29 +76,46 @@ class Backend:
     @property
     def family(self) -> str:
         """The tower's family in words, e.g. "timm Eva, map head"."""
-        return tower_family(self.vision)
+        return self.vision.family
 
     @property
     def vit(self) -> TokenTower:
-        """The transformer adapter (a usage error for other towers)."""
-        if not isinstance(self.vision, TokenTower):
+        """The token-stream adapter (a usage error for other towers)."""
+        if self.vision.kind != TOKENS:
             raise ClipvizError(self._tower_message("a ViT"))
-        return self.vision
+        return cast(TokenTower, self.vision)
 
     @property
     def readout_vit(self) -> ReadoutTower:
-        """The transformer adapter of a tower whose patches a class token or a probe reads
+        """The token-stream adapter of a tower whose patches a class token or a probe reads
         (a usage error for others)."""
-        if not isinstance(self.vision, ReadoutTower):
+        if self.vision.kind != TOKENS or "readout" not in self.vision.capabilities:
             raise ClipvizError(self._tower_message("a ViT with a class token or a probe"))
-        return self.vision
+        return cast(ReadoutTower, self.vision)
 
     @property
-    def rn(self) -> ResNetTower:
+    def linear_head_vit(self) -> LinearHeadTower:
+        """The token-stream adapter of a tower whose embedding is `post_norm(class token) @
+        proj`, split by head (a usage error for others)."""
+        if self.vision.kind != TOKENS or "linear_head" not in self.vision.capabilities:
+            raise ClipvizError(
+                self._tower_message("a ViT whose head is ln_post(class token) @ proj")
+            )
+        return cast(LinearHeadTower, self.vision)
+
+    @property
+    def conv(self) -> ConvMapTower:
+        """The adapter of a tower that pools a feature map (a usage error for others)."""
+        if self.vision.kind != MAP:
+            raise ClipvizError(self._tower_message("a convolutional"))
+        return cast(ConvMapTower, self.vision)
+
+    @property
+    def rn(self) -> ResNetPoolTower:
         """The ModifiedResNet adapter (a usage error for other towers)."""
-        if not isinstance(self.vision, ResNetTower):
+        if self.vision.kind != RESNET:
             raise ClipvizError(self._tower_message("a ResNet"))
-        return self.vision
+        return cast(ResNetPoolTower, self.vision)
 
     def _tower_message(self, needed: str) -> str:
         names = {"vit": "a ViT", "rn": "a ResNet", "conv": "a convolutional"}
@@ -196,7 +167,7 @@ class Backend:
         built once per key, gone with the backend."""
         if key not in self._memo:
             self._memo[key] = build()
-        return self._memo[key]  # type: ignore[no-any-return]
+        return self._memo[key]
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.autocast_dtype is None:

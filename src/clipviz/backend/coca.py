@@ -52,8 +52,8 @@ class AttentionalPool:
         """Query 0's output `[B, d]` (before `ln_post`) given its attention `probs`."""
         mixed = probs @ self._split(self.values(tokens))  # [B, heads, 1, d/heads]
         merged = mixed.transpose(1, 2).reshape(len(tokens), 1, -1)
-        return self.pool.attn.out_proj(merged)[:, 0]  # type: ignore[no-any-return]
+        return self.pool.attn.out_proj(merged)[:, 0]
 
     def value_path(self, tokens: torch.Tensor) -> torch.Tensor:
         """Each token read alone: `out_proj(v(ln_k(x_j)))` `[B, L, d]` (before `ln_post`)."""
-        return self.pool.attn.out_proj(self.values(tokens))  # type: ignore[no-any-return]
+        return self.pool.attn.out_proj(self.values(tokens))

@@ -9,14 +9,15 @@ of a CLIP: `visual`, `encode_text`, `encode_image`, `logit_scale` (and `logit_bi
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ClipvizError
-from .vit import Memo, attention_probs
+from .towers import LinearHeadTower, Memo, register_adapter
+from .vit import TokenTowerBase, attention_probs
 
 
 def naflex_patches(images: torch.Tensor, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,10 +104,15 @@ class HFTokenizer:
         )
 
 
-class HFViTTower:
+def _is_transformers_vision(visual: Any) -> bool:
+    return isinstance(visual, HFVision)
+
+
+@register_adapter(_is_transformers_vision)
+class HFViTTower(TokenTowerBase):
     """A transformers CLIP or SigLIP vision transformer."""
 
-    kind = "vit"
+    trains_post_norm = False
 
     def __init__(self, visual: HFVision, memo: Memo, name: str) -> None:
         self.visual = visual
@@ -123,6 +129,12 @@ class HFViTTower:
         if not self.siglip and visual.projection is not None:
             caps.add("linear_head")  # embedding = post_layernorm(class token) @ projection
         self.capabilities = frozenset(caps)
+
+    @property
+    def family(self) -> str:
+        if self.visual.naflex:
+            return "transformers SigLIP2 (NaFlex)"
+        return "transformers SigLIP" if self.siglip else "transformers CLIP"
 
     @property
     def depth(self) -> int:
@@ -150,7 +162,7 @@ class HFViTTower:
         self.check_size((images.shape[-2], images.shape[-1]))
         emb = self.vm.embeddings
         if self.visual.naflex:  # SigLIP2: positions resized to the grid by the model itself
-            return emb(*naflex_patches(images, emb.patch_size))  # type: ignore[no-any-return]
+            return emb(*naflex_patches(images, emb.patch_size))
         native = getattr(emb, "image_size", None)
         other = native is not None and tuple(images.shape[-2:]) != (native, native)
         x = emb(images, interpolate_pos_encoding=other)
@@ -170,12 +182,9 @@ class HFViTTower:
 
         return split(attn.q_proj(h)), split(attn.k_proj(h)), split(attn.v_proj(h))
 
-    def attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Block `i`'s own attention on its queries, keys and values (per head
-        `softmax(q·kᵀ·scale)·v`, fused: the probabilities are never materialised)."""
-        return F.scaled_dot_product_attention(
-            q, k, v, scale=getattr(self._layers[i].self_attn, "scale", None)
-        )
+    def attention_scale(self, i: int) -> float | None:
+        """The layer's own `scale` (None: `head_dim^-½`)."""
+        return getattr(self._layers[i].self_attn, "scale", None)
 
     def attn_out(self, i: int, heads_out: torch.Tensor) -> torch.Tensor:
         B, H, L, d = heads_out.shape
@@ -196,25 +205,12 @@ class HFViTTower:
         attn = self._layers[i].self_attn
         return (directions @ attn.out_proj.weight).T.reshape(attn.num_heads, -1, len(directions))
 
-    def block_with_attention(
-        self, i: int, x: torch.Tensor, normed: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        q, k, v = self.qkv(i, self.norm1(i, x) if normed is None else normed)
-        probs = attention_probs(q, k, getattr(self._layers[i].self_attn, "scale", None))
-        x = x + self.attn_out(i, probs @ v)
-        return x + self.mlp(i, x), probs
-
     def run_block(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Encoder layer `i`, computed from its modules (the same numbers as its forward), its
         attention fused: methods that read the probabilities call `block_with_attention`."""
         q, k, v = self.qkv(i, self.norm1(i, x))
         x = x + self.attn_out(i, self.attend(i, q, k, v))
         return x + self.mlp(i, x)
-
-    def run_blocks(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        for i in range(start, self.depth if stop is None else stop):
-            x = self.run_block(i, x)
-        return x
 
     # -- the head ---------------------------------------------------------------------------
 
@@ -301,7 +297,7 @@ class HFViTTower:
     def patch_columns(self, probs: torch.Tensor) -> torch.Tensor:
         return probs
 
-    def _after_pool(self, pooled: torch.Tensor) -> torch.Tensor:
+    def after_pool(self, pooled: torch.Tensor) -> torch.Tensor:
         return self._project(pooled)
 
     @property
@@ -314,13 +310,6 @@ class HFViTTower:
     def post_norm(self) -> Any:
         return self.vm.post_layernorm
 
-    def tokens(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.run_blocks(self.embed(images)))
-
-    def image_embedding(self, images: torch.Tensor) -> torch.Tensor:
-        """The stock forward's image embedding `[B, D]` alone (not normalised)."""
-        return self.pooled(self.run_blocks(self.embed(images)))
-
     def cascade(self) -> list[tuple[str, list[Any]]]:
         """Head (post-norm, probe, projection), then layers last to first (see `ViTTower`)."""
         parts = (self.vm.post_layernorm, getattr(self.vm, "head", None), self.visual.projection)
@@ -329,3 +318,7 @@ class HFViTTower:
             ("head", head),
             *((f"block {i}", [self._layers[i]]) for i in reversed(range(self.depth))),
         ]
+
+
+if TYPE_CHECKING:  # the interface the adapter offers, checked by mypy
+    _HFViTTower: type[LinearHeadTower] = HFViTTower

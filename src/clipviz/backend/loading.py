@@ -327,7 +327,7 @@ def assemble(
         model=model,
         tokenizer=tokenizer,
         device=device,
-        preprocess=Preprocess(hw, tuple(mean), tuple(std), crop),  # type: ignore[arg-type]
+        preprocess=Preprocess(hw, tuple(mean), tuple(std), crop),
         identity={**identity, "resolution": hw[0]},
         autocast_dtype=_autocast_dtype(device, precision),
     )

@@ -7,12 +7,13 @@ and its value path; this adapter computes them with the pool's own weights.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import ClipvizError
-from .vit import Memo, attention_probs, interpolate_positions
+from .towers import RESNET, Memo, ResNetPoolTower, register_adapter
+from .vit import attention_probs, interpolate_positions
 
 STRIDE = 32  # input pixels per feature-map cell
 
@@ -20,7 +21,8 @@ STRIDE = 32  # input pixels per feature-map cell
 class ResNetTower:
     """An open_clip ModifiedResNet image tower: `layer4` features and the attention pool."""
 
-    kind = "rn"
+    kind = RESNET
+    family = "open_clip ModifiedResNet"
     prefix = 1  # the pool's mean token
 
     def __init__(self, visual: Any, memo: Memo, name: str) -> None:
@@ -141,7 +143,18 @@ class ResNetTower:
         ]
 
 
+def _is_open_clip_resnet(visual: Any) -> bool:
+    from open_clip.modified_resnet import ModifiedResNet
+
+    return isinstance(visual, ModifiedResNet)
+
+
+@register_adapter(_is_open_clip_resnet)
 def resnet_tower(visual: Any, memo: Memo, name: str) -> ResNetTower:
     if getattr(visual, "attnpool", None) is None:
         raise ClipvizError(f"{name}: a ResNet tower without an attention pool is not supported")
     return ResNetTower(visual, memo, name)
+
+
+if TYPE_CHECKING:  # the interface the adapter offers, checked by mypy
+    _ResNetTower: type[ResNetPoolTower] = ResNetTower

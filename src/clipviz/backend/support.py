@@ -47,7 +47,7 @@ def architecture_support(name: str) -> Support:
     from open_clip.model import _build_vision_tower
 
     from ..methods.catalog import catalog
-    from .base import tower_adapter, tower_family
+    from .towers import tower_adapter
 
     cfg = open_clip.get_model_config(name)
     if cfg is None:
@@ -68,7 +68,7 @@ def architecture_support(name: str) -> Support:
     methods = tuple(
         info.name for info in catalog().values() if info.fits(adapter.kind, adapter.capabilities)
     )
-    return Support(name, tower_family(adapter), methods)
+    return Support(name, adapter.family, methods)
 
 
 def builtin_architectures() -> list[str]:

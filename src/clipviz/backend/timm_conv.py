@@ -13,19 +13,26 @@ location tokens normalise each location on its own.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import ClipvizError
-from .vit import Memo
+from .timm_kinds import timm_kinds
+from .towers import MAP, ConvMapTower, Memo, register_adapter, timm_trunk
 
 
+def _pools_a_map(visual: Any) -> bool:
+    return type(timm_trunk(visual)) in timm_kinds().maps  # exact types (see `timm_kinds`)
+
+
+@register_adapter(_pools_a_map)
 class TimmConvTower:
     """An open_clip `TimmModel` whose trunk pools a feature map (ConvNeXt, FastViT, Swin)."""
 
-    kind = "conv"
+    kind = MAP
     prefix = 0
+    readout = None
     capabilities: frozenset[str] = frozenset()
 
     def __init__(self, visual: Any, memo: Memo, name: str) -> None:
@@ -38,6 +45,10 @@ class TimmConvTower:
         self._stride = int(info[-1]["reduction"]) if info else 32
         # windowed attention is built for one input size
         self._fixed = type(self.trunk).__name__.startswith("Swin")
+
+    @property
+    def family(self) -> str:
+        return f"timm {type(self.trunk).__name__}"
 
     def grid(self, size: tuple[int, int]) -> tuple[int, int]:
         return size[0] // self._stride, size[1] // self._stride
@@ -132,3 +143,7 @@ class TimmConvTower:
             ("head", head),
             *((f"stage {i}", [stages[i]]) for i in reversed(range(len(stages)))),
         ]
+
+
+if TYPE_CHECKING:  # the interface the adapter offers, checked by mypy
+    _TimmConvTower: type[ConvMapTower] = TimmConvTower

@@ -50,18 +50,18 @@ class TimmHead:
         (relative-position ViTs pool inline in their `forward_head`: class token or mean)."""
         pool = getattr(self.trunk, "pool", None)
         if pool is not None:
-            return pool(x)  # type: ignore[no-any-return]
+            return pool(x)
         if self.trunk.global_pool == "avg":
             return x[:, self.prefix :].mean(dim=1)
         return x[:, 0]
 
-    def _after_pool(self, pooled: torch.Tensor) -> torch.Tensor:
+    def after_pool(self, pooled: torch.Tensor) -> torch.Tensor:
         """`fc_norm`, the trunk's head and open_clip's head on pooled features `[..., W]`."""
         return self.visual.head(self.trunk.head(self.trunk.fc_norm(pooled)))
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """A pooled feature `[..., W]` (e.g. a mean over tokens) into the joint space."""
-        return self._after_pool(self.trunk.norm(x))
+        return self.after_pool(self.trunk.norm(x))
 
     def mean_embedding(self, x: torch.Tensor) -> torch.Tensor:
         """The embedding of the mean over all tokens `[B, L, W]` (LeGrad's feature)."""
@@ -69,7 +69,7 @@ class TimmHead:
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         """Token 0 of `head`, alone: the model's own image embedding `[B, D]` (not normalised)."""
-        return self._after_pool(self._pool(self.trunk.norm(x)))
+        return self.after_pool(self._pool(self.trunk.norm(x)))
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Last-block tokens `[B, prefix + N, W]` -> joint-space tokens `[B, 1 + N, D]`: token 0
@@ -77,11 +77,11 @@ class TimmHead:
         pooled feature (MAP: the probe's value path, `proj(v)` plus its MLP)."""
         t = self.trunk
         x = t.norm(x)
-        pooled = self._after_pool(self._pool(x))
+        pooled = self.after_pool(self._pool(x))
         patches = x[:, self.prefix :]
         if self.pooling == "map":
             patches = self._value_path(patches)
-        return torch.cat([pooled[:, None], self._after_pool(patches)], dim=1)
+        return torch.cat([pooled[:, None], self.after_pool(patches)], dim=1)
 
     def _value_path(self, tokens: torch.Tensor) -> torch.Tensor:
         """The attention-pool probe applied to each token alone (its attention one-hot on it):
@@ -177,10 +177,10 @@ class TimmHead:
             patches = self._value_path(patches)
         final = self._final_linear()
         if final is None:
-            return self._after_pool(patches)
+            return self.after_pool(patches)
         if final is t.head:
-            return t.fc_norm(patches)  # type: ignore[no-any-return]
-        return t.head(t.fc_norm(patches))  # type: ignore[no-any-return]
+            return t.fc_norm(patches)
+        return t.head(t.fc_norm(patches))
 
     def explain_projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The head's last linear map: weight `[W', D]` and bias; the identity `[D, D]` where

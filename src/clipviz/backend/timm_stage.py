@@ -12,7 +12,7 @@ the tower (FastViT's final convolution; Swin's final norm) and the head are thos
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from ..errors import ClipvizError
 from .timm_conv import TimmConvTower
 from .timm_kinds import timm_kinds
-from .vit import BlockAttention, Memo
+from .towers import Memo, TokenTower, register_adapter, timm_trunk
+from .vit import TokenTowerBase
 
 
 def reads_last_stage(trunk: Any) -> bool:
@@ -48,10 +49,15 @@ def _global_attention(block: Any) -> bool:
     )
 
 
-class TimmStageTower(BlockAttention):
+def _reads_as_stage_tokens(visual: Any) -> bool:
+    trunk = timm_trunk(visual)
+    return type(trunk) in timm_kinds().maps and reads_last_stage(trunk)
+
+
+@register_adapter(_reads_as_stage_tokens, priority=1)  # above `TimmConvTower`'s broader match
+class TimmStageTower(TokenTowerBase):
     """An open_clip `TimmModel` (FastViT, Swin) whose last stage is read as a token stream."""
 
-    kind = "vit"
     prefix = 0
     pooling = "avg"
     readout = None
@@ -69,6 +75,10 @@ class TimmStageTower(BlockAttention):
         self._before, self._stage = stages[:-1], stages[-1]
         self._blocks = list(self._stage.blocks)
         self._grid: tuple[int, int] | None = None
+
+    @property
+    def family(self) -> str:
+        return f"timm {type(self.trunk).__name__}, attention in the last stage"
 
     # -- shape ------------------------------------------------------------------------------
 
@@ -120,11 +130,6 @@ class TimmStageTower(BlockAttention):
     def run_block(self, i: int, x: torch.Tensor) -> torch.Tensor:
         return self._tokens(self._blocks[i](self._map(x)))
 
-    def run_blocks(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        for i in range(start, self.depth if stop is None else stop):
-            x = self.run_block(i, x)
-        return x
-
     def _attention(self, i: int) -> Any:
         block = self._blocks[i]
         return block.attn if self._swin else block.token_mixer
@@ -144,7 +149,7 @@ class TimmStageTower(BlockAttention):
 
     def attention_bias(self, i: int) -> torch.Tensor | None:
         """Swin's relative position bias of block `i` `[1, heads, N, N]`; FastViT: None."""
-        return self._attention(i)._get_rel_pos_bias() if self._swin else None  # type: ignore[no-any-return]
+        return self._attention(i)._get_rel_pos_bias() if self._swin else None
 
     def attn_out(self, i: int, heads_out: torch.Tensor) -> torch.Tensor:
         """What block `i`'s attention adds to the stream: merge heads, `proj`, layer scale."""
@@ -157,7 +162,7 @@ class TimmStageTower(BlockAttention):
         """What block `i`'s MLP adds: Swin `mlp(norm2(y))`; FastViT `ls2(conv_mlp(y))` on the map."""
         block = self._blocks[i]
         if self._swin:
-            return block.mlp(block.norm2(y))  # type: ignore[no-any-return]
+            return block.mlp(block.norm2(y))
         return self._tokens(block.layer_scale_2(block.mlp(self._map(y))))
 
     # -- the head ---------------------------------------------------------------------------
@@ -167,8 +172,8 @@ class TimmStageTower(BlockAttention):
         convolution, or Swin's final norm."""
         m = self._map(x)
         if self._swin:
-            return self.trunk.norm(m).permute(0, 3, 1, 2)  # type: ignore[no-any-return]
-        return self.trunk.final_conv(m)  # type: ignore[no-any-return]
+            return self.trunk.norm(m).permute(0, 3, 1, 2)
+        return self.trunk.final_conv(m)
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         """The model's own image embedding `[B, D]` from the last block's tokens."""
@@ -185,12 +190,9 @@ class TimmStageTower(BlockAttention):
         f = self.features(x)
         return torch.cat([self.maps.pooled(f)[:, None], self.maps.location_tokens(f)], dim=1)
 
-    def tokens(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.run_blocks(self.embed(images)))
-
-    def image_embedding(self, images: torch.Tensor) -> torch.Tensor:
-        """The stock forward's image embedding `[B, D]` alone (not normalised)."""
-        return self.pooled(self.run_blocks(self.embed(images)))
-
     def cascade(self) -> list[tuple[str, list[Any]]]:
         return self.maps.cascade()
+
+
+if TYPE_CHECKING:  # the interface the adapter offers, checked by mypy
+    _TimmStageTower: type[TokenTower] = TimmStageTower

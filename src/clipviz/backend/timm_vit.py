@@ -11,7 +11,7 @@ attention-pool probe (MAP), whose per-location tokens are its value path.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from ..errors import ClipvizError
 from .timm_head import TimmHead
 from .timm_kinds import timm_kinds
-from .vit import BlockAttention, Memo
+from .towers import Memo, ReadoutTower, register_adapter, timm_trunk
+from .vit import TokenTowerBase
 
 
 def _resample(pos: torch.Tensor, src: tuple[int, int], grid: tuple[int, int], prefix: int) -> Any:
@@ -47,10 +48,19 @@ def _unread(i: int, block: Any) -> str | None:
     return None
 
 
-class TimmViTTower(TimmHead, BlockAttention):
+def _is_timm_vit(visual: Any) -> bool:
+    return type(timm_trunk(visual)) in timm_kinds().vits  # exact types (see `timm_kinds`)
+
+
+def _is_timm_relpos_vit(visual: Any) -> bool:
+    return type(timm_trunk(visual)) in timm_kinds().relpos_vits
+
+
+@register_adapter(_is_timm_vit)
+class TimmViTTower(TimmHead, TokenTowerBase):
     """An open_clip `TimmModel` whose trunk is a timm VisionTransformer or Eva."""
 
-    kind = "vit"
+    trains_post_norm = False
 
     def __init__(self, visual: Any, memo: Memo, name: str) -> None:
         from timm.layers import HybridEmbed, PatchEmbed
@@ -85,6 +95,10 @@ class TimmViTTower(TimmHead, BlockAttention):
             caps |= {"readout", "probe", "eclip"}  # free attention: the probe's
         self.capabilities = frozenset(caps)
 
+    @property
+    def family(self) -> str:
+        return f"timm {type(self.trunk).__name__}, {self.pooling} head"
+
     # -- shape ------------------------------------------------------------------------------
 
     @property
@@ -100,7 +114,7 @@ class TimmViTTower(TimmHead, BlockAttention):
         if hasattr(pe, "feature_ratio"):  # HybridEmbed: a convolutional stem, then patches
             fr, ps = pe.feature_ratio, pe.patch_size
             return fr[0] * ps[0], fr[1] * ps[1]
-        return tuple(pe.patch_size)  # type: ignore[return-value]
+        return tuple(pe.patch_size)
 
     def grid(self, size: tuple[int, int]) -> tuple[int, int]:
         rh, rw = self._reduction()
@@ -163,17 +177,12 @@ class TimmViTTower(TimmHead, BlockAttention):
         if rope is None:
             return None
         grid = self._rope_grid or tuple(self.trunk.patch_embed.grid_size)
-        return self._memo(("timm-rope", grid), lambda: rope.get_embed(shape=list(grid)))  # type: ignore[no-any-return]
+        return self._memo(("timm-rope", grid), lambda: rope.get_embed(shape=list(grid)))
 
     def run_block(self, i: int, x: torch.Tensor) -> torch.Tensor:
         block = self._blocks[i]
         rope = self._rope()
         return block(x) if rope is None else block(x, rope=rope)
-
-    def run_blocks(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        for i in range(start, self.depth if stop is None else stop):
-            x = self.run_block(i, x)
-        return x
 
     def _explicit(self, i: int) -> Any:
         if self._unread is not None:
@@ -250,13 +259,6 @@ class TimmViTTower(TimmHead, BlockAttention):
             return gamma * x
         return getattr(block, f"ls{n}", lambda t: t)(x)
 
-    def tokens(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.run_blocks(self.embed(images)))
-
-    def image_embedding(self, images: torch.Tensor) -> torch.Tensor:
-        """The stock forward's image embedding `[B, D]` alone (not normalised)."""
-        return self.pooled(self.run_blocks(self.embed(images)))
-
     def cascade(self) -> list[tuple[str, list[Any]]]:
         """Head (norms, probe, projections), then blocks last to first (see `ViTTower`)."""
         t = self.trunk
@@ -269,6 +271,7 @@ class TimmViTTower(TimmHead, BlockAttention):
         ]
 
 
+@register_adapter(_is_timm_relpos_vit)
 class TimmRelPosTower(TimmViTTower):
     """timm's `VisionTransformerRelPos`: no absolute positions; every block adds a relative
     position bias to its attention logits (its own, or one the trunk shares), zero in the rows
@@ -290,15 +293,21 @@ class TimmRelPosTower(TimmViTTower):
         x = t.patch_embed(images)
         if t.cls_token is not None:
             x = torch.cat([t.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return x  # type: ignore[no-any-return]
+        return x
 
     def _shared_bias(self) -> torch.Tensor | None:
         shared = self.trunk.shared_rel_pos
-        return None if shared is None else shared.get_bias()  # type: ignore[no-any-return]
+        return None if shared is None else shared.get_bias()
 
     def attention_bias(self, i: int) -> torch.Tensor | None:
         own = self._blocks[i].attn.rel_pos
         return self._shared_bias() if own is None else own.get_bias()
 
     def run_block(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        return self._blocks[i](x, shared_rel_pos=self._shared_bias())  # type: ignore[no-any-return]
+        return self._blocks[i](x, shared_rel_pos=self._shared_bias())
+
+
+if TYPE_CHECKING:  # the interface the adapter offers, checked by mypy
+    _TimmViTTower: type[ReadoutTower] = TimmViTTower
+
+    _TimmRelPosTower: type[ReadoutTower] = TimmRelPosTower

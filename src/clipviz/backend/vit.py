@@ -8,18 +8,16 @@ interpolated copies, cached on the backend.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import ClipvizError
+from .towers import TOKENS, LinearHeadTower, Memo, register_adapter
 
 if TYPE_CHECKING:
     from .coca import AttentionalPool
-
-Memo = Callable[[Hashable, Callable[[], Any]], Any]
 
 
 def interpolate_positions(
@@ -51,10 +49,43 @@ def attention_probs(
     return (logits if bias is None else logits + bias).softmax(dim=-1)
 
 
-class BlockAttention:
-    """Explicit attention of an image tower's blocks, by index, from the pieces its adapter
-    gives (`norm1`, `qkv`, `attn_out`, `mlp`), with the bias some families add to their
-    attention logits (relative positions): `attend` and `block_with_attention`, once."""
+class TokenTowerBase:
+    """What every token tower computes the same way from the pieces its adapter gives
+    (`embed`, `run_block`, `head`, `pooled`; `norm1`, `qkv`, `attn_out`, `mlp`), with the
+    scale and the bias some families give their attention logits: `run_blocks`, `tokens`,
+    `image_embedding`, `attend` and `block_with_attention`, once."""
+
+    kind = TOKENS
+
+    @property
+    def depth(self) -> int:
+        raise NotImplementedError
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def run_block(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def run_blocks(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Stock blocks `start … stop-1` in turn."""
+        for i in range(start, self.depth if stop is None else stop):
+            x = self.run_block(i, x)
+        return x
+
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """The stock forward as joint-space tokens `[B, 1+N, D]` (not normalised)."""
+        return self.head(self.run_blocks(self.embed(images)))
+
+    def image_embedding(self, images: torch.Tensor) -> torch.Tensor:
+        """The stock forward's image embedding `[B, D]` alone (not normalised)."""
+        return self.pooled(self.run_blocks(self.embed(images)))
 
     def norm1(self, i: int, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -68,6 +99,10 @@ class BlockAttention:
     def mlp(self, i: int, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def attention_scale(self, i: int) -> float | None:
+        """What block `i` multiplies its logits `q·kᵀ` by (None: `head_dim^-½`)."""
+        return None
+
     def attention_bias(self, i: int) -> torch.Tensor | None:
         """What block `i` adds to its attention logits `[1, heads, L, L]` (None: nothing)."""
         return None
@@ -77,7 +112,11 @@ class BlockAttention:
         `softmax(q·kᵀ·scale + bias)·v`, fused: the probabilities are never materialised)."""
         bias = self.attention_bias(i)
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=None if bias is None else bias.to(q.dtype)
+            q,
+            k,
+            v,
+            attn_mask=None if bias is None else bias.to(q.dtype),
+            scale=self.attention_scale(i),
         )
 
     def block_with_attention(
@@ -87,7 +126,7 @@ class BlockAttention:
         `[B, heads, L, L]` (the stock fused attention never materialises them). `normed`: the
         block's `norm1(x)` when the caller holds it (e.g. to take gradients there)."""
         q, k, v = self.qkv(i, self.norm1(i, x) if normed is None else normed)
-        probs = attention_probs(q, k, bias=self.attention_bias(i))
+        probs = attention_probs(q, k, self.attention_scale(i), self.attention_bias(i))
         x = x + self.attn_out(i, probs.to(v.dtype) @ v)
         return x + self.mlp(i, x), probs
 
@@ -154,10 +193,16 @@ class OpenClipBlocks:
         return (block.ls_1(directions) @ weight).T.reshape(H, -1, directions.shape[0])
 
 
-class ViTTower(OpenClipBlocks, BlockAttention):
+def _is_open_clip_vit(visual: Any) -> bool:
+    from open_clip.transformer import VisionTransformer
+
+    return isinstance(visual, VisionTransformer)
+
+
+@register_adapter(_is_open_clip_vit)
+class ViTTower(OpenClipBlocks, TokenTowerBase):
     """An open_clip ViT image tower: class token, then `h × w` patch tokens."""
 
-    kind = "vit"
     prefix = 1  # tokens before the patches (the class token), kept as keys, left out of maps
 
     def __init__(self, visual: Any, memo: Memo, name: str) -> None:
@@ -187,6 +232,13 @@ class ViTTower(OpenClipBlocks, BlockAttention):
             self.readout = "latent"
             base = {"readout", "probe", "eclip"}
         self.capabilities = frozenset(base | ({"attention"} if self.explicit_attention else set()))
+
+    trains_post_norm = True  # ECLIP's explain inputs are `ln_post` of the patch tokens
+
+    @property
+    def family(self) -> str:
+        pool = ", attentional pool" if self.latent is not None else ""
+        return f"open_clip ViT{pool}"
 
     # -- shape ------------------------------------------------------------------------------
 
@@ -226,7 +278,7 @@ class ViTTower(OpenClipBlocks, BlockAttention):
         src = tuple(v.grid_size)
         pos = self._memo(
             ("vit-positions", grid),
-            lambda: interpolate_positions(v.positional_embedding, src, grid),  # type: ignore[arg-type]
+            lambda: interpolate_positions(v.positional_embedding, src, grid),
         )
         return v.ln_pre(x + pos.to(x.dtype))
 
@@ -236,12 +288,6 @@ class ViTTower(OpenClipBlocks, BlockAttention):
         if self._batch_first:
             return block(x)
         return block(x.transpose(0, 1)).transpose(0, 1)
-
-    def run_blocks(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        """Stock blocks `start … stop-1` in turn."""
-        for i in range(start, self.depth if stop is None else stop):
-            x = self.run_block(i, x)
-        return x
 
     # -- the head ---------------------------------------------------------------------------
 
@@ -309,7 +355,7 @@ class ViTTower(OpenClipBlocks, BlockAttention):
     def patch_columns(self, probs: torch.Tensor) -> torch.Tensor:
         return probs[..., self.prefix :]
 
-    def _after_pool(self, pooled: torch.Tensor) -> torch.Tensor:
+    def after_pool(self, pooled: torch.Tensor) -> torch.Tensor:
         """A pooled feature through the rest of the head: `ln_post`, `proj`."""
         return self.visual.ln_post(pooled) @ self.visual.proj
 
@@ -322,14 +368,6 @@ class ViTTower(OpenClipBlocks, BlockAttention):
         """The stock `ln_post` module."""
         return self.visual.ln_post
 
-    def tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """The stock forward as joint-space tokens `[B, 1+N, D]` (not normalised)."""
-        return self.head(self.run_blocks(self.embed(images)))
-
-    def image_embedding(self, images: torch.Tensor) -> torch.Tensor:
-        """The stock forward's image embedding `[B, D]` alone (not normalised)."""
-        return self.pooled(self.run_blocks(self.embed(images)))
-
     def cascade(self) -> list[tuple[str, list[Any]]]:
         """The tower's layers from the top (head, then blocks last to first), as modules or
         parameters: the order in which a randomisation test re-draws them."""
@@ -339,3 +377,7 @@ class ViTTower(OpenClipBlocks, BlockAttention):
             ("head", head),
             *((f"block {i}", [self._blocks[i]]) for i in reversed(range(self.depth))),
         ]
+
+
+if TYPE_CHECKING:  # the interface the adapter offers, checked by mypy
+    _ViTTower: type[LinearHeadTower] = ViTTower

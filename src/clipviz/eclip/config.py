@@ -8,7 +8,7 @@ from typing import Literal
 
 import torch
 
-from ..backend import Backend, ViTTower
+from ..backend import Backend
 from ..data.images import DEFAULT_MAX_PIXELS
 from ..errors import ClipvizError
 from .head import MaskRule, free_attention_mask
@@ -88,7 +88,9 @@ def check_options(config: TrainConfig, backend: Backend, d: Dist, n: int) -> Non
             f"the patches); {backend.identity.get('model')}'s image tower ({backend.family}) "
             "has none (choose another `model`)"
         )
-    if config.train_ln_post and not isinstance(backend.vision, ViTTower):
+    if config.train_ln_post and not (
+        backend.tower == "vit" and backend.readout_vit.trains_post_norm
+    ):
         raise ClipvizError(
             "`train_ln_post` applies to open_clip's own ViT towers only; train the explain "
             "projection alone"

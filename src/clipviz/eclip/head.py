@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backend import Backend, ViTTower
+from ..backend import Backend
 from ..errors import ClipvizError
 
 MaskRule = Literal["mean", "topk", "threshold"]
@@ -59,8 +59,8 @@ def frozen_features(backend: Backend, images: torch.Tensor) -> FrozenFeatures:
         if backend.tower == "vit" and backend.vit.readout == "latent":
             vit = backend.readout_vit  # a MAP probe reads the image: its attention is the free one
             x = vit.run_blocks(vit.embed(images))
-            probs = vit.latent_probs(vit.pool_input(x))  # type: ignore[union-attr]
-            free = vit.patch_columns(probs).mean(dim=(1, 2))  # type: ignore[union-attr]
+            probs = vit.latent_probs(vit.pool_input(x))
+            free = vit.patch_columns(probs).mean(dim=(1, 2))
             stock = vit.pooled(x)
         elif backend.tower == "vit":
             vit = backend.readout_vit
@@ -90,7 +90,7 @@ class ExplainHead(nn.Module):
         self.bias: nn.Parameter | None = None
         if self.tower == "vit":
             vit = backend.readout_vit
-            if train_ln_post and not isinstance(vit, ViTTower):
+            if train_ln_post and not vit.trains_post_norm:
                 raise ClipvizError(
                     "`train_ln_post` applies to open_clip's own ViT towers only; train the "
                     "explain projection alone"
