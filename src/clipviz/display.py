@@ -42,7 +42,7 @@ class Shown:
         if isinstance(self.images, torch.Tensor):
             return 0, 0, int(self.images.shape[-1]), int(self.images.shape[-2])
         im = self.images[index]
-        return self.preprocess.crop_box(im.width, im.height)  # type: ignore[no-any-return]
+        return self.preprocess.crop_box(im.width, im.height)
 
 
 def as_rgb(image: Image.Image | np.ndarray) -> np.ndarray:

@@ -179,7 +179,7 @@ def wordnet_root() -> Any:
 def _reader_class() -> type:
     from nltk.corpus.reader.wordnet import WordNetCorpusReader
 
-    class Reader(WordNetCorpusReader):  # type: ignore[misc]
+    class Reader(WordNetCorpusReader):
         def map_wn(self, version: str = "wordnet") -> Any:
             # nltk >= 3.9 compares the version number with the corpus *name* and so maps
             # WordNet 3.0 onto itself at start-up (reading index.sense twice, ~10 s).

@@ -292,7 +292,7 @@ def describe_skipped(skipped: Counter[str] | dict[str, int]) -> str:
     return ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()) if n)
 
 
-class CaptionImages(torch.utils.data.Dataset):  # type: ignore[type-arg]
+class CaptionImages(torch.utils.data.Dataset):
     """Decodes and preprocesses images in DataLoader workers.
 
     Item i is `(i, tensor, None)` or, for a file that cannot be decoded, `(i, None, reason)`:

@@ -67,7 +67,7 @@ def scaled_box(
     return (round(left * sx), round(top * sy), round(right * sx), round(bottom * sy))
 
 
-class DecodedImages(torch.utils.data.Dataset):  # type: ignore[type-arg]
+class DecodedImages(torch.utils.data.Dataset):
     """Decodes and preprocesses in DataLoader workers; a bad file yields its error, not an
     exception, so one bad file never stops a run."""
 
@@ -139,7 +139,7 @@ def image_loader(
     workers: int,
     max_pixels: int,
     max_side: int = RENDER_MAX_SIDE,
-) -> torch.utils.data.DataLoader:  # type: ignore[type-arg]
+) -> torch.utils.data.DataLoader:
     """Batches of `Decoded` inputs, decoded in `workers` processes (0: in this one)."""
     shared = workers > 0 and shared_memory_has_room()
     return torch.utils.data.DataLoader(

@@ -85,7 +85,7 @@ def segment_key(segmenter: Segmenter, save_probs: bool, alpha: float) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
-class _Pictures(torch.utils.data.Dataset):  # type: ignore[type-arg]
+class _Pictures(torch.utils.data.Dataset):
     """Decodes images at their full size in DataLoader workers; a bad file yields its error,
     not an exception, so one bad file never stops a run."""
 
@@ -112,7 +112,7 @@ class _Pictures(torch.utils.data.Dataset):  # type: ignore[type-arg]
 
 def picture_loader(
     items: Sequence[InputItem], batch_size: int, workers: int, max_pixels: int
-) -> torch.utils.data.DataLoader:  # type: ignore[type-arg]
+) -> torch.utils.data.DataLoader:
     """Batches of `Decoded` images (`pixels` at full size), decoded in `workers` processes."""
     shared = workers > 0 and shared_memory_has_room()
     return torch.utils.data.DataLoader(

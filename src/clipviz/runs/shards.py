@@ -254,7 +254,7 @@ def _explain_samples(
                                     "caption": d.caption}, [])  # fmt: skip
         if not good:
             continue
-        images = torch.stack([d.tensor for d in good])  # type: ignore[misc]
+        images = torch.stack([d.tensor for d in good])
         try:
             exps = [explain(backend, images, texts, m, options=options[m]) for m in methods]
         except ClipvizError:

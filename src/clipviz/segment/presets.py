@@ -24,7 +24,7 @@ _FIELDS = {f.name for f in dataclasses.fields(Protocol)}
 @cache
 def _table() -> dict[str, Any]:
     text = resources.files(__package__).joinpath("data/presets.json").read_text()
-    return json.loads(text)["protocols"]  # type: ignore[no-any-return]
+    return json.loads(text)["protocols"]
 
 
 @dataclass(frozen=True)
