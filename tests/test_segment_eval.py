@@ -291,3 +291,19 @@ def test_coco_object_command_writes_beside_the_raw_labels_and_goes_on_past_a_bad
     (folder / "000000000285.png").unlink()
     again = runner.invoke(app, ["coco-object", str(tmp_path), "--split", "val2017"])
     assert again.exit_code == 0 and '"skipped": 1' in again.output
+
+
+def test_default_results_do_not_replace_the_maps_eval_of_the_same_set(
+    tmp_path, tiny_weights, monkeypatch
+):
+    write_voc(tmp_path / "voc", 1, seed=4, size=64)
+    monkeypatch.chdir(tmp_path)
+    maps = tmp_path / "clipviz-eval" / "voc_val.json"
+    maps.parent.mkdir()
+    maps.write_text('{"schema_version": 1, "results": {"itsm": {}}}')
+    result = runner.invoke(app, ["eval", "voc", "--task", "segment", "--short-side", "0",
+                                 "--window", "0", *_model_args(tiny_weights)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads(maps.read_text())["results"] == {"itsm": {}}
+    segment = json.loads((maps.parent / "voc_val.segment.json").read_text())
+    assert segment["task"] == "segment" and segment["dataset"]["scored"] == 1

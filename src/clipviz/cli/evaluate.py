@@ -126,8 +126,9 @@ def evaluate(
         Path | None,
         typer.Option(
             "--json",
-            help="results JSON (default: clipviz-eval/<dataset>.json); '-' prints it on stdout "
-            "(tables off) and keeps the file at the default place",
+            help="results JSON (default: clipviz-eval/<dataset>.json, with --task segment "
+            "<dataset>.segment.json); '-' prints it on stdout (tables off) and keeps the file at "
+            "the default place",
             show_default=False,
         ),
     ] = None,

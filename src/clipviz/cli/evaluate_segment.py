@@ -113,7 +113,7 @@ def evaluate_segment(
     )
     to_stdout = json_path == Path("-")
     if json_path is None or to_stdout:
-        json_path = Path("clipviz-eval") / f"{_safe_name(dataset.name)}.json"
+        json_path = Path("clipviz-eval") / f"{_safe_name(dataset.name)}.segment.json"
     check_results_file(json_path)
     records_path = json_path.with_suffix(".records.jsonl")
     dist, device = setup_distributed(load_args.pop("device"))
