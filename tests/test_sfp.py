@@ -10,6 +10,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_image
 from reference import _layer_norm, _out_proj, _qkv, _stock_image, _texts, _vit_input
 from test_scclip import _aggregate, _fill, _images, deep_vit  # noqa: F401 (a fixture)
 
@@ -113,3 +114,11 @@ def test_sfp_refuses_block_indices_outside_the_model(deep_vit):  # noqa: F811
     x = _images(deep_vit, 1)
     with pytest.raises(ClipvizError, match="post_adjust=3 is outside 0…2"):
         sfp(deep_vit, x, _texts(deep_vit, PROMPTS), post_adjust=3)
+
+
+def test_sfp_maps_stay_finite_when_the_patches_are_nearly_identical(vit_backend):
+    # a 2×2 grid of the tiny ViT where the patch affinities all round to about 1 and one
+    # row falls under their mean everywhere, its own cosine included
+    x = vit_backend.preprocess(random_image(seed=0))[None, :, 32:64, 16:48]
+    maps = sfp(vit_backend, x, _texts(vit_backend, PROMPTS)).maps
+    assert torch.isfinite(maps).all()

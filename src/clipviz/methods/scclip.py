@@ -76,9 +76,13 @@ def aggregate(x: torch.Tensor, affinity: torch.Tensor, beta: float) -> torch.Ten
 
 def affinity_attention(affinity: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """`softmax(m) v` for every head, `m = 3 (a − mean a)` and `−∞` where negative (a: the
-    patch affinity `[B, N, N]`, its mean per image)."""
+    patch affinity `[B, N, N]`, its mean per image). The diagonal (a token's cosine with
+    itself, 1, never below the mean) is kept where rounding puts it under a mean of nearly
+    identical tokens, which would leave a row of `−∞` only."""
     m = 3 * (affinity - affinity.mean(dim=(1, 2), keepdim=True))
-    return m.masked_fill(m < 0, float("-inf")).softmax(dim=-1)[:, None].to(v.dtype) @ v
+    self_pairs = torch.eye(m.shape[-1], dtype=torch.bool, device=m.device)
+    m = m.masked_fill((m < 0) & ~self_pairs, float("-inf"))
+    return m.softmax(dim=-1)[:, None].to(v.dtype) @ v
 
 
 def calibrated_attention(affinity: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
