@@ -15,17 +15,21 @@ import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
 from ..errors import ClipvizError
 
+if TYPE_CHECKING:
+    from ..segment import ClassNames
+
 # what one request may ask for, so that one user cannot exhaust the machine's memory
 DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MAX_PROMPTS = 8
 DEFAULT_MAX_METHODS = 6
+DEFAULT_MAX_CLASS_NAMES = 64  # each name is embedded in 80 templates
 COLORMAPS = ("jet", "turbo", "viridis", "inferno", "gray")
 TESTBED = "testbed"  # the model name that selects the embedded test bed's tiny CLIP
 
@@ -37,6 +41,7 @@ class Limits:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_prompts: int = DEFAULT_MAX_PROMPTS
     max_methods: int = DEFAULT_MAX_METHODS
+    max_class_names: int = DEFAULT_MAX_CLASS_NAMES
 
 
 @dataclass(frozen=True)
@@ -229,11 +234,11 @@ def explain_image(
 
 def colour(result: Result, norm: np.ndarray, colormap: str, alpha: float) -> Image.Image:
     """A map over the result's image, as the command line's overlay PNG draws it."""
-    from ..render import overlay
+    from ..render import blend_heatmap
 
     if colormap not in COLORMAPS:
         raise ClipvizError(f"colormap {colormap!r} unknown; choose one of {', '.join(COLORMAPS)}")
-    return Image.fromarray(overlay(result.image, norm, colormap, float(alpha)))
+    return Image.fromarray(blend_heatmap(result.image, norm, colormap, float(alpha)))
 
 
 def grid(result: Result, colormap: str, alpha: float) -> list[tuple[Image.Image, str]]:
@@ -360,3 +365,57 @@ def discover_concepts(
         rows.append([name, db.lemmas[i][0].replace("_", " "), db.definitions[i], best])
         shown.append((colour(square, maps[k], colormap, alpha), name))
     return rows, shown
+
+
+def parse_class_lines(text: str, limits: Limits = Limits()) -> ClassNames:
+    """`ClassNames` from the page's text: one class per line in label order (line 0: the
+    background), synonyms separated by `,` or `;`, as in a classes file."""
+    from ..segment import parse_classes
+
+    names = parse_classes((text or "").strip().replace("\r\n", "\n"), "the class names")
+    if len(names.names) > limits.max_class_names:
+        raise ClipvizError(
+            f"{len(names.names)} class names given; this app takes at most "
+            f"{limits.max_class_names} per request"
+        )
+    return names
+
+
+@dataclass
+class SegmentResult:
+    """One image segmented: its pixels, the labels `[H, W]` and the classes they index."""
+
+    image: np.ndarray  # [H, W, 3] uint8
+    labels: np.ndarray  # [H, W] class indices
+    classes: ClassNames
+    method: str
+
+
+def segment_image(
+    backend: Any, image: Image.Image, classes: ClassNames, method: str
+) -> SegmentResult:
+    """`image` segmented into `classes` by `method`'s maps with the protocol's defaults
+    (OVSEG.md: short side 336, windows of 224 with stride 112, logit scale 40)."""
+    from ..segment import segment
+
+    arr = np.asarray(image)
+    [found] = segment(backend, [arr], classes, method)
+    if found.labels is None:
+        raise ClipvizError(str(found.error))
+    return SegmentResult(arr, found.labels, classes, method)
+
+
+def segment_view(result: SegmentResult, alpha: float) -> tuple[Image.Image, list[list[Any]]]:
+    """The label overlay with its legend (as `clipviz segment` writes it) and the legend's
+    rows: (label, names, share of the pixels in %), largest first."""
+    from ..segment.outputs import overlay_with_legend
+
+    labels = result.classes.labels
+    shown = overlay_with_legend(result.image, result.labels, labels, float(alpha))
+    counts = np.bincount(result.labels.ravel(), minlength=len(labels))
+    rows = [
+        [int(c), ", ".join(result.classes.lines[c]), round(100 * counts[c] / counts.sum(), 2)]
+        for c in np.argsort(-counts, kind="stable")
+        if counts[c]
+    ]
+    return Image.fromarray(shown), rows

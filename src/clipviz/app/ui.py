@@ -1,6 +1,6 @@
 """The web app's page, laid out in Gradio over `session.py`: an Explain tab (several prompts ×
-several methods, each method's options generated from the registry), Compare layers and
-Concepts. Gradio because it is what the field's demos are written in (LeGrad's and GEM's
+several methods, each method's options generated from the registry), Compare layers,
+Concepts and Segment (class names → label overlay with a legend). Gradio because it is what the field's demos are written in (LeGrad's and GEM's
 Spaces), it queues requests and ships its whole front end in the Python package: offline, the
 page loads nothing from outside the machine.
 """
@@ -86,6 +86,11 @@ def build(
     examples = [[str(p)] for p in example_images(work / "examples")]
     methods = [name for name in METHODS if name not in ("convis",)]
     default_prompts = "red circle\nblue square" if spec.model == session.TESTBED else "a dog"
+    default_classes = (
+        "background\nred circle\nblue square"
+        if spec.model == session.TESTBED
+        else "background\nperson\ndog; puppy\ngrass"
+    )
 
     with gr.Blocks(title="clipviz", analytics_enabled=False) as app:
         gr.Markdown("# clipviz — where does CLIP look?")
@@ -311,6 +316,70 @@ def build(
                 inputs=[model, pretrained, model_config, concept_image, top, colormap, alpha],
                 outputs=[concept_status, concept_table, concept_gallery],
                 api_name="concepts",
+            )
+        with gr.Tab("Segment"):
+            with gr.Row():
+                segment_image = gr.Image(type="pil", label="image", sources=["upload", "clipboard"])
+                with gr.Column():
+                    class_text = gr.Textbox(
+                        value=default_classes,
+                        lines=5,
+                        label="classes",
+                        info="one class per line in label order (line 0: the background), "
+                        f"synonyms separated by , or ; — at most {limits.max_class_names} names",
+                    )
+                    segment_method = gr.Dropdown(choices=methods, value="sclip", label="method")
+                    segment_run = gr.Button("Segment", variant="primary")
+            gr.Examples(examples=examples, inputs=[segment_image], label="examples")
+            segment_status = gr.Textbox(label="status", interactive=False, max_lines=1)
+            segment_alpha = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="alpha")
+            segment_shown = gr.Image(label="labels", format="png", interactive=False)
+            legend = gr.Dataframe(headers=["label", "names", "% of pixels"], label="legend")
+            segmented = gr.State(None)
+
+            def segment(
+                model: str,
+                pretrained: str,
+                model_config: str,
+                image: Any,
+                classes: str,
+                method: str,
+                alpha: float,
+            ) -> tuple[Any, ...]:
+                backend = current_backend(model, pretrained, model_config)
+                picture = session.check_image(image, limits)
+                names = session.parse_class_lines(classes, limits)
+                result = session.segment_image(backend, picture, names, method)
+                shown, rows = session.segment_view(result, alpha)
+                return (f"done: {len(rows)} of {len(names)} classes present", shown, rows,
+                        result)  # fmt: skip
+
+            segment_run.click(
+                guarded(segment, 3),
+                inputs=[
+                    model,
+                    pretrained,
+                    model_config,
+                    segment_image,
+                    class_text,
+                    segment_method,
+                    segment_alpha,
+                ],  # fmt: skip
+                outputs=[segment_status, segment_shown, legend, segmented],
+                api_name="segment",
+            )
+
+            def relabel(result: Any, a: float) -> tuple[Any, ...]:
+                if result is None:
+                    return (gr.skip(), gr.skip())
+                return (gr.skip(), session.segment_view(result, a)[0])
+
+            segment_alpha.change(
+                guarded(relabel, 1),
+                inputs=[segmented, segment_alpha],
+                outputs=[segment_status, segment_shown],
+                api_visibility="private",
+                show_progress="hidden",
             )
     return app
 
