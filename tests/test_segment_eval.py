@@ -307,3 +307,18 @@ def test_default_results_do_not_replace_the_maps_eval_of_the_same_set(
     assert json.loads(maps.read_text())["results"] == {"itsm": {}}
     segment = json.loads((maps.parent / "voc_val.segment.json").read_text())
     assert segment["task"] == "segment" and segment["dataset"]["scored"] == 1
+
+
+def test_a_benchmark_preset_gives_each_method_its_own_settings(tmp_path, tiny_weights):
+    write_voc(tmp_path / "voc", 1, seed=5, size=64)
+    out = tmp_path / "r.json"
+    result = runner.invoke(app, ["eval", str(tmp_path / "voc"), "--task", "segment",
+                                 "--preset", "voc21", "-m", "sclip", "-m", "naclip",
+                                 "--short-side", "0", "--json", str(out),
+                                 *_model_args(tiny_weights)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["rows"]
+    sclip, naclip = rows["sclip"]["protocol"], rows["naclip"]["protocol"]
+    assert (sclip["logit_scale"], sclip["area_thd"], sclip["window"]) == (65, 0.1, 224)
+    assert (naclip["logit_scale"], naclip["window"], naclip["pamr_steps"]) == (40, 0, 10)
+    assert sclip["short_side"] == naclip["short_side"] == 0  # explicit options apply to both

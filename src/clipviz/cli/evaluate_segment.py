@@ -104,9 +104,13 @@ def evaluate_segment(
         classes = benchmark_classes(dataset.benchmark)
     if batch_size < 1:
         raise ClipvizError(f"`--batch-size` {batch_size} must be at least 1")
+    protocols = {}
+    if settings.preset and "/" not in settings.preset:  # a benchmark: each method's own preset
+        protocols = {m: protocol_of(settings, m)[1] for m in chosen_methods}
     opts = SegmentEvalOptions(
         methods=tuple(chosen_methods),
         protocol=protocol,
+        protocols=protocols,
         method_options=method_options(chosen_methods, list(option or [])),
         pamr_compare=settings.pamr_compare,
         batch_size=batch_size,
@@ -132,8 +136,9 @@ def evaluate_segment(
     if not dist.main:
         raise typer.Exit(0)
     failed = [r for r in records if r["status"] == "failed"]
+    preset = settings.preset if protocols else (chosen.name if chosen else None)
     write_segment_results(json_path, results, records, backend, dataset, classes, opts,
-                          chosen.name if chosen else None)  # fmt: skip
+                          preset)  # fmt: skip
     if report:
         from .report import write_any_report
 

@@ -36,8 +36,9 @@ SEGMENT_METRICS = ("miou", "aacc", "macc")
 
 @dataclass(frozen=True)
 class SegmentEvalOptions:
-    """What is scored: each method under `protocol`, and with `pamr_compare` each also with
-    PAMR (`pamr_steps` 10 when the protocol has none) as the row `<method>+pamr`."""
+    """What is scored: each method under `protocol` (or its own in `protocols`), and with
+    `pamr_compare` each also with PAMR (`pamr_steps` 10 when the protocol has none) as the
+    row `<method>+pamr`."""
 
     methods: tuple[str, ...] = ("sclip",)
     protocol: Protocol = Protocol()
@@ -45,20 +46,25 @@ class SegmentEvalOptions:
     pamr_compare: bool = False
     batch_size: int = 8
     max_pixels: int = DEFAULT_MAX_PIXELS
+    protocols: dict[str, Protocol] = field(default_factory=dict)  # by method
+
+    def protocol_of(self, method: str) -> Protocol:
+        return self.protocols.get(method, self.protocol)
 
     def rows(self) -> list[tuple[str, str, Protocol]]:
         """(row name, method, protocol) of every scored row, in order."""
         out = []
         for m in self.methods:
+            protocol = self.protocol_of(m)
             if self.pamr_compare:
-                plain = dataclasses.replace(self.protocol, pamr_steps=0)
-                steps = self.protocol.pamr_steps or 10
+                plain = dataclasses.replace(protocol, pamr_steps=0)
+                steps = protocol.pamr_steps or 10
                 out += [
                     (m, m, plain),
                     (f"{m}+pamr", m, dataclasses.replace(plain, pamr_steps=steps)),
                 ]
             else:
-                out.append((m, m, self.protocol))
+                out.append((m, m, protocol))
         return out
 
 
@@ -101,10 +107,11 @@ def evaluate_segmentation(
     """
     if opts.batch_size < 1:
         raise ClipvizError(f"`batch_size` {opts.batch_size} must be at least 1")
-    opts.protocol.check()
+    for m in opts.methods:
+        opts.protocol_of(m).check()
     rows = opts.rows()
     segmenters = {
-        m: Segmenter(backend, classes, m, opts.protocol, opts.method_options.get(m))
+        m: Segmenter(backend, classes, m, opts.protocol_of(m), opts.method_options.get(m))
         for m in opts.methods
     }
     key = request_key(backend, dataset, classes, opts)
