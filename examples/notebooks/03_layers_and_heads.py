@@ -80,8 +80,9 @@ sum_gap = float((head_maps.sum(0) - exp.maps[0, 0]).abs().max())
 print(f"{len(heads)} heads; largest gap between their sum and the map: {sum_gap:.2e}")
 
 # %% [markdown]
-# Each head's map over the scene, and its share of the map's total mass on the object:
-# some heads carry the object, others the background.
+# Each head's map over the scene, titled with its score contrast (the normalised map's
+# mean on the object minus its mean on the background): some heads carry the object,
+# others the background.
 
 # %%
 mask = torch.from_numpy(obj.mask)

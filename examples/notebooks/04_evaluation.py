@@ -27,6 +27,7 @@
 # %%
 import os
 import tempfile
+import textwrap
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -63,7 +64,7 @@ scenes = world.write_voc(OUT / "voc", 24, seed=1234)
 fig, axes = plt.subplots(2, 4, figsize=(8, 4.2))
 for k in range(4):
     axes[0, k].imshow(scenes[k].image)
-    axes[0, k].set_title(scenes[k].caption, fontsize=7)
+    axes[0, k].set_title("\n".join(textwrap.wrap(scenes[k].caption, 24)), fontsize=7)
     axes[1, k].imshow(Image.open(OUT / "voc" / "SegmentationClass" / f"{world.scene_id(k)}.png"))
 for ax in axes.flat:
     ax.axis("off")
@@ -160,7 +161,8 @@ display(PNG(filename=str(OUT / "sanity" / "sanity.png")))
 # %% [markdown]
 # The `random` baseline ignores the model, so its maps do not change at all: the check
 # flags it, as it should; the methods that read the model lose their maps as the tower is
-# randomised.
+# randomised. Class-token attention reads no weight of the head, so re-drawing the head
+# alone leaves it unchanged (ρ = 1 at "head"); it falls once the last block is re-drawn.
 #
 # What this notebook found:
 

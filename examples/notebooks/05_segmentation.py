@@ -107,7 +107,7 @@ for method in ("itsm", "clearclip", "naclip"):
     )
 
 # %% [markdown]
-# The label maps in VOC's palette, beside the truth. Stock ITSM's patch tokens carry the
+# The label maps beside the truth, each class in its own colour (background black). Stock ITSM's patch tokens carry the
 # "semantic shift" (the background's patches look like the objects), so its labels
 # scatter; ClearCLIP and NACLIP, which repair the last block's attention, follow the
 # objects. The tiny CLIP never saw the word "background", so background pixels mostly
@@ -115,7 +115,7 @@ for method in ("itsm", "clearclip", "naclip"):
 # whose best probability is under the threshold to class 0, as SCLIP's presets do.
 
 # %%
-palette = np.array(world.voc_palette(), np.uint8).reshape(-1, 3)
+palette = np.array([(0, 0, 0), *world.COLOURS.values()], np.uint8)  # class -> RGB
 methods = list(segmented)
 fig, axes = plt.subplots(4, 2 + len(methods), figsize=(2 * (2 + len(methods)), 8))
 for row in range(4):
