@@ -44,7 +44,10 @@ def _dilations(text: str | None) -> tuple[int, ...] | None:
 def segment(
     inputs: Annotated[
         list[str] | None,
-        typer.Argument(help="images, folders or quoted globs", show_default=False),
+        typer.Argument(
+            help="images, folders, quoted globs or WebDataset shards ('data/{00000..00099}.tar')",
+            show_default=False,
+        ),
     ] = None,
     inputs_file: Annotated[
         str | None,
@@ -151,6 +154,7 @@ def segment(
     already done (`--overwrite` to redo); under torchrun every process takes its share.
     """
     from ..data.inputs import collect_inputs
+    from ..data.shards import is_shard_spec, shard_paths
     from ..distributed import refuse_stdin, setup_distributed
     from ..methods import method_options
     from ..runs.explain import check_run_args
@@ -206,11 +210,17 @@ def segment(
     refuse_stdin(inputs_file)
     if not inputs and inputs_file is None:
         raise ClipvizError("no input given; pass images, folders, globs or --inputs-file")
-    check_out_folder(out, "segment", overwrite)
-    items, ignored = collect_inputs(
-        inputs or [], recursive=recursive, inputs_file=inputs_file, exclude=[out]
+    shards = inputs_file is None and len(inputs or []) == 1 and is_shard_spec((inputs or [""])[0])
+    check_out_folder(out, "segment_shards" if shards else "segment", overwrite)
+    shard_files = shard_paths((inputs or [""])[0]) if shards else []
+    items, ignored = (
+        ([], 0)
+        if shards
+        else collect_inputs(
+            inputs or [], recursive=recursive, inputs_file=inputs_file, exclude=[out]
+        )
     )
-    if not items:
+    if not items and not shard_files:
         raise ClipvizError(
             f"no images found in {', '.join(inputs or []) or inputs_file}", exit_code=1
         )
@@ -227,15 +237,24 @@ def segment(
                   "sources": list(chosen.sources) if chosen else []}  # fmt: skip
         started = time.perf_counter()
         progress = progress_bar("segmenting", quiet, "rate", transient=True)
-        task = progress.add_task("segment", total=len(items[dist.rank :: dist.world]), rate="")
+        unit = "shard" if shards else "img"
+        total = len((shard_files or items)[dist.rank :: dist.world])
+        task = progress.add_task("segment", total=total, rate="")
 
         def on_record(rec: dict[str, Any]) -> None:
             n = progress.tasks[0].completed + 1
             rate = n / max(time.perf_counter() - started, 1e-9)
-            progress.update(task, advance=1, rate=f"{rate:.1f} img/s")
+            progress.update(task, advance=1, rate=f"{rate:.1f} {unit}/s")
 
         with progress:
-            summary = run_segment(segmenter, items, out, request, fields, on_record, dist)
+            if shards:
+                from ..runs.segment_shards import run_segment_shards
+
+                summary = run_segment_shards(
+                    segmenter, shard_files, out, request, fields, on_record, dist
+                )
+            else:
+                summary = run_segment(segmenter, items, out, request, fields, on_record, dist)
     if not dist.main:  # rank 0 holds the whole job's summary and carries its exit code
         raise typer.Exit(0)
     for r in summary.records:

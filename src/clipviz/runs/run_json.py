@@ -23,6 +23,7 @@ KINDS = {
     "concepts": "concepts run",
     "train": "training run",
     "segment": "segment run",
+    "segment_shards": "segment run over shards",
 }
 
 
@@ -41,7 +42,7 @@ def write_run_json(out: Path, kind: str, fields: dict[str, Any]) -> dict[str, An
 def _kind_of_fields(run: dict[str, Any]) -> str:
     """The kind of a run.json written before it had one, from the fields only it has."""
     if "shards" in run:
-        return "shards"
+        return "segment_shards" if "protocol" in run else "shards"
     if "base" in run and "config" in run:
         return "train"
     if "protocol" in run and "classes" in run:

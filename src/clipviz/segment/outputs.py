@@ -92,3 +92,18 @@ def write_segmentation(
             npz.add("probs", probs.astype(np.float32))
             npz.add("classes", np.array(list(class_labels)))
     return {k: str(v) for k, v in files.items()}
+
+
+def labels_png(labels: np.ndarray, num_classes: int) -> bytes:
+    """The bytes of `save_labels`'s PNG (for a shard member): palette PNG up to 256 classes,
+    16-bit grey beyond."""
+    import io
+
+    buffer = io.BytesIO()
+    if num_classes <= 256:
+        image = Image.fromarray(labels.astype(np.uint8), mode="P")
+        image.putpalette(palette(num_classes).ravel().tolist())
+    else:
+        image = Image.fromarray(labels.astype(np.uint16))
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
