@@ -126,9 +126,10 @@ def explain(
     spec = get_method(method)
     bound = spec.info.bind(options)
     check_methods(backend, [spec.name])
-    texts = prompts if isinstance(prompts, Texts) else None
-    if texts is None:
-        prompts = [str(p) for p in prompts]  # type: ignore[union-attr]
+    if isinstance(prompts, Texts):
+        texts = prompts
+    else:
+        prompts = [str(p) for p in prompts]
         if not prompts:
             raise ClipvizError("no prompts given; pass at least one text to explain")
         check_prompt_text(prompts)

@@ -155,10 +155,10 @@ class Segmenter:
             keys = [k for k in keys if k[0] not in failed]
             for start in range(0, len(keys), self.window_batch):
                 chunk = keys[start : start + self.window_batch]
-                crops = torch.stack([
-                    prepared[i].image[:, w.top : w.top + sh, w.left : w.left + sw]  # type: ignore[union-attr]
-                    for i, j in chunk for w in (prepared[i].windows[j],)  # type: ignore[union-attr]
-                ])  # fmt: skip
+                ready = [(p, p.windows[j]) for i, j in chunk if (p := prepared[i]) is not None]
+                crops = torch.stack(
+                    [p.image[:, w.top : w.top + sh, w.left : w.left + sw] for p, w in ready]
+                )
                 maps = self.method.fn(self.backend, crops, self.texts, **self.options).maps
                 for key, m in zip(chunk, maps.float(), strict=True):
                     out[key] = m
