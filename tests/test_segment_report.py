@@ -54,3 +54,12 @@ def test_report_of_a_segment_run_shows_classes_overlays_and_failures(tmp_path, t
     assert image["thumb"] == "report-thumbs/a.png/overlay.png.jpg"
     assert (out / image["thumb"]).is_file()
     assert data["totals"] == {c: {"images": 1, "share": s} for c, s in ok["shares"].items()}
+
+
+def test_report_of_a_segment_run_over_shards_says_where_its_results_are(tmp_path):
+    run = {"schema_version": 1, "kind": "segment_shards", "shards": [], "protocol": {}}
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    (tmp_path / "manifest.jsonl").write_text("")
+    result = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and "shards/*.parquet" in result.output, result.output
+    assert not (tmp_path / "report.html").exists()

@@ -225,7 +225,13 @@ def build_report(
             f"{run_dir} has no {MANIFEST}; pass the `out` folder of a `clipviz explain` run"
         )
     target = Path(out) if out is not None else run_dir / "report.html"
-    if run_kind(run_dir) == "segment":
+    kind = run_kind(run_dir)
+    if kind == "segment_shards":
+        raise ClipvizError(
+            f"{run_dir} is a segment run over shards, which has no report page; read its "
+            "labels and class shares in shards/*.tar and shards/*.parquet"
+        )
+    if kind == "segment":
         from .segment_report import build_segment_report
 
         return build_segment_report(run_dir, target, warn)
