@@ -194,7 +194,7 @@ def evaluate(
         typer.Option(
             "--pamr/--no-pamr", help="segment: PAMR on the cosine maps", show_default=False
         ),
-    ] = None,  # fmt: skip
+    ] = None,
     pamr_steps: Annotated[
         int | None, typer.Option("--pamr-steps", help="segment: PAMR steps (10)")
     ] = None,
@@ -207,12 +207,12 @@ def evaluate(
             "--pamr-compare",
             help="segment: score each method without and with PAMR (rows METHOD and METHOD+pamr)",
         ),
-    ] = False,  # fmt: skip
+    ] = False,
     reduce_zero_label: Annotated[
         bool | None,
         typer.Option(
             "--reduce-zero-label/--keep-zero-label",
-            help="segment: label 0 ignored, the others one lower (VOC20, PC59; ADE always)",
+            help="segment: label 0 ignored, the others one lower (VOC20, PC59; ADE by default)",
             show_default=False,
         ),
     ] = None,
