@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from conftest import FAMILIES, HF_FAMILIES, random_image
 
 import clipviz
+from clipviz import ClipvizError
 from clipviz.methods.cam import gradcam
 from clipviz.methods.relevance import EMPTY_PROMPT, legrad
 
@@ -345,3 +346,11 @@ def test_post_norm_eva_blocks_are_recomputed_exactly():
             torch.testing.assert_close(explicit, stock, atol=1e-5, rtol=1e-4)
             x = stock
         torch.testing.assert_close(vit.tokens(image)[:, 0], trunk(image), atol=1e-5, rtol=1e-4)
+
+
+def test_a_tower_refused_for_an_interface_is_named_by_its_family(family_backends):
+    b = family_backends("fastvit")  # a token stream, but no class token or probe reads it
+    with pytest.raises(ClipvizError, match=r"'s image tower is timm FastVit, attention in the"):
+        _ = b.readout_vit
+    with pytest.raises(ClipvizError, match=r"this needs a ResNet image tower, .* timm ConvNeXt"):
+        _ = family_backends("convnext").rn

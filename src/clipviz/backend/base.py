@@ -118,11 +118,9 @@ class Backend:
         return cast(ResNetPoolTower, self.vision)
 
     def _tower_message(self, needed: str) -> str:
-        names = {"vit": "a ViT", "rn": "a ResNet", "conv": "a convolutional"}
         return (
-            f"this needs {needed} image tower, and {self.identity.get('model')} has "
-            f"{names.get(self.tower, self.tower)} one; `clipviz methods` lists the methods "
-            "for each tower"
+            f"this needs {needed} image tower, and {self.identity.get('model')}'s image tower "
+            f"is {self.family}; `clipviz methods` lists the methods for each tower"
         )
 
     @property
