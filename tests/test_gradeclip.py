@@ -105,6 +105,35 @@ def deep_text_backend(tmp_path_factory):
     return load_backend(model_config=str(config), pretrained=str(weights), device="cpu")
 
 
+@pytest.fixture(scope="module")
+def open_text_backend(tmp_path_factory):
+    """The tiny ViT with a 3-block text tower without a causal mask (every token attends to
+    every other, as CLIPA's)."""
+    root = tmp_path_factory.mktemp("gradeclip-open")
+    cfg = json.loads((CONFIGS / "tiny-vit.json").read_text())
+    cfg["text_cfg"].update(layers=3, no_causal_mask=True)
+    config = root / "tiny-vit-open-text.json"
+    config.write_text(json.dumps(cfg))
+    weights = save_random_weights(config, root / "w.safetensors", seed=4)
+    return load_backend(model_config=str(config), pretrained=str(weights), device="cpu")
+
+
+def _rows_through(modules, run):
+    """How many token rows pass through each of `modules` while `run()` runs."""
+    counts = [0] * len(modules)
+
+    def hook(i):
+        return lambda module, args, out: counts.__setitem__(i, counts[i] + out[..., 0].numel())
+
+    handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(modules)]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return counts
+
+
 @pytest.mark.parametrize("layers", [1, 2])
 def test_image_map_equals_the_notebooks_grad_eclip(vit_backend, layers):
     b = vit_backend
@@ -149,6 +178,51 @@ def test_text_importance_equals_the_text_notebook(deep_text_backend, text_layers
             expected = expected.nan_to_num(0.0)  # no positive token: the reference's 0/0
             torch.testing.assert_close(got, expected.float(), atol=1e-5, rtol=1e-4)
             assert torch.isnan(importance[i, t, len(expected) :]).all()
+
+
+def test_text_importance_without_a_causal_mask_equals_the_text_notebook(open_text_backend):
+    b = open_text_backend
+    assert not b.text_tower.causal and b.model.attn_mask is None
+    x, texts = _batch(b), _texts(b, PROMPTS)
+    m = copy.deepcopy(b.model).double().requires_grad_(True)
+    importance = gradeclip(b, x, texts, text_layers=3).extras["text_importance"]
+    stock = F.normalize(m.encode_image(x.double()), dim=-1)
+    for i in range(x.shape[0]):
+        for t, prompt in enumerate(PROMPTS):
+            expected = _text_reference(m, b.tokenizer, prompt, stock[i : i + 1], 3)
+            got = importance[i, t, : len(expected)]
+            torch.testing.assert_close(got, expected.nan_to_num(0.0).float(), atol=1e-5, rtol=1e-4)
+
+
+def test_text_side_runs_each_prompt_once_and_one_row_per_image(deep_text_backend):
+    """Under the causal mask the text blocks run once per prompt; each further image adds
+    only the pooled row of each explained block (its gradient's path), not a whole prompt."""
+    b = deep_text_backend
+    assert b.text_tower.causal
+    texts = _texts(b, PROMPTS)
+    mlps = [block.mlp for block in b.model.transformer.resblocks]
+
+    def rows(n):
+        x = _batch(b, n)
+        return _rows_through(mlps, lambda: gradeclip(b, x, texts, text_layers=2))
+
+    one, three = rows(1), rows(3)
+    T, L = len(PROMPTS), b.model.context_length
+    assert one[0] == three[0] == T * L  # a block before the explained ones: once per prompt
+    assert [c - d for c, d in zip(three[1:], one[1:], strict=True)] == [2 * T, 2 * T]
+
+
+def test_image_side_computes_the_last_block_at_the_class_token_alone(vit_backend):
+    """The stock forward's last block sees every token once; the explained (one-headed) one
+    only the class token, all that its embedding reads."""
+    b = vit_backend
+    x, texts = _batch(b), _texts(b, PROMPTS)
+    blocks = list(b.model.visual.transformer.resblocks)
+    first, last = _rows_through(
+        [blocks[0].mlp, blocks[-1].mlp], lambda: gradeclip(b, x, texts, layers=2, text_layers=0)
+    )
+    B, L = x.shape[0], 1 + 4 * 4
+    assert (first, last) == (2 * B * L, B * L + B)
 
 
 def test_text_importance_reaches_the_npz_of_a_run(vit_backend, tmp_path):

@@ -60,6 +60,16 @@ class TextTower(OpenClipBlocks):
         """The additive attention mask `[L, L]` (causal), or None."""
         return getattr(self._src, "attn_mask", None)
 
+    @property
+    def causal(self) -> bool:
+        """Whether the mask lets each position attend only to itself and the ones before it
+        (its upper triangle is −inf), so that no position depends on a later one."""
+        mask = self.mask
+        if mask is None:
+            return False
+        upper = torch.ones(mask.shape, dtype=torch.bool, device=mask.device).triu(1)
+        return bool(torch.isneginf(mask[upper]).all())
+
     def tokenize(self, prompt: str) -> torch.Tensor:
         """Token ids `[1, L]` of one prompt, exactly as given (no template)."""
         return self.tokenizer([prompt])  # type: ignore[no-any-return]
