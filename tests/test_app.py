@@ -216,7 +216,7 @@ def test_client_explains_through_the_served_api(served):
     assert shown.endswith(".png") and Image.open(shown).size[1] == 72  # the photo's height
     assert {row[1] for row in legend["data"]} <= {"background", "grass, lawn", "sky"}
     bad = client.predict(image=handle_file(str(photo)), classes="", api_name="/segment")
-    assert bad[0] == "error: the class names names no class; give one class per line"
+    assert bad[0] == "error: the classes box names no class; give one class per line"
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (make install)")

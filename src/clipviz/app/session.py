@@ -372,7 +372,7 @@ def parse_class_lines(text: str, limits: Limits = Limits()) -> ClassNames:
     background), synonyms separated by `,` or `;`, as in a classes file."""
     from ..segment import parse_classes
 
-    names = parse_classes((text or "").strip().replace("\r\n", "\n"), "the class names")
+    names = parse_classes((text or "").strip().replace("\r\n", "\n"), "the classes box")
     if len(names.names) > limits.max_class_names:
         raise ClipvizError(
             f"{len(names.names)} class names given; this app takes at most "
