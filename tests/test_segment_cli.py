@@ -172,3 +172,33 @@ def test_a_run_json_without_kind_holding_a_protocol_and_classes_is_a_segment_run
     run = {"schema_version": 1, "protocol": {"window": 224}, "classes": [["sky"], ["sea"]]}
     (tmp_path / "run.json").write_text(json.dumps(run))
     assert run_kind(tmp_path) == "segment"
+
+
+def test_two_torchrun_processes_segment_each_image_once_as_one_process_does(tiny_weights, tmp_path):
+    from conftest import torchrun_two
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        random_image(i, (48, 40)).save(photos / f"{i}.png")
+    config, weights = tiny_weights["vit"]
+    args = ["segment", str(photos), "--classes", "sky,grass", "--short-side", "40", "--window",
+            "0", "--workers", "0", "-q", "--model-config", str(config), "--pretrained",
+            str(weights), "--device", "cpu"]  # fmt: skip
+    proc = torchrun_two([*args, "--out", str(tmp_path / "two")])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert runner.invoke(_cli(), [*args, "--out", str(tmp_path / "one")]).exit_code == 0
+    two, one = _records(tmp_path / "two"), _records(tmp_path / "one")
+    assert sorted(r["output"] for r in two) == ["0.png", "1.png", "2.png"]
+    assert not list((tmp_path / "two").glob("manifest.rank*"))  # merged into the manifest
+    for name in ("0.png", "1.png", "2.png"):
+        a = np.asarray(Image.open(tmp_path / "two" / name / "labels.png"))
+        b = np.asarray(Image.open(tmp_path / "one" / name / "labels.png"))
+        assert np.array_equal(a, b)
+    assert {r["output"]: r["shares"] for r in two} == {r["output"]: r["shares"] for r in one}
+
+
+def _cli():
+    from clipviz.cli import app as cli
+
+    return cli
