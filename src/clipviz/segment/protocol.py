@@ -88,6 +88,14 @@ def class_probabilities(
     probs = (cosines.float() * logit_scale).softmax(dim=0)
     if cosines.shape[0] == num_classes:
         return probs  # one name per class, in class order
+    classes = name_class.tolist()
+    if classes == sorted(classes) and set(classes) == set(range(num_classes)):
+        # a classes file's names come line by line: each class's names are one slice
+        bounds = torch.searchsorted(name_class.cpu(), torch.arange(num_classes + 1)).tolist()
+        out = probs.new_empty((num_classes, *probs.shape[1:]))
+        for k in range(num_classes):
+            torch.amax(probs[bounds[k] : bounds[k + 1]], dim=0, out=out[k])
+        return out
     index = name_class.to(probs.device).view(-1, 1, 1).expand_as(probs)
     out = probs.new_zeros((num_classes, *probs.shape[1:]))
     return out.scatter_reduce_(0, index, probs, reduce="amax", include_self=True)
@@ -102,18 +110,19 @@ def area_threshold(probs: torch.Tensor, area_thd: float) -> torch.Tensor:
         return probs
     counts = torch.bincount(probs.argmax(dim=0).flatten(), minlength=probs.shape[0])
     foreground = counts[1:]
-    keep = foreground > area_thd * foreground.sum()
+    dropped = (foreground <= area_thd * foreground.sum()).nonzero().flatten() + 1
+    if len(dropped) == 0:
+        return probs
     out = probs.clone()
-    out[1:] *= keep.to(probs.dtype).view(-1, 1, 1)
+    out[dropped] = 0.0
     return out
 
 
 def labels_from_probabilities(probs: torch.Tensor, prob_thd: float) -> torch.Tensor:
     """Labels `[H, W]` (int64): the argmax over classes, class 0 where the best probability
     is below `prob_thd`."""
-    labels = probs.argmax(dim=0)
-    best = probs.max(dim=0).values
-    return torch.where(best < prob_thd, torch.zeros_like(labels), labels)
+    best, labels = probs.max(dim=0)  # the first class among equals, as argmax
+    return labels.masked_fill_(best < prob_thd, 0)
 
 
 def classify(
