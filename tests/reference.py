@@ -1,4 +1,4 @@
-"""Step-by-step pieces of an open_clip ViT written from METHODS.md, for the reference
+"""Step-by-step pieces of an open_clip ViT written from the methods' definitions, for the reference
 computations of the method tests: explicit layer norms and per-head loops on
 `in_proj_weight` slices of a float64 copy of the model, never the backend's adapter."""
 

@@ -1,5 +1,5 @@
 """CLIP Surgery, MaskCLIP and ClearCLIP against step-by-step computations written from
-METHODS.md: a float64 copy of the model, explicit per-head loops on `in_proj_weight` slices."""
+the method's definition: a float64 copy of the model, explicit per-head loops on `in_proj_weight` slices."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _explicit_feature_surgery(tokens, token0, text):
-    """METHODS.md literally: materialise `F[b, n, t, :]` and subtract its mean over texts."""
+    """The definition literally: materialise `F[b, n, t, :]` and subtract its mean over texts."""
     p = torch.softmax(2 * token0 @ text.T, dim=-1)  # [B, T]
     w = p / p.mean(dim=-1, keepdim=True)
     feats = tokens[:, :, None, :] * text[None, None, :, :] * w[:, None, :, None]  # [B,N,T,D]

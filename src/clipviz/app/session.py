@@ -395,7 +395,7 @@ def segment_image(
     backend: Any, image: Image.Image, classes: ClassNames, method: str
 ) -> SegmentResult:
     """`image` segmented into `classes` by `method`'s maps with the protocol's defaults
-    (OVSEG.md: short side 336, windows of 224 with stride 112, logit scale 40)."""
+    (the protocol's defaults: short side 336, windows of 224 with stride 112, logit scale 40)."""
     from ..segment import segment
 
     arr = np.asarray(image)

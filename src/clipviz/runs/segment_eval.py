@@ -1,4 +1,4 @@
-"""Scoring open-vocabulary segmentation on a benchmark split, resumably (OVSEG.md §2.3).
+"""Scoring open-vocabulary segmentation on a benchmark split, resumably (mmseg's IoUMetric: counts summed over the split).
 
 Each image's per-class pixel counts (intersection, union, prediction, label) of every scored
 row — a method, or a method with PAMR — go to a JSON-lines file as soon as the image is done;

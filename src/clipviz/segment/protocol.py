@@ -1,6 +1,6 @@
 """The protocol's steps after the model: merge the windows, upsample, refine, classify.
 
-Per image (OVSEG.md §0): every window's cosine maps are upsampled to the window's pixels and
+Per image (as the authors' segmentors compute it): every window's cosine maps are upsampled to the window's pixels and
 averaged where windows overlap; the average is upsampled to the original size; PAMR may refine
 it; then `softmax(logit_scale · cos)` over every name, the best name of each class, the area
 threshold, the argmax, and pixels whose best probability stays under `prob_thd` go to class 0.
@@ -21,7 +21,7 @@ from .windows import Window, check_window
 
 @dataclass(frozen=True)
 class Protocol:
-    """The settings of the protocol (OVSEG.md §1.2–1.4, §1.7).
+    """The settings of the protocol (the README's segmentation section; presets.json per method).
 
     short_side: `Resize(scale=(2048, S), keep_ratio=True)`'s S (0: no resize).
     window, stride: the sliding window in resized pixels (window 0: the whole image at once).

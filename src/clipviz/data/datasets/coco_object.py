@@ -1,4 +1,4 @@
-"""COCO-Object labels from COCO-Stuff-164k's raw label PNGs (OVSEG.md §2.2).
+"""COCO-Object labels from COCO-Stuff-164k's raw label PNGs (the rule of the field's `cvt_coco_object.py`, after GroupViT and TCL).
 
 A raw COCO-Stuff label is the COCO category id minus one (things 0 … 89 with ten ids unused,
 stuff 91 … 181) or 255 (unlabeled). COCO-Object keeps the 80 things as classes 1 … 80 in id

@@ -1,4 +1,4 @@
-"""Semantic segmentation benchmarks in their published layouts (OVSEG.md §2.1), for
+"""Semantic segmentation benchmarks in their published layouts (as mmseg's dataset classes read them), for
 `clipviz eval --task segment`: per image a photo and a label PNG of class indices.
 
 Layouts (`format`; default split; label file beside each image; `reduce_zero_label`):
