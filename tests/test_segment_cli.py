@@ -202,3 +202,18 @@ def _cli():
     from clipviz.cli import app as cli
 
     return cli
+
+
+def test_list_presets_shows_every_preset_with_its_settings(app):
+    from clipviz.segment import get_preset, preset_names
+
+    result = CliRunner().invoke(app, ["segment", "--list-presets", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["name"]: r for r in json.loads(result.output)["presets"]}
+    assert list(rows) == preset_names()
+    naclip = get_preset("naclip/voc21")
+    assert rows["naclip/voc21"]["protocol"]["window"] == naclip.protocol.window == 0
+    assert rows["sclip/voc21"]["protocol"]["logit_scale"] == 65.0
+    assert rows["naclip/voc21"]["sources"] == list(naclip.sources)
+    table = CliRunner().invoke(app, ["segment", "--list-presets"], env={"COLUMNS": "250"})
+    assert table.exit_code == 0 and "naclip/voc21" in table.output and "whole image" in table.output

@@ -24,7 +24,14 @@ from .options import (
     QuietOpt,
     load,
 )
-from .output import out_console, print_failure, print_json, progress_bar, torchrun_job
+from .output import (
+    out_console,
+    print_failure,
+    print_json,
+    print_table,
+    progress_bar,
+    torchrun_job,
+)
 
 FloatOpt = float | None
 IntOpt = int | None
@@ -142,6 +149,12 @@ def segment(
     max_pixels: MaxPixelsOpt = 100_000_000,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
+    list_presets: Annotated[
+        bool,
+        typer.Option(
+            "--list-presets", help="list the presets (method/benchmark, settings, sources); exit"
+        ),
+    ] = False,
     debug: DebugOpt = False,
 ) -> None:
     """Segment images into the given classes (open-vocabulary semantic segmentation).
@@ -169,6 +182,9 @@ def segment(
     )
     from ..segment.presets import override
 
+    if list_presets:
+        _print_presets(json_out)
+        return
     if classes_file is not None and classes is not None:
         raise ClipvizError("give `--classes-file` or `--classes`, not both")
     if not 0 <= alpha <= 1:
@@ -270,3 +286,35 @@ def segment(
             highlight=False,
         )
     raise typer.Exit(summary.exit_code)
+
+
+def _print_presets(json_out: bool) -> None:
+    """Every preset with its settings, the method that computes it and where each value was
+    read, as a table (or one JSON object)."""
+    from rich.table import Table
+
+    from ..segment import get_preset, preset_names
+
+    presets = [get_preset(name) for name in preset_names()]
+    if json_out:
+        print_json({"presets": [
+            {"name": p.name, "method": p.method, "benchmark": p.benchmark,
+             "protocol": {**p.protocol.__dict__, "pamr_dilations": list(p.protocol.pamr_dilations)},
+             "sources": list(p.sources), "note": p.note}
+            for p in presets
+        ]})  # fmt: skip
+        return
+    table = Table("preset", "method", "short side", "window / stride", "logit scale",
+                  "prob_thd", "area_thd", "PAMR", "source", title="clipviz segment --preset")  # fmt: skip
+    for p in presets:
+        s = p.protocol
+        windows = "whole image" if s.window == 0 else f"{s.window} / {s.stride}"
+        pamr = (
+            f"{s.pamr_steps} steps, {','.join(map(str, s.pamr_dilations))}"
+            if s.pamr_steps
+            else "off"
+        )
+        table.add_row(p.name, p.method or "— (choose --method)", str(s.short_side), windows,
+                      f"{s.logit_scale:g}", f"{s.prob_thd:g}", f"{s.area_thd:g}", pamr,
+                      p.sources[-1] if p.sources else "")  # fmt: skip
+    print_table(table)
