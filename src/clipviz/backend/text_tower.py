@@ -72,7 +72,7 @@ class TextTower(OpenClipBlocks):
 
     def tokenize(self, prompt: str) -> torch.Tensor:
         """Token ids `[1, L]` of one prompt, exactly as given (no template)."""
-        return self.tokenizer([prompt])  # type: ignore[no-any-return]
+        return self.tokenizer([prompt])
 
     def pooled_position(self, tokens: torch.Tensor) -> int:
         """The position whose output is the text embedding, for ids `[1, L]`."""
@@ -112,5 +112,5 @@ class TextTower(OpenClipBlocks):
         pooled = src.ln_final(x)[:, position]
         proj = src.text_projection
         if proj is None:
-            return pooled  # type: ignore[no-any-return]
+            return pooled
         return proj(pooled) if isinstance(proj, torch.nn.Linear) else pooled @ proj
