@@ -212,17 +212,20 @@ def test_text_side_runs_each_prompt_once_and_one_row_per_image(deep_text_backend
     assert [c - d for c, d in zip(three[1:], one[1:], strict=True)] == [2 * T, 2 * T]
 
 
-def test_image_side_computes_the_last_block_at_the_class_token_alone(vit_backend):
-    """The stock forward's last block sees every token once; the explained (one-headed) one
-    only the class token, all that its embedding reads."""
+@pytest.mark.parametrize("layers", [1, 2])
+def test_image_side_computes_the_last_block_at_the_class_token_alone(vit_backend, layers):
+    """Every block but the last sees every token, once in the stock forward and once more
+    when explained; the last one, stock and explained, only the class token, all that the
+    embedding reads."""
     b = vit_backend
     x, texts = _batch(b), _texts(b, PROMPTS)
     blocks = list(b.model.visual.transformer.resblocks)
-    first, last = _rows_through(
-        [blocks[0].mlp, blocks[-1].mlp], lambda: gradeclip(b, x, texts, layers=2, text_layers=0)
+    seen = _rows_through(
+        [blocks[0].mlp, blocks[-1].mlp],
+        lambda: gradeclip(b, x, texts, layers=layers, text_layers=0),
     )
     B, L = x.shape[0], 1 + 4 * 4
-    assert (first, last) == (2 * B * L, B * L + B)
+    assert tuple(seen) == {1: (B * L, 2 * B), 2: (2 * B * L, B * L + B)}[layers]
 
 
 def test_text_importance_reaches_the_npz_of_a_run(vit_backend, tmp_path):

@@ -223,6 +223,21 @@ def test_gem_never_materialises_an_attention_matrix(vit_backend):
     assert result.maps.shape == (2, 3, 4, 4)
 
 
+def test_gem_computes_the_last_stock_block_at_the_class_token_alone(vit_backend):
+    """The GEM path reads the last block's q, k, v, never its output; the stock embedding
+    reads the class token alone, so the last MLP sees that token only."""
+    b = vit_backend
+    x, texts = _batch(b), _texts(b, PROMPTS)
+    mlp = b.model.visual.transformer.resblocks[-1].mlp
+    seen = []
+    handle = mlp.register_forward_hook(lambda m, args, out: seen.append(out.shape[1]))
+    try:
+        gem(b, x, texts)
+    finally:
+        handle.remove()
+    assert seen == [1]
+
+
 def test_gem_refuses_a_depth_beyond_the_tower(vit_backend):
     b = vit_backend
     with pytest.raises(ClipvizError, match="depth=3 is outside 1…2"):

@@ -20,8 +20,8 @@ from ..backend import Backend, Texts
 from ..backend.text_tower import TextTower
 from ..errors import ClipvizError
 from .gradients import check_grad_allowed, cosine, similarity_gradients, unit
+from .kernels import embedding_rows, stock_block
 from .registry import MapResult, register
-from .surgery import stock_block
 
 
 def _full_width(t: Tensor) -> Tensor:
@@ -112,29 +112,28 @@ def _image_maps(
     """Maps `[B, T, h, w]` and the stock image embeddings `[B, D]` (the stock blocks run
     from the input the explained ones share, with the first explained block's q, k, v).
 
-    Where the embedding is `post_norm(class token) @ proj`, the last explained block is
-    computed at the class token alone: no other row of its output reaches the embedding.
+    The last block, stock and explained, is computed at the rows the embedding reads
+    (`embedding_rows`: the class token alone where it is `post_norm(class token) @ proj`).
     """
     vit = backend.vit
     _check_layers(layers, vit.depth, "layers")
     first, last = vit.depth - layers, vit.depth - 1
     patches = slice(vit.prefix, None)
-    class_head = backend.linear_head_vit if "linear_head" in vit.capabilities else None
     with torch.no_grad(), backend.autocast():
         x = vit.run_blocks(vit.embed(images), stop=first)
         qkv = vit.qkv(first, vit.norm1(first, x))
-        stock = vit.pooled(vit.run_blocks(stock_block(vit, first, x, qkv), start=first + 1))
+        rows = embedding_rows(vit) if first == last else slice(None)
+        stock = vit.pooled(vit.run_blocks(stock_block(vit, first, x, qkv, rows), start=first + 1))
     reads, weights, values = [], [], []
     with torch.enable_grad(), backend.autocast():
         for i in range(first, vit.depth):
-            rows = slice(0, 1) if i == last and class_head is not None else slice(None)
+            rows = embedding_rows(vit) if i == last else slice(None)
             x, a, q, k, v = one_head_block(vit, i, x, qkv=qkv if i == first else None, rows=rows)
             reads.append(a)
             values.append(v[:, patches].detach().float())  # [B, N, W]
             sim = key_similarity(q[:, 0].detach().float(), k[:, patches].detach().float())
             weights.append(sim if use_keys else torch.ones_like(sim))  # [B, N]
-        embedding = vit.pooled(x) if class_head is None else class_head.project(x[:, 0])
-        similarities = cosine(embedding, texts)  # [B, T]
+        similarities = cosine(vit.pooled(x), texts)  # [B, T]
     maps = []
     for grads in similarity_gradients(similarities, reads):
         per_layer = [
@@ -257,7 +256,7 @@ def gradeclip(
     layers: the last blocks explained (the reference: 1); each runs one-headed.
     key_weights: weight by `s_j = minmax_j cos(q_cls, k_j)` (the reference); False drops it.
     text_layers: the last text blocks of the text-side explanation (the reference: 8, or every
-        block of a shallower text tower); 0: the image map only (about half the time).
+        block of a shallower text tower); 0: the image map only.
 
     Per block, one-headed: `a = softmax(q kᵀ/√W) v` with q, k, v from `ln_1(x)` over the full
     width; `c = cos(image_embedding, text)` (no logit scale) of that forward; `g = ∂c/∂a` at

@@ -50,11 +50,28 @@ def cosine_maps(
     return MapResult(maps, image_embeddings=stock)
 
 
-def stock_block(vit: TokenTower, i: int, x: torch.Tensor, qkv: QKV) -> torch.Tensor:
+def stock_block(
+    vit: TokenTower, i: int, x: torch.Tensor, qkv: QKV, rows: slice = slice(None)
+) -> torch.Tensor:
     """Block `i`'s stock output on the stream `x`, from the q, k, v of `norm1(x)` a method
-    already holds (so its own path and the stock one compute them once)."""
-    y = x + vit.attn_out(i, vit.attend(i, *qkv))
+    already holds (so its own path and the stock one compute them once).
+
+    rows: the tokens whose output is computed, as queries (every token stays a key; blocks
+        without an attention bias).
+    """
+    q, k, v = qkv
+    y = x[:, rows] + vit.attn_out(i, vit.attend(i, q[:, :, rows], k, v))
     return y + vit.mlp(i, y)
+
+
+def embedding_rows(vit: TokenTower) -> slice:
+    """The tokens of the last block's output that the image embedding reads: the class token
+    alone where it is `post_norm(class token) @ proj` (and the block has no attention bias),
+    else all."""
+    last = vit.depth - 1
+    if "linear_head" in vit.capabilities and vit.attention_bias(last) is None:
+        return slice(0, 1)
+    return slice(None)
 
 
 def last_block_variant(
@@ -107,5 +124,6 @@ def parallel_path(
         h = vit.norm1(i, x)
         qkv = vit.qkv(i, h)
         path = path + vit.attn_out(i, mix(i, h, qkv))
-        x = stock_block(vit, i, x, qkv)
+        # the last stock block: only what the embedding reads (the path needs its q, k, v)
+        x = stock_block(vit, i, x, qkv, embedding_rows(vit) if i == vit.depth - 1 else slice(None))
     return normalized(vit.head(path))[:, 1:], normalized(vit.pooled(x))
