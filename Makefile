@@ -54,9 +54,11 @@ lint: install
 	$(BIN)/ruff format --check src tests examples
 	$(BIN)/mypy src
 
-# the slowest tests are listed at the end of the log (--durations)
+# two test processes (pytest-xdist, a test file each at a time) share the two cores; the
+# slowest tests are listed at the end of the log (--durations)
+PYTEST_WORKERS ?= 2
 test: install lint
-	$(BIN)/pytest -q --durations=15
+	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=20
 	$(MAKE) --no-print-directory test-compat
 
 # The tests that read open_clip's internals (marker `open_clip`, tests/conftest.py) under the
@@ -72,7 +74,8 @@ test-compat: install
 	  echo "import site; site.addsitedir('$$main')" > "$$own/zz-clipviz-main.pth"
 	$(COMPAT_VENV)/bin/python -m pip install -q --no-deps open_clip_torch==$(COMPAT_OPEN_CLIP)
 	$(COMPAT_VENV)/bin/python -c "import open_clip; assert open_clip.__version__ == '$(COMPAT_OPEN_CLIP)', open_clip.__version__"
-	$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider -m open_clip --durations=5
+	$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider -m open_clip \
+	  -n $(PYTEST_WORKERS) --dist loadfile --durations=5
 
 format: install
 	$(BIN)/ruff check --fix src tests examples

@@ -45,6 +45,19 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "open_clip: reads open_clip's internals; also run under the oldest open_clip"
     )
+    workers = getattr(config.option, "numprocesses", None)
+    if hasattr(config, "workerinput"):
+        # a pytest-xdist worker: the cores are shared out between the workers
+        total = int(config.workerinput.get("workercount", 1))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // total))
+    elif workers:
+        # the pytest-xdist controller, before its workers start: the test bed's models are
+        # trained once here (and cached) instead of by each worker that asks for them
+        from clipviz.testbed.tinyclip import ensure_tiny_clip
+        from clipviz.testbed.tinysiglip import ensure_tiny_siglip
+
+        ensure_tiny_clip(testbed_cache())
+        ensure_tiny_siglip(testbed_cache())
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

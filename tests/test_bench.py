@@ -158,7 +158,8 @@ def test_segment_bench_cli_reports_windows_and_refuses_two_folders(tmp_path, tin
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert [r["name"] for r in data["rows"]] == [
-        "forward (image_embedding)", "segment 1 images, 4 windows (sclip)"
+        "forward (image_embedding)",
+        "segment 1 images, 4 windows (sclip)",
     ]  # fmt: skip  (resized to 336x336: 2x2 windows of 224, stride 112)
     assert data["segment"]["preset"] == "sclip/voc21" and data["segment"]["unit"] == "window"
     both = CliRunner().invoke(

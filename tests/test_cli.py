@@ -207,13 +207,6 @@ def test_offline_default_weights_fail_fast_with_one_line(tmp_path):
     assert not (tmp_path / "clipviz-out" / "img.jpg").exists()
 
 
-def test_models_lists_architectures_with_their_tags():
-    result = runner.invoke(app, ["models"])
-    assert result.exit_code == 0, result.output
-    row = next(line for line in result.output.splitlines() if "│ ViT-B-16 " in line)
-    assert "openai" in row and "laion2b_s34b_b88k" in result.output
-
-
 def test_json_prints_one_machine_readable_result_on_stdout(messy_folder, tmp_path, tiny_weights):
     out = tmp_path / "out"
     result = runner.invoke(app, ["explain", str(messy_folder), "dog", "--out", str(out), "--json",

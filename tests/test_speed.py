@@ -18,8 +18,9 @@ from clipviz.methods import methods
 
 PROMPTS = ["a dog", "a square"]
 # every kind of unit: ViT blocks (open_clip, timm, EVA, relative positions), bottlenecks,
-# timm stages (ConvNeXt; FastViT, whose attention stage is read by blocks)
-COMPILED_FAMILIES = ("vit", "rn", "map", "eva", "convnext", "fastvit", "relpos")
+# timm stages (ConvNeXt). FastViT's stages are compiled as ConvNeXt's are; tracing them alone
+# took 55 s of the suite, so they are left out here
+COMPILED_FAMILIES = ("vit", "rn", "map", "eva", "convnext", "relpos")
 # a forward-only method, one with explicit attention, and gradients through one block or many
 COMPILED_METHODS = ("itsm", "surgery", "gradcam", "legrad", "gae", "gscorecam")
 NEEDS_INPUT = {"eclip", "convis", "random"}  # an input of their own, or nothing to compare
@@ -60,7 +61,10 @@ def test_channels_last_towers_give_the_maps_of_contiguous_ones(tiny_weights, fam
     for name in names:
         a = explain(plain, x, PROMPTS, name, options=_options(name))
         b = explain(fast, x, PROMPTS, name, options=_options(name))
-        torch.testing.assert_close(b.maps, a.maps, rtol=1e-4, atol=1e-5, msg=name)
+        # channels-last convolutions round differently: equal to 1e-4 of each map's own scale
+        # (Grad-CAM's raw maps are ~1e-7; LeGrad's are min-max normalised, differing by ~6e-5)
+        scale = float(a.maps.abs().max())
+        torch.testing.assert_close(b.maps, a.maps, rtol=1e-4, atol=1e-4 * scale, msg=name)
         torch.testing.assert_close(b.scores, a.scores, rtol=1e-4, atol=1e-5, msg=name)
 
 

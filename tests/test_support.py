@@ -23,8 +23,19 @@ UNSUPPORTED: set[str] = set()
 
 @pytest.fixture(scope="module")
 def support():
-    # computed from the code once per test session (`clipviz models` in test_cli.py shares it)
+    # computed from the code once per test session (`clipviz models` below shares it)
     return cached_support()
+
+
+def test_models_lists_architectures_with_their_tags(support):
+    from typer.testing import CliRunner
+
+    from clipviz.cli import app
+
+    result = CliRunner().invoke(app, ["models"])
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.output.splitlines() if "│ ViT-B-16 " in line)
+    assert "openai" in row and "laion2b_s34b_b88k" in result.output
 
 
 def test_every_architecture_resolves_or_says_why(support):

@@ -154,7 +154,8 @@ def write_outputs(
                         )
                         if kind == "overlay":
                             save_png(
-                                folder / name, blend_heatmap(image, norm, render.colormap, render.alpha)
+                                folder / name,
+                                blend_heatmap(image, norm, render.colormap, render.alpha),
                             )
                         else:
                             save_heatmap(folder / name, norm, render.colormap)
