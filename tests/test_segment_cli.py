@@ -58,8 +58,11 @@ def test_segment_writes_labels_overlay_and_manifest(app, tiny_weights, tmp_path)
     counts = np.bincount(np.asarray(labels).ravel())
     assert ok["shares"] == {str(c): round(n / counts.sum(), 6) for c, n in enumerate(counts) if n}
     probs = np.load(folder / "probs.npz")
-    assert probs["probs"].shape == (3, 97, 130)
-    assert np.array_equal(probs["probs"].astype(np.float32).argmax(0), np.asarray(labels))
+    assert probs["probs"].shape == (3, 97, 130) and probs["probs"].dtype == np.float16
+    stored, chosen = probs["probs"].astype(np.float32), np.asarray(labels)
+    # each pixel's label holds the best probability, to float16's rounding
+    best = np.take_along_axis(stored, chosen[None].astype(np.int64), axis=0)[0]
+    assert (best >= stored.max(0) - 1e-3).all()
     run = json.loads((out / "run.json").read_text())
     assert run["protocol"]["pamr_steps"] == 10 and run["protocol"]["pamr_dilations"] == [1, 2]
     assert run["method"] == "sclip" and run["classes"][2] == ["cat", "kitten"]

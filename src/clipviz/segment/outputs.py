@@ -78,8 +78,9 @@ def write_segmentation(
     probs: np.ndarray | None = None,
     alpha: float = 0.5,
 ) -> dict[str, str]:
-    """`labels.png`, `overlay.png` and (given `probs` `[K, H, W]`) `probs.npz` (float32
-    probabilities and the class labels) in `folder`; returns the files written by kind (a
+    """`labels.png`, `overlay.png` and (given `probs` `[K, H, W]`) `probs.npz` (float16
+    probabilities, half the bytes of float32 and ample for values in [0, 1], and the class
+    labels) in `folder`; returns the files written by kind (a
     `probs.npz` of an earlier segmentation there is removed when `probs` is not given)."""
     files = {"labels": folder / "labels.png", "overlay": folder / "overlay.png"}
     save_labels(files["labels"], labels, len(class_labels))
@@ -89,7 +90,7 @@ def write_segmentation(
     else:
         files["probs"] = folder / "probs.npz"
         with npz_writer(files["probs"]) as npz:
-            npz.add("probs", probs.astype(np.float32))
+            npz.add("probs", probs.astype(np.float16))
             npz.add("classes", np.array(list(class_labels)))
     return {k: str(v) for k, v in files.items()}
 
