@@ -193,3 +193,17 @@ def test_sanity_json_writes_undefined_correlations_as_null(tmp_path):
     back = json.loads(text)["methods"]["itsm"]
     assert back["spearman"] == [0.5, None] and back["spearman_std"] == [0.1, None]
     assert back["undefined"] == [0, 4] and json.loads(text)["model"] == {"model": "tiny"}
+
+
+def test_cascade_plot_axis_shows_negative_correlations():
+    from clipviz.runs.sanity import CascadeScores, SanityResult, lower_limit
+
+    def scores(spearman):
+        n = len(spearman)
+        return CascadeScores(spearman, [0.0] * n, [0.5] * n, [0.0] * n, [0] * n, False)
+
+    mild = SanityResult(["a", "b"], 4, 0.5, {"itsm": scores([0.9, 0.1])})
+    assert lower_limit(mild, "spearman") == -0.2 and lower_limit(mild, "ssim") == 0.0
+    steep = SanityResult(["a", "b"], 4, 0.5, {"itsm": scores([0.9, 0.1]),
+                                              "surgery": scores([0.2, -0.47])})  # fmt: skip
+    assert lower_limit(steep, "spearman") == pytest.approx(-0.52)

@@ -181,6 +181,14 @@ def write_sanity(
     return summary
 
 
+def lower_limit(result: SanityResult, key: str) -> float:
+    """The lower end of a cascade plot's axis: −0.2 for rank correlations (0 for SSIM), or
+    below the lowest value drawn, so that no point falls off the chart."""
+    floor = -0.2 if key == "spearman" else 0.0
+    drawn = [v for s in result.methods.values() for v in getattr(s, key) if v is not None]
+    return min([floor, *(v - 0.05 for v in drawn if math.isfinite(v))])
+
+
 def plot_cascade(path: Path, result: SanityResult) -> None:
     """Rank correlation and SSIM against the layers randomised, one line per method."""
     import matplotlib
@@ -199,7 +207,7 @@ def plot_cascade(path: Path, result: SanityResult) -> None:
             style = "--" if s.flagged else "-"
             ax.plot(x, values, style, marker="o", markersize=3, label=name, color=palette(k))
         ax.set_title(title)
-        ax.set_ylim(-0.2 if key == "spearman" else 0.0, 1.05)
+        ax.set_ylim(lower_limit(result, key), 1.05)
         ax.axhline(0.0, color="0.7", linewidth=0.8)
         ax.set_xticks(x, labels, rotation=60, ha="right", fontsize=8)
         ax.grid(alpha=0.3)
