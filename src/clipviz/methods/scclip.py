@@ -23,6 +23,43 @@ from .surgery import _itsm, _unit, stock_block
 AUTHOR_SETTINGS = {12: (8, 3, 3, 10, 0.3), 24: (16, 6, 8, 19, 0.1)}
 
 
+Blocks = tuple[int, int, int, int]  # pre_adjust, post_adjust, multi_start, multi_end
+
+
+def scaled_blocks(blocks: Blocks | tuple[float, ...], depth: int) -> Blocks:
+    """ViT-B/16's block indices scaled to a tower of `depth` blocks (each within the blocks
+    before the last; multi_end at least 1 and at most the last)."""
+    last = depth - 1
+    return (
+        *(min(round(int(i) * depth / 12), last - 1) for i in blocks[:3]),
+        min(max(round(int(blocks[3]) * depth / 12), 1), last),
+    )  # type: ignore[return-value]
+
+
+def chosen_blocks(
+    method: str, backend: Backend, defaults: Blocks | tuple[float, ...],
+    given: tuple[int | None, int | None, int | None, int | None],
+) -> Blocks:  # fmt: skip
+    """The block indices given, `defaults` for those left None, checked against the tower:
+    pre_adjust and post_adjust before the last block, 0 ≤ multi_start < multi_end ≤ last."""
+    last = backend.vit.depth - 1
+    pre_adjust, post_adjust, multi_start, multi_end = (
+        int(d) if g is None else g for g, d in zip(given, defaults, strict=True)
+    )
+    for name, value in (("pre_adjust", pre_adjust), ("post_adjust", post_adjust)):
+        if not 0 <= value < last:
+            raise ClipvizError(
+                f"{method}: {name}={value} is outside 0…{last - 1}, the blocks before the last "
+                f"of {backend.identity['model']}"
+            )
+    if not 0 <= multi_start < multi_end <= last:
+        raise ClipvizError(
+            f"{method}: multi_start={multi_start}, multi_end={multi_end} must satisfy "
+            f"0 ≤ multi_start < multi_end ≤ {last} for {backend.identity['model']}"
+        )
+    return pre_adjust, post_adjust, multi_start, multi_end
+
+
 def local_outlier_factor(x: torch.Tensor, neighbours: int) -> torch.Tensor:
     """Local outlier factor per token `[B, N]` of tokens `x` `[B, N, W]`, as the authors
     compute it: squared Euclidean distances; the reach distance of `p` to a neighbour `o` is
@@ -152,29 +189,17 @@ def scclip(
     last = vit.depth - 1
     if last < 1:
         raise ClipvizError(f"scclip: {backend.identity['model']} has one block; it needs two")
-    authors = AUTHOR_SETTINGS.get(vit.depth) or (  # else the ViT-B/16 indices, scaled
-        min(round(8 * vit.depth / 12), last - 1),
-        min(round(3 * vit.depth / 12), last - 1),
-        min(round(3 * vit.depth / 12), last - 1),
-        min(max(round(10 * vit.depth / 12), 1), last),
-        0.3,
-    )
-    pre_adjust = authors[0] if pre_adjust is None else pre_adjust
-    post_adjust = authors[1] if post_adjust is None else post_adjust
-    multi_start = authors[2] if multi_start is None else multi_start
-    multi_end = authors[3] if multi_end is None else multi_end
-    res_cls = authors[4] if res_cls is None else res_cls
-    for name, value in (("pre_adjust", pre_adjust), ("post_adjust", post_adjust)):
-        if not 0 <= value < last:
-            raise ClipvizError(
-                f"scclip: {name}={value} is outside 0…{last - 1}, the blocks before the last of "
-                f"{backend.identity['model']}"
-            )
-    if not 0 <= multi_start < multi_end <= last:
-        raise ClipvizError(
-            f"scclip: multi_start={multi_start}, multi_end={multi_end} must satisfy "
-            f"0 ≤ multi_start < multi_end ≤ {last} for {backend.identity['model']}"
+    authors = (
+        AUTHOR_SETTINGS.get(vit.depth)
+        or (  # else the ViT-B/16 indices, scaled
+            *scaled_blocks(AUTHOR_SETTINGS[12][:4], vit.depth),
+            0.3,
         )
+    )
+    pre_adjust, post_adjust, multi_start, multi_end = chosen_blocks(
+        "scclip", backend, authors[:4], (pre_adjust, post_adjust, multi_start, multi_end)
+    )
+    res_cls = authors[4] if res_cls is None else res_cls
     grid = backend.grid_size(images)
     prefix = vit.prefix
     n = grid[0] * grid[1]

@@ -18,12 +18,19 @@ import torch.nn.functional as F
 from ..backend import Backend, Texts
 from ..errors import ClipvizError
 from .registry import MapResult, register
-from .scclip import affinity_attention, aggregate, fill_from_neighbours, patch_affinity
+from .scclip import (
+    affinity_attention,
+    aggregate,
+    chosen_blocks,
+    fill_from_neighbours,
+    patch_affinity,
+    scaled_blocks,
+)
 from .surgery import _itsm, _unit, stock_block
 
 # the reference's block indices, fixed in its forward for every model size:
 # (pre_adjust, post_adjust, multi_start, multi_end)
-REFERENCE_BLOCKS = (8, 3, 3, 10)
+REFERENCE_BLOCKS: tuple[int, int, int, int] = (8, 3, 3, 10)
 RES_SCALE = 5.0  # the reference's `res_scale`: the class row is scaled by res_cls · res_scale
 
 
@@ -110,27 +117,12 @@ def sfp(
     last = vit.depth - 1
     if last < 1:
         raise ClipvizError(f"sfp: {backend.identity['model']} has one block; it needs two")
-    blocks: tuple[int, ...] = REFERENCE_BLOCKS
+    blocks = REFERENCE_BLOCKS
     if blocks[3] > last:  # a shallow tower: the reference's blocks scaled to its depth
-        blocks = (
-            *(min(round(i * vit.depth / 12), last - 1) for i in blocks[:3]),
-            min(max(round(blocks[3] * vit.depth / 12), 1), last),
-        )
-    pre_adjust = blocks[0] if pre_adjust is None else pre_adjust
-    post_adjust = blocks[1] if post_adjust is None else post_adjust
-    multi_start = blocks[2] if multi_start is None else multi_start
-    multi_end = blocks[3] if multi_end is None else multi_end
-    for name, value in (("pre_adjust", pre_adjust), ("post_adjust", post_adjust)):
-        if not 0 <= value < last:
-            raise ClipvizError(
-                f"sfp: {name}={value} is outside 0…{last - 1}, the blocks before the last of "
-                f"{backend.identity['model']}"
-            )
-    if not 0 <= multi_start < multi_end <= last:
-        raise ClipvizError(
-            f"sfp: multi_start={multi_start}, multi_end={multi_end} must satisfy "
-            f"0 ≤ multi_start < multi_end ≤ {last} for {backend.identity['model']}"
-        )
+        blocks = scaled_blocks(blocks, vit.depth)
+    pre_adjust, post_adjust, multi_start, multi_end = chosen_blocks(
+        "sfp", backend, blocks, (pre_adjust, post_adjust, multi_start, multi_end)
+    )
     grid = backend.grid_size(images)
     prefix = vit.prefix
     with torch.no_grad(), backend.autocast():
