@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 import clipviz
 from clipviz import ClipvizError
+from clipviz.backend.towers import MAP, RESNET, TOKENS
 from clipviz.cli import app
 from clipviz.methods import get_method, method_options, methods
 from clipviz.methods.catalog import catalog
@@ -27,20 +28,20 @@ PROMPTS = ["a dog", "a square"]  # nouns, so ConVis reads them as concepts
 REGISTRY = methods()
 # what each test family's adapter offers (checked against the real adapters below)
 FAMILY_TOWERS = {
-    "vit": ("vit", {"attention", "readout", "class_token", "eclip", "linear_head"}),
-    "rn": ("rn", {"attention", "readout", "class_token", "eclip"}),
-    "map": ("vit", {"attention", "readout", "probe", "eclip"}),
-    "pe": ("vit", {"attention", "readout", "probe", "eclip"}),
-    "eva": ("vit", {"attention", "readout", "class_token", "eclip"}),
-    "convnext": ("conv", set()),
-    "fastvit": ("vit", {"attention"}),
-    "swin": ("vit", {"attention"}),
-    "relpos": ("vit", {"attention", "readout", "class_token", "eclip"}),
-    "reg4": ("vit", {"attention", "readout", "class_token", "eclip"}),
-    "coca": ("vit", {"attention", "readout", "probe", "eclip"}),
-    "hf-clip": ("vit", {"attention", "readout", "class_token", "linear_head", "eclip"}),
-    "hf-siglip": ("vit", {"attention", "readout", "probe", "eclip"}),
-    "hf-siglip2": ("vit", {"attention", "readout", "probe", "eclip"}),
+    "vit": (TOKENS, {"attention", "readout", "class_token", "eclip", "linear_head"}),
+    "rn": (RESNET, {"attention", "readout", "class_token", "eclip"}),
+    "map": (TOKENS, {"attention", "readout", "probe", "eclip"}),
+    "pe": (TOKENS, {"attention", "readout", "probe", "eclip"}),
+    "eva": (TOKENS, {"attention", "readout", "class_token", "eclip"}),
+    "convnext": (MAP, set()),
+    "fastvit": (TOKENS, {"attention"}),
+    "swin": (TOKENS, {"attention"}),
+    "relpos": (TOKENS, {"attention", "readout", "class_token", "eclip"}),
+    "reg4": (TOKENS, {"attention", "readout", "class_token", "eclip"}),
+    "coca": (TOKENS, {"attention", "readout", "probe", "eclip"}),
+    "hf-clip": (TOKENS, {"attention", "readout", "class_token", "linear_head", "eclip"}),
+    "hf-siglip": (TOKENS, {"attention", "readout", "probe", "eclip"}),
+    "hf-siglip2": (TOKENS, {"attention", "readout", "probe", "eclip"}),
 }
 CASES = [
     (name, family)
@@ -159,7 +160,7 @@ def test_the_model_its_forward_and_its_weights_stay_as_loaded(
 def test_every_method_says_what_it_is_and_documents_its_options(name):
     info = REGISTRY[name].info
     assert info.summary and info.citation and info.reference
-    assert set(info.towers) <= {"vit", "rn", "conv"} and info.towers
+    assert set(info.towers) <= {TOKENS, RESNET, MAP} and info.towers
     for option in info.options:
         assert option.help, f"{name}.{option.name} has no `{option.name}: …` docstring line"
         assert option.convert(option.default) == option.default  # the default fits its type
@@ -244,8 +245,12 @@ def test_bad_method_options_exit_2_with_one_line(tmp_path, tiny_weights, extra, 
 
 
 def test_methods_command_lists_every_method_with_its_options():
-    result = runner.invoke(app, ["methods"])
+    result = runner.invoke(app, ["methods"], terminal_width=400)
     assert result.exit_code == 0, result.output
+    rows = {line.split("│")[1].strip(): line.split("│")[2] for line in result.output.splitlines()
+            if line.count("│") > 2 and line.split("│")[1].strip() in REGISTRY}  # fmt: skip
+    assert rows["rollout"].strip() == "tokens" and "vit" not in rows["rollout"]
+    assert rows["itsm"].strip() == "tokens, rn, conv"
     for name, m in REGISTRY.items():
         assert name in result.output
         for option in m.options:

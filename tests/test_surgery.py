@@ -24,6 +24,7 @@ from reference import (
 )
 
 from clipviz import ClipvizError
+from clipviz.backend.towers import TOKENS
 from clipviz.methods.surgery import clearclip, feature_surgery, maskclip, surgery
 
 PROMPTS = ["a dog", "a red square", "grass"]
@@ -162,7 +163,7 @@ def test_surgery_of_one_prompt_subtracts_the_empty_prompt(backend, ensemble):
     x = _batch(backend)
     texts = _texts(backend, ["a red square"], ensemble=ensemble)
     r = _texts(backend, [""], ensemble=ensemble).embeddings.double()
-    if backend.tower == "vit":
+    if backend.tower == TOKENS:
         patches, _ = _vit_surgery_tokens(backend, x, depth=2)
     else:
         patches, _ = _rn_surgery_tokens(backend, x)

@@ -68,8 +68,8 @@ class Backend:
         return TextTower(self.model, self.tokenizer, str(self.identity.get("model")))
 
     @property
-    def tower(self) -> Literal["vit", "rn", "conv"]:
-        """The image tower's kind: `vit` (token stream and blocks), `rn` (ResNet with an
+    def tower(self) -> Literal["tokens", "rn", "conv"]:
+        """The image tower's kind: `tokens` (token stream and blocks), `rn` (ResNet with an
         attention pool) or `conv` (a pooled feature map)."""
         return self.vision.kind  # type: ignore[return-value]
 

@@ -3,15 +3,15 @@
 Every image tower is read through one adapter. The adapter's `kind` says which interface it
 offers, and its `capabilities` what more a method may rely on:
 
-- `"vit"` — a token stream read block by block (`TokenTower`): open_clip, timm and
-  transformers ViTs, and the last stage of FastViT and Swin, whose global attention is read
-  the same way. The word stays `vit` because it is the one users see (`clipviz methods`,
-  the methods' `towers`, messages); it names the interface, not the architecture.
+- `"tokens"` (`TOKENS`) — a token stream read block by block (`TokenTower`): open_clip, timm
+  and transformers ViTs, and the last stage of FastViT and Swin, whose global attention is read
+  the same way; the word names the interface, not an architecture.
   With `"readout"` in its capabilities the tower's head reads its patches through a class
   token or a probe (`ReadoutTower`); with `"linear_head"` its embedding is
   `post_norm(class token) @ proj` and splits by head (`LinearHeadTower`).
-- `"rn"` — open_clip's ModifiedResNet: stages, then an attention pool (`ResNetPoolTower`).
-- `"conv"` — a tower that pools a feature map (`ConvMapTower`).
+- `"rn"` (`RESNET`) — open_clip's ModifiedResNet: stages, then an attention pool
+  (`ResNetPoolTower`).
+- `"conv"` (`MAP`) — a tower that pools a feature map (`ConvMapTower`).
 
 Each adapter module registers its class with `@register_adapter(match)`; `tower_adapter`
 imports the modules of this package once and asks each match in turn (the higher
@@ -31,11 +31,12 @@ import torch
 
 from ..errors import ClipvizError
 
-Memo = Callable[[Hashable, Callable[[], Any]], Any]
+# the kinds' words, kept where the method catalogue reads them without torch
+from ..tower_kinds import MAP as MAP
+from ..tower_kinds import RESNET as RESNET
+from ..tower_kinds import TOKENS as TOKENS
 
-TOKENS = "vit"  # a token stream with blocks (see the module's docstring)
-RESNET = "rn"
-MAP = "conv"
+Memo = Callable[[Hashable, Callable[[], Any]], Any]
 
 
 class Tower(Protocol):
@@ -43,7 +44,7 @@ class Tower(Protocol):
 
     @property
     def kind(self) -> str:
-        """`vit`, `rn` or `conv`: which of the interfaces below the adapter offers."""
+        """`tokens`, `rn` or `conv`: which of the interfaces below the adapter offers."""
 
     @property
     def family(self) -> str:
@@ -82,7 +83,7 @@ class Tower(Protocol):
 
 
 class TokenTower(Tower, Protocol):
-    """A token stream read block by block, with each block's attention (kind `vit`)."""
+    """A token stream read block by block, with each block's attention (kind `tokens`)."""
 
     @property
     def heads(self) -> int: ...

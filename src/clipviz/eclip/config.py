@@ -9,6 +9,7 @@ from typing import Literal
 import torch
 
 from ..backend import Backend
+from ..backend.towers import TOKENS
 from ..data.images import DEFAULT_MAX_PIXELS
 from ..errors import ClipvizError
 from .head import MaskRule, free_attention_mask
@@ -89,7 +90,7 @@ def check_options(config: TrainConfig, backend: Backend, d: Dist, n: int) -> Non
             "has none (choose another `model`)"
         )
     if config.train_ln_post and not (
-        backend.tower == "vit" and backend.readout_vit.trains_post_norm
+        backend.tower == TOKENS and backend.readout_vit.trains_post_norm
     ):
         raise ClipvizError(
             "`train_ln_post` applies to open_clip's own ViT towers only; train the explain "

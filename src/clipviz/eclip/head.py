@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backend import Backend
+from ..backend.towers import TOKENS
 from ..errors import ClipvizError
 
 MaskRule = Literal["mean", "topk", "threshold"]
@@ -56,13 +57,13 @@ class FrozenFeatures:
 def frozen_features(backend: Backend, images: torch.Tensor) -> FrozenFeatures:
     """Run the frozen tower once: tokens for the explain head, free attention, stock embedding."""
     with torch.no_grad(), backend.autocast():
-        if backend.tower == "vit" and backend.vit.readout == "latent":
+        if backend.tower == TOKENS and backend.vit.readout == "latent":
             vit = backend.readout_vit  # a MAP probe reads the image: its attention is the free one
             x = vit.run_blocks(vit.embed(images))
             probs = vit.latent_probs(vit.pool_input(x))
             free = vit.patch_columns(probs).mean(dim=(1, 2))
             stock = vit.pooled(x)
-        elif backend.tower == "vit":
+        elif backend.tower == TOKENS:
             vit = backend.readout_vit
             last = vit.depth - 1
             x = vit.run_blocks(vit.embed(images), stop=last)
@@ -88,7 +89,7 @@ class ExplainHead(nn.Module):
         self.tower = backend.tower
         self.train_ln_post = train_ln_post
         self.bias: nn.Parameter | None = None
-        if self.tower == "vit":
+        if self.tower == TOKENS:
             vit = backend.readout_vit
             if train_ln_post and not vit.trains_post_norm:
                 raise ClipvizError(
@@ -111,7 +112,7 @@ class ExplainHead(nn.Module):
 
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
         """Dense explain features `E` `[B, N, D]`, unit length, from frozen `tokens`."""
-        if self.tower == "vit":
+        if self.tower == TOKENS:
             if self.ln_post is not None:  # open_clip ViT: one class token, then the patches
                 e = self.ln_post(tokens[:, 1:]) @ self.proj
             else:

@@ -9,13 +9,14 @@ import zlib
 import torch
 
 from ..backend import Backend, Texts
+from ..backend.towers import MAP, RESNET, TOKENS
 from ..eclip.head import frozen_features
 from .registry import MapResult, register
 
 
 @register(
     "random",
-    towers=("vit", "rn", "conv"),
+    towers=(TOKENS, RESNET, MAP),
     ranges={"seed": "[0, 4294967295]"},
     summary="Baseline: uniform random maps (chance level for every metric)",
     citation="—",
@@ -40,8 +41,8 @@ def random_map(backend: Backend, images: torch.Tensor, texts: Texts, seed: int =
 
 @register(
     "attention",
-    towers=("vit", "rn"),
-    needs={"vit": ("attention", "readout")},
+    towers=(TOKENS, RESNET),
+    needs={TOKENS: ("attention", "readout")},
     summary="The image's readout attention over the patches: the class token's in the last "
     "block, or the MAP probe's (text-agnostic)",
     citation="the free attention of Li et al. (ECLIP), 2022",

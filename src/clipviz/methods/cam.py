@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..backend import Backend, Texts
+from ..backend.towers import MAP, RESNET, TOKENS
 from ..errors import ClipvizError
 from .gradients import block_index, check_grad_allowed, cosine, similarity_gradients, unit
 from .registry import MapResult, register
@@ -32,7 +33,7 @@ def cam_layer(backend: Backend, images: Tensor, layer: int) -> tuple[Tensor, Ten
     trunk's last norm) or the output of stage `layer` `[B, C, h, w]`.
     """
     check_grad_allowed("Grad-CAM")
-    if backend.tower == "vit":
+    if backend.tower == TOKENS:
         vit = backend.vit
         i = block_index(layer, vit.depth, "layer", "gradcam", getattr(vit, "depth_unit", "blocks"))
         with torch.no_grad():
@@ -41,7 +42,7 @@ def cam_layer(backend: Backend, images: Tensor, layer: int) -> tuple[Tensor, Ten
         read.requires_grad_(True)
         y, _ = vit.block_with_attention(i, x, normed=read)
         return read, vit.pooled(vit.run_blocks(y, start=i + 1))
-    if backend.tower == "conv":
+    if backend.tower == MAP:
         conv = backend.conv
         if layer == -1:
             with torch.no_grad():
@@ -61,7 +62,7 @@ def cam_layer(backend: Backend, images: Tensor, layer: int) -> tuple[Tensor, Ten
 
 def as_grid(backend: Backend, images: Tensor, layer: Tensor) -> Tensor:
     """A CAM layer (or its gradient) as a spatial map `[B, C, h, w]`, in float32."""
-    if backend.tower == "vit":
+    if backend.tower == TOKENS:
         h, w = backend.grid_size(images)
         layer = layer[:, backend.vit.prefix :].transpose(1, 2).reshape(layer.shape[0], -1, h, w)
     return layer.float()
@@ -106,9 +107,9 @@ def channel_cam(
 
 @register(
     "gradcam",
-    towers=("vit", "rn", "conv"),
+    towers=(TOKENS, RESNET, MAP),
     ranges={"layer": "[-256, 255]"},
-    needs={"vit": ("attention",)},
+    needs={TOKENS: ("attention",)},
     summary="Grad-CAM on the image-text cosine: channel activations weighted by mean gradients",
     citation="Selvaraju et al., Grad-CAM: Visual Explanations from Deep Networks via "
     "Gradient-based Localization, ICCV 2017",
@@ -163,7 +164,7 @@ def _last_features(backend: Backend, images: Tensor) -> tuple[Tensor, Tensor]:
     the last block's output `[B, prefix + N, W]` (the reference's `resblocks[-1]`, its
     reshape transform dropping the class token; `as_grid` drops every prefix token); RN:
     `layer4`'s output; convolutional towers: the final map."""
-    if backend.tower != "vit":
+    if backend.tower != TOKENS:
         return cam_layer(backend, images, -1)
     check_grad_allowed("gScoreCAM")
     vit = backend.vit
@@ -175,7 +176,7 @@ def _last_features(backend: Backend, images: Tensor) -> tuple[Tensor, Tensor]:
 
 @register(
     "gscorecam",
-    towers=("vit", "rn", "conv"),
+    towers=(TOKENS, RESNET, MAP),
     ranges={"topk": "[1, 65536]", "batch_size": "[1, 4096]"},
     summary="Score-CAM over the top-gradient channels of the last layer, weighted by a softmax "
     "over the channels of the masked images' logits",

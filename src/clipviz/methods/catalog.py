@@ -1,15 +1,18 @@
 """The registered methods read from their source files, without importing them.
 
 `--help` and `clipviz methods` must not pay for importing torch, so they read each
-`@register(...)` decorator's literal arguments and its function's signature and docstring with
-`ast`. The method contract test checks that this catalogue equals the imported registry.
+`@register(...)` decorator's literal arguments (the tower kinds named by their constants
+included) and its function's signature and docstring with `ast`. The method contract test checks that this catalogue equals the imported registry.
 """
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
+from typing import Any
 
+from .. import tower_kinds
+from ..tower_kinds import tower_kind
 from .registry import (
     FIXED_PARAMETERS,
     NOT_METHOD_MODULES,
@@ -29,8 +32,31 @@ def _register_call(fn: ast.FunctionDef) -> ast.Call | None:
     return None
 
 
+class _Kinds(ast.NodeTransformer):
+    """The tower kinds' constants (`TOKENS`, `tower_kinds.TOKENS`, …) as their words."""
+
+    def visit_Name(self, node: ast.Name) -> ast.AST:
+        return _word(node, node.id)
+
+    def visit_Attribute(self, node: ast.Attribute) -> ast.AST:
+        return _word(node, node.attr)
+
+
+def _word(node: ast.AST, name: str) -> ast.AST:
+    if name in _KIND_NAMES:
+        return ast.copy_location(ast.Constant(getattr(tower_kinds, name)), node)
+    return node
+
+
+_KIND_NAMES = ("TOKENS", "RESNET", "MAP")
+
+
+def _literal(node: ast.expr) -> Any:
+    return ast.literal_eval(_Kinds().visit(node))
+
+
 def _info(fn: ast.FunctionDef, call: ast.Call) -> MethodInfo:
-    kw = {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg}
+    kw = {k.arg: _literal(k.value) for k in call.keywords if k.arg}
     args = fn.args.args + fn.args.kwonlyargs
     defaults = [None] * (len(fn.args.args) - len(fn.args.defaults)) + list(fn.args.defaults)
     defaults += list(fn.args.kw_defaults)
@@ -50,7 +76,7 @@ def _info(fn: ast.FunctionDef, call: ast.Call) -> MethodInfo:
         summary=kw["summary"],
         citation=kw["citation"],
         reference=kw["reference"],
-        towers=tuple(kw["towers"]),
+        towers=tuple(tower_kind(t) for t in kw["towers"]),
         options=options,
         needs=normalized_needs(kw.get("needs")),
         defaults=kw.get("defaults", ""),

@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 
 from ..backend import Backend, Texts
+from ..backend.towers import MAP, RESNET, TOKENS
 from ..convis.bank import concept_bank
 from ..convis.hierarchy import resolve_concepts
 from ..convis.maps import VARIANTS, dense_maps, grid_maps, stochastic_maps
@@ -53,7 +54,7 @@ def text_concepts(prompts: Sequence[str], synsets: str | Sequence[str] | None = 
 
 @register(
     "convis",
-    towers=("vit", "rn", "conv"),
+    towers=(TOKENS, RESNET, MAP),
     ranges={"seed": "[0, 4294967295]", "window_batch": "[1, 4096]"},
     summary="ConVis: maps of WordNet concepts from the ranks of every synset's definition over "
     "1,800 windows (a text = a synset: the synsets option, a 'dog.n.01' prompt, or a noun)",

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..backend import Backend, Texts
+from ..backend.towers import RESNET, TOKENS
 from ..eclip.head import frozen_features, load_head
 from ..errors import ClipvizError
 from .kernels import similarity_maps
@@ -17,8 +18,8 @@ from .registry import MapResult, register
 
 @register(
     "eclip",
-    towers=("vit", "rn"),
-    needs={"vit": ("eclip",), "rn": ("eclip",)},
+    towers=(TOKENS, RESNET),
+    needs={TOKENS: ("eclip",), RESNET: ("eclip",)},
     summary="ITSM on the explain projection trained by `clipviz train` (masked max pooling)",
     citation="Li et al., Exploring Visual Interpretability for CLIP (ECLIP), arXiv:2209.07046, "
     "2022 — our implementation",

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..backend import Backend, Texts
 from ..backend.text_tower import TextTower
+from ..backend.towers import TOKENS
 from ..errors import ClipvizError
 from .gradients import check_grad_allowed, cosine, similarity_gradients, unit
 from .kernels import embedding_rows, stock_block
@@ -233,9 +234,9 @@ def _text_side(
 
 @register(
     "gradeclip",
-    towers=("vit",),
+    towers=(TOKENS,),
     ranges={"layers": "[1, 256]", "text_layers": "[0, 256]"},
-    needs={"vit": ("attention", "class_token")},
+    needs={TOKENS: ("attention", "class_token")},
     summary="Grad-ECLIP: the cosine's gradient at the class token's attention output times the "
     "values, weighted by query-key similarity; also the importance of each prompt token",
     citation="Chenyang Zhao, Kun Wang, Xingyu Zeng, Rui Zhao, Antoni B. Chan: Gradient-based "

@@ -9,13 +9,14 @@ from __future__ import annotations
 import torch
 
 from ..backend import Backend, Texts
+from ..backend.towers import MAP, RESNET, TOKENS
 from .kernels import similarity_maps
 from .registry import MapResult, register
 
 
 @register(
     "itsm",
-    towers=("vit", "rn", "conv"),
+    towers=(TOKENS, RESNET, MAP),
     summary="Image-Text Similarity Map: cosine of every projected patch token with the text",
     citation="Li et al., Exploring Visual Interpretability for CLIP (ECLIP), arXiv:2209.07046, 2022",
     reference="the paper's formula (no released code); ViT: last block → ln_post → proj, "

@@ -1,7 +1,7 @@
 """The method registry: a method registers itself where it is defined, and its options are the
 keyword parameters of its function.
 
-    @register("gradcam", towers=("vit", "rn"), summary="…", citation="…", reference="…",
+    @register("gradcam", towers=(TOKENS, RESNET), summary="…", citation="…", reference="…",
               ranges={"layer": "[-256, 255]"})
     def gradcam(backend, images, texts, layer: int = -1) -> MapResult:
         '''…
@@ -32,11 +32,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ClipvizError
+from ..tower_kinds import KINDS, tower_kind
 
 if TYPE_CHECKING:
     import torch
 
-TOWERS = ("vit", "rn", "conv")
+TOWERS = KINDS
 # parameters every method takes before its options
 FIXED_PARAMETERS = ("backend", "images", "texts")
 _BASIC = {"int": int, "float": float, "str": str, "bool": bool}
@@ -377,7 +378,7 @@ def normalized_needs(
 ) -> tuple[tuple[str, tuple[str, ...]], ...]:
     """`needs` as `MethodInfo` keeps it (sorted pairs), the same from the registry and the
     catalogue."""
-    return tuple(sorted((k, tuple(v)) for k, v in (needs or {}).items()))
+    return tuple(sorted((tower_kind(k), tuple(v)) for k, v in (needs or {}).items()))
 
 
 def register(
@@ -391,12 +392,15 @@ def register(
     ranges: dict[str, str] | None = None,
     defaults: str = "",
 ) -> Callable[[Callable[..., MapResult]], Callable[..., MapResult]]:
-    """Register a method function under `name` (arguments must be literals: `catalog.py`
-    reads them from the source). `needs`: per tower family, the adapter capabilities the
-    method reads (see `MethodInfo.needs`). `ranges`: per int or float option, the finite
+    """Register a method function under `name` (arguments must be literals, or the kinds
+    `TOKENS`, `RESNET`, `MAP` by those names: `catalog.py` reads them from the source).
+    `towers`: the kinds of image tower the method is written for (the former word `"vit"` is
+    read as `"tokens"`). `needs`: per tower kind, the adapter capabilities the method reads
+    (see `MethodInfo.needs`). `ranges`: per int or float option, the finite
     values it allows as an interval (`"[0, 20]"`, `"(0, 1000]"`), checked when options are
     bound. `defaults`: what the method computes with no options, in the words of its
     reference code (the README's defaults table)."""
+    towers = tuple(tower_kind(t) for t in towers)
     if unknown := set(towers) - set(TOWERS):
         raise ValueError(f"unknown towers {unknown}")
     requirements = normalized_needs(needs)

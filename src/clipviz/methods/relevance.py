@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..backend import Backend, Texts, TokenTower
+from ..backend.towers import TOKENS
 from ..errors import ClipvizError
 from ..maps import normalize_maps
 from .gradients import block_index, check_grad_allowed, cosine, similarity_gradients, unit
@@ -46,9 +47,9 @@ def attention_graph(
 
 @register(
     "gae",
-    towers=("vit",),
+    towers=(TOKENS,),
     ranges={"start_layer": "[-256, 255]"},
-    needs={"vit": ("attention", "class_token")},
+    needs={TOKENS: ("attention", "class_token")},
     summary="Gradient-weighted attention relevance propagated through the ViT blocks",
     citation="Chefer, Gur and Wolf, Generic Attention-model Explainability for Interpreting "
     "Bi-Modal and Encoder-Decoder Transformers, ICCV 2021",
@@ -97,9 +98,9 @@ def gae(
 
 @register(
     "legrad",
-    towers=("vit",),
+    towers=(TOKENS,),
     ranges={"layers": "[1, 256]", "correction_threshold": "[0, 1]"},
-    needs={"vit": ("attention",)},
+    needs={TOKENS: ("attention",)},
     summary="Positive gradients of per-layer similarities w.r.t. the last blocks' attention",
     citation="Bousselham, Boggust, Chaybouti, Strobelt and Kuehne, LeGrad: An Explainability "
     "Method for Vision Transformers via Feature Formation Sensitivity, ICCV 2025 "

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backend import Backend, Texts
+from ..backend.towers import TOKENS
 from ..errors import ClipvizError
 from .registry import MapResult, register
 from .selfattention import neighbourhood_bias
@@ -96,7 +97,7 @@ def feedback_attention(
 
 @register(
     "resclip",
-    towers=("vit",),
+    towers=(TOKENS,),
     ranges={
         "rcs_start": "[0, 255]",
         "rcs_end": "[1, 256]",
@@ -108,7 +109,7 @@ def feedback_attention(
         "sfr_lambda": "[0, 1]",
         "logit_scale": "(0, 1000]",
     },
-    needs={"vit": ("attention", "class_token")},
+    needs={TOKENS: ("attention", "class_token")},
     summary="ResCLIP: NACLIP's last block with the mean attention of intermediate blocks (RCS) "
     "and a same-label attention from a first segmentation (SFR), cosine",
     citation="Yuhang Yang, Jinhong Deng, Wen Li, Lixin Duan: ResCLIP: Residual Attention for "

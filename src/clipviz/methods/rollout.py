@@ -11,15 +11,16 @@ from __future__ import annotations
 import torch
 
 from ..backend import Backend, Texts
+from ..backend.towers import TOKENS
 from .gradients import block_index
 from .registry import MapResult, register
 
 
 @register(
     "rollout",
-    towers=("vit",),
+    towers=(TOKENS,),
     ranges={"start_layer": "[-256, 255]"},
-    needs={"vit": ("attention", "class_token")},
+    needs={TOKENS: ("attention", "class_token")},
     summary="Attention rollout: head-averaged attention with the residual, multiplied through "
     "the blocks (text-agnostic)",
     citation="Samira Abnar and Willem Zuidema, Quantifying Attention Flow in Transformers, "

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backend import Backend, Texts
+from ..backend.towers import TOKENS
 from ..errors import ClipvizError
 from .registry import MapResult, register
 from .surgery import _itsm, _unit, stock_block
@@ -130,7 +131,7 @@ def calibrated_attention(affinity: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 
 @register(
     "scclip",
-    towers=("vit",),
+    towers=(TOKENS,),
     ranges={
         "pre_adjust": "[0, 255]",
         "post_adjust": "[0, 255]",
@@ -141,7 +142,7 @@ def calibrated_attention(affinity: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         "neighbours": "[1, 1000]",
         "contamination": "(0, 0.5]",
     },
-    needs={"vit": ("attention", "class_token")},
+    needs={TOKENS: ("attention", "class_token")},
     summary="SC-CLIP: anomalous tokens filled from neighbours, last block as affinity plus k-k "
     "attention, multi-level features, affinity aggregation, cosine",
     citation="Sule Bai, Yong Liu, Yifei Han, Haoji Zhang, Yansong Tang: Self-Calibrated CLIP "

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backend import Backend, Texts
+from ..backend.towers import TOKENS
 from ..errors import ClipvizError
 from .kernels import QKV, cosine_maps, first_path_block, last_block_variant, parallel_path
 from .registry import MapResult, register
@@ -75,8 +76,8 @@ def gem_inverse_temperature(h: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 @register(
     "sclip",
-    towers=("vit",),
-    needs={"vit": ("attention",)},
+    towers=(TOKENS,),
+    needs={TOKENS: ("attention",)},
     summary="SCLIP: correlative self-attention (q-q plus k-k) in the last block, cosine",
     citation="Feng Wang, Jieru Mei, Alan Yuille: SCLIP: Rethinking Self-Attention for Dense "
     "Vision-Language Inference, ECCV 2024",
@@ -107,9 +108,9 @@ def sclip(backend: Backend, images: torch.Tensor, texts: Texts) -> MapResult:
 
 @register(
     "naclip",
-    towers=("vit",),
+    towers=(TOKENS,),
     ranges={"std": "[0.1, 1000]"},
-    needs={"vit": ("attention",)},
+    needs={TOKENS: ("attention",)},
     summary="NACLIP: k-k attention with a Gaussian neighbourhood prior in the last block, "
     "without residual or MLP, cosine",
     citation="Sina Hajimiri, Ismail Ben Ayed, Jose Dolz: Pay Attention to Your Neighbours: "
@@ -148,9 +149,9 @@ def naclip(backend: Backend, images: torch.Tensor, texts: Texts, std: float = 5.
 
 @register(
     "gem",
-    towers=("vit",),
+    towers=(TOKENS,),
     ranges={"depth": "[1, 256]", "iterations": "[0, 20]", "temperature": "(0, 1000]"},
-    needs={"vit": ("attention",)},
+    needs={TOKENS: ("attention",)},
     summary="GEM: iterated self-self (q-q, k-k, v-v) attention on a parallel path through the "
     "last 6 blocks, without MLP, cosine",
     citation="Walid Bousselham, Felix Petersen, Vittorio Ferrari, Hilde Kuehne: Grounding "

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backend import Backend, Texts
+from ..backend.towers import TOKENS
 from ..errors import ClipvizError
 from .registry import MapResult, register
 from .scclip import (
@@ -59,7 +60,7 @@ def purified_attention(
 
 @register(
     "sfp",
-    towers=("vit",),
+    towers=(TOKENS,),
     ranges={
         "pre_adjust": "[0, 255]",
         "post_adjust": "[0, 255]",
@@ -69,7 +70,7 @@ def purified_attention(
         "beta": "[-1, 1]",
         "outliers": "[0, 1000]",
     },
-    needs={"vit": ("attention", "class_token")},
+    needs={TOKENS: ("attention", "class_token")},
     summary="SFP: attention-salient tokens filled from neighbours, last block as k-k, q-q and "
     "affinity attention, multi-level features, affinity aggregation, cosine",
     citation="Shuo Jin, Siyue Yu, Bingfeng Zhang, Mingjie Sun, Yi Dong, Jimin Xiao: Feature "

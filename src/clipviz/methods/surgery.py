@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..backend import Backend, ResNetPoolTower, Texts
+from ..backend.towers import RESNET, TOKENS
 from ..errors import ClipvizError
 from .kernels import (
     QKV,
@@ -97,9 +98,9 @@ def feature_surgery(
 
 @register(
     "surgery",
-    towers=("vit", "rn"),
+    towers=(TOKENS, RESNET),
     ranges={"depth": "[1, 256]"},
-    needs={"vit": ("attention",)},
+    needs={TOKENS: ("attention",)},
     summary="CLIP Surgery: v-v attention in the last blocks plus feature surgery across the texts",
     citation="Yi Li, Hualiang Wang, Yiqun Duan, Jiheng Zhang, Xiaomeng Li: A Closer Look at the "
     "Explainability of Contrastive Language-Image Pre-training, Pattern Recognition 162, 2025 "
@@ -132,7 +133,7 @@ def surgery(
     """
     with torch.no_grad():
         with backend.autocast():
-            if backend.tower == "vit":
+            if backend.tower == TOKENS:
                 first = first_path_block(backend, depth, SURGERY_DEPTH, "surgery")
                 tokens, token0 = parallel_path(
                     backend.vit, images, first, lambda i, h, qkv: vv_attention(*qkv)
@@ -151,8 +152,8 @@ def surgery(
 
 @register(
     "maskclip",
-    towers=("vit", "rn"),
-    needs={"vit": ("attention",)},
+    towers=(TOKENS, RESNET),
+    needs={TOKENS: ("attention",)},
     summary="MaskCLIP: the last attention's value path (no query-key mixing), cosine with the text",
     citation="Chong Zhou, Chen Change Loy, Bo Dai: Extract Free Dense Labels from CLIP, ECCV 2022",
     reference="chongzhou96/MaskCLIP, mmseg/models/backbones/vit.py (last layer, v path) and "
@@ -171,7 +172,7 @@ def maskclip(backend: Backend, images: torch.Tensor, texts: Texts) -> MapResult:
     The returned global embeddings are the stock ones.
     """
     with torch.no_grad(), backend.autocast():
-        if backend.tower == "vit":
+        if backend.tower == TOKENS:
             vit = backend.vit
 
             def value_block(i: int, x: torch.Tensor, qkv: QKV) -> torch.Tensor:
@@ -189,8 +190,8 @@ def maskclip(backend: Backend, images: torch.Tensor, texts: Texts) -> MapResult:
 
 @register(
     "clearclip",
-    towers=("vit",),
-    needs={"vit": ("attention",)},
+    towers=(TOKENS,),
+    needs={TOKENS: ("attention",)},
     summary="ClearCLIP: last block reduced to q-q attention without residual or MLP, cosine",
     citation="Mengcheng Lan, Chaofeng Chen, Yiping Ke, Xinjiang Wang, Litong Feng, Wayne Zhang: "
     "ClearCLIP: Decomposing CLIP Representations for Dense Vision-Language Inference, ECCV 2024",

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..backend import Backend, Texts
+from ..backend.towers import TOKENS
 from ..backend.vit import attention_probs
 from ..errors import ClipvizError
 from .registry import MapResult, register
@@ -165,9 +166,9 @@ def text_span(
 
 @register(
     "textspan",
-    towers=("vit",),
+    towers=(TOKENS,),
     ranges={"layers": "[1, 256]"},
-    needs={"vit": ("attention", "linear_head")},
+    needs={TOKENS: ("attention", "linear_head")},
     summary="TextSpan decomposition: each head's direct contribution of every patch to the "
     "image-text cosine, summed over the heads of every block; per-head maps kept",
     citation="Yossi Gandelsman, Alexei A. Efros, Jacob Steinhardt: Interpreting CLIP's Image "
