@@ -139,7 +139,11 @@ def concepts(
     check_out_folder(out, "concepts", overwrite)
     items, ignored = collect_inputs(images, recursive=recursive)
     if not items:
-        raise ClipvizError(f"no images found in {', '.join(images)}", exit_code=1)
+        raise ClipvizError(
+            f"no images found in {', '.join(images)}; pass image files, a folder of images "
+            "(--recursive for its subfolders) or a quoted glob",
+            exit_code=1,
+        )
 
     backend = load(model, pretrained, model_config, device, precision, resolution)
     with lazy_progress("embedding concepts", quiet) as on_embed:
@@ -251,10 +255,12 @@ def concepts_ood(
     sets = {}
     for label, folder in (("in-distribution", id_images), ("out-of-distribution", ood_images)):
         if not folder.is_dir():
-            raise ClipvizError(f"{label} folder {folder} does not exist")
+            raise ClipvizError(f"{label} folder {folder} does not exist; check the path")
         items, _ = collect_inputs([str(folder)], recursive=recursive)
         if not items:
-            raise ClipvizError(f"no images in the {label} folder {folder}")
+            raise ClipvizError(
+                f"no images in the {label} folder {folder}; pass a folder that holds images"
+            )
         sets[label] = items
     backend = load(model, pretrained, model_config, device, precision, resolution)
     embeddings, failed = {}, []

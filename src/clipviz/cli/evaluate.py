@@ -300,7 +300,10 @@ def evaluate(
         if len(tune) == 0:
             raise ClipvizError(f"{tune.name} has no images; check --tune-split and the layout")
         if tune.classes != dataset.classes:
-            raise ClipvizError(f"{tune.name} and {dataset.name} have different classes")
+            raise ClipvizError(
+                f"{tune.name} and {dataset.name} have different classes; tune on a split of "
+                "the same dataset"
+            )
     with torchrun_job(dist):
         backend = load(model, pretrained, model_config, device, precision, resolution, crop,
                        compile=compile, channels_last=channels_last)  # fmt: skip

@@ -205,7 +205,11 @@ def explain(
         else collect_inputs(inputs, recursive=recursive, inputs_file=inputs_file, exclude=[out])
     )
     if not items and not shard_files:
-        raise ClipvizError(f"no images found in {', '.join(inputs) or inputs_file}", exit_code=1)
+        raise ClipvizError(
+            f"no images found in {', '.join(inputs) or inputs_file}; pass image files, a folder "
+            "of images (--recursive for its subfolders) or a quoted glob",
+            exit_code=1,
+        )
 
     dist, device = setup_distributed(device)
     quiet = quiet or not dist.main

@@ -89,7 +89,10 @@ def heads(
         )
     backend = load(model, pretrained, model_config, device, precision, resolution)
     if layers > backend.vit.depth:
-        raise ClipvizError(f"--layers {layers} exceeds the {backend.vit.depth} blocks of the model")
+        depth = backend.vit.depth
+        raise ClipvizError(
+            f"--layers {layers} exceeds the {depth} blocks of the model; pass at most {depth}"
+        )
     with lazy_progress("embedding texts", quiet) as on_embed:
         bank = (
             file_bank(backend, texts) if texts else concept_text_bank(backend, vocabulary, on_embed)

@@ -176,7 +176,11 @@ def _inputs(
             raise ClipvizError("no prompts given; pass texts after the images, or a dataset")
         items, _ = collect_inputs([inputs], recursive=recursive)
         if not items:
-            raise ClipvizError(f"no images found in {inputs}", exit_code=1)
+            raise ClipvizError(
+                f"no images found in {inputs}; pass image files, a folder of images "
+                "(--recursive for its subfolders) or a quoted glob",
+                exit_code=1,
+            )
         return (
             [i.path for i in items[:limit]],
             [None] * min(limit, len(items)),

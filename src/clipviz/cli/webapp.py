@@ -60,7 +60,7 @@ def serve(
         except ClipvizError as e:
             if model or pretrained or model_config:
                 raise
-            err_console.print(f"note: {e}\nnote: the app starts on the test bed's tiny CLIP")
+            err_console.print(f"note: {e}; the app starts on the test bed's tiny CLIP instead")
             spec = ModelSpec(TESTBED)
             slot.get(spec)
     limits = Limits(max_pixels, max_prompts, max_methods)

@@ -114,7 +114,10 @@ def read_captions(
     kind = _guess_format(path) if fmt == "auto" else fmt
     base = Path(images_dir) if images_dir is not None else None
     if base is not None and not base.is_dir():
-        raise ClipvizError(f"`images` {base} is not a folder")
+        raise ClipvizError(
+            f"`images` {base} is not a folder; pass the folder that the captions' image paths "
+            "start from"
+        )
     if kind == "folder":
         if not path.is_dir():
             raise ClipvizError(f"{path} is not a folder; `format` folder needs one")

@@ -66,7 +66,10 @@ def build_eval_report(
     except (OSError, ValueError) as e:
         raise ClipvizError(f"cannot read the eval results {json_path}: {e}") from None
     if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
-        raise ClipvizError(f"{json_path} is not a `clipviz eval` results JSON (no results)")
+        raise ClipvizError(
+            f"{json_path} is not a `clipviz eval` results JSON (no results); pass the JSON that "
+            "`clipviz eval` wrote"
+        )
     target = Path(out) if out is not None else json_path.with_suffix(".html")
     try:
         page = _page(json_path, target, data)

@@ -264,7 +264,7 @@ def evaluate(
                 if picture.size != sample.size:
                     raise ImageError(
                         f"image is {picture.width}x{picture.height} but its annotations are "
-                        f"{sample.size[0]}x{sample.size[1]}"
+                        f"{sample.size[0]}x{sample.size[1]}; fix its annotations or drop the image"
                     )
                 image = backend.preprocess(picture)
                 # --crop center: the map covers the crop, and only the crop is scored

@@ -149,7 +149,8 @@ def evaluate_segmentation(
                 if labels.shape != picture.shape[:2]:
                     raise ClipvizError(
                         f"image is {picture.shape[1]}x{picture.shape[0]} but its labels "
-                        f"{label_path.name} are {labels.shape[1]}x{labels.shape[0]}",
+                        f"{label_path.name} are {labels.shape[1]}x{labels.shape[0]}; the label PNG "
+                        "must have the image's size",
                         exit_code=1,
                     )
             except (ClipvizError, ImageError) as e:
