@@ -357,7 +357,7 @@ def cass_maps(
         with backend.autocast():
             out = vit.attn_out(last, attention.to(v.dtype) @ v[:, :, prefix:])
             stream = torch.cat([out.new_zeros(out.shape[0], prefix, out.shape[-1]), out], dim=1)
-            tokens = normalized(vit.head(stream))[:, prefix:]  # [B, N, D]
+            tokens = normalized(vit.head(stream))[:, 1:]  # [B, N, D]: the head keeps token 0
     text = texts.embeddings.float().to(tokens.device)
     image = stock if global_embeddings is None else normalized(global_embeddings)
     global_scores = image.to(tokens.device) @ text.T  # [B, Q]
