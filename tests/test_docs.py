@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from conftest import random_image
 
-from clipviz.backend.towers import TOKENS
 import clipviz
+from clipviz.backend.towers import TOKENS
 from clipviz.docs import METHODS_PAGE, README, methods_tables, stage_notebooks, with_methods_tables
 from clipviz.methods import registry
 from clipviz.methods.catalog import catalog
@@ -107,9 +107,8 @@ def test_every_relative_link_in_the_readme_and_the_docs_resolves():
             file = (page.parent / path).resolve() if path else page
             if not file.is_file():
                 broken.append(f"{page.name}: {target}")
-            elif anchor and file.suffix == ".md":
-                if anchor not in _anchors(file.read_text(encoding="utf-8")):
-                    broken.append(f"{page.name}: {target} (no such heading)")
+            elif anchor and anchor not in _anchors(file.read_text(encoding="utf-8")):
+                broken.append(f"{page.name}: {target} (no such heading)")
     assert not broken
 
 

@@ -1,21 +1,22 @@
-"""Every open_clip architecture resolves to a tower adapter or says why not, and the README's
-and docs/models.md's tables are the ones computed from the code (for the open_clip version
+"""Every open_clip architecture resolves to a tower adapter or says why not, and docs/models.md's
+tables and the README's summary are the ones computed from the code (for the open_clip version
 they were generated for; under another version, as `make test-compat` runs, every
 architecture must still resolve or say why)."""
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 
-from clipviz.backend.support import cached_support, documented_version, rendered
+from clipviz.backend.support import cached_support, documented_version
+from clipviz.docs import MODELS_PAGE as MODELS_PATH
+from clipviz.docs import README, with_models_tables, with_summary
+from clipviz.methods.catalog import catalog
 
-ROOT = Path(__file__).parent.parent
 ATTENTION_METHODS = {"surgery", "maskclip", "clearclip", "sclip", "naclip", "gem", "gradeclip", "gae",
                      "legrad", "textspan", "rollout", "attention"}  # fmt: skip
-MODELS_PAGE = (ROOT / "docs" / "models.md").read_text(encoding="utf-8")
+MODELS_PAGE = MODELS_PATH.read_text(encoding="utf-8")
 GENERATED_FOR = re.search(r"Generated for open_clip (\S+)", MODELS_PAGE).group(1)  # type: ignore[union-attr]
 CURRENT = documented_version() == GENERATED_FOR
 UNSUPPORTED: set[str] = set()
@@ -55,11 +56,13 @@ def test_every_architecture_resolves_or_says_why(support):
         assert coca == {"open_clip ViT, attentional pool"}
 
 
-def test_readme_and_models_page_are_generated_from_the_code(support):
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    expected_readme, expected_models = rendered(support, readme)
+def test_models_page_and_readme_summary_are_generated_from_the_code(support):
+    readme = README.read_text(encoding="utf-8")
+    expected_models = with_models_tables(MODELS_PAGE, support)
     if CURRENT:
-        assert readme == expected_readme, "run: python -m clipviz.backend.support --write"
-        assert expected_models == MODELS_PAGE
+        assert expected_models == MODELS_PAGE, "run: python -m clipviz.docs --write"
+        assert readme == with_summary(readme, support, catalog()), (
+            "run: python -m clipviz.docs --write"
+        )
     else:  # another open_clip: its architectures differ; the tables still render
         assert expected_models.count("\n| `") == len(support)

@@ -205,7 +205,9 @@ def main(argv: list[str]) -> None:
 
     rows = all_support()
     if "--write" in argv:
-        pages = {path: path.read_text(encoding="utf-8") for path in (README, MODELS_PAGE, METHODS_PAGE)}
+        pages = {
+            path: path.read_text(encoding="utf-8") for path in (README, MODELS_PAGE, METHODS_PAGE)
+        }
         for path, text in generated(rows, pages).items():
             if text != pages[path]:
                 path.write_text(text, encoding="utf-8")

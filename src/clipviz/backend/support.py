@@ -2,8 +2,8 @@
 config's image tower built on the meta device (no weights, no memory), resolved to its
 adapter, and matched against each method's needs.
 
-`python -m clipviz.backend.support` prints the tables the README and docs/models.md carry;
-a test keeps them equal to what this computes.
+`python -m clipviz.backend.support` prints the tables docs/models.md carries (`python -m
+clipviz.docs --write` writes them); a test keeps them equal to what this computes.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def cached_support() -> list[Support]:
 
 
 def support_tables(rows: list[Support]) -> tuple[str, str]:
-    """(the README's table of families, docs/models.md's table of every architecture)."""
+    """(docs/models.md's table of families, its table of every architecture)."""
     families: dict[str, list[Support]] = {}
     for r in rows:
         families.setdefault(r.family, []).append(r)
@@ -140,17 +140,6 @@ def catalog_order() -> list[str]:
     return list(catalog())
 
 
-README_START, README_END = "<!-- supported models: start -->", "<!-- supported models: end -->"
-MODELS_HEADER = """# Supported open_clip architectures
-
-Generated for open_clip {version} by `python -m clipviz.backend.support --write` from each
-architecture's image tower (built on the meta device) and each method's needs;
-`tests/test_support.py` checks it is current. See [families.md](families.md) for what each
-method computes on each family.
-
-"""
-
-
 def documented_version() -> str | None:
     """The open_clip version the shipped tables were generated for."""
     from ..files import package_version
@@ -158,24 +147,5 @@ def documented_version() -> str | None:
     return package_version("open_clip_torch")
 
 
-def rendered(rows: list[Support], readme: str) -> tuple[str, str]:
-    """(README with its supported-models table replaced, docs/models.md)."""
-    summary, full = support_tables(rows)
-    head, rest = readme.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    header = MODELS_HEADER.format(version=documented_version())
-    return f"{head}{README_START}\n{summary}{README_END}{tail}", header + full
-
-
 if __name__ == "__main__":
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[3]
-    rows = all_support()
-    if "--write" in sys.argv:
-        readme, models = rendered(rows, (root / "README.md").read_text(encoding="utf-8"))
-        (root / "README.md").write_text(readme, encoding="utf-8")
-        (root / "docs" / "models.md").write_text(models, encoding="utf-8")
-    else:
-        print("\n".join(support_tables(rows)))
+    print("\n".join(support_tables(all_support())))
