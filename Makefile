@@ -1,9 +1,10 @@
-# clipviz — `make demo` runs the main job, `make test` the checks (installing what they need).
+# clipviz — `make demo` runs the main job, `make test` the checks (installing what they need),
+# `make docs` the documentation site.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-compat lint format clean
+.PHONY: install demo test test-compat docs lint format clean
 
 install: $(VENV)/.installed wordnet chromium
 
@@ -60,6 +61,7 @@ PYTEST_WORKERS ?= 2
 test: install lint
 	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=20
 	$(MAKE) --no-print-directory test-compat
+	$(MAKE) --no-print-directory docs
 
 # The tests that read open_clip's internals (marker `open_clip`, tests/conftest.py) under the
 # oldest open_clip that pyproject.toml allows, in a venv that borrows everything else
@@ -77,9 +79,16 @@ test-compat: install
 	$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider -m open_clip \
 	  -n $(PYTEST_WORKERS) --dist loadfile --durations=5
 
+# The documentation site (Sphinx, furo, MyST) in docs/_build/html; warnings are errors. The
+# example notebooks show the outputs of the notebook tests' run where their code is unchanged
+# since (docs/_build/executed/), and are executed here otherwise.
+docs: install
+	$(BIN)/sphinx-build -W --keep-going -q -b html docs docs/_build/html
+
 format: install
 	$(BIN)/ruff check --fix src tests examples
 	$(BIN)/ruff format src tests examples
 
 clean:
-	rm -rf $(VENV) $(COMPAT_VENV) clipviz-out .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(COMPAT_VENV) clipviz-out .pytest_cache .mypy_cache .ruff_cache \
+	  docs/_build docs/notebooks
