@@ -2,7 +2,8 @@
 kernel, on the trained test bed, and each finds what its text says it shows.
 
 Each notebook ends with a cell that displays a `summary` dict of plain Python values; the
-tests read it back from that cell's output."""
+tests read it back from that cell's output. Each executed notebook is kept in
+`docs/_build/executed/`, where the docs build takes its outputs instead of running it again."""
 
 from __future__ import annotations
 
@@ -13,9 +14,12 @@ from typing import Any
 
 import conftest
 import jupytext
+import nbformat
 import pytest
 from ipykernel.kernelspec import write_kernel_spec
 from nbclient import NotebookClient
+
+from clipviz.docs import EXECUTED_NOTEBOOKS
 
 NOTEBOOKS = Path(__file__).parents[1] / "examples" / "notebooks"
 
@@ -41,8 +45,8 @@ def monkeypatch_module():
 
 
 def run_notebook(name: str) -> tuple[dict[str, Any], Any]:
-    """Execute `examples/notebooks/<name>.py` in its folder; return its final `summary` and
-    the executed notebook."""
+    """Execute `examples/notebooks/<name>.py` in its folder, keep it for the docs; return its
+    final `summary` and the executed notebook."""
     nb = jupytext.read(NOTEBOOKS / f"{name}.py")
     NotebookClient(
         nb,
@@ -50,6 +54,8 @@ def run_notebook(name: str) -> tuple[dict[str, Any], Any]:
         timeout=120,
         resources={"metadata": {"path": str(NOTEBOOKS)}},
     ).execute()
+    EXECUTED_NOTEBOOKS.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, EXECUTED_NOTEBOOKS / f"{name}.ipynb")
     last = [c for c in nb.cells if c.cell_type == "code"][-1]
     shown = [o for o in last.outputs if "text/plain" in o.get("data", {})]
     assert shown, f"{name}: its last cell shows no value"
