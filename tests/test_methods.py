@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import random_image
 from PIL import Image
+from test_proxy import write_proxy_folder
 from typer.testing import CliRunner
 
 import clipviz
@@ -66,6 +67,7 @@ def extra_inputs(tmp_path_factory, family_backends):
     root = tmp_path_factory.mktemp("contract")
     vocab = root / "words.txt"
     vocab.write_text("dog\ncat\nsquare\ncircle\ngrass\n", encoding="utf-8")
+    proxy, _ = write_proxy_folder(root / "proxy")  # a tiny random ViT/8 for ProxyCLIP
     heads: dict[str, object] = {}
 
     def head_for(family: str) -> str:
@@ -86,6 +88,7 @@ def extra_inputs(tmp_path_factory, family_backends):
         # test_convis.py); the contract runs the one-pass variant
         "convis": lambda tower: {"vocabulary": str(vocab), "variant": "dense"},
         "gscorecam": lambda tower: {"topk": 6},
+        "proxyclip": lambda tower: {"proxy": str(proxy)},
     }
 
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from clipviz import ClipvizError
+from clipviz.backend import hub
 from clipviz.segment.proxy import dino_positions, load_proxy, proxy_stamp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -25,10 +26,11 @@ TINY = {
 }  # fmt: skip
 
 
-def write_proxy_folder(root, kind: str = "dino", seed: int = 0):
+def write_proxy_folder(root, kind: str = "dino", seed: int = 0, **model_args):
     """A folder as the hub gives a timm model (config.json + model.safetensors) holding a tiny
-    random ViT; returns (folder, the model)."""
+    random ViT (`model_args` over the tiny ones); returns (folder, the model)."""
     architecture, args = TINY[kind]
+    args = {**args, **model_args}
     torch.manual_seed(seed)
     model = timm.create_model(architecture, pretrained=False, num_classes=0, **args).eval()
     root.mkdir(parents=True, exist_ok=True)
@@ -141,7 +143,7 @@ def _fails(spec: str, *words: str) -> str:
 
 def test_specs_that_name_nothing_loadable_are_one_line_usage_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    monkeypatch.setattr(hub, "cached_hf_file", lambda repo, names: None)  # nothing cached
     _fails("vit_base_patch8_224.dino", "offline", "vit_base_patch8_224.dino=FILE.safetensors",
            "config.json")  # fmt: skip
     _fails("no_such_model.dino", "timm has no model 'no_such_model.dino'")

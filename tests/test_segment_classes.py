@@ -96,7 +96,7 @@ def test_presets_carry_the_papers_settings():
     clear = get_preset("clearclip/cityscapes").protocol
     assert (clear.short_side, clear.window, clear.stride, clear.logit_scale) == (448, 224, 224, 50)
     assert get_preset("voc20", method="naclip").name == "naclip/voc20"
-    assert get_preset("proxyclip/ade20k").method is None  # no clipviz method computes it
+    assert get_preset("trident/ade20k").method is None  # no clipviz method computes it
     assert all(get_preset(n).sources for n in preset_names())
     assert len(preset_names()) == 11 * 8
     for name in preset_names():

@@ -88,7 +88,7 @@ def test_a_preset_brings_its_settings_and_classes_and_options_override(app, tiny
         (["--classes", "a,b", "--window", "64", "--stride", "0"], "stride"),
         (["--classes", "a,,b"], "empty name"),
         (["--preset", "gem/voc21"], "no preset gem/voc21"),
-        (["--preset", "proxyclip/voc21"], "pass `--method`"),
+        (["--preset", "trident/voc21"], "pass `--method`"),
         ([], "no classes"),
     ],
 )

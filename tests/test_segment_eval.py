@@ -252,7 +252,7 @@ def test_cli_scores_the_split_records_the_settings_and_reports(tmp_path, tiny_we
         (["--task", "segment", "--format", "cub"], "not a segmentation layout"),
         (["--task", "segment", "--prob-thd", "2"], "between 0 and 1"),
         (["--task", "segment", "--preset", "nosuch/voc21"], "no preset"),
-        (["--task", "segment", "--preset", "proxyclip/voc21"], "pass `--method`"),
+        (["--task", "segment", "--preset", "trident/voc21"], "pass `--method`"),
         (["--task", "segment", "--metric", "msc"], "scores saliency maps"),
         (["--task", "segment", "--tune-split", "train"], "scores saliency maps"),
     ],

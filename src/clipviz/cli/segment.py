@@ -84,6 +84,14 @@ def segment(
         typer.Option("--method", "-m", help="the dense method (default: sclip, or the preset's)"),
     ] = None,
     option: OptionOpt = None,
+    proxy: Annotated[
+        str | None,
+        typer.Option(
+            "--proxy",
+            help="the proxy model of a method that has one (proxyclip): a timm name whose "
+            "weights are cached, NAME=FILE, or a folder with config.json and model.safetensors",
+        ),
+    ] = None,
     short_side: Annotated[
         IntOpt, typer.Option("--short-side", help="resize: short side S (0: as is; 336)")
     ] = None,
@@ -221,7 +229,8 @@ def segment(
         pamr_dilations=_dilations(pamr_dilations),
     )  # fmt: skip
     protocol.check()
-    options = method_options([method], list(option or []))[method]
+    proxy_option = [f"proxy={proxy}"] if proxy is not None else []
+    options = method_options([method], [*(option or []), *proxy_option])[method]
     check_run_args(out, batch_size, workers, max_pixels, writers)
     refuse_stdin(inputs_file)
     if not inputs and inputs_file is None:

@@ -30,6 +30,8 @@ class Protocol:
     area_thd: foreground classes whose argmax pixels are at most this share of all foreground
         pixels are dropped (SCLIP's VOC21 setting; 0: off).
     pamr_steps, pamr_dilations: PAMR on the cosine maps at the original size (0 steps: off).
+    pad: each window is zero-padded, centred, to a multiple of this many pixels before the
+        model and its maps cut back (ProxyCLIP's 56; 0: windows cut to whole patches instead).
     """
 
     short_side: int = 336
@@ -40,6 +42,7 @@ class Protocol:
     area_thd: float = 0.0
     pamr_steps: int = 0
     pamr_dilations: tuple[int, ...] = (8, 16)
+    pad: int = 0
 
     def check(self) -> None:
         """Refuse settings the protocol cannot use (one line each)."""
@@ -53,6 +56,8 @@ class Protocol:
         if not 0 <= self.area_thd < 1:
             raise ClipvizError(f"`area_thd` {self.area_thd} must be at least 0 and below 1")
         check_pamr(self.pamr_steps, self.pamr_dilations)
+        if not 0 <= self.pad <= 1024:
+            raise ClipvizError(f"`pad` {self.pad} must be 0 (none) or a multiple up to 1024")
 
 
 def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

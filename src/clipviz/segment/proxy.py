@@ -355,3 +355,8 @@ def proxy_stamp(spec: str) -> tuple[Any, ...]:
         return (spec, os.path.realpath(path), st.st_size, st.st_mtime_ns)
     except OSError:
         return (spec,)
+
+
+def attached_proxy(backend: Any, spec: str) -> Proxy:
+    """The proxy `spec` names, loaded once per backend (on its device) and kept with it."""
+    return backend.memo(("proxy", *proxy_stamp(spec)), lambda: load_proxy(spec, backend.device))

@@ -25,6 +25,7 @@ from ..methods import check_methods, get_method
 from .classes import ClassNames
 from .pamr import pamr
 from .protocol import Protocol, classify, merge_windows, upsample
+from .proxy import attached_proxy
 from .resize import resize_image
 from .windows import Window, window_grid
 
@@ -55,6 +56,16 @@ def patch_unit(backend: Backend) -> tuple[int, int]:
     h, w = backend.input_size
     gh, gw = backend.vision.grid((h, w))
     return h // gh, w // gw
+
+
+def pad_sizes(h: int, w: int, multiple: int) -> tuple[int, int, int, int]:
+    """The zero padding `(left, right, top, bottom)` that brings an `h × w` window to a
+    multiple of `multiple` (0: none), centred, the odd pixel right and below (ProxyCLIP's
+    `compute_padsize`)."""
+    if multiple <= 0:
+        return 0, 0, 0, 0
+    across, down = -w % multiple, -h % multiple
+    return across // 2, across - across // 2, down // 2, down - down // 2
 
 
 def as_array(image: Image.Image | np.ndarray) -> np.ndarray:
@@ -111,6 +122,8 @@ class Segmenter:
         self.backend, self.classes, self.protocol = backend, classes, protocol
         self.method, self.window_batch = spec, window_batch
         self.options = spec.info.bind(options)
+        if any(o.name == "proxy" for o in spec.options):  # a bad proxy fails before any image
+            attached_proxy(backend, self.options.get("proxy", spec.info.option("proxy").default))
         self.unit = patch_unit(backend)
         self.texts = name_embeddings(backend, classes.names, progress)
         self.name_class = torch.tensor(classes.name_class, device=backend.device)
@@ -143,6 +156,8 @@ class Segmenter:
             for j, w in enumerate(p.windows):
                 h, wd = w.size
                 seen = (h - h % self.unit[0], wd - wd % self.unit[1])
+                if self.protocol.pad:  # padded whole; the method leaves out what it cannot see
+                    seen = (h, wd)
                 if min(seen) == 0:
                     failed[i] = (
                         f"its {h}x{wd} window is smaller than one {self.unit[0]}x{self.unit[1]} "
@@ -159,8 +174,14 @@ class Segmenter:
                 crops = torch.stack(
                     [p.image[:, w.top : w.top + sh, w.left : w.left + sw] for p, w in ready]
                 )
+                left, right, top, bottom = pads = pad_sizes(sh, sw, self.protocol.pad)
+                if any(pads):
+                    crops = F.pad(crops, pads)
                 maps = self.method.fn(self.backend, crops, self.texts, **self.options).maps
                 for key, m in zip(chunk, maps.float(), strict=True):
+                    if any(pads):  # at the padded window's pixels, the window cut out
+                        m = upsample(m, (crops.shape[-2], crops.shape[-1]))
+                        m = m[:, top : top + sh, left : left + sw]
                     out[key] = m
         return out, failed
 
