@@ -40,10 +40,12 @@ mathjax_path = "mathjax/tex-chtml.js"
 
 myst_heading_anchors = 3
 myst_enable_extensions = ["colon_fence", "deflist"]
-suppress_warnings = ["myst.header"]
 
 autodoc_member_order = "bysource"
-autodoc_typehints = "description"
+autodoc_typehints = "signature"
+# docstrings write code in single backquotes, and `--option` as it is typed
+default_role = "literal"
+smartquotes = False
 autodoc_default_options = {"members": True, "undoc-members": False}
 
 # the notebooks: jupytext `.py` files executed here, or `.ipynb` copies the tests executed
@@ -80,7 +82,8 @@ def fields_as_definitions(app, what, name, obj, options, lines: list[str]) -> No
         if field:
             if out and out[-1].strip() and not in_list:
                 out.append("")
-            out += [field.group(1), f"    {field.group(2)}"]
+            names = ", ".join(f"``{name}``" for name in field.group(1).split(", "))
+            out += [names, f"    {field.group(2)}"]
             in_list = True
         elif in_list and line.strip() and not line[0].isspace():
             if out[-1].strip():
