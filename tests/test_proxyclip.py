@@ -224,3 +224,9 @@ def test_segment_cli_refuses_a_proxy_it_cannot_use_in_one_line(
     assert result.exit_code == 2 and says in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1, result.output
     assert not (tmp_path / "o" / "a.png").exists()
+
+
+def test_bench_leaves_proxyclip_out_unless_named():
+    from clipviz.runs.bench import default_methods
+
+    assert "proxyclip" not in default_methods() and "clearclip" in default_methods()
