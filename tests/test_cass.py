@@ -17,6 +17,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from conftest import random_image
 from PIL import Image
 from reference import _layer_norm, _out_proj, _qkv, _texts, _vit_input
 from safetensors.torch import save_file
@@ -26,10 +27,13 @@ from clipviz.methods.cass import (
     INVERSE_MEAN,
     INVERSE_STD,
     cass,
+    cass_maps,
     min_cost_assignment,
     proxy_input,
     ward_clusters,
 )
+from clipviz.segment import Protocol, Segmenter, get_preset, inline_classes
+from clipviz.segment.presets import preset_options
 from clipviz.segment.proxy import load_proxy
 
 PROMPTS = ["a dog", "a red square", "grass", "a cat"]
@@ -255,3 +259,115 @@ def test_the_proxy_sees_a_wide_window_squashed_to_its_short_side_as_pil_resizes_
     seen = (got[0].permute(1, 2, 0) * torch.tensor(IMAGENET[1]) + torch.tensor(IMAGENET[0])) * 255
     difference = (seen - torch.from_numpy(pil.astype("float32"))).abs()
     assert float(difference.max()) <= 1.0 + 1e-3 and float(difference.mean()) < 0.1
+
+
+# -- in the segmentation protocol ----------------------------------------------------------------
+
+# OVSEG.md §1.2-1.4 for CASS (short side, window / stride, prob_thd; logit scale 40, no area
+# threshold, PAMR off as eval_all.sh runs it) and each configs/cfg_<benchmark>.py's options
+CASS_PRESETS = {
+    "voc21": (336, 0, 0, 0.1, {"global_semantics_weight": 0.1, "mean_vector_weight": 0.03,
+                               "h_threshold": 0.10}),
+    "context60": (336, 224, 112, 0.1, {"global_semantics_weight": 0.25,
+                                       "mean_vector_weight": 0.04, "h_threshold": 0.09}),
+    "coco_object": (336, 224, 112, 0.1, {"global_semantics_weight": 0.25,
+                                         "mean_vector_weight": 0.01, "h_threshold": 0.10}),
+    "voc20": (336, 224, 112, 0.0, {"global_semantics_weight": 0.4, "mean_vector_weight": 0.02,
+                                   "h_threshold": 0.10, "stretch": False}),
+    "context59": (336, 224, 112, 0.0, {"global_semantics_weight": 0.25,
+                                       "mean_vector_weight": 0.04, "h_threshold": 0.09}),
+    "coco_stuff164k": (336, 224, 112, 0.0, {"global_semantics_weight": 0.2,
+                                            "mean_vector_weight": 0.02, "h_threshold": 0.02}),
+    "cityscapes": (560, 224, 112, 0.0, {"global_semantics_weight": 0.1,
+                                        "mean_vector_weight": 0.03, "h_threshold": 0.14,
+                                        "stretch": False, "whole_image": False}),
+    "ade20k": (336, 224, 112, 0.0, {"global_semantics_weight": 0.3, "mean_vector_weight": 0.05,
+                                    "h_threshold": 0.06}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("benchmark", list(CASS_PRESETS))
+def test_cass_presets_carry_the_authors_settings_and_options(benchmark):
+    short_side, window, stride, prob_thd, options = CASS_PRESETS[benchmark]
+    preset = get_preset(f"cass/{benchmark}")
+    assert preset.method == "cass" and preset.options == options
+    p = preset.protocol
+    assert (p.short_side, p.window, p.stride, p.prob_thd) == (short_side, window, stride, prob_thd)
+    assert (p.logit_scale, p.area_thd, p.pamr_steps) == (40.0, 0.0, 0)
+    assert preset_options(preset, "cass") == options  # checked as -O options are
+    assert preset_options(preset, "naclip") == {}  # another method's run: its own defaults
+    assert get_preset(benchmark, method="cass") == preset
+
+
+def test_segment_scores_each_window_with_its_whole_images_embedding(deep_vit, proxy_folder):  # noqa: F811
+    folder = str(proxy_folder[0])
+    names = inline_classes("a dog,a red square,grass")
+    protocol = Protocol(short_side=0, window=64, stride=48)
+    image = random_image(seed=4, size=(112, 64))  # two 64x64 windows
+    segmenter = Segmenter(deep_vit, names, "cass", protocol, {"proxy": folder})
+    prepared = segmenter.prepare(image)
+    maps, failed = segmenter.window_maps([prepared])
+    assert not failed and len(prepared.windows) == 2
+    whole = deep_vit.image_embeddings(prepared.image[None])
+    proxy = load_proxy(folder)
+    for j, w in enumerate(prepared.windows):
+        crop = prepared.image[None, :, w.top : w.top + 64, w.left : w.left + 64]
+        expected = cass_maps(deep_vit, crop, segmenter.texts, proxy, whole).maps[0]
+        torch.testing.assert_close(maps[(0, j)], expected, atol=1e-5, rtol=1e-5)
+        own = cass(deep_vit, crop, segmenter.texts, proxy=folder).maps[0]
+        assert not torch.allclose(maps[(0, j)], own, atol=1e-3)
+    # whole_image off: each window's own embedding, as the reference on Cityscapes
+    alone = Segmenter(deep_vit, names, "cass", protocol, {"proxy": folder, "whole_image": False})
+    maps, _ = alone.window_maps([prepared])
+    for j, w in enumerate(prepared.windows):
+        crop = prepared.image[None, :, w.top : w.top + 64, w.left : w.left + 64]
+        own = cass(deep_vit, crop, segmenter.texts, proxy=folder).maps[0]
+        torch.testing.assert_close(maps[(0, j)], own, atol=1e-5, rtol=1e-5)
+
+
+def test_clipviz_segment_runs_cass_with_a_proxy_folder_and_the_presets_options(
+    tmp_path, trained_clip
+):
+    from typer.testing import CliRunner
+
+    from clipviz.backend import load_backend
+    from clipviz.cli import app
+    from clipviz.segment import read_classes_file
+    from clipviz.testbed.world import write_voc
+
+    config, weights = trained_clip
+    write_voc(tmp_path / "voc", 2, seed=11, size=64)
+    architecture, args = PROXY[0], {**PROXY[1], "embed_dim": 64, "num_heads": 4, "img_size": 64}
+    folder = tmp_path / "proxy"  # a random ViT/8 as wide as the test bed's CLIP
+    folder.mkdir()
+    torch.manual_seed(3)
+    model = timm.create_model(architecture, pretrained=False, num_classes=0, **args)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(folder / "model.safetensors"))  # fmt: skip
+    (folder / "config.json").write_text(
+        json.dumps({"architecture": architecture, "model_args": args})
+    )
+    classes, out = tmp_path / "voc" / "classes.txt", tmp_path / "out"
+    result = CliRunner().invoke(app, [
+        "segment", str(tmp_path / "voc" / "JPEGImages"), "--classes-file", str(classes),
+        "--preset", "cass/voc20", "--proxy", str(folder), "--short-side", "64", "--window", "48",
+        "--stride", "16", "--model-config", str(config), "--pretrained", str(weights),
+        "--device", "cpu", "--workers", "0", "--save-probs", "--out", str(out), "-q"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    preset = get_preset("cass/voc20")
+    run = json.loads((out / "run.json").read_text())
+    assert run["method"] == "cass" and run["options"] == {**preset.options, "proxy": str(folder)}
+    # the library, with the preset's options and without them
+    backend = load_backend(model_config=config, pretrained=str(weights), device="cpu")
+    protocol = preset.with_overrides(short_side=64, window=48, stride=16)
+    names = read_classes_file(classes)
+    tuned = Segmenter(backend, names, "cass", protocol, {**preset.options, "proxy": str(folder)})
+    plain = Segmenter(backend, names, "cass", protocol, {"proxy": str(folder)})
+    photos = sorted((tmp_path / "voc" / "JPEGImages").iterdir())
+    images = [Image.open(p).convert("RGB") for p in photos]
+    pairs = zip(photos, tuned(images, keep_probs=True), plain(images, keep_probs=True), strict=True)
+    for photo, seg, other in pairs:
+        assert np.array_equal(np.asarray(Image.open(out / photo.name / "labels.png")), seg.labels)
+        stored = torch.from_numpy(np.load(out / photo.name / "probs.npz")["probs"]).float()
+        torch.testing.assert_close(stored, seg.probs, atol=1e-3, rtol=0)  # float16 on file
+        assert (stored - other.probs).abs().max() > 0.05  # the preset's options change them

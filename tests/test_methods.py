@@ -67,7 +67,7 @@ def extra_inputs(tmp_path_factory, family_backends):
     root = tmp_path_factory.mktemp("contract")
     vocab = root / "words.txt"
     vocab.write_text("dog\ncat\nsquare\ncircle\ngrass\n", encoding="utf-8")
-    proxy, _ = write_proxy_folder(root / "proxy")  # a tiny random ViT/8 for ProxyCLIP
+    proxy, _ = write_proxy_folder(root / "proxy")  # a tiny random ViT/8 for ProxyCLIP and CASS
     heads: dict[str, object] = {}
 
     def head_for(family: str) -> str:
@@ -89,6 +89,7 @@ def extra_inputs(tmp_path_factory, family_backends):
         "convis": lambda tower: {"vocabulary": str(vocab), "variant": "dense"},
         "gscorecam": lambda tower: {"topk": 6},
         "proxyclip": lambda tower: {"proxy": str(proxy)},
+        "cass": lambda tower: {"proxy": str(proxy)},
     }
 
 

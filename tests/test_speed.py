@@ -23,7 +23,7 @@ PROMPTS = ["a dog", "a square"]
 COMPILED_FAMILIES = ("vit", "rn", "map", "eva", "convnext", "relpos")
 # a forward-only method, one with explicit attention, and gradients through one block or many
 COMPILED_METHODS = ("itsm", "surgery", "gradcam", "legrad", "gae", "gscorecam")
-NEEDS_INPUT = {"eclip", "convis", "random", "proxyclip"}  # an input of their own, or none
+NEEDS_INPUT = {"eclip", "convis", "random", "proxyclip", "cass"}  # an input of their own, or none
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

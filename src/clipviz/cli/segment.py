@@ -188,7 +188,7 @@ def segment(
         inline_classes,
         read_classes_file,
     )
-    from ..segment.presets import override
+    from ..segment.presets import override, preset_options
 
     if list_presets:
         _print_presets(json_out)
@@ -230,7 +230,8 @@ def segment(
     )  # fmt: skip
     protocol.check()
     proxy_option = [f"proxy={proxy}"] if proxy is not None else []
-    options = method_options([method], [*(option or []), *proxy_option])[method]
+    given = method_options([method], [*(option or []), *proxy_option])[method]
+    options = {**preset_options(chosen, method), **given}
     check_run_args(out, batch_size, workers, max_pixels, writers)
     refuse_stdin(inputs_file)
     if not inputs and inputs_file is None:

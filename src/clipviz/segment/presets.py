@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -32,7 +32,8 @@ class Preset:
     """One method's settings on one benchmark.
 
     method: the clipviz method that computes the protocol's maps (None: none does, and a
-    method must be chosen); sources: where each value was read; note: what is not reproduced.
+    method must be chosen); sources: where each value was read; note: what is not reproduced;
+    options: the method's options the authors set for the benchmark (given `-O` override them).
     """
 
     name: str
@@ -41,6 +42,7 @@ class Preset:
     protocol: Protocol
     sources: tuple[str, ...]
     note: str = ""
+    options: dict[str, Any] = field(default_factory=dict, hash=False)
 
     def classes(self) -> ClassNames:
         """The benchmark's class names as shipped."""
@@ -86,9 +88,20 @@ def get_preset(name: str, method: str | None = None) -> Preset:
         )
     row = table[protocol]
     values = {**row["defaults"], **row["benchmarks"][benchmark]}
+    options = {**row.get("options", {}), **values.pop("options", {})}
     sources = (row["source"], values.pop("source"), row.get("pamr_source", ""))
     settings = {k: v for k, v in values.items() if k in _FIELDS}
     settings["pamr_dilations"] = tuple(settings["pamr_dilations"])
     note = "; ".join(n for n in (row.get("note", ""), row.get("classes_note", "")) if n)
     return Preset(f"{protocol}/{benchmark}", row["method"], benchmark, Protocol(**settings),
-                  tuple(s for s in sources if s), note)  # fmt: skip
+                  tuple(s for s in sources if s), note, options)  # fmt: skip
+
+
+def preset_options(preset: Preset | None, method: str) -> dict[str, Any]:
+    """The method options `preset` sets when `method` is the preset's own (checked as `-O`
+    ones are); none for another method, or without a preset. Given options go over them."""
+    from ..methods import method_options
+
+    if preset is None or not preset.options or preset.method != method:
+        return {}
+    return method_options([method], [], preset.options)[method]

@@ -166,6 +166,9 @@ class Segmenter:
                     break
                 groups[seen].append((i, j))
         out: dict[tuple[int, int], torch.Tensor] = {}
+        # a method that scores each window with its whole image's embedding (CASS) offers it
+        with_images = getattr(self.method.fn, "with_image_embeddings", None)
+        whole: dict[int, torch.Tensor] = {}
         for (sh, sw), keys in groups.items():
             keys = [k for k in keys if k[0] not in failed]
             for start in range(0, len(keys), self.window_batch):
@@ -177,7 +180,16 @@ class Segmenter:
                 left, right, top, bottom = pads = pad_sizes(sh, sw, self.protocol.pad)
                 if any(pads):
                     crops = F.pad(crops, pads)
-                maps = self.method.fn(self.backend, crops, self.texts, **self.options).maps
+                if with_images is None:
+                    maps = self.method.fn(self.backend, crops, self.texts, **self.options).maps
+                else:
+                    for (i, _), (p, _) in zip(chunk, ready, strict=True):
+                        if i not in whole:
+                            whole[i] = self.backend.image_embeddings(p.image[None])[0]
+                    embeddings = torch.stack([whole[i] for i, _ in chunk])
+                    maps = with_images(
+                        self.backend, crops, self.texts, embeddings, **self.options
+                    ).maps
                 for key, m in zip(chunk, maps.float(), strict=True):
                     if any(pads):  # at the padded window's pixels, the window cut out
                         m = upsample(m, (crops.shape[-2], crops.shape[-1]))
