@@ -21,6 +21,7 @@ from conftest import random_image
 from PIL import Image
 from reference import _layer_norm, _out_proj, _qkv, _texts, _vit_input
 from safetensors.torch import save_file
+from test_proxy import write_proxy_folder
 from test_scclip import _images, deep_vit  # noqa: F401 (a fixture)
 
 from clipviz.methods.cass import (
@@ -371,3 +372,24 @@ def test_clipviz_segment_runs_cass_with_a_proxy_folder_and_the_presets_options(
         stored = torch.from_numpy(np.load(out / photo.name / "probs.npz")["probs"]).float()
         torch.testing.assert_close(stored, seg.probs, atol=1e-3, rtol=0)  # float16 on file
         assert (stored - other.probs).abs().max() > 0.05  # the preset's options change them
+
+
+def test_clipviz_eval_segment_runs_cass_with_the_presets_options(tmp_path, tiny_weights):
+    from typer.testing import CliRunner
+
+    from clipviz.cli import app
+    from clipviz.testbed.world import write_voc
+
+    write_voc(tmp_path / "voc", 1, seed=5, size=64)
+    config, weights = tiny_weights["vit"]
+    folder, out = tmp_path / "proxy", tmp_path / "r.json"
+    write_proxy_folder(folder)
+    result = CliRunner().invoke(app, [
+        "eval", str(tmp_path / "voc"), "--task", "segment", "--preset", "cass/cityscapes",
+        "-O", "proxy=" + str(folder), "-O", "h_threshold=0.3", "--short-side", "0",
+        "--window", "48", "--stride", "16", "--json", str(out), "--model-config", str(config),
+        "--pretrained", str(weights), "--device", "cpu"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    options = json.loads(out.read_text())["method_options"]
+    preset = get_preset("cass/cityscapes").options
+    assert options == {"cass": {**preset, "h_threshold": 0.3, "proxy": str(folder)}}

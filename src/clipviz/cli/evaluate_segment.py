@@ -81,6 +81,7 @@ def evaluate_segment(
     from ..runs.prepare import check_results_file
     from ..runs.segment_eval import SegmentEvalOptions, evaluate_segmentation
     from ..segment import ClassNames, benchmark_classes, read_classes_file
+    from ..segment.presets import preset_options
     from .evaluate import _safe_name
     from .options import load
 
@@ -111,7 +112,10 @@ def evaluate_segment(
         methods=tuple(chosen_methods),
         protocol=protocol,
         protocols=protocols,
-        method_options=method_options(chosen_methods, list(option or [])),
+        method_options={
+            m: {**preset_options(protocol_of(settings, m)[0], m), **given}
+            for m, given in method_options(chosen_methods, option or []).items()
+        },
         pamr_compare=settings.pamr_compare,
         batch_size=batch_size,
     )

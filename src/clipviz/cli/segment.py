@@ -88,7 +88,7 @@ def segment(
         str | None,
         typer.Option(
             "--proxy",
-            help="the proxy model of a method that has one (proxyclip): a timm name whose "
+            help="the proxy model of a method that has one (proxyclip, cass): a timm name whose "
             "weights are cached, NAME=FILE, or a folder with config.json and model.safetensors",
         ),
     ] = None,
