@@ -300,6 +300,20 @@ def test_cass_presets_carry_the_authors_settings_and_options(benchmark):
     assert get_preset(benchmark, method="cass") == preset
 
 
+def test_list_presets_shows_the_cass_presets_options():
+    from typer.testing import CliRunner
+
+    from clipviz.cli import app
+
+    result = CliRunner().invoke(app, ["segment", "--list-presets", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["name"]: r for r in json.loads(result.output)["presets"]}
+    assert {b: rows[f"cass/{b}"]["options"] for b in CASS_PRESETS} == {
+        b: row[-1] for b, row in CASS_PRESETS.items()
+    }
+    assert rows["sclip/voc21"]["options"] == {}
+
+
 def test_segment_scores_each_window_with_its_whole_images_embedding(deep_vit, proxy_folder):  # noqa: F811
     folder = str(proxy_folder[0])
     names = inline_classes("a dog,a red square,grass")

@@ -312,7 +312,7 @@ def _print_presets(json_out: bool) -> None:
         print_json({"presets": [
             {"name": p.name, "method": p.method, "benchmark": p.benchmark,
              "protocol": {**p.protocol.__dict__, "pamr_dilations": list(p.protocol.pamr_dilations)},
-             "sources": list(p.sources), "note": p.note}
+             "options": p.options, "sources": list(p.sources), "note": p.note}
             for p in presets
         ]})  # fmt: skip
         return
