@@ -8,6 +8,7 @@ threshold, the argmax, and pixels whose best probability stays under `prob_thd` 
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -76,12 +77,70 @@ def merge_windows(
     grid): each upsampled to its window's pixels, summed, divided by the window count."""
     canvas = window_maps[0].new_zeros((window_maps[0].shape[0], *size), dtype=torch.float32)
     count = canvas.new_zeros((1, *size))
-    for maps, w in zip(window_maps, windows, strict=True):
-        canvas[:, w.top : w.bottom, w.left : w.right] += upsample(maps, w.size)
-        count[:, w.top : w.bottom, w.left : w.right] += 1
+    alike: dict[tuple[tuple[int, ...], tuple[int, int]], list[int]] = defaultdict(list)
+    for i, (maps, w) in enumerate(zip(window_maps, windows, strict=True)):
+        alike[(tuple(maps.shape), w.size)].append(i)
+    for (_, window), group in alike.items():
+        # the windows of one size resized in one call, as contiguous maps (a method's maps
+        # may come channels last, whose resize and sums into the canvas take 3x the time)
+        resized = upsample(torch.stack([window_maps[i] for i in group]), window)
+        for i, maps in zip(group, resized, strict=True):
+            w = windows[i]
+            canvas[:, w.top : w.bottom, w.left : w.right] += maps
+            count[:, w.top : w.bottom, w.left : w.right] += 1
     if not bool((count > 0).all()):
         raise ValueError("the windows leave pixels uncovered")
     return canvas / count
+
+
+# pixels classified at a time on a CPU: the softmax, each class's best name and the argmax
+# run on blocks that stay in the processor's cache, not as passes over every name's scores at
+# every pixel (which cost twice the time, and memory that grows with names times pixels)
+CLASSIFY_BLOCK = 4096
+
+
+@dataclass(frozen=True)
+class NameGroups:
+    """Which names each class takes the best of: each class's first name `[K]` and the classes
+    with more names, as row slices where their names are consecutive (a classes file's lines).
+    """
+
+    first: torch.Tensor
+    more: tuple[tuple[int, slice | torch.Tensor], ...]
+    identity: bool  # one name per class, in class order
+
+    @classmethod
+    def of(cls, name_class: torch.Tensor, num_classes: int) -> NameGroups | None:
+        """The groups of `name_class` `[Q]` (the class of each name); None when a class has no
+        name."""
+        rows: list[list[int]] = [[] for _ in range(num_classes)]
+        for name, k in enumerate(name_class.tolist()):
+            rows[k].append(name)
+        if not all(rows):
+            return None
+        device = name_class.device
+        more = tuple(
+            (
+                k,
+                slice(r[0], r[-1] + 1)
+                if r[-1] - r[0] == len(r) - 1
+                else torch.tensor(r, device=device),
+            )
+            for k, r in enumerate(rows)
+            if len(r) > 1
+        )
+        identity = all(r == [k] for k, r in enumerate(rows))
+        return cls(torch.tensor([r[0] for r in rows], device=device), more, identity)
+
+    def best(self, probs: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Per class the max over its names' rows of `probs` `[Q, ...]`: `[K, ...]` (in `out`)."""
+        if self.identity:
+            return probs if out is None else out.copy_(probs)
+        firsts = probs.index_select(0, self.first)
+        out = firsts if out is None else out.copy_(firsts)
+        for k, rows in self.more:
+            torch.amax(probs[rows], dim=0, out=out[k])
+        return out
 
 
 def class_probabilities(
@@ -89,33 +148,34 @@ def class_probabilities(
 ) -> torch.Tensor:
     """Class probabilities `[K, H, W]` from the cosine maps `[Q, H, W]` of every name: the
     softmax of `logit_scale · cos` over all Q names, then per class the max over its names
-    (`name_class` `[Q]`: the class of each name)."""
+    (`name_class` `[Q]`: the class of each name; a class without a name gets 0)."""
     probs = (cosines.float() * logit_scale).softmax(dim=0)
-    if cosines.shape[0] == num_classes:
-        return probs  # one name per class, in class order
-    classes = name_class.tolist()
-    if classes == sorted(classes) and set(classes) == set(range(num_classes)):
-        # a classes file's names come line by line: each class's names are one slice
-        bounds = torch.searchsorted(name_class.cpu(), torch.arange(num_classes + 1)).tolist()
-        out = probs.new_empty((num_classes, *probs.shape[1:]))
-        for k in range(num_classes):
-            torch.amax(probs[bounds[k] : bounds[k + 1]], dim=0, out=out[k])
-        return out
-    index = name_class.to(probs.device).view(-1, 1, 1).expand_as(probs)
+    groups = NameGroups.of(name_class, num_classes)
+    if groups is not None:
+        return groups.best(probs)
+    index = name_class.to(probs.device).view(-1, *[1] * (probs.dim() - 1)).expand_as(probs)
     out = probs.new_zeros((num_classes, *probs.shape[1:]))
     return out.scatter_reduce_(0, index, probs, reduce="amax", include_self=True)
+
+
+def dropped_classes(labels: torch.Tensor, num_classes: int, area_thd: float) -> torch.Tensor:
+    """SCLIP's area threshold: the foreground classes (1 … K−1) whose pixels among `labels`
+    (the argmax) are at most `area_thd` of all foreground pixels (strictly more keeps a class;
+    counts are exact integers); none when `area_thd` is 0."""
+    if area_thd <= 0:
+        return labels.new_zeros(0)
+    foreground = torch.bincount(labels.flatten(), minlength=num_classes)[1:]
+    return (foreground <= area_thd * foreground.sum()).nonzero().flatten() + 1
 
 
 def area_threshold(probs: torch.Tensor, area_thd: float) -> torch.Tensor:
     """SCLIP's area threshold on class probabilities `[K, H, W]`: a foreground class (1 … K−1)
     keeps its probabilities only when its argmax pixels are more than `area_thd` of all
     foreground argmax pixels (strictly); otherwise they become 0. Class 0 is never dropped;
-    `area_thd` 0 changes no label. Counts are exact integers."""
+    `area_thd` 0 changes no label."""
     if area_thd <= 0:
         return probs
-    counts = torch.bincount(probs.argmax(dim=0).flatten(), minlength=probs.shape[0])
-    foreground = counts[1:]
-    dropped = (foreground <= area_thd * foreground.sum()).nonzero().flatten() + 1
+    dropped = dropped_classes(probs.max(dim=0).indices, probs.shape[0], area_thd)
     if len(dropped) == 0:
         return probs
     out = probs.clone()
@@ -134,7 +194,28 @@ def classify(
     cosines: torch.Tensor, name_class: torch.Tensor, num_classes: int, protocol: Protocol
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Labels `[H, W]` and class probabilities `[K, H, W]` from merged cosine maps `[Q, H, W]`
-    at the original size (after any PAMR)."""
-    probs = class_probabilities(cosines, name_class, num_classes, protocol.logit_scale)
-    probs = area_threshold(probs, protocol.area_thd)
-    return labels_from_probabilities(probs, protocol.prob_thd), probs
+    at the original size (after any PAMR): `class_probabilities`, `area_threshold` and
+    `labels_from_probabilities` in one, on blocks of `CLASSIFY_BLOCK` pixels on a CPU (the
+    same numbers: each pixel's are computed alone)."""
+    groups = NameGroups.of(name_class, num_classes)
+    q, h, w = cosines.shape
+    if groups is None:
+        probs = class_probabilities(cosines, name_class, num_classes, protocol.logit_scale)
+        probs = area_threshold(probs, protocol.area_thd)
+        return labels_from_probabilities(probs, protocol.prob_thd), probs
+    flat = cosines.reshape(q, h * w)  # [Q, P]
+    probs = flat.new_empty((num_classes, h * w), dtype=torch.float32)
+    best = probs.new_empty(h * w)
+    labels = torch.empty(h * w, dtype=torch.int64, device=probs.device)
+    step = CLASSIFY_BLOCK if probs.device.type == "cpu" else h * w
+    for start in range(0, h * w, step):
+        cols = slice(start, start + step)
+        block = (flat[:, cols].float() * protocol.logit_scale).softmax(dim=0)
+        groups.best(block, out=probs[:, cols])
+        torch.max(probs[:, cols], dim=0, out=(best[cols], labels[cols]))
+    dropped = dropped_classes(labels, num_classes, protocol.area_thd)
+    if len(dropped):
+        probs[dropped] = 0.0
+        torch.max(probs, dim=0, out=(best, labels))  # the first class among equals, as argmax
+    labels.masked_fill_(best < protocol.prob_thd, 0)
+    return labels.view(h, w), probs.view(num_classes, h, w)
