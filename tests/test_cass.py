@@ -116,16 +116,13 @@ def _spectral(k, dk, scale, stretch):
         for j in range(heads):
             p, q = d_eig[i] / d_eig[i].abs().sum(), c_eig[j] / c_eig[j].abs().sum()
             cost[i, j] = 1 - (p.sort()[0] - q.sort()[0]).abs().sum()
-    perms = list(itertools.permutations(range(heads)))
-    col = min(perms, key=lambda s: sum(float(cost[i, s[i]]) for i in range(heads)))
+    col = _cheapest(cost.numpy())
     out = torch.zeros_like(clip)
     for i in range(heads):
         j = col[i]
         w_d = 1 - cost[i, j]
-        # svd_lowrank(q=10)'s triplets, exactly: the graph is symmetric positive semidefinite
-        vals, vecs = torch.linalg.eigh(dino[j])
-        s, u = vals.flip(0)[:10], vecs.flip(1)[:, :10]
-        v = u
+        u, s, vh = torch.linalg.svd(dino[j])  # svd_lowrank(q=10)'s triplets, exactly
+        u, s, v = u[:, :10], s[:10], vh[:10].T
         if stretch:
             lo, hi = s.min(), s.max()
             s = (s - lo) / (hi - lo) * (1.5 * hi - 0.5 * lo) + 0.5 * lo
@@ -213,11 +210,26 @@ def test_cass_equals_its_authors_forward_step_by_step(deep_vit, proxy_folder, op
 # -- scipy's pieces ----------------------------------------------------------------------------
 
 
+def _cheapest(cost):
+    """The first permutation in order whose total cost is within 1e-6 of the least."""
+    n = len(cost)
+    totals = {s: cost[range(n), s].sum() for s in itertools.permutations(range(n))}
+    least = min(totals.values())
+    return next(s for s, total in totals.items() if total <= least + 1e-6)
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_min_cost_assignment_is_the_cheapest_permutation(seed):
-    cost = np.random.default_rng(seed).normal(size=(6, 6))
-    best = min(itertools.permutations(range(6)), key=lambda s: cost[range(6), list(s)].sum())
-    assert min_cost_assignment(cost).tolist() == list(best)
+    rng = np.random.default_rng(seed)
+    cost = rng.normal(size=(6, 6))
+    assert min_cost_assignment(cost).tolist() == list(_cheapest(cost))
+    # rows that differ by a constant tie every pairing of theirs: the first in order wins,
+    # whatever the float noise
+    tied = cost.copy()
+    tied[[1, 3, 4]] = cost[1] + np.array([[0.0], [0.25], [-0.5]]) + rng.normal(0, 1e-14, (3, 6))
+    expected = _cheapest(tied)
+    assert min_cost_assignment(tied).tolist() == list(expected)
+    assert expected[1] < expected[3] < expected[4]
 
 
 def _ward_from_centroids(points, threshold):

@@ -50,22 +50,19 @@ INVERSE_STD = (0.229, 0.224, 0.255)
 # -- scipy and scikit-learn, written out -------------------------------------------------
 
 
-def min_cost_assignment(cost: np.ndarray) -> np.ndarray:
-    """For a square cost matrix, the column of each row `[n]` that minimises the total cost
-    (scipy's `linear_sum_assignment`): Hungarian shortest augmenting paths, O(n³)."""
+def _hungarian(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A least-cost assignment of a square matrix (the column of each row) and the dual
+    potentials of rows and columns: shortest augmenting paths, O(n³)."""
     n = cost.shape[0]
-    if cost.shape != (n, n):
-        raise ValueError(f"a square cost matrix, not {cost.shape}")
     # 1-based potentials and matches; column 0 is the augmenting path's virtual start
     u, v = np.zeros(n + 1), np.zeros(n + 1)
-    row_of = np.zeros(n + 1, dtype=np.int64)  # row matched to each column (0: none)
+    row_of = np.zeros(n + 1, dtype=np.int64)  # the row matched to each column (0: none)
     for row in range(1, n + 1):
-        row_of[0] = row
-        col = 0
+        row_of[0], col = row, 0
         slack = np.full(n + 1, np.inf)
         previous = np.zeros(n + 1, dtype=np.int64)
         used = np.zeros(n + 1, dtype=bool)
-        while row_of[col] != 0:
+        while row_of[col]:
             used[col] = True
             r = row_of[col]
             free = ~used
@@ -81,12 +78,51 @@ def min_cost_assignment(cost: np.ndarray) -> np.ndarray:
             slack[~used] -= delta
             col = nxt
         while col:  # flip the matches along the path
-            prev = previous[col]
-            row_of[col] = row_of[prev]
-            col = prev
+            row_of[col] = row_of[previous[col]]
+            col = previous[col]
     out = np.empty(n, dtype=np.int64)
     out[row_of[1:] - 1] = np.arange(n)
-    return out
+    return out, u[1:], v[1:]
+
+
+def _completes(allowed: np.ndarray, rows: list[int], cols: list[int]) -> bool:
+    """Whether `rows` can each take a different one of `cols` along `allowed` edges (Kuhn's
+    augmenting paths)."""
+    match: dict[int, int] = {}  # column -> row
+
+    def place(r: int, seen: set[int]) -> bool:
+        for c in cols:
+            if allowed[r, c] and c not in seen:
+                seen.add(c)
+                if c not in match or place(match[c], seen):
+                    match[c] = r
+                    return True
+        return False
+
+    return all(place(r, set()) for r in rows)
+
+
+def min_cost_assignment(cost: np.ndarray, tolerance: float = 1e-6) -> np.ndarray:
+    """For a square cost matrix, the column of each row `[n]` that minimises the total cost
+    (scipy's `linear_sum_assignment`), Hungarian.
+
+    CASS's costs tie often (two heads' spectra can differ by the same amount from every
+    other head's), and the reference's float noise then picks the pairing; here the pairing
+    whose columns, read row by row, come first among the least-cost ones, an edge counting as
+    least-cost while its reduced cost (the cost less the optimal duals) is within
+    `tolerance`."""
+    n = cost.shape[0]
+    if cost.shape != (n, n):
+        raise ValueError(f"a square cost matrix, not {cost.shape}")
+    _, u, v = _hungarian(cost)
+    allowed = cost - u[:, None] - v[None, :] <= tolerance  # the optimum's edges, and ties
+    out, free = [], list(range(n))
+    for row in range(n):
+        col = next(c for c in free if allowed[row, c]
+                   and _completes(allowed, list(range(row + 1, n)), [f for f in free if f != c]))  # fmt: skip
+        out.append(col)
+        free.remove(col)
+    return np.array(out, dtype=np.int64)
 
 
 def cosine_distances(x: np.ndarray) -> np.ndarray:
@@ -128,10 +164,24 @@ def ward_clusters(distances: np.ndarray, threshold: float) -> np.ndarray:
 # -- spectral object-level context --------------------------------------------------------
 
 
-def spectra(graphs: torch.Tensor, count: int) -> torch.Tensor:
-    """The `count` largest eigenvalues `[..., count]` of symmetric graphs `[..., N, N]`, in
-    descending order, L2-normalised (`compute_spectrum`, then `F.normalize`)."""
-    values = torch.linalg.eigvalsh(graphs).flip(-1)[..., :count]
+def graph_eigen(keys: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eigenvalues (descending) `[..., r]` and unit eigenvectors `[..., N, r]` of the
+    patch graphs `G = k kᵀ · scale` of keys `[..., N, d]`, r = min(N, d), the graph's other
+    eigenvalues being 0: from the d × d matrix `kᵀ k` (`kᵀ k w = μ w` gives `G (k w) =
+    scale · μ (k w)`), which is smaller than the N × N graph."""
+    mu, w = torch.linalg.eigh(keys.transpose(-2, -1) @ keys)  # ascending [..., d]
+    r = min(keys.shape[-2], keys.shape[-1])
+    mu, w = mu.flip(-1)[..., :r].clamp_min(0), w.flip(-1)[..., :r]
+    vectors = (keys @ w) / mu.sqrt().clamp_min(torch.finfo(mu.dtype).tiny)[..., None, :]
+    return mu * scale, vectors
+
+
+def spectra(values: torch.Tensor, patches: int, count: int) -> torch.Tensor:
+    """The `count` largest eigenvalues `[..., count]` of graphs of `patches` nodes from their
+    nonzero ones (descending, `graph_eigen`), zeros after them, L2-normalised
+    (`compute_spectrum`, then `F.normalize`)."""
+    count = min(count, patches)
+    values = F.pad(values, (0, max(count - values.shape[-1], 0)))[..., :count]
     return F.normalize(values, p=2, dim=-1)
 
 
@@ -143,23 +193,22 @@ def spectral_distances(proxy: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
     return (p[:, None] - c[None]).abs().sum(dim=-1)
 
 
-def low_rank(graphs: torch.Tensor, rank: int, stretch: bool) -> torch.Tensor:
-    """Rank-`rank` approximations `U diag(s) Vᵀ` of graphs `[..., N, N]` from their largest
-    singular values, with a zero diagonal.
+def low_rank(values: torch.Tensor, vectors: torch.Tensor, rank: int, stretch: bool) -> torch.Tensor:
+    """Rank-`rank` approximations `U diag(s) Vᵀ` `[..., N, N]`, with a zero diagonal, of
+    positive semidefinite graphs from their largest eigenvalues `[..., r]` (descending) and
+    eigenvectors `[..., N, r]`: for such a graph the singular triplets are `(λ, u, u)`.
 
     The reference asks `torch.svd_lowrank` for q = 10 triplets and keeps the smallest q whose
     singular values hold 95 % of the energy *of those q*, which the 10th always does: every
     graph gets the (randomised) rank 10; here the exact truncated SVD. stretch: the values
     rescaled linearly from [min, max] to [min / 2, 1.5 · max] (`_scale_singular_values`; the
     reference skips it on VOC20 and Cityscapes)."""
-    u, s, vh = torch.linalg.svd(graphs)
-    rank = min(rank, s.shape[-1])
-    u, s, vh = u[..., :rank], s[..., :rank], vh[..., :rank, :]
+    s, u = values[..., :rank], vectors[..., :rank]
     if stretch:
         low, high = s.amin(dim=-1, keepdim=True), s.amax(dim=-1, keepdim=True)
         span = (high - low).clamp_min(torch.finfo(s.dtype).tiny)
         s = (s - low) / span * (1.5 * high - 0.5 * low) + 0.5 * low
-    approx = (u * s[..., None, :]) @ vh
+    approx = (u * s[..., None, :]) @ u.transpose(-2, -1)
     return approx * (1 - torch.eye(approx.shape[-1], dtype=approx.dtype, device=approx.device))
 
 
@@ -174,33 +223,38 @@ def range_of(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def spectral_context(
-    clip_graph: torch.Tensor,
-    proxy_graph: torch.Tensor,
+    clip_keys: torch.Tensor,
+    proxy_keys: torch.Tensor,
+    scale: float,
     stretch: bool = True,
     rank: int = RANK,
     eigenvalues: int = EIGENVALUES,
     proxy_weight: float = PROXY_WEIGHT,
 ) -> torch.Tensor:
     """CASS's attention logits `[H, N, N]` of one image's last block (before NACLIP's prior
-    and the softmax) from its patch graphs per head, CLIP's and the proxy's `[H, N, N]`
-    (`key_graphs`), in float64.
+    and the softmax), from the patch keys per head of CLIP `[H, N, d]` and of the proxy
+    `[H, N, d′]` (`key_groups`), in float64.
 
-    Cost (i, j) = 1 − W(proxy i, CLIP j) (`spectral_distances`) is minimised by an
-    assignment σ (i → σ(i)). As the reference indexes the pair (its `dino_attn_weights[j]`,
-    `attn_weights[i]`), CLIP head i is mixed with proxy head σ(i), with weight
-    `w = W(proxy i, CLIP σ(i))`:
+    Graphs `G = k kᵀ · scale` per head. Cost (i, j) = 1 − W(proxy i, CLIP j)
+    (`spectral_distances`) is minimised by an assignment σ (i → σ(i)). As the reference
+    indexes the pair (its `dino_attn_weights[j]`, `attn_weights[i]`), CLIP head i is mixed
+    with proxy head σ(i), with weight `w = W(proxy i, CLIP σ(i))`:
     `(w · proxy_weight · R(low_rank(G_proxy σ(i))) + G_clip i) / (w · proxy_weight + 1)`,
     R: rescaled onto `G_clip i`'s range.
     """
-    clip_graph, proxy_graph = clip_graph.double(), proxy_graph.double()
+    clip_keys, proxy_keys = clip_keys.double(), proxy_keys.double()
+    patches = clip_keys.shape[-2]
+    clip_graph = (clip_keys @ clip_keys.transpose(-2, -1)) * scale
+    clip_values, _ = graph_eigen(clip_keys, scale)
+    values, vectors = graph_eigen(proxy_keys, scale)
     distance = spectral_distances(
-        spectra(proxy_graph, eigenvalues), spectra(clip_graph, eigenvalues)
+        spectra(values, patches, eigenvalues), spectra(clip_values, patches, eigenvalues)
     )
     sigma = torch.from_numpy(min_cost_assignment((1 - distance).cpu().numpy()))
     sigma = sigma.to(clip_graph.device)
     weight = distance[torch.arange(len(sigma), device=sigma.device), sigma] * proxy_weight
     weight = weight[:, None, None]
-    proxy_part = range_of(low_rank(proxy_graph[sigma], rank, stretch), clip_graph)
+    proxy_part = range_of(low_rank(values[sigma], vectors[sigma], rank, stretch), clip_graph)
     return (weight * proxy_part + clip_graph) / (weight + 1)
 
 
@@ -251,13 +305,16 @@ def key_range(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (source - s_low.view(shape)) * ratio + t_low.view(shape)
 
 
-def key_graphs(keys: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
-    """Patch graphs `k kᵀ · scale` `[B, heads, N, N]` (float64) of key channels `[B, C, N]`
-    shared out to `heads` in order, as the reference reshapes the proxy's keys into CLIP's
-    heads (DINO ViT-B and CLIP ViT-B: 12 heads of 64 either way; other widths: groups
-    as equal as `C` allows)."""
-    groups = torch.tensor_split(keys.double(), heads, dim=1)
-    return torch.stack([g.transpose(1, 2) @ g * scale for g in groups], dim=1)
+def key_groups(keys: torch.Tensor, heads: int) -> torch.Tensor:
+    """Key channels `[B, C, N]` shared out to `heads` in order `[B, heads, N, ⌈C / heads⌉]`,
+    as the reference reshapes the proxy's keys into CLIP's heads (DINO ViT-B and CLIP ViT-B:
+    12 heads of 64 either way); for other widths groups as equal as `C` allows, the smaller
+    ones padded with zero channels (which leave their graphs `k kᵀ` as they are)."""
+    groups = torch.tensor_split(keys, heads, dim=1)
+    width = max(g.shape[1] for g in groups)
+    return torch.stack([F.pad(g, (0, 0, 0, width - g.shape[1])) for g in groups], 1).transpose(
+        -2, -1
+    )
 
 
 # -- object-level context for the texts ----------------------------------------------------
@@ -344,14 +401,10 @@ def cass_maps(
             )
         keys = k[:, :, prefix:].float()  # [B, H, N, d]: the class token leaves the block
         scale = k.shape[-1] ** -0.5
-        clip_graphs = (keys.double() @ keys.double().transpose(-2, -1)) * scale
         guide = key_range(proxy_keys(proxy, images, grid, side).to(keys.device), keys)
-        proxy_graphs = key_graphs(guide, vit.heads, scale)
+        guide = key_groups(guide, vit.heads)
         logits = torch.stack(
-            [
-                spectral_context(c, p, stretch)
-                for c, p in zip(clip_graphs, proxy_graphs, strict=True)
-            ]
+            [spectral_context(c, p, scale, stretch) for c, p in zip(keys, guide, strict=True)]
         )
         attention = (logits + omega.double()).softmax(dim=-1)
         with backend.autocast():
