@@ -29,6 +29,7 @@ from clipviz.methods.cass import (
     INVERSE_STD,
     cass,
     cass_maps,
+    key_groups,
     min_cost_assignment,
     proxy_input,
     ward_clusters,
@@ -419,3 +420,14 @@ def test_clipviz_eval_segment_runs_cass_with_the_presets_options(tmp_path, tiny_
     options = json.loads(out.read_text())["method_options"]
     preset = get_preset("cass/cityscapes").options
     assert options == {"cass": {**preset, "h_threshold": 0.3, "proxy": str(folder)}}
+
+
+def test_proxy_channels_are_shared_out_to_clips_heads_in_order():
+    keys = torch.arange(2 * 5 * 3, dtype=torch.float64).view(2, 5, 3)  # [B, C, N]
+    even = key_groups(keys[:, :4], 2)  # 4 channels, 2 heads: the reference's reshape
+    torch.testing.assert_close(even, keys[:, :4].reshape(2, 2, 2, 3).transpose(-2, -1))
+    uneven = key_groups(keys, 2)  # 5 channels: 3 and 2, the second padded with a zero channel
+    assert uneven.shape == (2, 2, 3, 3)
+    torch.testing.assert_close(uneven[:, 0], keys[:, :3].transpose(1, 2))
+    torch.testing.assert_close(uneven[:, 1, :, :2], keys[:, 3:].transpose(1, 2))
+    assert not uneven[:, 1, :, 2].any()

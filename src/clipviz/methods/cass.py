@@ -298,10 +298,9 @@ def key_range(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     `[B, …]` (`_normalize_key_range`)."""
     s_low, s_high = source.flatten(1).aminmax(dim=1)
     t_low, t_high = target.flatten(1).aminmax(dim=1)
+    span = (s_high - s_low).clamp_min(torch.finfo(source.dtype).tiny)
     shape = (-1,) + (1,) * (source.dim() - 1)
-    ratio = ((t_high - t_low) / (s_high - s_low).clamp_min(torch.finfo(source.dtype).tiny)).view(
-        shape
-    )
+    ratio = ((t_high - t_low) / span).view(shape)
     return (source - s_low.view(shape)) * ratio + t_low.view(shape)
 
 
@@ -312,9 +311,8 @@ def key_groups(keys: torch.Tensor, heads: int) -> torch.Tensor:
     ones padded with zero channels (which leave their graphs `k kᵀ` as they are)."""
     groups = torch.tensor_split(keys, heads, dim=1)
     width = max(g.shape[1] for g in groups)
-    return torch.stack([F.pad(g, (0, 0, 0, width - g.shape[1])) for g in groups], 1).transpose(
-        -2, -1
-    )
+    padded = [F.pad(g, (0, 0, 0, width - g.shape[1])) for g in groups]  # [B, width, N] each
+    return torch.stack(padded, dim=1).transpose(-2, -1)
 
 
 # -- object-level context for the texts ----------------------------------------------------
