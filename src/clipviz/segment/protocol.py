@@ -90,7 +90,7 @@ def merge_windows(
             count[:, w.top : w.bottom, w.left : w.right] += 1
     if not bool((count > 0).all()):
         raise ValueError("the windows leave pixels uncovered")
-    return canvas / count
+    return canvas.div_(count)
 
 
 # pixels classified at a time on a CPU: the softmax, each class's best name and the argmax
