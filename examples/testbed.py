@@ -1,97 +1,74 @@
-"""Reproduce the README's numbers and pictures on the synthetic world, end to end.
+"""Reproduce the documentation's test-bed numbers, on one synthetic world or on several.
 
-    python examples/testbed.py [--out testbed-out]
+    python examples/testbed.py [--out testbed-out]            # the test bed (world 0)
+    python examples/testbed.py --seeds 5 [--jobs 2]          # worlds 0-4: the documented ranges
 
-1. trains the tiny CLIP on the synthetic world (cached; ~2 minutes on 2 CPU cores),
-2. writes a held-out Pascal-VOC-layout set and an image-caption CSV,
-3. runs, through the `clipviz` command line: `train` (ECLIP, and the no-mask control),
-   `eval` (every ViT method; ECLIP against stock ITSM), `explain` (comparison sheets) and
-   `sanity` (the cascading randomisation test of the methods);
-4. the same for the tiny SigLIP (a MAP head trained with the sigmoid loss, cached; ~2
-   minutes): its methods and its ECLIP (trained with the sigmoid loss) beside the CLIP's.
-Every command is printed before it runs; the tables land in OUT/tables.md.
+For each seed s (world 0 is the test bed; every other seed draws its own six colours, four
+shapes and backgrounds, `clipviz.testbed.world.World.from_seed`), under OUT/seed-<s>/:
+
+1. trains (cached) a tiny CLIP and a tiny SigLIP on that world, the same way for every seed;
+2. writes a held-out Pascal-VOC-layout set and an image-caption CSV of that world;
+3. runs, through the `clipviz` command line: `train` (ECLIP with the free-attention mask, and
+   the no-mask control, at each of `--eclip-steps`), `eval` (every ViT method; ECLIP against
+   stock ITSM), `eval --task segment` (the segmentation protocol, with and without PAMR),
+   `sanity` (the cascading randomisation test), and the SigLIP's methods and ECLIP;
+4. writes `seed.json` with every number (a seed whose `seed.json` exists is read back, not
+   recomputed, unless `--fresh`).
+
+Then OUT/tables.md and OUT/summary.json hold the per-seed tables, and over the seeds the mean,
+min-max and a 95 % interval (Student's t over seeds) of every number, and how many seeds each
+of the documentation's claims holds on. Every command is printed before it runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import shlex
+import shutil
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-
-from clipviz.testbed.tinyclip import ensure_tiny_clip
-from clipviz.testbed.tinysiglip import ensure_tiny_siglip
-from clipviz.testbed.world import CLASSES, class_prompt, write_captions_csv, write_voc
+from typing import Any
 
 HELD_OUT_SEED, TRAIN_SEED = 1234, 99
-METHODS = [
-    "itsm",
-    "attention",
-    "surgery",
-    "maskclip",
-    "clearclip",
-    "sclip",
-    "naclip",
-    "gem",
-    "gradcam",
-    "gradeclip",
-    "gae",
-    "legrad",
-    "textspan",
-    "rollout",
-    "random",
-]
+METHODS = ["itsm", "attention", "surgery", "maskclip", "clearclip", "sclip", "naclip", "gem",
+           "gradcam", "gradeclip", "gae", "legrad", "textspan", "rollout", "random"]  # fmt: skip
 SIGLIP_METHODS = ["itsm", "attention", "surgery", "maskclip", "clearclip", "sclip", "naclip", "gem",
                   "gradcam", "legrad", "random"]  # fmt: skip
 SANITY_METHODS = ["itsm", "surgery", "clearclip", "sclip", "naclip", "gem", "gradcam",
                   "gradeclip", "gae", "legrad", "textspan", "rollout", "attention", "random"]  # fmt: skip
+SEGMENT_METHODS = ["itsm", "maskclip", "clearclip", "sclip", "naclip", "resclip", "gem",
+                   "surgery", "random"]  # fmt: skip
+MASKS = {"mean": ["--mask-rule", "mean"], "nomask": ["--mask-rule", "topk", "--mask-value", "1"]}
+METRICS = ("miou", "msc", "pointing", "area")
+# Student's t at 97.5 % for 1..10 degrees of freedom (a 95 % interval of a mean over seeds).
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]
 
 
-def clipviz(*args: str) -> None:
+def clipviz(*args: str, env: dict[str, str] | None = None) -> None:
     cmd = ["clipviz", *args]
     print("$", shlex.join(cmd), flush=True)
-    subprocess.run([sys.executable, "-m", "clipviz", *args], check=True)
+    subprocess.run([sys.executable, "-m", "clipviz", *args], check=True, env=env)
 
 
-def table(path: Path, methods: list[str], labels: dict[str, str] | None = None) -> str:
-    results = json.loads(path.read_text())["results"]
-    rows = ["| method | mIoU % (τ) | mSC % | pointing | area |", "| --- | --- | --- | --- | --- |"]
-    for m in methods:
-        r = results[m]
-        rows.append(
-            f"| {(labels or {}).get(m, m)} | {r['miou']:.1f} ({r['miou_threshold']:.2f}) | "
-            f"{r['msc']:+.1f} | {r['pointing']:.3f} | {r['area']:.3f} |"
-        )
-    return "\n".join(rows)
-
-
-def sanity_table(path: Path) -> str:
-    """Spearman ρ with the original maps after each layer is re-drawn, and the verdict."""
-    data = json.loads(path.read_text())
-    head = "| method | " + " | ".join(data["stages"]) + " | SSIM, all random | |"
-    rows = [head, "| --- |" + " --- |" * (len(data["stages"]) + 2)]
-    for name, s in data["methods"].items():
-        cells = " | ".join("—" if v is None else f"{v:.2f}" for v in s["spearman"])
-        verdict = "flagged" if s["flagged"] else "passes"
-        last = "—" if s["ssim"][-1] is None else f"{s['ssim'][-1]:.2f}"  # null: undefined
-        rows.append(f"| {name} | {cells} | {last} | {verdict} |")
-    return "\n".join(rows)
-
-
-def zero_shot(config: Path, weights: Path, n: int = 200) -> dict[str, float]:
-    """Colour, shape and class accuracy on one-object held-out scenes (24-way over CLASSES)."""
+def zero_shot(config: Path, weights: Path, world: Any, n: int = 200) -> dict[str, float]:
+    """Colour, shape and class accuracy on one-object held-out scenes (24-way over the
+    world's classes)."""
     from PIL import Image
 
     import clipviz
-    from clipviz.testbed.world import make_scenes
+    from clipviz.testbed.world import class_prompt, make_scenes
 
     model = clipviz.load_model(model_config=config, pretrained=str(weights))
-    scenes = make_scenes(n, seed=HELD_OUT_SEED + 1, n_objects=1)
+    scenes = make_scenes(n, seed=HELD_OUT_SEED + 1, n_objects=1, world=world)
     exp = clipviz.explain(model, [Image.fromarray(s.image) for s in scenes],
-                          [class_prompt(c) for c in CLASSES], ensemble=False)  # fmt: skip
-    guess = [CLASSES[i].split() for i in exp.probs.argmax(dim=1).tolist()]
+                          [class_prompt(c) for c in world.classes], ensemble=False)  # fmt: skip
+    guess = [world.classes[i].split() for i in exp.probs.argmax(dim=1).tolist()]
     truth = [(s.objects[0].colour, s.objects[0].shape) for s in scenes]
     return {
         "colour": sum(g[0] == t[0] for g, t in zip(guess, truth, strict=True)) / n,
@@ -100,98 +77,388 @@ def zero_shot(config: Path, weights: Path, n: int = 200) -> dict[str, float]:
     }
 
 
+def _metrics(results: dict[str, Any]) -> dict[str, dict[str, float]]:
+    keep = (*METRICS, "miou_threshold")
+    return {m: {k: r[k] for k in keep if k in r} for m, r in results.items()}
+
+
+def run_seed(seed: int, out: Path, cache: Path, eclip_steps: Sequence[int], threads: int) -> dict:
+    """Every number of one world; also written to `out/seed.json`."""
+    from clipviz.testbed.tinyclip import ensure_tiny_clip
+    from clipviz.testbed.tinysiglip import ensure_tiny_siglip
+    from clipviz.testbed.world import World, class_prompt, write_captions_csv, write_voc
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    world = World.from_seed(seed)
+    print(f"# {world.describe()}", flush=True)
+    tiny = ensure_tiny_clip(cache, seed=seed)
+    siglip = ensure_tiny_siglip(cache, seed=seed)
+    model = ["--model-config", str(tiny.config_path), "--pretrained", str(tiny.weights_path)]
+    siglip_model = ["--model-config", str(siglip.config_path), "--pretrained",
+                    str(siglip.weights_path)]  # fmt: skip
+    heldout = out / "heldout"
+    scenes = write_voc(heldout, 200, seed=HELD_OUT_SEED, world=world)
+    write_captions_csv(out / "world", 1500, seed=TRAIN_SEED, world=world)
+    classes = out / "prompts.txt"
+    classes.write_text("".join(f"{c}: {class_prompt(c)}\n" for c in world.classes))
+    common = ["--classes-file", str(classes), "--no-ensemble", "--pointing-tolerance", "0",
+              "--metric", "miou", "--metric", "msc", "--metric", "pointing", "--fresh", "-q"]  # fmt: skip
+    run = lambda *a: clipviz(*a, env=env)  # noqa: E731
+
+    def once(path: Path, make: Callable[[], None]) -> dict:
+        if not path.is_file():
+            make()
+        return json.loads(path.read_text())
+
+    methods = once(out / "methods.json", lambda: run(
+        "eval", str(heldout), *[a for m in METHODS for a in ("-m", m)], "--json",
+        str(out / "methods.json"), *common, *model))  # fmt: skip
+    eclip: dict[str, dict[str, Any]] = {}
+    for steps in eclip_steps:
+        for rule, mask in MASKS.items():
+            name = f"{rule}-{steps}"
+
+            def train_and_score(
+                name: str = name, mask: list[str] = mask, steps: int = steps
+            ) -> None:
+                run("train", str(out / "world" / "captions.csv"), "--out", str(out / name),
+                    "--steps", str(steps), "--lr", "3e-3", "-b", "64", *mask, "-q", *model)  # fmt: skip
+                run("eval", str(heldout), "-m", "eclip", "--eclip",
+                    str(out / name / "eclip.safetensors"), "--json", str(out / f"{name}.json"),
+                    *common, *model)  # fmt: skip
+                shutil.rmtree(out / name / "checkpoints", ignore_errors=True)
+
+            eclip.setdefault(rule, {})[str(steps)] = _metrics(
+                once(out / f"{name}.json", train_and_score)["results"])["eclip"]  # fmt: skip
+    segment = once(out / "segment.json", lambda: run(
+        "eval", str(heldout), "--task", "segment", *[a for m in SEGMENT_METHODS for a in ("-m", m)],
+        "--pamr-compare", "--short-side", "0", "--window", "0", "--prob-thd", "0.1", "--json",
+        str(out / "segment.json"), "-q", *model))  # fmt: skip
+    sanity = once(out / "sanity" / "sanity.json", lambda: run(
+        "sanity", str(heldout), "-f", "voc", "--classes-file", str(classes), "--no-ensemble",
+        "--limit", "50", *[a for m in SANITY_METHODS for a in ("-m", m)], "-o",
+        str(out / "sanity"), "-q", *model))  # fmt: skip
+    siglip_methods = once(out / "siglip-methods.json", lambda: (run(
+        "train", str(out / "world" / "captions.csv"), "--out", str(out / "siglip-eclip"),
+        "--steps", str(eclip_steps[0]), "--lr", "3e-3", "-b", "64", "--mask-rule", "mean",
+        "-q", *siglip_model), run(
+        "eval", str(heldout), *[a for m in SIGLIP_METHODS for a in ("-m", m)], "-m", "eclip",
+        "--eclip", str(out / "siglip-eclip" / "eclip.safetensors"), "--json",
+        str(out / "siglip-methods.json"), *common, *siglip_model))[-1])  # fmt: skip
+    if seed == 0:  # the documentation's comparison sheets
+        sheet = ["-m", "itsm", "-m", "eclip", "--eclip",
+                 str(out / f"mean-{eclip_steps[0]}" / "eclip.safetensors"),
+                 "-m", "surgery", "-m", "gradcam", "-m", "legrad"]  # fmt: skip
+        for i in (0, 3):  # each scene's objects as prompts, plus one class that is absent
+            present = [o.name for o in scenes[i].objects]
+            absent = next(c for c in world.classes if c not in present)
+            prompts = [class_prompt(c) for c in [*present, absent]]
+            image = heldout / "JPEGImages" / f"synth_{i:05d}.png"
+            run("explain", str(image), *prompts, *sheet, "--no-ensemble", "-o",
+                str(out / "sheets"), "-q", *model)  # fmt: skip
+    record = {
+        "seed": seed,
+        "world": {"colours": list(world.colours), "shapes": list(world.shapes)},
+        "zero_shot": {
+            "clip": zero_shot(tiny.config_path, tiny.weights_path, world),
+            "siglip": zero_shot(siglip.config_path, siglip.weights_path, world),
+        },  # fmt: skip
+        "methods": _metrics(methods["results"]),
+        "eclip": eclip,
+        "siglip_methods": _metrics(siglip_methods["results"]),
+        "segment": {
+            row: {k: r[k] for k in ("miou", "aacc")} for row, r in segment["results"].items()
+        },
+        "sanity": {
+            m: {"spearman": s["spearman"], "ssim": s["ssim"][-1], "flagged": s["flagged"]}
+            for m, s in sanity["methods"].items()
+        },
+        "sanity_stages": sanity["stages"],
+    }
+    (out / "seed.json").write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+# ---- over seeds -------------------------------------------------------------------------
+
+
+def spread(values: Sequence[float | None]) -> dict[str, Any]:
+    """Mean, min, max and a 95 % interval of the mean (Student's t) over the seeds' values."""
+    xs = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    if not xs:
+        return {"n": 0, "mean": None, "min": None, "max": None, "ci": None}
+    mean = sum(xs) / len(xs)
+    if len(xs) > 1:
+        sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
+        half = T975[min(len(xs) - 2, len(T975) - 1)] * sd / math.sqrt(len(xs))
+        ci = [mean - half, mean + half]
+    else:
+        ci = None
+    return {"n": len(xs), "mean": mean, "min": min(xs), "max": max(xs), "ci": ci}
+
+
+def summarise(tree: Sequence[Any]) -> Any:
+    """The seeds' records merged leaf by leaf: numbers become their `spread`, lists and
+    dicts are walked, anything else is kept when every seed agrees."""
+    first = tree[0]
+    if isinstance(first, dict):
+        keys = [k for k in first if all(isinstance(t, dict) and k in t for t in tree)]
+        return {k: summarise([t[k] for t in tree]) for k in keys}
+    if isinstance(first, list) and all(isinstance(t, list) and len(t) == len(first) for t in tree):
+        return [summarise([t[i] for t in tree]) for i in range(len(first))]
+    if isinstance(first, bool):
+        return {"true": sum(bool(t) for t in tree), "of": len(tree)}
+    if isinstance(first, (int, float)) or first is None:
+        return spread(tree)
+    return first if all(t == first for t in tree) else None
+
+
+def claims(records: Sequence[dict]) -> list[dict[str, Any]]:
+    """The documentation's claims about the test bed, each checked on every seed."""
+    steps = sorted(records[0]["eclip"]["mean"], key=int)
+    first = steps[0]
+
+    def msc(r: dict, m: str) -> float:
+        return r["methods"][m]["msc"]
+
+    def each(text: str, test: Callable[[dict], bool]) -> dict[str, Any]:
+        held = [r["seed"] for r in records if test(r)]
+        return {"claim": text, "holds": len(held), "of": len(records), "seeds": held}
+
+    text_methods = ["surgery", "clearclip", "sclip", "naclip", "gem", "gradeclip", "gae",
+                    "legrad", "textspan"]  # fmt: skip
+    out = [
+        each(
+            "the tiny CLIP names the colour of one-object scenes at least 9 times in 10",
+            lambda r: r["zero_shot"]["clip"]["colour"] >= 0.9,
+        ),  # fmt: skip
+        each(
+            "the tiny CLIP names the shape above chance (1/4)",
+            lambda r: r["zero_shot"]["clip"]["shape"] > 0.25,
+        ),  # fmt: skip
+        each("stock ITSM prefers the background (mSC < 0)", lambda r: msc(r, "itsm") < 0),
+        each(
+            "CLIP Surgery's mSC is the highest of the text-conditioned methods",
+            lambda r: msc(r, "surgery") >= max(msc(r, m) for m in text_methods),
+        ),  # fmt: skip
+        each(
+            "every text-conditioned method scores a higher mSC than stock ITSM",
+            lambda r: all(msc(r, m) > msc(r, "itsm") for m in text_methods),
+        ),  # fmt: skip
+        each(
+            "every method scores a higher mSC than random maps",
+            lambda r: all(msc(r, m) > msc(r, "random") for m in METHODS if m != "random"),
+        ),  # fmt: skip
+        each(
+            "TextSpan points at the object more often than any other method",
+            lambda r: (
+                r["methods"]["textspan"]["pointing"]
+                >= max(v["pointing"] for v in r["methods"].values())
+            ),
+        ),  # fmt: skip
+        each(
+            "SCLIP, NACLIP and GEM score above stock ITSM and below CLIP Surgery (mSC)",
+            lambda r: all(
+                msc(r, "itsm") < msc(r, m) < msc(r, "surgery") for m in ("sclip", "naclip", "gem")
+            ),
+        ),  # fmt: skip
+    ]
+    for s in steps:
+        out.append(each(f"ECLIP ({s} steps) lifts mSC above stock ITSM's",
+                        lambda r, s=s: r["eclip"]["mean"][s]["msc"] > msc(r, "itsm")))  # fmt: skip
+        out.append(each(f"ECLIP ({s} steps) lifts mSC above stock ITSM's by more than 10 points",
+                        lambda r, s=s: r["eclip"]["mean"][s]["msc"] > msc(r, "itsm") + 10))  # fmt: skip
+        out.append(
+            each(
+                f"the free-attention mask beats max pooling without it ({s} steps, mSC)",
+                lambda r, s=s: r["eclip"]["mean"][s]["msc"] > r["eclip"]["nomask"][s]["msc"],
+            )
+        )
+    out += [
+        each(
+            f"when stock ITSM prefers the background, ECLIP ({first} steps) lifts mSC",
+            lambda r: msc(r, "itsm") >= 0 or r["eclip"]["mean"][first]["msc"] > msc(r, "itsm"),
+        ),  # fmt: skip
+        each(
+            "the SigLIP's plain ITSM follows the objects (mSC > 0)",
+            lambda r: r["siglip_methods"]["itsm"]["msc"] > 0,
+        ),  # fmt: skip
+        each(
+            "the SigLIP's ITSM scores a higher mSC than the CLIP's",
+            lambda r: r["siglip_methods"]["itsm"]["msc"] > msc(r, "itsm"),
+        ),  # fmt: skip
+        each(
+            "NACLIP, CLIP Surgery and ClearCLIP segment above random maps (mIoU, no PAMR)",
+            lambda r: all(
+                r["segment"][m]["miou"] > r["segment"]["random"]["miou"]
+                for m in ("naclip", "surgery", "clearclip")
+            ),
+        ),  # fmt: skip
+        each(
+            "PAMR raises NACLIP's segmentation mIoU",
+            lambda r: r["segment"]["naclip+pamr"]["miou"] > r["segment"]["naclip"]["miou"],
+        ),  # fmt: skip
+        each(
+            "every text-conditioned method loses its maps once the head is random "
+            "(Spearman < 0.3 after the first stage)",
+            lambda r: all(
+                r["sanity"][m]["spearman"][0] < 0.3
+                for m in ("itsm", "surgery", "gem", "gradcam", "gradeclip", "legrad", "textspan")
+            ),
+        ),  # fmt: skip
+        each(
+            "only the random baseline is flagged by the sanity check",
+            lambda r: [m for m, s in r["sanity"].items() if s["flagged"]] == ["random"],
+        ),  # fmt: skip
+        each(
+            "rollout keeps its maps until the first block is re-drawn (ρ > 0.5 before)",
+            lambda r: min(r["sanity"]["rollout"]["spearman"][:-1]) > 0.5,
+        ),  # fmt: skip
+    ]
+    return out
+
+
+def fmt(s: dict[str, Any], digits: int = 1, sign: bool = False) -> str:
+    """ "mean [min–max]" of a spread."""
+    if not s or s.get("mean") is None:
+        return "—"
+    f = f"{{:{'+' if sign else ''}.{digits}f}}"
+    cell = f.format(s["mean"])
+    if s["n"] > 1:
+        cell += f" [{f.format(s['min'])}–{f.format(s['max'])}]"
+    return cell.replace("-", "−") if sign else cell
+
+
+def tables(records: Sequence[dict], summary: dict[str, Any], found: list[dict]) -> str:
+    n = len(records)
+    head = f"over {n} seed{'s' * (n > 1)} ({', '.join(str(r['seed']) for r in records)}): " \
+        "each cell is the mean [min–max] over the seeds"  # fmt: skip
+    lines = [f"# Test bed, {head}", ""]
+    for r in records:
+        lines.append(f"- world {r['seed']}: colours {', '.join(r['world']['colours'])}; "
+                     f"shapes {', '.join(r['world']['shapes'])}")  # fmt: skip
+    zs = summary["zero_shot"]
+    lines += ["", "## Zero-shot (200 one-object scenes)", "",
+              "| model | colour | shape | class |", "| --- | --- | --- | --- |"]  # fmt: skip
+    for model in ("clip", "siglip"):
+        lines.append(f"| {model} | " + " | ".join(fmt(zs[model][k], 2) for k in
+                     ("colour", "shape", "class")) + " |")  # fmt: skip
+    lines += ["", "## Methods (tiny CLIP)", "", "| method | mIoU % | mSC % | pointing |",
+              "| --- | --- | --- | --- |"]  # fmt: skip
+    for m in METHODS:
+        s = summary["methods"][m]
+        lines.append(f"| {m} | {fmt(s['miou'])} | {fmt(s['msc'], sign=True)} | "
+                     f"{fmt(s['pointing'], 3)} |")  # fmt: skip
+    lines += ["", "## ECLIP against stock ITSM and the no-mask control", "",
+              "| map | steps | mIoU % | mSC % | pointing |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
+    s = summary["methods"]["itsm"]
+    lines.append(f"| stock ITSM | — | {fmt(s['miou'])} | {fmt(s['msc'], sign=True)} | "
+                 f"{fmt(s['pointing'], 3)} |")  # fmt: skip
+    labels = {"mean": "ECLIP (free attention ≥ mean)", "nomask": "max pooling, no mask"}
+    for steps in sorted(summary["eclip"]["mean"], key=int):
+        for rule in MASKS:
+            s = summary["eclip"][rule][steps]
+            lines.append(f"| {labels[rule]} | {steps} | {fmt(s['miou'])} | "
+                         f"{fmt(s['msc'], sign=True)} | {fmt(s['pointing'], 3)} |")  # fmt: skip
+    lines += ["", "## CLIP and SigLIP", "", "| method | CLIP mSC % | SigLIP mIoU % | SigLIP mSC % "
+              "| SigLIP pointing |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
+    for m in [*SIGLIP_METHODS, "eclip"]:
+        s = summary["siglip_methods"][m]
+        clip = summary["methods"][m]["msc"] if m in summary["methods"] else \
+            summary["eclip"]["mean"][sorted(summary["eclip"]["mean"], key=int)[0]]["msc"]  # fmt: skip
+        lines.append(f"| {m} | {fmt(clip, sign=True)} | {fmt(s['miou'])} | "
+                     f"{fmt(s['msc'], sign=True)} | {fmt(s['pointing'], 3)} |")  # fmt: skip
+    lines += ["", "## Segmentation (protocol, one window, prob-thd 0.1)", "",
+              "| method | mIoU % | with PAMR | aAcc % |", "| --- | --- | --- | --- |"]  # fmt: skip
+    for m in SEGMENT_METHODS:
+        seg = summary["segment"]
+        lines.append(f"| {m} | {fmt(seg[m]['miou'])} | {fmt(seg[m + '+pamr']['miou'])} | "
+                     f"{fmt(seg[m]['aacc'])} |")  # fmt: skip
+    stages = records[0]["sanity_stages"]
+    lines += ["", "## Sanity (Spearman ρ after each stage, 50 scenes)", "",
+              "| method | " + " | ".join(stages) + " | flagged on |",
+              "| --- |" + " --- |" * (len(stages) + 1)]  # fmt: skip
+    for m, s in summary["sanity"].items():
+        cells = " | ".join(fmt(v, 2, sign=True) for v in s["spearman"])
+        lines.append(f"| {m} | {cells} | {s['flagged']['true']} of {s['flagged']['of']} |")
+    lines += ["", "## Claims", "", "| claim | holds on | seeds |", "| --- | --- | --- |"]
+    for c in found:
+        lines.append(f"| {c['claim']} | {c['holds']} of {c['of']} | "
+                     f"{', '.join(map(str, c['seeds'])) or '—'} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def train_models(seeds: Sequence[int], cache: Path) -> None:
+    """Each seed's tiny CLIP and SigLIP, trained (or found) in the cache."""
+    from clipviz.testbed.tinyclip import ensure_tiny_clip
+    from clipviz.testbed.tinysiglip import ensure_tiny_siglip
+
+    def say(model: str, seed: int, every: int) -> Callable[[int, int, float], None]:
+        return lambda s, n, _: None if s % every else print(f"seed {seed}: tiny {model} {s}/{n}")
+
+    for seed in seeds:
+        ensure_tiny_clip(cache, seed=seed, progress=say("CLIP", seed, 100))
+        ensure_tiny_siglip(cache, seed=seed, progress=say("SigLIP", seed, 200))
+
+
+def seed_record(seed: int, root: Path, cache: Path, steps: Sequence[int], threads: int) -> dict:
+    """One seed's record: read back from `root/seed-<seed>/seed.json` when it holds every
+    ECLIP length of `steps`, else computed (what is already on disk is reused)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    out = root / f"seed-{seed}"
+    done = out / "seed.json"
+    if done.is_file():
+        record = json.loads(done.read_text())
+        if all(str(s) in record["eclip"]["mean"] for s in steps):
+            return record
+    out.mkdir(parents=True, exist_ok=True)
+    return run_seed(seed, out, cache, steps, threads)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("testbed-out"))
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "clipviz-testbed")
+    parser.add_argument("--seeds", type=int, default=1, help="worlds 0..N-1 (default 1)")
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--eclip-steps", default="300,1000,3000",
+                        help="ECLIP training lengths, comma-separated (default 300,1000,3000)")  # fmt: skip
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="seeds run at once (each with cores/jobs threads)")  # fmt: skip
+    parser.add_argument("--fresh", action="store_true", help="recompute seeds already done")
     args = parser.parse_args()
-    out, cache = args.out, args.cache
-    tiny = ensure_tiny_clip(
-        cache, progress=lambda s, n, loss: s % 100 or print(f"tiny CLIP step {s}/{n}")
-    )
-    model = ["--model-config", str(tiny.config_path), "--pretrained", str(tiny.weights_path)]
-    scenes = write_voc(out / "heldout", 200, seed=HELD_OUT_SEED)
-    write_captions_csv(out / "world", 1500, seed=TRAIN_SEED)
-    classes = out / "prompts.txt"
-    classes.write_text("".join(f"{c}: {class_prompt(c)}\n" for c in CLASSES))
-    common = ["--classes-file", str(classes), "--no-ensemble", "--pointing-tolerance", "0",
-              "--metric", "miou", "--metric", "msc", "--metric", "pointing", "--fresh", "-q"]  # fmt: skip
-
-    for name, mask in (("eclip", ["--mask-rule", "mean"]), ("nomask", ["--mask-rule", "topk", "--mask-value", "1"])):  # fmt: skip
-        clipviz("train", str(out / "world" / "captions.csv"), "--out", str(out / name), "--steps",
-                "300", "--lr", "3e-3", "-b", "64", *mask, "-q", *model)  # fmt: skip
-    methods = [a for m in METHODS for a in ("-m", m)]
-    clipviz(
-        "eval", str(out / "heldout"), *methods, "--json", str(out / "methods.json"), *common, *model
-    )
-    for name in ("eclip", "nomask"):
-        clipviz("eval", str(out / "heldout"), "-m", "eclip", "--eclip",
-                str(out / name / "eclip.safetensors"), "--json", str(out / f"{name}.json"),
-                *common, *model)  # fmt: skip
-    sheet = ["-m", "itsm", "-m", "eclip", "--eclip", str(out / "eclip" / "eclip.safetensors"),
-             "-m", "surgery", "-m", "gradcam", "-m", "legrad"]  # fmt: skip
-    for i in (0, 3):  # each scene's objects as prompts, plus one class that is absent
-        present = [o.name for o in scenes[i].objects]
-        absent = next(c for c in CLASSES if c not in present)
-        prompts = [class_prompt(c) for c in [*present, absent]]
-        image = out / "heldout" / "JPEGImages" / f"synth_{i:05d}.png"
-        clipviz("explain", str(image), *prompts, *sheet, "--no-ensemble", "-o",
-                str(out / "sheets"), "-q", *model)  # fmt: skip
-
-    sanity = [a for m in SANITY_METHODS for a in ("-m", m)]
-    clipviz("sanity", str(out / "heldout"), "-f", "voc", "--classes-file", str(classes),
-            "--no-ensemble", "--limit", "50", *sanity, "-o", str(out / "sanity"), "-q", *model)  # fmt: skip
-
-    siglip = ensure_tiny_siglip(
-        cache, progress=lambda s, n, loss: s % 100 or print(f"tiny SigLIP step {s}/{n}")
-    )
-    siglip_model = ["--model-config", str(siglip.config_path), "--pretrained",
-                    str(siglip.weights_path)]  # fmt: skip
-    clipviz("train", str(out / "world" / "captions.csv"), "--out", str(out / "siglip-eclip"),
-            "--steps", "300", "--lr", "3e-3", "-b", "64", "--mask-rule", "mean", "-q",
-            *siglip_model)  # fmt: skip
-    siglip_methods = [a for m in SIGLIP_METHODS for a in ("-m", m)]
-    clipviz("eval", str(out / "heldout"), *siglip_methods, "-m", "eclip", "--eclip",
-            str(out / "siglip-eclip" / "eclip.safetensors"), "--json",
-            str(out / "siglip-methods.json"), *common, *siglip_model)  # fmt: skip
-
-    eclip = json.loads((out / "eclip.json").read_text())["results"]["eclip"]
-    nomask = json.loads((out / "nomask.json").read_text())["results"]["eclip"]
-    stock = json.loads((out / "methods.json").read_text())["results"]["itsm"]
-    rows = ["| map | mIoU % (τ) | mSC % | pointing | area |", "| --- | --- | --- | --- | --- |"]
-    for label, r in (("stock ITSM", stock), ("ECLIP (mask: free attention ≥ mean)", eclip),
-                     ("max pooling without mask (control)", nomask)):  # fmt: skip
-        rows.append(f"| {label} | {r['miou']:.1f} ({r['miou_threshold']:.2f}) | {r['msc']:+.1f} | "
-                    f"{r['pointing']:.3f} | {r['area']:.3f} |")  # fmt: skip
-    acc = zero_shot(tiny.config_path, tiny.weights_path)
-    siglip_acc = zero_shot(siglip.config_path, siglip.weights_path)
-    clip_results = json.loads((out / "methods.json").read_text())["results"]
-    clip_results["eclip"] = eclip
-    siglip_results = json.loads((out / "siglip-methods.json").read_text())["results"]
-    pair = ["| method | CLIP mIoU % | CLIP mSC % | CLIP pointing | SigLIP mIoU % | SigLIP mSC % "
-            "| SigLIP pointing |", "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
-    for m in [*SIGLIP_METHODS[:-1], "eclip", "random"]:
-        cells = []
-        for res in (clip_results, siglip_results):
-            r = res[m]
-            cells += [f"{r['miou']:.1f}", f"{r['msc']:+.1f}", f"{r['pointing']:.3f}"]
-        pair.append(f"| {m} | " + " | ".join(cells) + " |")
-    text = (
-        f"zero-shot on 200 one-object scenes: colour {acc['colour']:.2f} (chance 0.17), "
-        f"shape {acc['shape']:.2f} (0.25), class {acc['class']:.2f} (0.04)\n\n"
-        "## Methods\n\n"
-        + table(out / "methods.json", METHODS)
-        + "\n\n## ECLIP\n\n"
-        + "\n".join(rows)
-        + "\n\n## CLIP and SigLIP (MAP head, sigmoid loss) on the same scenes\n\n"
-        + f"SigLIP zero-shot: colour {siglip_acc['colour']:.2f}, shape {siglip_acc['shape']:.2f}, "
-        + f"class {siglip_acc['class']:.2f}\n\n"
-        + "\n".join(pair)
-        + "\n\n## Sanity (cascading randomisation, 50 scenes)\n\n"
-        + sanity_table(out / "sanity" / "sanity.json")
-        + "\n"
-    )
-    (out / "tables.md").write_text(text)
+    if args.seeds < 1 or args.jobs < 1:
+        parser.error("--seeds and --jobs must be at least 1")
+    try:
+        steps = [int(s) for s in args.eclip_steps.split(",")]
+    except ValueError:
+        parser.error(f"--eclip-steps: comma-separated step counts, got {args.eclip_steps!r}")
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    if args.fresh:
+        for seed in seeds:
+            shutil.rmtree(args.out / f"seed-{seed}", ignore_errors=True)
+    # The test bed's models with every core, as the tests train them (the others train in the
+    # seeds' processes).
+    train_models([s for s in seeds if s == 0], args.cache)
+    # The longest ECLIP runs last: every other number of every seed comes first.
+    for todo in ([steps[:-1]] if len(steps) > 1 else []) + [steps]:
+        with ProcessPoolExecutor(args.jobs) as pool:
+            records = list(pool.map(seed_record, seeds, [args.out] * len(seeds),
+                                    [args.cache] * len(seeds), [todo] * len(seeds),
+                                    [threads] * len(seeds)))  # fmt: skip
+    for r in records:  # only the requested training lengths
+        for rule in r["eclip"]:
+            r["eclip"][rule] = {s: v for s, v in r["eclip"][rule].items() if int(s) in steps}
+    summary = summarise(records)
+    found = claims(records)
+    (args.out / "summary.json").write_text(
+        json.dumps({"seeds": list(seeds), "summary": summary, "claims": found,
+                    "records": records}, indent=1) + "\n")  # fmt: skip
+    text = tables(records, summary, found)
+    (args.out / "tables.md").write_text(text)
     print(text)
 
 

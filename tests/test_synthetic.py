@@ -23,9 +23,17 @@ def _dilate(mask: np.ndarray) -> np.ndarray:
     return np.any([padded[y : y + h, x : x + w] for y in range(3) for x in range(3)], axis=0)
 
 
+WORLDS = [synthetic.World.from_seed(s) for s in (0, 1, 4)]  # 4: navy, brown, crescents
+
+
+@pytest.fixture(scope="module", params=WORLDS, ids=lambda w: f"world{w.seed}")
+def world(request) -> synthetic.World:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def scenes() -> list[synthetic.Scene]:
-    return make_scenes(60, seed=3, size=64)
+def scenes(world) -> list[synthetic.Scene]:
+    return make_scenes(60, seed=3, size=64, world=world)
 
 
 def test_same_seed_gives_identical_scenes_and_another_seed_differs():
@@ -37,14 +45,14 @@ def test_same_seed_gives_identical_scenes_and_another_seed_differs():
     assert not np.array_equal(np.stack([s.image for s in a]), np.stack([s.image for s in c]))
 
 
-def test_mask_pixels_have_exactly_their_objects_colour(scenes):
+def test_mask_pixels_have_exactly_their_objects_colour(world, scenes):
     for scene in scenes:
         for obj in scene.objects:
-            assert obj.mask.sum() > 20
-            assert (scene.image[obj.mask] == COLOURS[obj.colour]).all()
+            assert obj.mask.sum() > 20 and obj.name in world.classes
+            assert (scene.image[obj.mask] == world.colours[obj.colour]).all()
 
 
-def test_masks_are_disjoint_and_other_pixels_never_take_an_object_colour(scenes):
+def test_masks_are_disjoint_and_other_pixels_never_take_an_object_colour(world, scenes):
     touching = 0
     for scene in scenes:
         union = np.zeros(scene.image.shape[:2], bool)
@@ -56,7 +64,7 @@ def test_masks_are_disjoint_and_other_pixels_never_take_an_object_colour(scenes)
             union |= obj.mask
         for obj in scene.objects:
             # An occluded part of an object must not be left in its mask or outside all masks.
-            same = (scene.image == COLOURS[obj.colour]).all(axis=-1)
+            same = (scene.image == world.colours[obj.colour]).all(axis=-1)
             assert not (same & ~union).any()
     assert touching > 0  # some scenes do exercise occlusion / contact
 
@@ -86,6 +94,35 @@ def test_classes_are_every_colour_with_every_shape():
     assert "red circle" in CLASSES and synthetic.class_prompt("red circle") == "a red circle"
 
 
+def test_world_zero_is_the_test_bed_and_other_seeds_draw_their_own_worlds():
+    zero = synthetic.World.from_seed(0)
+    assert zero.classes == CLASSES and zero.colours == COLOURS
+    assert zero.background == synthetic.Background()
+    # the module's functions draw world 0: the same scenes with or without it
+    a, b = make_scenes(3, seed=5), make_scenes(3, seed=5, world=zero)
+    assert all(np.array_equal(x.image, y.image) for x, y in zip(a, b, strict=True))
+    others = [synthetic.World.from_seed(s) for s in range(1, 6)]
+    assert synthetic.World.from_seed(3) == others[2]  # the same on every call
+    for w in others:
+        assert len(w.colours) == 6 and len(w.shapes) == 4
+        assert set(w.colours) <= set(synthetic.PALETTE)
+        assert set(w.shapes) <= set(synthetic.SHAPE_KINDS)
+        assert len(w.classes) == 24 == len(set(w.classes))
+        lo, hi = w.background.grey
+        assert 50 <= lo < hi <= 200
+    # the worlds differ from the test bed and from each other
+    assert len({(tuple(w.colours), w.shapes) for w in [zero, *others]}) == 6
+    assert any(set(w.shapes) - set(synthetic.SHAPES) for w in others)
+    assert any(set(w.colours) - set(COLOURS) for w in others)
+
+
+@pytest.mark.parametrize("shape", synthetic.SHAPE_KINDS)
+def test_every_shape_kind_covers_a_similar_area(shape):
+    circle = synthetic._shape_mask("circle", 32, 32, 12, 64).sum()
+    area = synthetic._shape_mask(shape, 32, 32, 12, 64).sum()
+    assert 0.5 * circle <= area <= 1.05 * circle
+
+
 @pytest.mark.parametrize("size", [32, 96, 128])
 def test_other_sizes_keep_objects_inside(size):
     scenes = make_scenes(8, seed=0, size=size, n_objects=3)
@@ -102,10 +139,12 @@ def test_background_is_textured_not_uniform():
     assert background.std(axis=0).min() > 4
 
 
-def test_voc_writer_round_trips_labels_with_an_ignore_band(tmp_path):
-    written = synthetic.write_voc(tmp_path, 6, seed=5, size=64)
+@pytest.mark.parametrize("seed", [0, 2])
+def test_voc_writer_round_trips_labels_with_an_ignore_band(tmp_path, seed):
+    world = synthetic.World.from_seed(seed)
+    written = synthetic.write_voc(tmp_path, 6, seed=5, size=64, world=world)
     names = (tmp_path / "classes.txt").read_text().splitlines()
-    assert names == ["background", *CLASSES]
+    assert names == ["background", *world.classes]
     ids = (tmp_path / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
     assert ids == [synthetic.scene_id(i) for i in range(6)]
     for sid, scene in zip(ids, written, strict=True):

@@ -124,11 +124,12 @@ def learning_rate(step: int, total: int) -> float:
 
 
 def training_pool(
-    rng: np.random.Generator, n: int, size: int
+    rng: np.random.Generator, n: int, size: int, of: world.World = world.DEFAULT_WORLD
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """uint8 images [n, H, W, 3], caption ids [n], and the distinct captions."""
+    """uint8 images [n, H, W, 3] of the world `of`, caption ids [n], the distinct captions."""
     scenes = [
-        world.make_scene(rng, size, 1 if rng.random() < SINGLE_SHARE else None) for _ in range(n)
+        world.make_scene(rng, size, 1 if rng.random() < SINGLE_SHARE else None, world=of)
+        for _ in range(n)
     ]
     captions = sorted({s.caption for s in scenes})
     index = {c: i for i, c in enumerate(captions)}
@@ -147,6 +148,7 @@ def train_tiny_clip(
 ) -> TinyClip:
     """Train the tiny CLIP from scratch and write `tiny-synth.json` + `.safetensors` to `out_dir`.
 
+    seed: the world's (`world.World.from_seed`) and the training's; 0 is the test bed.
     Deterministic for a given seed on a given machine and thread count.
     progress: called after every step with (steps done, steps, loss).
     pool_size: how many scenes to pre-generate; POOL_SIZE when None (tests use a few dozen).
@@ -158,7 +160,7 @@ def train_tiny_clip(
     fit(
         model, rng, steps, batch_size, pool_size or POOL_SIZE, size, image_tensor,
         lambda image, text, ids: contrastive_loss(image, text, model.logit_scale.exp(), ids),
-        progress, no_decay="embedding",
+        progress, no_decay="embedding", of=world.World.from_seed(seed),
     )  # fmt: skip
     return save_trained(model, out_dir, NAME, TINY_CLIP_CONFIG)
 
@@ -174,15 +176,16 @@ def fit(
     loss_of: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     progress: Progress | None,
     no_decay: str,
+    of: world.World = world.DEFAULT_WORLD,
 ) -> None:
-    """Train `model` on a pool of `pool_size` generated scenes of `size` px (flipped at
+    """Train `model` on a pool of `pool_size` generated scenes of the world `of`, `size` px (flipped at
     random): AdamW, warm-up then cosine, `loss_of(image_emb, text_emb, caption_ids)`, the
     logit scale clamped at MAX_LOGIT_SCALE. Parameters whose name holds `no_decay` (and
     the 1-D ones) get no weight decay."""
     # Only ~40 of the 49,408 vocabulary rows ever occur; Adam over the whole table would be
     # a fifth of each step, so the token embedding keeps its random init.
     model.token_embedding.weight.requires_grad_(False)
-    images, caption_ids, captions = training_pool(rng, pool_size, size)
+    images, caption_ids, captions = training_pool(rng, pool_size, size, of)
     caption_tokens = tokenizer()(captions)  # [U, context]
 
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -250,7 +253,8 @@ def ensure_tiny_clip(
     seed: int = 0,
     progress: Progress | None = None,
 ) -> TinyClip:
-    """The tiny CLIP cached in `cache_dir/tinyclip-<key>/`, trained there first if missing."""
+    """The tiny CLIP of world `seed` cached in `cache_dir/tinyclip-<key>/`, trained there
+    first if missing (seed 0: the test bed)."""
     return ensure_trained(
         Path(cache_dir) / f"tinyclip-{cache_key(steps, seed)}",
         NAME,

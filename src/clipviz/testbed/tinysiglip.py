@@ -68,7 +68,8 @@ def train_tiny_siglip(
     progress: Progress | None = None,
     pool_size: int | None = None,
 ) -> TinyClip:
-    """Train the tiny SigLIP from scratch; write its config and weights to `out_dir`."""
+    """Train the tiny SigLIP from scratch; write its config and weights to `out_dir`.
+    seed: the world's (`world.World.from_seed`) and the training's; 0 is the test bed."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = build_model()
@@ -77,7 +78,8 @@ def train_tiny_siglip(
         return sigmoid_loss(image, text, model.logit_scale.exp(), model.logit_bias, ids)
 
     tinyclip.fit(model, rng, steps, batch_size, pool_size or tinyclip.POOL_SIZE, 64,
-                 model_images, loss_of, progress, no_decay="embed")  # fmt: skip
+                 model_images, loss_of, progress, no_decay="embed",
+                 of=world.World.from_seed(seed))  # fmt: skip
     return tinyclip.save_trained(model, out_dir, NAME, TINY_SIGLIP_CONFIG)
 
 

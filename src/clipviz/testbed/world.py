@@ -39,6 +39,88 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
 # Every "colour shape" combination, colour-major: "red circle", "red square", ...
 CLASSES: tuple[str, ...] = tuple(f"{c} {s}" for c in COLOURS for s in SHAPES)
 
+# What other worlds draw their six colours and four shapes from: flat colours far from the
+# muted backgrounds' greys, and shapes of similar area for the same radius.
+PALETTE: dict[str, tuple[int, int, int]] = {
+    **COLOURS,
+    "orange": (245, 135, 20),
+    "pink": (245, 110, 185),
+    "lime": (165, 235, 35),
+    "brown": (140, 75, 25),
+    "navy": (25, 30, 130),
+}
+SHAPE_KINDS: tuple[str, ...] = (
+    *SHAPES, "cross", "hexagon", "diamond", "pentagon", "crescent",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Background:
+    """How a world's backgrounds are drawn (see `_background`): the range of the base grey,
+    the tint, the gradient's strength, the chance of stripes and their strength, the noise
+    and the number of distractor blobs."""
+
+    grey: tuple[float, float] = (70, 180)
+    tint: float = 18
+    ramp: tuple[float, float] = (20, 60)
+    stripes: float = 0.5
+    stripe_strength: tuple[float, float] = (8, 25)
+    noise: tuple[float, float] = (4, 16)
+    blobs: tuple[int, int] = (2, 8)
+
+
+@dataclass(frozen=True)
+class World:
+    """One synthetic world: its colours, shapes and backgrounds. `World.from_seed(0)` is the
+    test bed the documentation's figures come from; any other seed draws six colours of
+    `PALETTE`, four shapes of `SHAPE_KINDS` and a background style, so a finding can be
+    checked on worlds that share nothing but their kind."""
+
+    seed: int
+    colours: dict[str, tuple[int, int, int]]
+    shapes: tuple[str, ...]
+    background: Background
+
+    @classmethod
+    def from_seed(cls, seed: int) -> World:
+        """The world of `seed` (the same on every machine)."""
+        if seed == 0:
+            return cls(0, dict(COLOURS), SHAPES, Background())
+        rng = np.random.default_rng([seed, 0x5EED])
+        names = list(PALETTE)
+        colours = sorted(rng.choice(len(names), size=len(COLOURS), replace=False))
+        shapes = sorted(rng.choice(len(SHAPE_KINDS), size=len(SHAPES), replace=False))
+        lo, hi = float(rng.uniform(50, 95)), float(rng.uniform(150, 200))
+        background = Background(
+            grey=(lo, hi),
+            tint=float(rng.uniform(8, 28)),
+            ramp=(float(rng.uniform(10, 30)), float(rng.uniform(40, 80))),
+            stripes=float(rng.uniform(0.2, 0.8)),
+            stripe_strength=(float(rng.uniform(4, 12)), float(rng.uniform(18, 32))),
+            noise=(float(rng.uniform(2, 6)), float(rng.uniform(10, 22))),
+            blobs=(int(rng.integers(0, 4)), int(rng.integers(5, 13))),
+        )
+        return cls(
+            seed,
+            {names[i]: PALETTE[names[i]] for i in colours},
+            tuple(SHAPE_KINDS[i] for i in shapes),
+            background,
+        )
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """Every "colour shape" combination, colour-major."""
+        return tuple(f"{c} {s}" for c in self.colours for s in self.shapes)
+
+    def describe(self) -> str:
+        """One line: the seed, colours and shapes."""
+        return (
+            f"world {self.seed}: colours {', '.join(self.colours)}; shapes {', '.join(self.shapes)}"
+        )
+
+
+DEFAULT_WORLD = World.from_seed(0)
+
 MAX_OBJECTS = 3
 # Half-extent of an object as a share of the image side.
 MIN_RADIUS, MAX_RADIUS = 0.18, 0.3
@@ -107,6 +189,15 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
         w = 0.36 * r
         draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=1)
         draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=1)
+    elif shape == "hexagon":
+        draw.polygon(_polygon(cx, cy, [1.05 * r] * 6, 0.0), fill=1)
+    elif shape == "diamond":
+        draw.polygon(_polygon(cx, cy, [1.25 * r] * 4, -90.0), fill=1)
+    elif shape == "pentagon":
+        draw.polygon(_polygon(cx, cy + 0.1 * r, [1.1 * r] * 5, -90.0), fill=1)
+    elif shape == "crescent":
+        draw.ellipse([cx - 1.1 * r, cy - 1.1 * r, cx + 1.1 * r, cy + 1.1 * r], fill=1)
+        draw.ellipse([cx - 0.3 * r, cy - 1.0 * r, cx + 1.5 * r, cy + 0.8 * r], fill=0)
     else:
         raise ValueError(f"unknown shape {shape!r}")
 
@@ -117,26 +208,29 @@ def _shape_mask(shape: str, cx: float, cy: float, r: float, size: int) -> np.nda
     return np.array(canvas, dtype=bool)
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+def _background(rng: np.random.Generator, size: int, style: Background | None = None) -> np.ndarray:
     """A muted, textured background: tinted grey + gradient + stripes + noise + blobs."""
+    style = style or Background()
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    grey = rng.uniform(70, 180)
-    tint = rng.uniform(-18, 18, 3)
+    grey = rng.uniform(*style.grey)
+    tint = rng.uniform(-style.tint, style.tint, 3)
     img = np.empty((size, size, 3), np.float32)
     img[:] = grey + tint
     angle = rng.uniform(0, 2 * math.pi)
     ramp = math.cos(angle) * (xx - 0.5) + math.sin(angle) * (yy - 0.5)
-    img += (rng.uniform(20, 60) * ramp)[..., None]
-    if rng.random() < 0.5:
+    img += (rng.uniform(*style.ramp) * ramp)[..., None]
+    if rng.random() < style.stripes:
         angle = rng.uniform(0, math.pi)
         period = rng.uniform(4, 16) / size
         phase = math.cos(angle) * xx + math.sin(angle) * yy
-        img += (rng.uniform(8, 25) * np.sin(2 * math.pi * phase / period))[..., None]
-    img += rng.uniform(4, 16) * rng.standard_normal((size, size, 3), dtype=np.float32)
+        img += (rng.uniform(*style.stripe_strength) * np.sin(2 * math.pi * phase / period))[
+            ..., None
+        ]
+    img += rng.uniform(*style.noise) * rng.standard_normal((size, size, 3), dtype=np.float32)
     # Distractor blobs: small, in colours mixed two-thirds of the way towards grey.
     canvas = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(canvas)
-    for _ in range(int(rng.integers(2, 8))):
+    for _ in range(int(rng.integers(*style.blobs))):
         colour = 0.35 * rng.uniform(0, 255, 3) + 0.65 * grey
         rx, ry = rng.uniform(0.02, 0.06, 2) * size
         cx, cy = rng.uniform(0, size, 2)
@@ -153,19 +247,22 @@ def make_scene(
     rng: np.random.Generator,
     size: int = 64,
     n_objects: int | None = None,
-    classes: Sequence[str] = CLASSES,
+    classes: Sequence[str] | None = None,
+    world: World = DEFAULT_WORLD,
 ) -> Scene:
-    """Draw one scene from `rng`.
+    """Draw one scene of `world` from `rng`.
 
     n_objects: how many objects (1..3); random (uniform) when None. The scene may hold
         fewer when they do not fit without heavy occlusion (rare).
-    classes: the class names objects are drawn from (distinct within a scene).
+    classes: the class names objects are drawn from (distinct within a scene); the
+        world's classes when None.
     """
+    classes = world.classes if classes is None else classes
     if n_objects is None:
         n_objects = int(rng.integers(1, MAX_OBJECTS + 1))
     if not 1 <= n_objects <= MAX_OBJECTS:
         raise ValueError(f"n_objects must be in 1..{MAX_OBJECTS}, got {n_objects}")
-    image = _background(rng, size)
+    image = _background(rng, size, world.background)
     n_objects = min(n_objects, len(classes))
     picks = rng.choice(len(classes), size=n_objects, replace=False)
     objects: list[SceneObject] = []  # drawing order; masks hold the visible pixels
@@ -192,15 +289,22 @@ def make_scene(
         objects.append(SceneObject(shape, colour, full, (0, 0, 0, 0)))
         areas.append(int(full.sum()))
     for o in objects:
-        image[o.mask] = COLOURS[o.colour]
+        image[o.mask] = world.colours[o.colour]
         o.box = _box(o.mask)
     return Scene(image, objects, caption_for([o.name for o in objects]))
 
 
-def make_scenes(n: int, seed: int, size: int = 64, n_objects: int | None = None) -> list[Scene]:
-    """`n` scenes from `numpy.random.default_rng(seed)`; the same arguments give the same scenes."""
+def make_scenes(
+    n: int,
+    seed: int,
+    size: int = 64,
+    n_objects: int | None = None,
+    world: World = DEFAULT_WORLD,
+) -> list[Scene]:
+    """`n` scenes of `world` from `numpy.random.default_rng(seed)`; the same arguments give
+    the same scenes."""
     rng = np.random.default_rng(seed)
-    return [make_scene(rng, size, n_objects) for _ in range(n)]
+    return [make_scene(rng, size, n_objects, world=world) for _ in range(n)]
 
 
 def scene_id(i: int) -> str:
@@ -228,18 +332,20 @@ def voc_palette() -> list[int]:
     return palette
 
 
-def voc_labels(scene: Scene) -> np.ndarray:
-    """The VOC label image of a scene: uint8 [H, W], 0 background, 1 + index in CLASSES.
+def voc_labels(scene: Scene, world: World = DEFAULT_WORLD) -> np.ndarray:
+    """The VOC label image of a scene: uint8 [H, W], 0 background, 1 + index in the world's
+    classes.
 
     Like real VOC, a 1-pixel band (label 255, "ignore") runs along every object's outline,
     on the outside: over the background or over the object underneath, never over the
     object itself, so every non-255 pixel agrees with the masks.
     """
+    classes = world.classes
     labels = np.zeros(scene.image.shape[:2], np.uint8)
     band = np.zeros(labels.shape, bool)
     above = np.zeros(labels.shape, bool)
     for obj in reversed(scene.objects):  # topmost first
-        labels[obj.mask] = 1 + CLASSES.index(obj.name)
+        labels[obj.mask] = 1 + classes.index(obj.name)
         band |= _dilate(obj.mask) & ~obj.mask & ~above
         above |= obj.mask
     labels[band] = 255
@@ -257,28 +363,34 @@ def _dilate(mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def write_voc(root: str | os.PathLike, n: int, seed: int, size: int = 64) -> list[Scene]:
+def write_voc(
+    root: str | os.PathLike, n: int, seed: int, size: int = 64, world: World = DEFAULT_WORLD
+) -> list[Scene]:
     """Write `n` scenes in Pascal VOC segmentation layout under `root`; return them.
 
     Images go to `JPEGImages/<id>.png` (PNG, not JPEG: lossless, so colours stay exact),
     labels to `SegmentationClass/<id>.png` (palette PNG, see `voc_labels`), ids to
-    `ImageSets/Segmentation/val.txt`, and `classes.txt` lists "background" then CLASSES.
+    `ImageSets/Segmentation/val.txt`, and `classes.txt` lists "background" then the world's
+    classes.
     """
     root = Path(root)
-    scenes = make_scenes(n, seed, size)
+    scenes = make_scenes(n, seed, size, world=world)
     for i, scene in enumerate(scenes):
         sid = scene_id(i)
         _save_png(root / "JPEGImages" / f"{sid}.png", Image.fromarray(scene.image))
-        label_img = Image.fromarray(voc_labels(scene), mode="P")
+        label_img = Image.fromarray(voc_labels(scene, world), mode="P")
         label_img.putpalette(voc_palette())
         _save_png(root / "SegmentationClass" / f"{sid}.png", label_img)
     ids = "".join(f"{scene_id(i)}\n" for i in range(n))
     write_text_atomic(root / "ImageSets" / "Segmentation" / "val.txt", ids)
-    write_text_atomic(root / "classes.txt", "".join(f"{c}\n" for c in ("background", *CLASSES)))
+    names = ("background", *world.classes)
+    write_text_atomic(root / "classes.txt", "".join(f"{c}\n" for c in names))
     return scenes
 
 
-def write_generic(root: str | os.PathLike, n: int, seed: int, size: int = 64) -> list[Scene]:
+def write_generic(
+    root: str | os.PathLike, n: int, seed: int, size: int = 64, world: World = DEFAULT_WORLD
+) -> list[Scene]:
     """Write `n` scenes as `images/<stem>.png`, `masks/<stem>/<class>.png`, `boxes.json`.
 
     Masks are 0/255 "L" PNGs named by the class name as it is, space included
@@ -286,7 +398,7 @@ def write_generic(root: str | os.PathLike, n: int, seed: int, size: int = 64) ->
     {class: [[x0, y0, x1, y1], ...]} (visible pixels, x1/y1 exclusive).
     """
     root = Path(root)
-    scenes = make_scenes(n, seed, size)
+    scenes = make_scenes(n, seed, size, world=world)
     boxes: dict[str, dict[str, list[list[int]]]] = {}
     for i, scene in enumerate(scenes):
         sid = scene_id(i)
@@ -299,13 +411,15 @@ def write_generic(root: str | os.PathLike, n: int, seed: int, size: int = 64) ->
     return scenes
 
 
-def write_captions_csv(root: str | os.PathLike, n: int, seed: int, size: int = 64) -> list[Scene]:
+def write_captions_csv(
+    root: str | os.PathLike, n: int, seed: int, size: int = 64, world: World = DEFAULT_WORLD
+) -> list[Scene]:
     """Write `n` scenes as `images/<stem>.png` and `captions.csv` (`filepath,caption`).
 
     File paths in the CSV are relative to the CSV's folder (`images/synth_00000.png`).
     """
     root = Path(root)
-    scenes = make_scenes(n, seed, size)
+    scenes = make_scenes(n, seed, size, world=world)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["filepath", "caption"])
