@@ -82,8 +82,11 @@ def _metrics(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     return {m: {k: r[k] for k in keep if k in r} for m, r in results.items()}
 
 
-def run_seed(seed: int, out: Path, cache: Path, eclip_steps: Sequence[int], threads: int) -> dict:
-    """Every number of one world; also written to `out/seed.json`."""
+def run_seed(
+    seed: int, out: Path, cache: Path, eclip_steps: Sequence[int], threads: int, siglip: bool
+) -> dict:
+    """Every number of one world (the SigLIP's last, when `siglip`); also written to
+    `out/seed.json`."""
     from clipviz.testbed.tinyclip import ensure_tiny_clip
     from clipviz.testbed.tinysiglip import ensure_tiny_siglip
     from clipviz.testbed.world import World, class_prompt, write_captions_csv, write_voc
@@ -92,10 +95,7 @@ def run_seed(seed: int, out: Path, cache: Path, eclip_steps: Sequence[int], thre
     world = World.from_seed(seed)
     print(f"# {world.describe()}", flush=True)
     tiny = ensure_tiny_clip(cache, seed=seed)
-    siglip = ensure_tiny_siglip(cache, seed=seed)
     model = ["--model-config", str(tiny.config_path), "--pretrained", str(tiny.weights_path)]
-    siglip_model = ["--model-config", str(siglip.config_path), "--pretrained",
-                    str(siglip.weights_path)]  # fmt: skip
     heldout = out / "heldout"
     scenes = write_voc(heldout, 200, seed=HELD_OUT_SEED, world=world)
     write_captions_csv(out / "world", 1500, seed=TRAIN_SEED, world=world)
@@ -138,13 +138,6 @@ def run_seed(seed: int, out: Path, cache: Path, eclip_steps: Sequence[int], thre
         "sanity", str(heldout), "-f", "voc", "--classes-file", str(classes), "--no-ensemble",
         "--limit", "50", *[a for m in SANITY_METHODS for a in ("-m", m)], "-o",
         str(out / "sanity"), "-q", *model))  # fmt: skip
-    siglip_methods = once(out / "siglip-methods.json", lambda: (run(
-        "train", str(out / "world" / "captions.csv"), "--out", str(out / "siglip-eclip"),
-        "--steps", str(eclip_steps[0]), "--lr", "3e-3", "-b", "64", "--mask-rule", "mean",
-        "-q", *siglip_model), run(
-        "eval", str(heldout), *[a for m in SIGLIP_METHODS for a in ("-m", m)], "-m", "eclip",
-        "--eclip", str(out / "siglip-eclip" / "eclip.safetensors"), "--json",
-        str(out / "siglip-methods.json"), *common, *siglip_model))[-1])  # fmt: skip
     if seed == 0:  # the documentation's comparison sheets
         sheet = ["-m", "itsm", "-m", "eclip", "--eclip",
                  str(out / f"mean-{eclip_steps[0]}" / "eclip.safetensors"),
@@ -156,16 +149,12 @@ def run_seed(seed: int, out: Path, cache: Path, eclip_steps: Sequence[int], thre
             image = heldout / "JPEGImages" / f"synth_{i:05d}.png"
             run("explain", str(image), *prompts, *sheet, "--no-ensemble", "-o",
                 str(out / "sheets"), "-q", *model)  # fmt: skip
-    record = {
+    record: dict[str, Any] = {
         "seed": seed,
         "world": {"colours": list(world.colours), "shapes": list(world.shapes)},
-        "zero_shot": {
-            "clip": zero_shot(tiny.config_path, tiny.weights_path, world),
-            "siglip": zero_shot(siglip.config_path, siglip.weights_path, world),
-        },  # fmt: skip
+        "zero_shot": {"clip": zero_shot(tiny.config_path, tiny.weights_path, world)},
         "methods": _metrics(methods["results"]),
         "eclip": eclip,
-        "siglip_methods": _metrics(siglip_methods["results"]),
         "segment": {
             row: {k: r[k] for k in ("miou", "aacc")} for row, r in segment["results"].items()
         },
@@ -175,6 +164,21 @@ def run_seed(seed: int, out: Path, cache: Path, eclip_steps: Sequence[int], thre
         },
         "sanity_stages": sanity["stages"],
     }
+    if siglip:
+        tiny_siglip = ensure_tiny_siglip(cache, seed=seed)
+        siglip_model = ["--model-config", str(tiny_siglip.config_path), "--pretrained",
+                        str(tiny_siglip.weights_path)]  # fmt: skip
+        siglip_methods = once(out / "siglip-methods.json", lambda: (run(
+            "train", str(out / "world" / "captions.csv"), "--out", str(out / "siglip-eclip"),
+            "--steps", str(eclip_steps[0]), "--lr", "3e-3", "-b", "64", "--mask-rule", "mean",
+            "-q", *siglip_model), run(
+            "eval", str(heldout), *[a for m in SIGLIP_METHODS for a in ("-m", m)], "-m", "eclip",
+            "--eclip", str(out / "siglip-eclip" / "eclip.safetensors"), "--json",
+            str(out / "siglip-methods.json"), *common, *siglip_model))[-1])  # fmt: skip
+        record["zero_shot"]["siglip"] = zero_shot(
+            tiny_siglip.config_path, tiny_siglip.weights_path, world
+        )
+        record["siglip_methods"] = _metrics(siglip_methods["results"])
     (out / "seed.json").write_text(json.dumps(record, indent=1) + "\n")
     return record
 
@@ -221,9 +225,11 @@ def claims(records: Sequence[dict]) -> list[dict[str, Any]]:
     def msc(r: dict, m: str) -> float:
         return r["methods"][m]["msc"]
 
-    def each(text: str, test: Callable[[dict], bool]) -> dict[str, Any]:
-        held = [r["seed"] for r in records if test(r)]
-        return {"claim": text, "holds": len(held), "of": len(records), "seeds": held}
+    def each(text: str, test: Callable[[dict], bool], needs: str = "methods") -> dict[str, Any]:
+        """On how many of the seeds that have `needs` the claim holds."""
+        have = [r for r in records if needs in r]
+        held = [r["seed"] for r in have if test(r)]
+        return {"claim": text, "holds": len(held), "of": len(have), "seeds": held}
 
     text_methods = ["surgery", "clearclip", "sclip", "naclip", "gem", "gradeclip", "gae",
                     "legrad", "textspan"]  # fmt: skip
@@ -340,7 +346,7 @@ def tables(records: Sequence[dict], summary: dict[str, Any], found: list[dict]) 
     zs = summary["zero_shot"]
     lines += ["", "## Zero-shot (200 one-object scenes)", "",
               "| model | colour | shape | class |", "| --- | --- | --- | --- |"]  # fmt: skip
-    for model in ("clip", "siglip"):
+    for model in [m for m in ("clip", "siglip") if m in zs]:
         lines.append(f"| {model} | " + " | ".join(fmt(zs[model][k], 2) for k in
                      ("colour", "shape", "class")) + " |")  # fmt: skip
     lines += ["", "## Methods (tiny CLIP)", "", "| method | mIoU % | mSC % | pointing |",
@@ -360,9 +366,9 @@ def tables(records: Sequence[dict], summary: dict[str, Any], found: list[dict]) 
             s = summary["eclip"][rule][steps]
             lines.append(f"| {labels[rule]} | {steps} | {fmt(s['miou'])} | "
                          f"{fmt(s['msc'], sign=True)} | {fmt(s['pointing'], 3)} |")  # fmt: skip
-    lines += ["", "## CLIP and SigLIP", "", "| method | CLIP mSC % | SigLIP mIoU % | SigLIP mSC % "
+    lines += [] if "siglip_methods" not in summary else ["", "## CLIP and SigLIP", "", "| method | CLIP mSC % | SigLIP mIoU % | SigLIP mSC % "
               "| SigLIP pointing |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
-    for m in [*SIGLIP_METHODS, "eclip"]:
+    for m in [*SIGLIP_METHODS, "eclip"] if "siglip_methods" in summary else []:
         s = summary["siglip_methods"][m]
         clip = summary["methods"][m]["msc"] if m in summary["methods"] else \
             summary["eclip"]["mean"][sorted(summary["eclip"]["mean"], key=int)[0]]["msc"]  # fmt: skip
@@ -388,7 +394,7 @@ def tables(records: Sequence[dict], summary: dict[str, Any], found: list[dict]) 
     return "\n".join(lines) + "\n"
 
 
-def train_models(seeds: Sequence[int], cache: Path) -> None:
+def train_models(seeds: Sequence[int], cache: Path, siglip: bool) -> None:
     """Each seed's tiny CLIP and SigLIP, trained (or found) in the cache."""
     from clipviz.testbed.tinyclip import ensure_tiny_clip
     from clipviz.testbed.tinysiglip import ensure_tiny_siglip
@@ -398,12 +404,16 @@ def train_models(seeds: Sequence[int], cache: Path) -> None:
 
     for seed in seeds:
         ensure_tiny_clip(cache, seed=seed, progress=say("CLIP", seed, 100))
-        ensure_tiny_siglip(cache, seed=seed, progress=say("SigLIP", seed, 200))
+        if siglip:
+            ensure_tiny_siglip(cache, seed=seed, progress=say("SigLIP", seed, 200))
 
 
-def seed_record(seed: int, root: Path, cache: Path, steps: Sequence[int], threads: int) -> dict:
+def seed_record(
+    seed: int, root: Path, cache: Path, steps: Sequence[int], threads: int, siglip: bool
+) -> dict:
     """One seed's record: read back from `root/seed-<seed>/seed.json` when it holds every
-    ECLIP length of `steps`, else computed (what is already on disk is reused)."""
+    ECLIP length of `steps` (and the SigLIP's numbers, when `siglip`), else computed (what
+    is already on disk is reused)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -411,10 +421,12 @@ def seed_record(seed: int, root: Path, cache: Path, steps: Sequence[int], thread
     done = out / "seed.json"
     if done.is_file():
         record = json.loads(done.read_text())
-        if all(str(s) in record["eclip"]["mean"] for s in steps):
+        if all(str(s) in record["eclip"]["mean"] for s in steps) and (
+            not siglip or "siglip_methods" in record
+        ):
             return record
     out.mkdir(parents=True, exist_ok=True)
-    return run_seed(seed, out, cache, steps, threads)
+    return run_seed(seed, out, cache, steps, threads, siglip)
 
 
 def main() -> None:
@@ -427,6 +439,8 @@ def main() -> None:
                         help="ECLIP training lengths, comma-separated (default 300,1000,3000)")  # fmt: skip
     parser.add_argument("--jobs", type=int, default=1,
                         help="seeds run at once (each with cores/jobs threads)")  # fmt: skip
+    parser.add_argument("--no-siglip", dest="siglip", action="store_false",
+                        help="leave the tiny SigLIP out (its training is the longest step)")  # fmt: skip
     parser.add_argument("--fresh", action="store_true", help="recompute seeds already done")
     args = parser.parse_args()
     if args.seeds < 1 or args.jobs < 1:
@@ -442,13 +456,13 @@ def main() -> None:
             shutil.rmtree(args.out / f"seed-{seed}", ignore_errors=True)
     # The test bed's models with every core, as the tests train them (the others train in the
     # seeds' processes).
-    train_models([s for s in seeds if s == 0], args.cache)
+    train_models([s for s in seeds if s == 0], args.cache, args.siglip)
     # The longest ECLIP runs last: every other number of every seed comes first.
     for todo in ([steps[:-1]] if len(steps) > 1 else []) + [steps]:
         with ProcessPoolExecutor(args.jobs) as pool:
             records = list(pool.map(seed_record, seeds, [args.out] * len(seeds),
                                     [args.cache] * len(seeds), [todo] * len(seeds),
-                                    [threads] * len(seeds)))  # fmt: skip
+                                    [threads] * len(seeds), [args.siglip] * len(seeds)))  # fmt: skip
     for r in records:  # only the requested training lengths
         for rule in r["eclip"]:
             r["eclip"][rule] = {s: v for s, v in r["eclip"][rule].items() if int(s) in steps}
