@@ -426,7 +426,7 @@ def cass_maps(
     ranges={
         "global_semantics_weight": "[0, 1]",
         "mean_vector_weight": "[0, 1]",
-        "h_threshold": "[0, 4]",
+        "h_threshold": "[0, 1000]",
         "std": "[0.1, 1000]",
         "proxy_side": "[0, 4096]",
     },
