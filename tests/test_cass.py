@@ -431,3 +431,9 @@ def test_proxy_channels_are_shared_out_to_clips_heads_in_order():
     torch.testing.assert_close(uneven[:, 0], keys[:, :3].transpose(1, 2))
     torch.testing.assert_close(uneven[:, 1, :, :2], keys[:, 3:].transpose(1, 2))
     assert not uneven[:, 1, :, 2].any()
+
+
+def test_bench_leaves_cass_out_unless_named():
+    from clipviz.runs.bench import default_methods
+
+    assert "cass" not in default_methods() and "naclip" in default_methods()

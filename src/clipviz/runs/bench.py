@@ -17,7 +17,7 @@ from ..explanation import explain
 from ..methods import get_method, methods
 from ..segment import Segmenter
 
-NOT_BY_DEFAULT = frozenset({"random", "eclip", "convis", "proxyclip"})
+NOT_BY_DEFAULT = frozenset({"random", "eclip", "convis", "proxyclip", "cass"})
 
 
 # a figure whose fastest and slowest repeats differ by more than this share of the median
@@ -84,7 +84,7 @@ def bench_prompts(n: int) -> list[str]:
 
 def default_methods() -> list[str]:
     """Every method that needs no extra input (eclip needs a checkpoint, convis WordNet and a
-    concept bank, proxyclip a proxy model: time them by naming them)."""
+    concept bank, proxyclip and cass a proxy model: time them by naming them)."""
     return [m for m in methods() if m not in NOT_BY_DEFAULT]
 
 
