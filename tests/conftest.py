@@ -58,6 +58,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
         ensure_tiny_clip(testbed_cache())
         ensure_tiny_siglip(testbed_cache())
+        ensure_tiny_clip(testbed_cache(), seed=SECOND_WORLD)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -234,6 +235,22 @@ def trained_siglip_backend():
     from clipviz.testbed.tinysiglip import ensure_tiny_siglip
 
     tiny = ensure_tiny_siglip(testbed_cache())
+    return load_backend(
+        model_config=tiny.config_path, pretrained=str(tiny.weights_path), device="cpu"
+    )
+
+
+SECOND_WORLD = 1  # the world of another seed the test bed's robust claims are checked on
+
+
+@pytest.fixture(scope="session")
+def second_world_backend():
+    """The tiny CLIP of another world (`World.from_seed(SECOND_WORLD)`: other colours, shapes
+    and backgrounds), trained the same way, loaded."""
+    from clipviz.backend import load_backend
+    from clipviz.testbed.tinyclip import ensure_tiny_clip
+
+    tiny = ensure_tiny_clip(testbed_cache(), seed=SECOND_WORLD)
     return load_backend(
         model_config=tiny.config_path, pretrained=str(tiny.weights_path), device="cpu"
     )
