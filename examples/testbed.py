@@ -36,14 +36,63 @@ from pathlib import Path
 from typing import Any
 
 HELD_OUT_SEED, TRAIN_SEED = 1234, 99
-METHODS = ["itsm", "attention", "surgery", "maskclip", "clearclip", "sclip", "naclip", "gem",
-           "gradcam", "gradeclip", "gae", "legrad", "textspan", "rollout", "random"]  # fmt: skip
-SIGLIP_METHODS = ["itsm", "attention", "surgery", "maskclip", "clearclip", "sclip", "naclip", "gem",
-                  "gradcam", "legrad", "random"]  # fmt: skip
-SANITY_METHODS = ["itsm", "surgery", "clearclip", "sclip", "naclip", "gem", "gradcam",
-                  "gradeclip", "gae", "legrad", "textspan", "rollout", "attention", "random"]  # fmt: skip
-SEGMENT_METHODS = ["itsm", "maskclip", "clearclip", "sclip", "naclip", "resclip", "gem",
-                   "surgery", "random"]  # fmt: skip
+METHODS = [
+    "itsm",
+    "attention",
+    "surgery",
+    "maskclip",
+    "clearclip",
+    "sclip",
+    "naclip",
+    "gem",
+    "gradcam",
+    "gradeclip",
+    "gae",
+    "legrad",
+    "textspan",
+    "rollout",
+    "random",
+]
+SIGLIP_METHODS = [
+    "itsm",
+    "attention",
+    "surgery",
+    "maskclip",
+    "clearclip",
+    "sclip",
+    "naclip",
+    "gem",
+    "gradcam",
+    "legrad",
+    "random",
+]
+SANITY_METHODS = [
+    "itsm",
+    "surgery",
+    "clearclip",
+    "sclip",
+    "naclip",
+    "gem",
+    "gradcam",
+    "gradeclip",
+    "gae",
+    "legrad",
+    "textspan",
+    "rollout",
+    "attention",
+    "random",
+]
+SEGMENT_METHODS = [
+    "itsm",
+    "maskclip",
+    "clearclip",
+    "sclip",
+    "naclip",
+    "resclip",
+    "gem",
+    "surgery",
+    "random",
+]
 MASKS = {"mean": ["--mask-rule", "mean"], "nomask": ["--mask-rule", "topk", "--mask-value", "1"]}
 METRICS = ("miou", "msc", "pointing", "area")
 # Student's t at 97.5 % for 1..10 degrees of freedom (a 95 % interval of a mean over seeds).
@@ -66,8 +115,12 @@ def zero_shot(config: Path, weights: Path, world: Any, n: int = 200) -> dict[str
 
     model = clipviz.load_model(model_config=config, pretrained=str(weights))
     scenes = make_scenes(n, seed=HELD_OUT_SEED + 1, n_objects=1, world=world)
-    exp = clipviz.explain(model, [Image.fromarray(s.image) for s in scenes],
-                          [class_prompt(c) for c in world.classes], ensemble=False)  # fmt: skip
+    exp = clipviz.explain(
+        model,
+        [Image.fromarray(s.image) for s in scenes],
+        [class_prompt(c) for c in world.classes],
+        ensemble=False,
+    )
     guess = [world.classes[i].split() for i in exp.probs.argmax(dim=1).tolist()]
     truth = [(s.objects[0].colour, s.objects[0].shape) for s in scenes]
     return {
@@ -101,8 +154,21 @@ def run_seed(
     write_captions_csv(out / "world", 1500, seed=TRAIN_SEED, world=world)
     classes = out / "prompts.txt"
     classes.write_text("".join(f"{c}: {class_prompt(c)}\n" for c in world.classes))
-    common = ["--classes-file", str(classes), "--no-ensemble", "--pointing-tolerance", "0",
-              "--metric", "miou", "--metric", "msc", "--metric", "pointing", "--fresh", "-q"]  # fmt: skip
+    common = [
+        "--classes-file",
+        str(classes),
+        "--no-ensemble",
+        "--pointing-tolerance",
+        "0",
+        "--metric",
+        "miou",
+        "--metric",
+        "msc",
+        "--metric",
+        "pointing",
+        "--fresh",
+        "-q",
+    ]
     run = lambda *a: clipviz(*a, env=env)  # noqa: E731
 
     def once(path: Path, make: Callable[[], None]) -> dict:
@@ -110,9 +176,18 @@ def run_seed(
             make()
         return json.loads(path.read_text())
 
-    methods = once(out / "methods.json", lambda: run(
-        "eval", str(heldout), *[a for m in METHODS for a in ("-m", m)], "--json",
-        str(out / "methods.json"), *common, *model))  # fmt: skip
+    methods = once(
+        out / "methods.json",
+        lambda: run(
+            "eval",
+            str(heldout),
+            *[a for m in METHODS for a in ("-m", m)],
+            "--json",
+            str(out / "methods.json"),
+            *common,
+            *model,
+        ),
+    )
     eclip: dict[str, dict[str, Any]] = {}
     for steps in eclip_steps:
         for rule, mask in MASKS.items():
@@ -121,34 +196,109 @@ def run_seed(
             def train_and_score(
                 name: str = name, mask: list[str] = mask, steps: int = steps
             ) -> None:
-                run("train", str(out / "world" / "captions.csv"), "--out", str(out / name),
-                    "--steps", str(steps), "--lr", "3e-3", "-b", "64", *mask, "-q", *model)  # fmt: skip
-                run("eval", str(heldout), "-m", "eclip", "--eclip",
-                    str(out / name / "eclip.safetensors"), "--json", str(out / f"{name}.json"),
-                    *common, *model)  # fmt: skip
+                run(
+                    "train",
+                    str(out / "world" / "captions.csv"),
+                    "--out",
+                    str(out / name),
+                    "--steps",
+                    str(steps),
+                    "--lr",
+                    "3e-3",
+                    "-b",
+                    "64",
+                    *mask,
+                    "-q",
+                    *model,
+                )
+                run(
+                    "eval",
+                    str(heldout),
+                    "-m",
+                    "eclip",
+                    "--eclip",
+                    str(out / name / "eclip.safetensors"),
+                    "--json",
+                    str(out / f"{name}.json"),
+                    *common,
+                    *model,
+                )
                 shutil.rmtree(out / name / "checkpoints", ignore_errors=True)
 
             eclip.setdefault(rule, {})[str(steps)] = _metrics(
-                once(out / f"{name}.json", train_and_score)["results"])["eclip"]  # fmt: skip
-    segment = once(out / "segment.json", lambda: run(
-        "eval", str(heldout), "--task", "segment", *[a for m in SEGMENT_METHODS for a in ("-m", m)],
-        "--pamr-compare", "--short-side", "0", "--window", "0", "--prob-thd", "0.1", "--json",
-        str(out / "segment.json"), "-q", *model))  # fmt: skip
-    sanity = once(out / "sanity" / "sanity.json", lambda: run(
-        "sanity", str(heldout), "-f", "voc", "--classes-file", str(classes), "--no-ensemble",
-        "--limit", "50", *[a for m in SANITY_METHODS for a in ("-m", m)], "-o",
-        str(out / "sanity"), "-q", *model))  # fmt: skip
+                once(out / f"{name}.json", train_and_score)["results"]
+            )["eclip"]
+    segment = once(
+        out / "segment.json",
+        lambda: run(
+            "eval",
+            str(heldout),
+            "--task",
+            "segment",
+            *[a for m in SEGMENT_METHODS for a in ("-m", m)],
+            "--pamr-compare",
+            "--short-side",
+            "0",
+            "--window",
+            "0",
+            "--prob-thd",
+            "0.1",
+            "--json",
+            str(out / "segment.json"),
+            "-q",
+            *model,
+        ),
+    )
+    sanity = once(
+        out / "sanity" / "sanity.json",
+        lambda: run(
+            "sanity",
+            str(heldout),
+            "-f",
+            "voc",
+            "--classes-file",
+            str(classes),
+            "--no-ensemble",
+            "--limit",
+            "50",
+            *[a for m in SANITY_METHODS for a in ("-m", m)],
+            "-o",
+            str(out / "sanity"),
+            "-q",
+            *model,
+        ),
+    )
     if seed == 0:  # the documentation's comparison sheets
-        sheet = ["-m", "itsm", "-m", "eclip", "--eclip",
-                 str(out / f"mean-{eclip_steps[0]}" / "eclip.safetensors"),
-                 "-m", "surgery", "-m", "gradcam", "-m", "legrad"]  # fmt: skip
+        sheet = [
+            "-m",
+            "itsm",
+            "-m",
+            "eclip",
+            "--eclip",
+            str(out / f"mean-{eclip_steps[0]}" / "eclip.safetensors"),
+            "-m",
+            "surgery",
+            "-m",
+            "gradcam",
+            "-m",
+            "legrad",
+        ]
         for i in (0, 3):  # each scene's objects as prompts, plus one class that is absent
             present = [o.name for o in scenes[i].objects]
             absent = next(c for c in world.classes if c not in present)
             prompts = [class_prompt(c) for c in [*present, absent]]
             image = heldout / "JPEGImages" / f"synth_{i:05d}.png"
-            run("explain", str(image), *prompts, *sheet, "--no-ensemble", "-o",
-                str(out / "sheets"), "-q", *model)  # fmt: skip
+            run(
+                "explain",
+                str(image),
+                *prompts,
+                *sheet,
+                "--no-ensemble",
+                "-o",
+                str(out / "sheets"),
+                "-q",
+                *model,
+            )
     record: dict[str, Any] = {
         "seed": seed,
         "world": {"colours": list(world.colours), "shapes": list(world.shapes)},
@@ -166,15 +316,46 @@ def run_seed(
     }
     if siglip:
         tiny_siglip = ensure_tiny_siglip(cache, seed=seed)
-        siglip_model = ["--model-config", str(tiny_siglip.config_path), "--pretrained",
-                        str(tiny_siglip.weights_path)]  # fmt: skip
-        siglip_methods = once(out / "siglip-methods.json", lambda: (run(
-            "train", str(out / "world" / "captions.csv"), "--out", str(out / "siglip-eclip"),
-            "--steps", str(eclip_steps[0]), "--lr", "3e-3", "-b", "64", "--mask-rule", "mean",
-            "-q", *siglip_model), run(
-            "eval", str(heldout), *[a for m in SIGLIP_METHODS for a in ("-m", m)], "-m", "eclip",
-            "--eclip", str(out / "siglip-eclip" / "eclip.safetensors"), "--json",
-            str(out / "siglip-methods.json"), *common, *siglip_model))[-1])  # fmt: skip
+        siglip_model = [
+            "--model-config",
+            str(tiny_siglip.config_path),
+            "--pretrained",
+            str(tiny_siglip.weights_path),
+        ]
+        siglip_methods = once(
+            out / "siglip-methods.json",
+            lambda: (
+                run(
+                    "train",
+                    str(out / "world" / "captions.csv"),
+                    "--out",
+                    str(out / "siglip-eclip"),
+                    "--steps",
+                    str(eclip_steps[0]),
+                    "--lr",
+                    "3e-3",
+                    "-b",
+                    "64",
+                    "--mask-rule",
+                    "mean",
+                    "-q",
+                    *siglip_model,
+                ),
+                run(
+                    "eval",
+                    str(heldout),
+                    *[a for m in SIGLIP_METHODS for a in ("-m", m)],
+                    "-m",
+                    "eclip",
+                    "--eclip",
+                    str(out / "siglip-eclip" / "eclip.safetensors"),
+                    "--json",
+                    str(out / "siglip-methods.json"),
+                    *common,
+                    *siglip_model,
+                ),
+            )[-1],
+        )
         record["zero_shot"]["siglip"] = zero_shot(
             tiny_siglip.config_path, tiny_siglip.weights_path, world
         )
@@ -231,49 +412,66 @@ def claims(records: Sequence[dict]) -> list[dict[str, Any]]:
         held = [r["seed"] for r in have if test(r)]
         return {"claim": text, "holds": len(held), "of": len(have), "seeds": held}
 
-    text_methods = ["surgery", "clearclip", "sclip", "naclip", "gem", "gradeclip", "gae",
-                    "legrad", "textspan"]  # fmt: skip
+    text_methods = [
+        "surgery",
+        "clearclip",
+        "sclip",
+        "naclip",
+        "gem",
+        "gradeclip",
+        "gae",
+        "legrad",
+        "textspan",
+    ]
     out = [
         each(
             "the tiny CLIP names the colour of one-object scenes at least 9 times in 10",
             lambda r: r["zero_shot"]["clip"]["colour"] >= 0.9,
-        ),  # fmt: skip
+        ),
         each(
             "the tiny CLIP names the shape above chance (1/4)",
             lambda r: r["zero_shot"]["clip"]["shape"] > 0.25,
-        ),  # fmt: skip
+        ),
         each("stock ITSM prefers the background (mSC < 0)", lambda r: msc(r, "itsm") < 0),
         each(
             "CLIP Surgery's mSC is the highest of the text-conditioned methods",
             lambda r: msc(r, "surgery") >= max(msc(r, m) for m in text_methods),
-        ),  # fmt: skip
+        ),
         each(
             "every text-conditioned method scores a higher mSC than stock ITSM",
             lambda r: all(msc(r, m) > msc(r, "itsm") for m in text_methods),
-        ),  # fmt: skip
+        ),
         each(
             "every method scores a higher mSC than random maps",
             lambda r: all(msc(r, m) > msc(r, "random") for m in METHODS if m != "random"),
-        ),  # fmt: skip
+        ),
         each(
             "TextSpan points at the object more often than any other method",
             lambda r: (
                 r["methods"]["textspan"]["pointing"]
                 >= max(v["pointing"] for v in r["methods"].values())
             ),
-        ),  # fmt: skip
+        ),
         each(
             "SCLIP, NACLIP and GEM score above stock ITSM and below CLIP Surgery (mSC)",
             lambda r: all(
                 msc(r, "itsm") < msc(r, m) < msc(r, "surgery") for m in ("sclip", "naclip", "gem")
             ),
-        ),  # fmt: skip
+        ),
     ]
     for s in steps:
-        out.append(each(f"ECLIP ({s} steps) lifts mSC above stock ITSM's",
-                        lambda r, s=s: r["eclip"]["mean"][s]["msc"] > msc(r, "itsm")))  # fmt: skip
-        out.append(each(f"ECLIP ({s} steps) lifts mSC above stock ITSM's by more than 10 points",
-                        lambda r, s=s: r["eclip"]["mean"][s]["msc"] > msc(r, "itsm") + 10))  # fmt: skip
+        out.append(
+            each(
+                f"ECLIP ({s} steps) lifts mSC above stock ITSM's",
+                lambda r, s=s: r["eclip"]["mean"][s]["msc"] > msc(r, "itsm"),
+            )
+        )
+        out.append(
+            each(
+                f"ECLIP ({s} steps) lifts mSC above stock ITSM's by more than 10 points",
+                lambda r, s=s: r["eclip"]["mean"][s]["msc"] > msc(r, "itsm") + 10,
+            )
+        )
         out.append(
             each(
                 f"the free-attention mask beats max pooling without it ({s} steps, mSC)",
@@ -284,26 +482,28 @@ def claims(records: Sequence[dict]) -> list[dict[str, Any]]:
         each(
             f"when stock ITSM prefers the background, ECLIP ({first} steps) lifts mSC",
             lambda r: msc(r, "itsm") >= 0 or r["eclip"]["mean"][first]["msc"] > msc(r, "itsm"),
-        ),  # fmt: skip
+        ),
         each(
             "the SigLIP's plain ITSM follows the objects (mSC > 0)",
             lambda r: r["siglip_methods"]["itsm"]["msc"] > 0,
-        ),  # fmt: skip
+            "siglip_methods",
+        ),
         each(
             "the SigLIP's ITSM scores a higher mSC than the CLIP's",
             lambda r: r["siglip_methods"]["itsm"]["msc"] > msc(r, "itsm"),
-        ),  # fmt: skip
+            "siglip_methods",
+        ),
         each(
             "NACLIP, CLIP Surgery and ClearCLIP segment above random maps (mIoU, no PAMR)",
             lambda r: all(
                 r["segment"][m]["miou"] > r["segment"]["random"]["miou"]
                 for m in ("naclip", "surgery", "clearclip")
             ),
-        ),  # fmt: skip
+        ),
         each(
             "PAMR raises NACLIP's segmentation mIoU",
             lambda r: r["segment"]["naclip+pamr"]["miou"] > r["segment"]["naclip"]["miou"],
-        ),  # fmt: skip
+        ),
         each(
             "every text-conditioned method loses its maps once the head is random "
             "(Spearman < 0.3 after the first stage)",
@@ -311,87 +511,224 @@ def claims(records: Sequence[dict]) -> list[dict[str, Any]]:
                 r["sanity"][m]["spearman"][0] < 0.3
                 for m in ("itsm", "surgery", "gem", "gradcam", "gradeclip", "legrad", "textspan")
             ),
-        ),  # fmt: skip
+        ),
         each(
             "only the random baseline is flagged by the sanity check",
             lambda r: [m for m, s in r["sanity"].items() if s["flagged"]] == ["random"],
-        ),  # fmt: skip
+        ),
         each(
             "rollout keeps its maps until the first block is re-drawn (ρ > 0.5 before)",
             lambda r: min(r["sanity"]["rollout"]["spearman"][:-1]) > 0.5,
-        ),  # fmt: skip
+        ),
     ]
     return out
 
 
 def fmt(s: dict[str, Any], digits: int = 1, sign: bool = False) -> str:
-    """ "mean [min–max]" of a spread."""
+    """ "mean [min, max]" of a spread (minus signs as "−")."""
     if not s or s.get("mean") is None:
         return "—"
     f = f"{{:{'+' if sign else ''}.{digits}f}}"
     cell = f.format(s["mean"])
     if s["n"] > 1:
-        cell += f" [{f.format(s['min'])}–{f.format(s['max'])}]"
-    return cell.replace("-", "−") if sign else cell
+        cell += f" [{f.format(s['min'])}, {f.format(s['max'])}]"
+    return cell.replace("-", "−")
 
 
 def tables(records: Sequence[dict], summary: dict[str, Any], found: list[dict]) -> str:
     n = len(records)
-    head = f"over {n} seed{'s' * (n > 1)} ({', '.join(str(r['seed']) for r in records)}): " \
-        "each cell is the mean [min–max] over the seeds"  # fmt: skip
+    head = (
+        f"over {n} seed{'s' * (n > 1)} ({', '.join(str(r['seed']) for r in records)}): "
+        "each cell is the mean [min, max] over the seeds"
+    )
     lines = [f"# Test bed, {head}", ""]
     for r in records:
-        lines.append(f"- world {r['seed']}: colours {', '.join(r['world']['colours'])}; "
-                     f"shapes {', '.join(r['world']['shapes'])}")  # fmt: skip
+        lines.append(
+            f"- world {r['seed']}: colours {', '.join(r['world']['colours'])}; "
+            f"shapes {', '.join(r['world']['shapes'])}"
+        )
     zs = summary["zero_shot"]
-    lines += ["", "## Zero-shot (200 one-object scenes)", "",
-              "| model | colour | shape | class |", "| --- | --- | --- | --- |"]  # fmt: skip
+    lines += [
+        "",
+        "## Zero-shot (200 one-object scenes)",
+        "",
+        "| model | colour | shape | class |",
+        "| --- | --- | --- | --- |",
+    ]
     for model in [m for m in ("clip", "siglip") if m in zs]:
-        lines.append(f"| {model} | " + " | ".join(fmt(zs[model][k], 2) for k in
-                     ("colour", "shape", "class")) + " |")  # fmt: skip
-    lines += ["", "## Methods (tiny CLIP)", "", "| method | mIoU % | mSC % | pointing |",
-              "| --- | --- | --- | --- |"]  # fmt: skip
+        lines.append(
+            f"| {model} | "
+            + " | ".join(fmt(zs[model][k], 2) for k in ("colour", "shape", "class"))
+            + " |"
+        )
+    lines += [
+        "",
+        "## Methods (tiny CLIP)",
+        "",
+        "| method | mIoU % | mSC % | pointing |",
+        "| --- | --- | --- | --- |",
+    ]
     for m in METHODS:
         s = summary["methods"][m]
-        lines.append(f"| {m} | {fmt(s['miou'])} | {fmt(s['msc'], sign=True)} | "
-                     f"{fmt(s['pointing'], 3)} |")  # fmt: skip
-    lines += ["", "## ECLIP against stock ITSM and the no-mask control", "",
-              "| map | steps | mIoU % | mSC % | pointing |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
+        lines.append(
+            f"| {m} | {fmt(s['miou'])} | {fmt(s['msc'], sign=True)} | {fmt(s['pointing'], 3)} |"
+        )
+    lines += [
+        "",
+        "## ECLIP against stock ITSM and the no-mask control",
+        "",
+        "| map | steps | mIoU % | mSC % | pointing |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     s = summary["methods"]["itsm"]
-    lines.append(f"| stock ITSM | — | {fmt(s['miou'])} | {fmt(s['msc'], sign=True)} | "
-                 f"{fmt(s['pointing'], 3)} |")  # fmt: skip
+    lines.append(
+        f"| stock ITSM | — | {fmt(s['miou'])} | {fmt(s['msc'], sign=True)} | "
+        f"{fmt(s['pointing'], 3)} |"
+    )
     labels = {"mean": "ECLIP (free attention ≥ mean)", "nomask": "max pooling, no mask"}
     for steps in sorted(summary["eclip"]["mean"], key=int):
         for rule in MASKS:
             s = summary["eclip"][rule][steps]
-            lines.append(f"| {labels[rule]} | {steps} | {fmt(s['miou'])} | "
-                         f"{fmt(s['msc'], sign=True)} | {fmt(s['pointing'], 3)} |")  # fmt: skip
-    lines += [] if "siglip_methods" not in summary else ["", "## CLIP and SigLIP", "", "| method | CLIP mSC % | SigLIP mIoU % | SigLIP mSC % "
-              "| SigLIP pointing |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
+            lines.append(
+                f"| {labels[rule]} | {steps} | {fmt(s['miou'])} | "
+                f"{fmt(s['msc'], sign=True)} | {fmt(s['pointing'], 3)} |"
+            )
+    lines += (
+        []
+        if "siglip_methods" not in summary
+        else [
+            "",
+            "## CLIP and SigLIP",
+            "",
+            "| method | CLIP mSC % | SigLIP mIoU % | SigLIP mSC % | SigLIP pointing |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+    )
     for m in [*SIGLIP_METHODS, "eclip"] if "siglip_methods" in summary else []:
         s = summary["siglip_methods"][m]
-        clip = summary["methods"][m]["msc"] if m in summary["methods"] else \
-            summary["eclip"]["mean"][sorted(summary["eclip"]["mean"], key=int)[0]]["msc"]  # fmt: skip
-        lines.append(f"| {m} | {fmt(clip, sign=True)} | {fmt(s['miou'])} | "
-                     f"{fmt(s['msc'], sign=True)} | {fmt(s['pointing'], 3)} |")  # fmt: skip
-    lines += ["", "## Segmentation (protocol, one window, prob-thd 0.1)", "",
-              "| method | mIoU % | with PAMR | aAcc % |", "| --- | --- | --- | --- |"]  # fmt: skip
+        clip = (
+            summary["methods"][m]["msc"]
+            if m in summary["methods"]
+            else summary["eclip"]["mean"][sorted(summary["eclip"]["mean"], key=int)[0]]["msc"]
+        )
+        lines.append(
+            f"| {m} | {fmt(clip, sign=True)} | {fmt(s['miou'])} | "
+            f"{fmt(s['msc'], sign=True)} | {fmt(s['pointing'], 3)} |"
+        )
+    lines += [
+        "",
+        "## Segmentation (protocol, one window, prob-thd 0.1)",
+        "",
+        "| method | mIoU % | with PAMR | aAcc % |",
+        "| --- | --- | --- | --- |",
+    ]
     for m in SEGMENT_METHODS:
         seg = summary["segment"]
-        lines.append(f"| {m} | {fmt(seg[m]['miou'])} | {fmt(seg[m + '+pamr']['miou'])} | "
-                     f"{fmt(seg[m]['aacc'])} |")  # fmt: skip
+        lines.append(
+            f"| {m} | {fmt(seg[m]['miou'])} | {fmt(seg[m + '+pamr']['miou'])} | "
+            f"{fmt(seg[m]['aacc'])} |"
+        )
     stages = records[0]["sanity_stages"]
-    lines += ["", "## Sanity (Spearman ρ after each stage, 50 scenes)", "",
-              "| method | " + " | ".join(stages) + " | flagged on |",
-              "| --- |" + " --- |" * (len(stages) + 1)]  # fmt: skip
+    lines += [
+        "",
+        "## Sanity (Spearman ρ after each stage, 50 scenes)",
+        "",
+        "| method | " + " | ".join(stages) + " | flagged on |",
+        "| --- |" + " --- |" * (len(stages) + 1),
+    ]
     for m, s in summary["sanity"].items():
         cells = " | ".join(fmt(v, 2, sign=True) for v in s["spearman"])
         lines.append(f"| {m} | {cells} | {s['flagged']['true']} of {s['flagged']['of']} |")
+    lines += per_seed_tables(records)
     lines += ["", "## Claims", "", "| claim | holds on | seeds |", "| --- | --- | --- |"]
     for c in found:
-        lines.append(f"| {c['claim']} | {c['holds']} of {c['of']} | "
-                     f"{', '.join(map(str, c['seeds'])) or '—'} |")  # fmt: skip
+        lines.append(
+            f"| {c['claim']} | {c['holds']} of {c['of']} | "
+            f"{', '.join(map(str, c['seeds'])) or '—'} |"
+        )
     return "\n".join(lines) + "\n"
+
+
+Row = tuple[str, Callable[[dict], float | None]]
+
+
+def per_seed(title: str, rows: Sequence[Row], records: Sequence[dict], digits: int = 1) -> list:
+    """A table of one number per seed and row, then its mean [min, max] and 95 % interval."""
+    seeds = [r["seed"] for r in records]
+    out = [
+        "",
+        f"### {title}",
+        "",
+        "| | " + " | ".join(f"world {s}" for s in seeds) + " | mean [min, max] | 95 % interval |",
+        "| --- |" + " --- |" * (len(seeds) + 2),
+    ]
+    for label, get in rows:
+        values = []
+        for r in records:
+            try:
+                values.append(get(r))
+            except KeyError:
+                values.append(None)
+        s = spread(values)
+        ci = "—" if not s.get("ci") else f"{s['ci'][0]:.{digits}f}, {s['ci'][1]:.{digits}f}"
+        cells = ["—" if v is None else f"{v:.{digits}f}".replace("-", "−") for v in values]
+        out.append(
+            f"| {label} | " + " | ".join(cells) + f" | {fmt(s, digits)} | {ci.replace('-', '−')} |"
+        )
+    return out
+
+
+def per_seed_tables(records: Sequence[dict]) -> list[str]:
+    """Every seed's numbers, table by table."""
+    steps = sorted(records[0]["eclip"]["mean"], key=int)
+    lines = ["", "## Per seed"]
+    lines += per_seed(
+        "Zero-shot accuracy, tiny CLIP (colour, shape)",
+        [(k, lambda r, k=k: r["zero_shot"]["clip"][k]) for k in ("colour", "shape")],
+        records,
+        2,
+    )
+    for metric, digits in (("msc", 1), ("pointing", 3), ("miou", 1)):
+        lines += per_seed(
+            f"{metric} of every method (tiny CLIP)",
+            [(m, lambda r, m=m, k=metric: r["methods"][m][k]) for m in METHODS],
+            records,
+            digits,
+        )
+    eclip: list[Row] = [("stock ITSM", lambda r: r["methods"]["itsm"]["msc"])]
+    for st in steps:
+        eclip += [
+            (f"{rule} mask, {st} steps", lambda r, rule=rule, st=st: r["eclip"][rule][st]["msc"])
+            for rule in MASKS
+        ]
+    lines += per_seed(
+        "mSC of ECLIP (mask: mean = free attention ≥ its mean, nomask = max "
+        "pooling over every token)",
+        eclip,
+        records,
+    )
+    lines += per_seed(
+        "Segmentation mIoU (protocol; +pamr: with PAMR)",
+        [
+            (row, lambda r, row=row: r["segment"][row]["miou"])
+            for m in SEGMENT_METHODS
+            for row in (m, f"{m}+pamr")
+        ],
+        records,
+    )
+    lines += per_seed(
+        "Sanity: Spearman ρ once the whole tower is random",
+        [(m, lambda r, m=m: r["sanity"][m]["spearman"][-1]) for m in SANITY_METHODS],
+        records,
+        2,
+    )
+    if any("siglip_methods" in r for r in records):
+        lines += per_seed(
+            "mSC of the tiny SigLIP's methods",
+            [(m, lambda r, m=m: r["siglip_methods"][m]["msc"]) for m in [*SIGLIP_METHODS, "eclip"]],
+            records,
+        )
+    return lines
 
 
 def train_models(seeds: Sequence[int], cache: Path, siglip: bool) -> None:
@@ -435,12 +772,20 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "clipviz-testbed")
     parser.add_argument("--seeds", type=int, default=1, help="worlds 0..N-1 (default 1)")
     parser.add_argument("--first-seed", type=int, default=0)
-    parser.add_argument("--eclip-steps", default="300,1000,3000",
-                        help="ECLIP training lengths, comma-separated (default 300,1000,3000)")  # fmt: skip
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="seeds run at once (each with cores/jobs threads)")  # fmt: skip
-    parser.add_argument("--no-siglip", dest="siglip", action="store_false",
-                        help="leave the tiny SigLIP out (its training is the longest step)")  # fmt: skip
+    parser.add_argument(
+        "--eclip-steps",
+        default="300,1000,3000",
+        help="ECLIP training lengths, comma-separated (default 300,1000,3000)",
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="seeds run at once (each with cores/jobs threads)"
+    )
+    parser.add_argument(
+        "--no-siglip",
+        dest="siglip",
+        action="store_false",
+        help="leave the tiny SigLIP out (its training is the longest step)",
+    )
     parser.add_argument("--fresh", action="store_true", help="recompute seeds already done")
     args = parser.parse_args()
     if args.seeds < 1 or args.jobs < 1:
@@ -460,17 +805,29 @@ def main() -> None:
     # The longest ECLIP runs last: every other number of every seed comes first.
     for todo in ([steps[:-1]] if len(steps) > 1 else []) + [steps]:
         with ProcessPoolExecutor(args.jobs) as pool:
-            records = list(pool.map(seed_record, seeds, [args.out] * len(seeds),
-                                    [args.cache] * len(seeds), [todo] * len(seeds),
-                                    [threads] * len(seeds), [args.siglip] * len(seeds)))  # fmt: skip
+            records = list(
+                pool.map(
+                    seed_record,
+                    seeds,
+                    [args.out] * len(seeds),
+                    [args.cache] * len(seeds),
+                    [todo] * len(seeds),
+                    [threads] * len(seeds),
+                    [args.siglip] * len(seeds),
+                )
+            )
     for r in records:  # only the requested training lengths
         for rule in r["eclip"]:
             r["eclip"][rule] = {s: v for s, v in r["eclip"][rule].items() if int(s) in steps}
     summary = summarise(records)
     found = claims(records)
     (args.out / "summary.json").write_text(
-        json.dumps({"seeds": list(seeds), "summary": summary, "claims": found,
-                    "records": records}, indent=1) + "\n")  # fmt: skip
+        json.dumps(
+            {"seeds": list(seeds), "summary": summary, "claims": found, "records": records},
+            indent=1,
+        )
+        + "\n"
+    )
     text = tables(records, summary, found)
     (args.out / "tables.md").write_text(text)
     print(text)
