@@ -22,7 +22,7 @@ from clipviz.backend import hub
 from clipviz.cli import app
 from clipviz.methods.proxyclip import proxy_attention, proxyclip
 from clipviz.segment import ClassNames, Segmenter, get_preset
-from clipviz.testbed.world import make_scene
+from clipviz.testbed.world import make_scene, write_voc
 
 PROMPTS = ["a dog", "a red square", "grass"]
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -230,3 +230,16 @@ def test_bench_leaves_proxyclip_out_unless_named():
     from clipviz.runs.bench import default_methods
 
     assert "proxyclip" not in default_methods() and "clearclip" in default_methods()
+
+
+def test_eval_takes_the_proxy_as_segment_does(trained_clip, proxy_folder, tmp_path):
+    folder, _ = proxy_folder
+    config, weights = trained_clip
+    write_voc(tmp_path / "voc", 2, seed=8)
+    args = ["eval", str(tmp_path / "voc"), "--task", "segment", "-m", "proxyclip", "--proxy",
+            str(folder), "--short-side", "0", "--window", "0", "--json", str(tmp_path / "r.json"),
+            "-q", "--model-config", str(config), "--pretrained", str(weights)]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["method_options"]["proxyclip"]["proxy"] == str(folder), saved.keys()

@@ -27,6 +27,7 @@ from .options import (
     OptionOpt,
     PrecisionOpt,
     PretrainedOpt,
+    ProxyOpt,
     QuietOpt,
     ReportOpt,
     ResolutionOpt,
@@ -35,6 +36,7 @@ from .options import (
     chosen_methods,
     gather_method_options,
     load,
+    with_proxy,
 )
 from .output import (
     out_console,
@@ -89,6 +91,7 @@ def evaluate(
     ] = "maps",
     method: MethodOpt = None,
     option: OptionOpt = None,
+    proxy: ProxyOpt = None,
     metric: Annotated[
         list[str] | None,
         typer.Option(
@@ -222,6 +225,7 @@ def evaluate(
 
     With `--task segment`: segment each image into the benchmark's classes by the field's
     protocol and score the split by mIoU, aAcc and mAcc (mmseg's IoUMetric)."""
+    option = with_proxy(option, proxy)
     if eval_task == "segment":
         from .evaluate_segment import SegmentSettings, evaluate_segment
 

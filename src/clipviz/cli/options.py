@@ -120,6 +120,22 @@ OptionOpt = Annotated[
         show_default=False,
     ),
 ]
+ProxyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--proxy",
+        help="the proxy model of a method that has one (proxyclip, cass): a timm name whose "
+        "weights are cached, NAME=FILE, or a folder with config.json and model.safetensors "
+        "(the same as -O proxy=…)",
+    ),
+]
+
+
+def with_proxy(option: list[str] | None, proxy: str | None) -> list[str]:
+    """The `-O` options with `--proxy` as `proxy=…` (which reaches every method that has one)."""
+    return [*(option or []), *([f"proxy={proxy}"] if proxy is not None else [])]
+
+
 # named flags from before -O, still accepted for scripts that use them but hidden from --help
 SurgeryDepthOpt = Annotated[
     int | None, typer.Option("--surgery-depth", help="= -O surgery.depth=K", hidden=True)

@@ -21,8 +21,10 @@ from .options import (
     OptionOpt,
     PrecisionOpt,
     PretrainedOpt,
+    ProxyOpt,
     QuietOpt,
     load,
+    with_proxy,
 )
 from .output import (
     out_console,
@@ -84,14 +86,7 @@ def segment(
         typer.Option("--method", "-m", help="the dense method (default: sclip, or the preset's)"),
     ] = None,
     option: OptionOpt = None,
-    proxy: Annotated[
-        str | None,
-        typer.Option(
-            "--proxy",
-            help="the proxy model of a method that has one (proxyclip, cass): a timm name whose "
-            "weights are cached, NAME=FILE, or a folder with config.json and model.safetensors",
-        ),
-    ] = None,
+    proxy: ProxyOpt = None,
     short_side: Annotated[
         IntOpt, typer.Option("--short-side", help="resize: short side S (0: as is; 336)")
     ] = None,
@@ -229,8 +224,7 @@ def segment(
         pamr_dilations=_dilations(pamr_dilations),
     )  # fmt: skip
     protocol.check()
-    proxy_option = [f"proxy={proxy}"] if proxy is not None else []
-    given = method_options([method], [*(option or []), *proxy_option])[method]
+    given = method_options([method], with_proxy(option, proxy))[method]
     options = {**preset_options(chosen, method), **given}
     check_run_args(out, batch_size, workers, max_pixels, writers)
     refuse_stdin(inputs_file)
