@@ -216,7 +216,7 @@ def test_unknown_tag_lists_the_model_tags():
 def test_broken_model_config_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    with pytest.raises(ClipvizError, match="not valid UTF-8 JSON"):
+    with pytest.raises(ClipvizError, match="not valid UTF-8 JSON .*; fix the file, or save it as"):
         clipviz.load_model(model_config=bad, pretrained="random")
     bad.write_text('{"embed_dim": 8}')
     with pytest.raises(ClipvizError, match="vision_cfg"):

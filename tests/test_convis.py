@@ -211,6 +211,7 @@ def test_concepts_cli_unknown_synset_exits_2_with_suggestions(tmp_path):
     result = runner.invoke(app, ["concepts", str(tmp_path / "photo.png"), "-s", "elefant.n.01"])
     assert result.exit_code == 2
     assert "unknown synset 'elefant.n.01'" in result.output and "elephant.n.01" in result.output
+    assert "--word NOUN uses a noun's first sense and lists its others" in result.output
     assert "Traceback" not in result.output
 
 

@@ -147,7 +147,7 @@ def test_specs_that_name_nothing_loadable_are_one_line_usage_errors(tmp_path, mo
     _fails("vit_base_patch8_224.dino", "offline", "vit_base_patch8_224.dino=FILE.safetensors",
            "config.json")  # fmt: skip
     _fails("no_such_model.dino", "timm has no model 'no_such_model.dino'")
-    _fails(str(tmp_path / "missing.safetensors"), "no such file or folder")
+    _fails(str(tmp_path / "missing.safetensors"), "no such file or folder; check the path")
     folder, _ = write_proxy_folder(tmp_path / "p")
     (tmp_path / "bare").mkdir()
     (tmp_path / "bare" / "w.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
@@ -163,3 +163,20 @@ def test_specs_that_name_nothing_loadable_are_one_line_usage_errors(tmp_path, mo
     (tmp_path / "conv" / "config.json").write_text(json.dumps({"architecture": "resnet10t"}))
     (tmp_path / "conv" / "model.safetensors").write_bytes(b"")
     _fails(str(tmp_path / "conv"), "cannot build resnet10t", "name a ViT")
+
+
+def test_proxy_folders_that_cannot_be_used_say_how_to_fix_them(tmp_path):
+    folder, model = write_proxy_folder(tmp_path / "p")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "architecture": None}))
+    _fails(str(folder), "names no `architecture`", '"architecture": "vit_base_patch8_224.dino"')
+    odd = {**config, "pretrained_cfg": {"mean": [0.5, 0.5], "std": [0.2, 0.2, 0.2]}}
+    (folder / "config.json").write_text(json.dumps(odd))
+    _fails(str(folder), "not three channels' values", "three means and three positive stds")
+    (folder / "config.json").write_text(json.dumps(config))
+    state = {k: v.contiguous().clone() for k, v in model.state_dict().items()}
+    state["cls_token"][0, 0, 0] = float("nan")
+    save_file(state, str(folder / "model.safetensors"))
+    _fails(str(folder), "not finite", "use other weights")
+    torch.save({"weights": 1}, folder / "odd.pt")
+    _fails(str(folder / "odd.pt"), "no plain table of weights", "state_dict()")

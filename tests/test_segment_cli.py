@@ -88,8 +88,12 @@ def test_a_preset_brings_its_settings_and_classes_and_options_override(app, tiny
         (["--classes", "a,b", "--window", "64", "--stride", "0"], "stride"),
         (["--classes", "a,,b"], "empty name"),
         (["--preset", "gem/voc21"], "no preset gem/voc21"),
-        (["--preset", "trident/voc21"], "pass `--method`"),
+        (["--preset", "trident/voc21"], "pass --method to use"),
         ([], "no classes"),
+        (["--classes", "a,b", "--classes-file", "c.txt"], "give --classes-file or --classes,"),
+        (["--classes", "a,b", "--alpha", "2"], "error: --alpha 2.0 must be between 0 and 1"),
+        (["--classes", "a,b", "--batch-size", "0"], "error: --batch-size 0 must be at least 1"),
+        (["--classes", "a,b", "--pamr-dilations", "x"], "error: --pamr-dilations 'x' is not"),
     ],
 )
 def test_bad_options_are_one_line_and_exit_2(app, tiny_weights, tmp_path, extra, says):

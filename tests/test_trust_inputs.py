@@ -378,7 +378,7 @@ def test_an_out_that_is_a_file_exits_2(tmp_path, tiny_weights):
     _one_line_error(result, 2, "is a file; pass a folder")
 
 
-@pytest.mark.parametrize("which,message", [("latin", "not valid UTF-8 JSON"),
+@pytest.mark.parametrize("which,message", [("latin", "; fix the file, or save it as a UTF-8 JSON"),
                                            ("zero", "context_length is 0")])  # fmt: skip
 def test_broken_model_configs_exit_2_in_one_line(tmp_path, bad_configs, which, message):
     random_image(0).save(tmp_path / "a.png")

@@ -303,7 +303,10 @@ class HFViTTower(TokenTowerBase):
     @property
     def proj(self) -> torch.Tensor:
         if self.visual.projection is None:
-            raise ClipvizError(f"{self._name}: the image tower has no projection to copy")
+            raise ClipvizError(
+                f"{self._name}: the image tower has no projection to copy; ECLIP and TextSpan "
+                "need one: choose another method, or a model whose tower ends in a projection"
+            )
         return self.visual.projection.weight.T
 
     @property

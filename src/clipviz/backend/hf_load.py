@@ -71,7 +71,8 @@ def weights_files(fetch: Callable[[str], Path | None], where: str) -> list[Path]
         missing = [s for s, f in zip(shards, files, strict=True) if f is None]
         if missing:
             raise ClipvizError(
-                f"{where}: {name} lists {', '.join(missing[:SHOWN])}, which are absent"
+                f"{where}: {name} lists {', '.join(missing[:SHOWN])}, which are absent; copy the "
+                "folder again in full, or re-save the model with save_pretrained"
             )
         return [f for f in files if f is not None]
     raise ClipvizError(
@@ -119,7 +120,10 @@ def read_state_dict(path: Path) -> dict[str, Any]:
     except pickle.UnpicklingError as e:
         raise ClipvizError(pickled_message(str(path))) from e
     if not isinstance(state, dict):
-        raise ClipvizError(f"weights {path} hold a {type(state).__name__}, not a state dict")
+        raise ClipvizError(
+            f"weights {path} hold a {type(state).__name__}, not a state dict; save "
+            "`model.state_dict()` alone (safetensors.torch.save_file, or torch.save)"
+        )
     return state
 
 

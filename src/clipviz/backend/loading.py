@@ -72,7 +72,10 @@ def register_model_config(path: str | os.PathLike[str]) -> str:
     try:
         cfg = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ClipvizError(f"`model_config` {p} is not valid UTF-8 JSON ({e})") from e
+        raise ClipvizError(
+            f"`model_config` {p} is not valid UTF-8 JSON ({e}); fix the file, or save it as a "
+            "UTF-8 JSON object: an open_clip model config"
+        ) from e
     if not isinstance(cfg, dict) or "vision_cfg" not in cfg or "text_cfg" not in cfg:
         raise ClipvizError(
             f"`model_config` {p} is not an open_clip model config "

@@ -51,7 +51,10 @@ def architecture_support(name: str) -> Support:
 
     cfg = open_clip.get_model_config(name)
     if cfg is None:
-        raise ClipvizError(f"unknown model {name!r}")
+        raise ClipvizError(
+            f"unknown model {name!r}; `clipviz models` lists the architectures, or pass "
+            "`model_config` FILE.json for a custom one"
+        )
     try:
         with _quiet(), torch.device("meta"):
             visual = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"])

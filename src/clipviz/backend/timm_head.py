@@ -151,7 +151,11 @@ class TimmHead:
         for module in (getattr(self.visual.head, "proj", None), self.trunk.head):
             if isinstance(module, torch.nn.Linear):
                 return module.weight.T
-        raise ClipvizError(f"{self._name}: the image tower has no linear projection to copy")
+        raise ClipvizError(
+            f"{self._name}: the image tower has no linear projection to copy; ECLIP and "
+            "TextSpan need one: choose another method, or a model whose tower ends in a "
+            "linear projection"
+        )
 
     @property
     def post_norm(self) -> Any:

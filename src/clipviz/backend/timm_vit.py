@@ -73,7 +73,10 @@ class TimmViTTower(TimmHead, TokenTowerBase):
         self.prefix = int(getattr(self.trunk, "num_prefix_tokens", 0))
         pe = self.trunk.patch_embed
         if not isinstance(pe, PatchEmbed | HybridEmbed):
-            raise ClipvizError(f"{name}: patch embedding {type(pe).__name__} is not supported")
+            raise ClipvizError(
+                f"{name}: patch embedding {type(pe).__name__} is not supported; "
+                "`clipviz models` lists the architectures clipviz explains"
+            )
         self._rope_grid: tuple[int, int] | None = None
         pool = getattr(self.trunk, "attn_pool", None)
         if pool is not None:

@@ -92,7 +92,7 @@ def evaluate_segment(
     chosen, protocol = protocol_of(settings, chosen_methods[0] if chosen_methods else "sclip")
     if not chosen_methods and chosen is not None and chosen.method is None:
         raise ClipvizError(
-            f"no clipviz method computes {chosen.name}'s maps; pass `--method` to use its "
+            f"no clipviz method computes {chosen.name}'s maps; pass --method to use its "
             "settings with one"
         )
     if not chosen_methods:
@@ -104,7 +104,7 @@ def evaluate_segment(
     else:
         classes = benchmark_classes(dataset.benchmark)
     if batch_size < 1:
-        raise ClipvizError(f"`--batch-size` {batch_size} must be at least 1")
+        raise ClipvizError(f"--batch-size {batch_size} must be at least 1")
     protocols = {}
     if settings.preset and "/" not in settings.preset:  # a benchmark: each method's own preset
         protocols = {m: protocol_of(settings, m)[1] for m in chosen_methods}

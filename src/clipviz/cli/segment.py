@@ -46,7 +46,7 @@ def _dilations(text: str | None) -> tuple[int, ...] | None:
         return tuple(int(t) for t in text.split(",") if t.strip())
     except ValueError:
         raise ClipvizError(
-            f"`--pamr-dilations` {text!r} is not a list of whole numbers, e.g. 8,16"
+            f"--pamr-dilations {text!r} is not a list of whole numbers, e.g. 8,16"
         ) from None
 
 
@@ -189,15 +189,15 @@ def segment(
         _print_presets(json_out)
         return
     if classes_file is not None and classes is not None:
-        raise ClipvizError("give `--classes-file` or `--classes`, not both")
+        raise ClipvizError("give --classes-file or --classes, not both")
     if not 0 <= alpha <= 1:
-        raise ClipvizError(f"`--alpha` {alpha} must be between 0 and 1")
+        raise ClipvizError(f"--alpha {alpha} must be between 0 and 1")
     if batch_size < 1:
-        raise ClipvizError(f"`--batch-size` {batch_size} must be at least 1")
+        raise ClipvizError(f"--batch-size {batch_size} must be at least 1")
     chosen = get_preset(preset, method) if preset else None
     if method is None and chosen is not None and chosen.method is None:
         raise ClipvizError(
-            f"no clipviz method computes {chosen.name}'s maps; pass `--method` to use its "
+            f"no clipviz method computes {chosen.name}'s maps; pass --method to use its "
             "settings with one"
         )
     method = (method or (chosen.method if chosen else None) or "sclip").lower()

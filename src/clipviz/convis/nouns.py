@@ -20,7 +20,7 @@ from typing import Any
 
 from ..errors import ClipvizError
 from ..files import atomic_path, cache_root
-from .wordnet import INSTALL_HINT, ensure_wordnet, wordnet_root
+from .wordnet import REPAIR_HINT, ensure_wordnet, wordnet_root
 
 # Default vocabulary: every noun whose most frequent sense (sense 1, WordNet's order) is a
 # physical entity (a hyponym of physical_entity.n.01) and was tagged at least
@@ -163,7 +163,10 @@ class NounDatabase:
         if word in self.words:
             choices = ", ".join(self.names[s] for s in self.words[word])
             raise ClipvizError(f"unknown synset {name!r}; the noun {word!r} has: {choices}")
-        raise ClipvizError(f"unknown synset {name!r}{self._suggestions(word, suggest)}")
+        raise ClipvizError(
+            f"unknown synset {name!r}{self._suggestions(word, suggest)}; synsets are named "
+            "NOUN.n.NN: `word` NOUN uses a noun's first sense and lists its others"
+        )
 
     def resolve_word(self, word: str, suggest: bool = True) -> list[int]:
         """The noun synsets of `word` (inflected forms too), most frequent sense first; for
@@ -230,7 +233,7 @@ def noun_database() -> NounDatabase:
         try:
             data = _parse(root)
         except (OSError, ValueError, KeyError, IndexError, LookupError) as e:
-            raise ClipvizError(f"WordNet at {root} is unreadable ({e}); {INSTALL_HINT}") from e
+            raise ClipvizError(f"WordNet at {root} is unreadable ({e}); {REPAIR_HINT}") from e
         with contextlib.suppress(OSError), atomic_path(path) as tmp:
             tmp.write_text(json.dumps(data, separators=(",", ":")), encoding="utf-8")
     return NounDatabase(

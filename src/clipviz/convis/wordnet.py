@@ -43,6 +43,11 @@ INSTALL_HINT = (
     "`python -m nltk.downloader wordnet` (needs network), or point $WNHOME at a Princeton "
     "WordNet 3.0 folder"
 )
+# What to do about a WordNet that was found but cannot be read.
+REPAIR_HINT = (
+    "the copy is incomplete: delete that folder, and clipviz finds, copies or downloads "
+    "WordNet again"
+)
 
 
 # -- finding WordNet -------------------------------------------------------------------------
@@ -168,7 +173,10 @@ def wordnet_root() -> Any:
             try:
                 _install_from_dict(folder, _nltk_data_dir() / "corpora" / "wordnet")
             except OSError as e:
-                raise ClipvizError(f"could not copy WordNet from {folder} into {ours}: {e}") from e
+                raise ClipvizError(
+                    f"could not copy WordNet from {folder} into {ours}: {e}; make that folder "
+                    "writable, or set $CLIPVIZ_CACHE to a writable folder"
+                ) from e
             if (root := _find_in_nltk()) is not None:
                 return root
     if _download() and (root := _find_in_nltk()) is not None:
@@ -199,4 +207,4 @@ def ensure_wordnet() -> Any:
         try:
             return _reader_class()(root, None)
         except (OSError, ValueError, LookupError) as e:
-            raise ClipvizError(f"WordNet at {root} is unreadable ({e}); {INSTALL_HINT}") from e
+            raise ClipvizError(f"WordNet at {root} is unreadable ({e}); {REPAIR_HINT}") from e

@@ -189,11 +189,13 @@ def load_head(backend: Backend, path: str | Path) -> ExplainHead:
             tensors = {k[len("head.") :]: f.get_tensor(k) for k in names}
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
         raise ClipvizError(
-            f"`checkpoint` {path} is not a readable safetensors checkpoint ({e})"
+            f"`checkpoint` {path} is not a readable safetensors checkpoint ({e}); pass the "
+            "RUN/eclip.safetensors that `clipviz train` wrote"
         ) from e
     if "base" not in meta:
         raise ClipvizError(
-            f"`checkpoint` {path} has no base-model identity; is it an ECLIP checkpoint?"
+            f"`checkpoint` {path} has no base-model identity, so it is not an ECLIP checkpoint; "
+            "pass the RUN/eclip.safetensors that `clipviz train` wrote"
         )
     base = json.loads(meta["base"])
     mine = base_identity(backend)
@@ -213,7 +215,8 @@ def load_head(backend: Backend, path: str | Path) -> ExplainHead:
         head.load_state_dict(tensors)
     except RuntimeError as e:
         raise ClipvizError(
-            f"`checkpoint` {path} does not fit this model: {str(e).splitlines()[0]}"
+            f"`checkpoint` {path} does not fit this model: {str(e).splitlines()[0]}; it is "
+            "damaged or from another clipviz version — train it again with `clipviz train`"
         ) from e
     return head.to(backend.device).eval()
 

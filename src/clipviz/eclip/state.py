@@ -101,7 +101,10 @@ def save_checkpoint(
 
 def _check_base(meta: dict[str, str], backend: Backend, path: Path) -> None:
     if "base" not in meta:
-        raise ClipvizError(f"{path} has no base-model identity; is it an ECLIP checkpoint?")
+        raise ClipvizError(
+            f"{path} has no base-model identity, so it is not an ECLIP training checkpoint; "
+            "start a new `out` or drop `resume`"
+        )
     base, mine = json.loads(meta["base"]), base_identity(backend)
     if base != mine:
         raise ClipvizError(
@@ -146,11 +149,17 @@ def load_checkpoint(
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
-        raise ClipvizError(f"{path} is not a readable safetensors checkpoint ({e})") from e
+        raise ClipvizError(
+            f"{path} is not a readable safetensors checkpoint ({e}); it is damaged — start a "
+            "new `out` or drop `resume`"
+        ) from e
     _check_base(meta, backend, path)
     _check_config(json.loads(meta.get("config", "{}")), config, path, ignore)
     if meta.get("kind") != "checkpoint":
-        raise ClipvizError(f"{path} holds no training state; it cannot be resumed")
+        raise ClipvizError(
+            f"{path} holds no training state, so it cannot be resumed; start a new `out` or "
+            "drop `resume`"
+        )
     needed = {"train.logit_scale", "train.step", "rng.torch"} | {
         f"head.{k}" for k in head.state_dict()
     }

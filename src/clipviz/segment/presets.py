@@ -57,7 +57,10 @@ def override(protocol: Protocol, **settings: Any) -> Protocol:
     """`protocol` with the settings given (None: keep its own)."""
     given = {k: v for k, v in settings.items() if v is not None}
     if unknown := set(given) - _FIELDS:
-        raise ClipvizError(f"unknown protocol setting(s) {sorted(unknown)}")
+        raise ClipvizError(
+            f"unknown protocol setting(s) {sorted(unknown)}; the settings are: "
+            f"{', '.join(sorted(_FIELDS))}"
+        )
     if "pamr_dilations" in given:
         given["pamr_dilations"] = tuple(given["pamr_dilations"])
     return dataclasses.replace(protocol, **given)

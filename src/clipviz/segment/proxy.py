@@ -204,7 +204,10 @@ def _read_weights(path: Path, spec: str) -> dict[str, torch.Tensor]:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ClipvizError(f"proxy {spec}: {path} holds no plain table of weights")
+        raise ClipvizError(
+            f"proxy {spec}: {path} holds no plain table of weights; save the model's "
+            "state_dict() alone (safetensors.torch.save_file)"
+        )
     return state
 
 
@@ -248,7 +251,10 @@ def _fill(model: Any, state: dict[str, torch.Tensor], spec: str) -> None:
             "name the architecture they were saved from (NAME=FILE)"
         )
     if not all(bool(torch.isfinite(state[k]).all()) for k in own if state[k].is_floating_point()):
-        raise ClipvizError(f"proxy {spec}: the weights hold values that are not finite")
+        raise ClipvizError(
+            f"proxy {spec}: the weights hold values that are not finite; the file is corrupt "
+            "or the training diverged — use other weights"
+        )
     model.load_state_dict({k: state[k] for k in own})
 
 
@@ -294,7 +300,10 @@ def _folder_config(folder: Path, spec: str) -> dict[str, Any]:
             "config.json (with `architecture`) and model.safetensors"
         ) from None
     if not isinstance(config, dict) or not isinstance(config.get("architecture"), str):
-        raise ClipvizError(f"proxy {spec}: {path} names no `architecture`")
+        raise ClipvizError(
+            f"proxy {spec}: {path} names no `architecture`; add the timm model the weights "
+            f'were saved from, e.g. "architecture": "{DEFAULT_PROXY}"'
+        )
     return config
 
 
@@ -328,7 +337,10 @@ def _parse(spec: str) -> tuple[str, Path | None, dict[str, Any]]:
             raise ClipvizError(f"proxy {spec}: no weights file {weights}")
         return name.strip(), weights, {}
     if os.sep in text or text.endswith(_SUFFIXES):
-        raise ClipvizError(f"proxy {spec}: no such file or folder")
+        raise ClipvizError(
+            f"proxy {spec}: no such file or folder; check the path, or name a timm model "
+            f"(e.g. {DEFAULT_PROXY})"
+        )
     return text, None, {}
 
 
@@ -341,7 +353,10 @@ def load_proxy(spec: str, device: torch.device | str = "cpu") -> Proxy:
     cfg = {**(model.pretrained_cfg or {}), **(config.get("pretrained_cfg") or {})}
     mean, std = cfg.get("mean") or _IMAGENET[0], cfg.get("std") or _IMAGENET[1]
     if len(mean) != 3 or len(std) != 3 or not all(math.isfinite(s) and s > 0 for s in std):
-        raise ClipvizError(f"proxy {spec}: its mean/std are not three channels' values")
+        raise ClipvizError(
+            f"proxy {spec}: its mean/std are not three channels' values; give three means "
+            "and three positive stds in config.json's pretrained_cfg"
+        )
     model.eval().requires_grad_(False).to(device)
     return Proxy(model, spec, mean, std)
 

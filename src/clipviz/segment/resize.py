@@ -40,7 +40,8 @@ def resize_image(image: np.ndarray, short_side: int) -> np.ndarray:
     size = rescale_size(width, height, short_side)
     if min(size) < 1:
         raise ClipvizError(
-            f"a {width}x{height} image resized to short side {short_side} has no pixels left",
+            f"a {width}x{height} image resized to short side {short_side} has no pixels left; "
+            "it is too long and thin for the protocol's cap on the long side: crop it",
             exit_code=1,
         )
     return cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
