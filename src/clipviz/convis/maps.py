@@ -1,4 +1,4 @@
-"""ConVis maps (Giulivi et al. 2024; the README's "Concepts (ConVis)"): ranks accumulated over
+"""ConVis maps (Giulivi et al. 2024; docs/convis.md): ranks accumulated over
 windows, the grid, stochastic and dense variants, and maps of one image for any concepts.
 
 The reference embeds one window at a time and re-ranks per concept; here all windows of an

@@ -1,6 +1,6 @@
 """ECLIP training: the explain head learns masked-max-pooled image embeddings that match the
-frozen text embeddings of the captions (the README's "Finetune ECLIP" section; the model part
-in `methods/eclip.py`).
+frozen text embeddings of the captions (docs/eclip.md says how to run it; the model part in
+`methods/eclip.py`).
 
 Run directory::
 

@@ -2,8 +2,8 @@
 
 Each text names a concept: the `synsets` option (one synset per text, or one for all), else
 the prompt itself when it is a synset name (`dog.n.01`), else the prompt's most frequent noun
-sense (a leading article dropped: "a dog" is dog). The README's "Concepts (ConVis)" section
-says what the maps show and how to run them.
+sense (a leading article dropped: "a dog" is dog). docs/convis.md says what the maps show and
+how to run them.
 Grid and stochastic maps are `[B, T, 224, 224]` over the input, which `explain` hands over
 already resized by the backend (`--crop center` gives the paper's centre crop); `dense`
 (ours) is `[B, T, h, w]` from one forward pass.
@@ -60,8 +60,8 @@ def text_concepts(prompts: Sequence[str], synsets: str | Sequence[str] | None = 
     "1,800 windows (a text = a synset: the synsets option, a 'dog.n.01' prompt, or a noun)",
     citation="Giulivi & Boracchi, Concept Visualization: Explaining the CLIP Multi-modal "
     "Embedding Using WordNet, IJCNN 2024",
-    reference="the paper's grid and stochastic window procedures, as described (README: Concepts "
-    "(ConVis)); the docstrings of clipviz.convis list where clipviz departs",
+    reference="the paper's grid and stochastic window procedures, as described (docs/convis.md); "
+    "the docstrings of clipviz.convis list where clipviz departs",
     defaults="the grid variant: 1,800 windows of 128 and 64 px at stride 16 on seeded noise padding,"
     " synsets embedded by their definitions, the default 2,066-word vocabulary (a prompt "
     "names a concept: `dog.n.01`, or a noun)",

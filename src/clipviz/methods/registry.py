@@ -264,7 +264,7 @@ class MethodInfo:
     # patches), "class_token", "probe", "eclip" (an explain head can be built)
     needs: tuple[tuple[str, tuple[str, ...]], ...] = ()
     # what the method computes with no options, as its authors' released code does (the
-    # README's defaults table)
+    # defaults table of docs/methods.md)
     defaults: str = ""
 
     def fits(self, tower: str, capabilities: frozenset[str]) -> bool:
@@ -399,7 +399,7 @@ def register(
     (see `MethodInfo.needs`). `ranges`: per int or float option, the finite
     values it allows as an interval (`"[0, 20]"`, `"(0, 1000]"`), checked when options are
     bound. `defaults`: what the method computes with no options, in the words of its
-    reference code (the README's defaults table)."""
+    reference code (the defaults table of docs/methods.md)."""
     towers = tuple(tower_kind(t) for t in towers)
     if unknown := set(towers) - set(TOWERS):
         raise ValueError(f"unknown towers {unknown}")

@@ -1,5 +1,5 @@
-"""Open-vocabulary semantic segmentation by the field's training-free protocol (the README's
-"Segment" section): the protocol as small pure steps, presets and the benchmarks' class names
+"""Open-vocabulary semantic segmentation by the field's training-free protocol
+(docs/segmentation.md): the protocol as small pure steps, presets and the benchmarks' class names
 as data, and a `Segmenter` that feeds any registered method's maps through them."""
 
 from .classes import ClassNames, benchmark_classes, inline_classes, parse_classes, read_classes_file

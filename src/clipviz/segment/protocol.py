@@ -22,7 +22,7 @@ from .windows import Window, check_window
 
 @dataclass(frozen=True)
 class Protocol:
-    """The settings of the protocol (the README's segmentation section; presets.json per method).
+    """The settings of the protocol (docs/segmentation.md; presets.json per method).
 
     short_side: `Resize(scale=(2048, S), keep_ratio=True)`'s S (0: no resize).
     window, stride: the sliding window in resized pixels (window 0: the whole image at once).

@@ -1,5 +1,6 @@
 """Open-vocabulary segmentation of a batch of images with a loaded backend and a registered
-method, by the field's protocol (the README's segmentation section): resize, slide windows, merge, refine, classify.
+method, by the field's protocol (docs/segmentation.md): resize, slide windows, merge, refine,
+classify.
 
 The windows of every image of a batch go through the model together, grouped by size; the
 names' text embeddings are computed once, when the `Segmenter` is built; the steps after the

@@ -9,7 +9,7 @@ the step count or the seed change. The result is an open_clip config JSON
     model = open_clip.create_model("tiny-synth", pretrained=str(tiny.weights_path))
 
 What the trained model's maps mean is measured through clipviz's own evaluation path:
-`examples/testbed.py` reproduces the README's numbers (zero-shot accuracy, and ITSM,
+`examples/testbed.py` reproduces the numbers of docs/testbed.md (zero-shot accuracy, and ITSM,
 class-token attention, ECLIP and the comparison methods scored by `clipviz eval`).
 """
 
