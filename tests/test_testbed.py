@@ -115,10 +115,11 @@ def test_eclip_makes_maps_follow_the_object(trained_backend, held_out, tmp_path)
 
 
 def test_robust_claims_hold_on_a_second_world(second_world_backend, tmp_path):
-    """What holds on every world of `examples/testbed.py --seeds 5`, checked on one more
-    world than the documentation's (other colours, shapes and backgrounds): the text-
-    conditioned repairs beat stock ITSM, and ECLIP's finetuning lifts ITSM's maps, more with
-    its free-attention mask than with max pooling over every token."""
+    """What held on every world of `examples/testbed.py --seeds 5` (docs/testbed.md), checked
+    on a world other than the test bed's (other colours, shapes and backgrounds): CLIP Surgery
+    and TextSpan beat stock ITSM's mSC by more than 10 points, ECLIP (300 steps) lifts it by
+    more than 10, and more with its free-attention mask than with max pooling over every
+    token (on this world by about 20 points; on every world by at least 3)."""
     from clipviz.data.captions import read_captions
     from clipviz.eclip.config import TrainConfig
     from clipviz.eclip.train import train
@@ -143,7 +144,7 @@ def test_robust_claims_hold_on_a_second_world(second_world_backend, tmp_path):
     itsm = scores["itsm"]["msc"]
     assert scores["surgery"]["msc"] > itsm + 10 and scores["textspan"]["msc"] > itsm + 10
     assert heads["mean"]["msc"] > itsm + 10
-    assert heads["mean"]["msc"] > heads["none"]["msc"] + 5
+    assert heads["mean"]["msc"] > heads["none"]["msc"]
 
 
 def test_convis_map_of_circle_peaks_on_the_circle(trained_backend, tmp_path):
