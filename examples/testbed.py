@@ -544,11 +544,8 @@ def fmt(s: dict[str, Any], digits: int = 1, sign: bool = False) -> str:
 
 def tables(records: Sequence[dict], summary: dict[str, Any], found: list[dict]) -> str:
     n = len(records)
-    head = (
-        f"over {n} seed{'s' * (n > 1)} ({', '.join(str(r['seed']) for r in records)}): "
-        "each cell is the mean [min, max] over the seeds"
-    )
-    lines = [f"# Test bed, {head}", ""]
+    seeds = ", ".join(str(r["seed"]) for r in records)
+    lines = [f"# Test bed: {n} world{'s' * (n > 1)} ({seeds})", ""]
     for r in records:
         lines.append(
             f"- world {r['seed']}: colours {', '.join(r['world']['colours'])}; "
@@ -568,37 +565,48 @@ def tables(records: Sequence[dict], summary: dict[str, Any], found: list[dict]) 
             + " | ".join(fmt(zs[model][k], 2) for k in ("colour", "shape", "class"))
             + " |"
         )
+    base = records[0]  # world 0 when it is among the seeds: the documentation's own columns
+    w, nw = f"world {base['seed']}", f"{n} worlds"
+
+    def at(r: dict[str, Any], digits: int = 1, sign: bool = False, tau: bool = False) -> str:
+        f = f"{{:{'+' if sign else ''}.{digits}f}}"
+        cell = f.format(r["miou"] if tau else r) + (f" ({r['miou_threshold']:.2f})" if tau else "")
+        return cell.replace("-", "−")
+
     lines += [
         "",
-        "## Methods (tiny CLIP)",
+        f"## Methods (tiny CLIP): {w}, and mean [min, max] over {nw}",
         "",
-        "| method | mIoU % | mSC % | pointing |",
-        "| --- | --- | --- | --- |",
+        f"| method | mIoU % (τ), {w} | mSC %, {w} | pointing, {w} | area | mSC %, {nw} "
+        f"| pointing, {nw} |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for m in METHODS:
-        s = summary["methods"][m]
+        r, s = base["methods"][m], summary["methods"][m]
         lines.append(
-            f"| {m} | {fmt(s['miou'])} | {fmt(s['msc'], sign=True)} | {fmt(s['pointing'], 3)} |"
+            f"| {m} | {at(r, tau=True)} | {at(r['msc'], sign=True)} | {at(r['pointing'], 3)} | "
+            f"{at(r['area'], 3)} | {fmt(s['msc'], sign=True)} | {fmt(s['pointing'], 3)} |"
         )
     lines += [
         "",
         "## ECLIP against stock ITSM and the no-mask control",
         "",
-        "| map | steps | mIoU % | mSC % | pointing |",
-        "| --- | --- | --- | --- | --- |",
+        f"| map | steps | mIoU % (τ), {w} | mSC %, {w} | pointing, {w} | mSC %, {nw} "
+        f"| pointing, {nw} |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    s = summary["methods"]["itsm"]
+    r, s = base["methods"]["itsm"], summary["methods"]["itsm"]
     lines.append(
-        f"| stock ITSM | — | {fmt(s['miou'])} | {fmt(s['msc'], sign=True)} | "
-        f"{fmt(s['pointing'], 3)} |"
+        f"| stock ITSM | — | {at(r, tau=True)} | {at(r['msc'], sign=True)} | "
+        f"{at(r['pointing'], 3)} | {fmt(s['msc'], sign=True)} | {fmt(s['pointing'], 3)} |"
     )
-    labels = {"mean": "ECLIP (free attention ≥ mean)", "nomask": "max pooling, no mask"}
+    labels = {"mean": "ECLIP (mask: free attention ≥ its mean)", "nomask": "max pooling, no mask"}
     for steps in sorted(summary["eclip"]["mean"], key=int):
         for rule in MASKS:
-            s = summary["eclip"][rule][steps]
+            r, s = base["eclip"][rule][steps], summary["eclip"][rule][steps]
             lines.append(
-                f"| {labels[rule]} | {steps} | {fmt(s['miou'])} | "
-                f"{fmt(s['msc'], sign=True)} | {fmt(s['pointing'], 3)} |"
+                f"| {labels[rule]} | {steps} | {at(r, tau=True)} | {at(r['msc'], sign=True)} | "
+                f"{at(r['pointing'], 3)} | {fmt(s['msc'], sign=True)} | {fmt(s['pointing'], 3)} |"
             )
     lines += (
         []
@@ -626,26 +634,32 @@ def tables(records: Sequence[dict], summary: dict[str, Any], found: list[dict]) 
         "",
         "## Segmentation (protocol, one window, prob-thd 0.1)",
         "",
-        "| method | mIoU % | with PAMR | aAcc % |",
-        "| --- | --- | --- | --- |",
+        f"| method | mIoU %, {w} | with PAMR, {w} | aAcc %, {w} | mIoU %, {nw} | with PAMR, {nw} |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for m in SEGMENT_METHODS:
-        seg = summary["segment"]
+        r, seg = base["segment"], summary["segment"]
         lines.append(
-            f"| {m} | {fmt(seg[m]['miou'])} | {fmt(seg[m + '+pamr']['miou'])} | "
-            f"{fmt(seg[m]['aacc'])} |"
+            f"| {m} | {at(r[m]['miou'])} | {at(r[m + '+pamr']['miou'])} | {at(r[m]['aacc'])} | "
+            f"{fmt(seg[m]['miou'])} | {fmt(seg[m + '+pamr']['miou'])} |"
         )
-    stages = records[0]["sanity_stages"]
+    stages = base["sanity_stages"]
     lines += [
         "",
-        "## Sanity (Spearman ρ after each stage, 50 scenes)",
+        f"## Sanity (Spearman ρ after each stage, 50 scenes), {w}; then over {nw}",
         "",
-        "| method | " + " | ".join(stages) + " | flagged on |",
-        "| --- |" + " --- |" * (len(stages) + 1),
+        "| method | " + " | ".join(stages) + f" | SSIM, all random | ρ, all random, {nw} "
+        "| flagged on |",
+        "| --- |" + " --- |" * (len(stages) + 3),
     ]
     for m, s in summary["sanity"].items():
-        cells = " | ".join(fmt(v, 2, sign=True) for v in s["spearman"])
-        lines.append(f"| {m} | {cells} | {s['flagged']['true']} of {s['flagged']['of']} |")
+        r = base["sanity"][m]
+        cells = " | ".join("—" if v is None else at(v, 2) for v in r["spearman"])
+        ssim = "—" if r["ssim"] is None else at(r["ssim"], 2)
+        lines.append(
+            f"| {m} | {cells} | {ssim} | {fmt(s['spearman'][-1], 2)} | "
+            f"{s['flagged']['true']} of {s['flagged']['of']} |"
+        )
     lines += per_seed_tables(records)
     lines += ["", "## Claims", "", "| claim | holds on | seeds |", "| --- | --- | --- |"]
     for c in found:
