@@ -93,10 +93,11 @@ def merge_windows(
     return canvas.div_(count)
 
 
-# pixels classified at a time on a CPU: the softmax, each class's best name and the argmax
-# run on blocks that stay in the processor's cache, not as passes over every name's scores at
-# every pixel (which cost twice the time, and memory that grows with names times pixels)
-CLASSIFY_BLOCK = 4096
+# pixels classified at a time on a CPU: the memory of the softmax grows with names times this,
+# not with names times pixels; a few large operations per image, since each one makes the
+# intra-op threads wait for each other (smaller blocks fit the cache, but on cores shared with
+# other work those waits cost more than the cache saves)
+CLASSIFY_BLOCK = 1 << 18
 
 
 @dataclass(frozen=True)
