@@ -52,13 +52,25 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // total))
     elif workers:
         # the pytest-xdist controller, before its workers start: the test bed's models are
-        # trained once here (and cached) instead of by each worker that asks for them
+        # trained once here (and cached) instead of by each worker that asks for them; the
+        # second world's CLIP (which trains on one thread) in a process of its own, meanwhile
+        import subprocess
+        import sys
+
         from clipviz.testbed.tinyclip import ensure_tiny_clip
         from clipviz.testbed.tinysiglip import ensure_tiny_siglip
 
+        second = subprocess.Popen(
+            [sys.executable, "-c", "import sys; "
+             "from clipviz.testbed.tinyclip import ensure_tiny_clip; "
+             "ensure_tiny_clip(sys.argv[1], seed=int(sys.argv[2]))",
+             str(testbed_cache()), str(SECOND_WORLD)],
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
         ensure_tiny_clip(testbed_cache())
         ensure_tiny_siglip(testbed_cache())
-        ensure_tiny_clip(testbed_cache(), seed=SECOND_WORLD)
+        if second.wait() != 0:
+            raise RuntimeError("training the second world's tiny CLIP failed (see above)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

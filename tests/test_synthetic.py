@@ -261,3 +261,21 @@ def test_tiny_siglip_trains_with_the_sigmoid_loss_and_loads_the_users_way(tmp_pa
     assert json.loads(tiny.config_path.read_text()) == tinysiglip.TINY_SIGLIP_CONFIG
     key = tinysiglip.cache_key(steps=1)
     assert key != tinysiglip.cache_key(steps=2) and key != tinyclip.cache_key(steps=1)
+
+
+def test_cache_keys_ignore_docstrings_and_comments_but_not_code():
+    a = 'def f():\n    """One."""\n    return 1  # a comment\n'
+    b = '"""A module."""\ndef f():\n    """Two."""\n    return 1\n'
+    assert tinyclip.code_text(a) == tinyclip.code_text(b.split("\n", 1)[1])
+    assert tinyclip.code_text(a) != tinyclip.code_text(a.replace("return 1", "return 2"))
+
+
+def test_a_worlds_models_train_on_its_fixed_thread_count(monkeypatch):
+    seen = []
+    monkeypatch.setattr(tinyclip, "_fit", lambda *a, **k: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    for seed in (0, 3):
+        tinyclip.fit(
+            None, None, 1, 1, 1, 64, None, None, None, "x", synthetic.World.from_seed(seed)
+        )
+    assert seen == [2, 1] and torch.get_num_threads() == before

@@ -87,10 +87,10 @@ def cache_key(steps: int = DEFAULT_STEPS, seed: int = 0) -> str:
     """Hash of everything the trained weights depend on: code, config, steps, seed."""
     h = hashlib.sha256()
     for text in (
-        Path(__file__).read_text(encoding="utf-8"),
-        Path(tinyclip.__file__).read_text(encoding="utf-8"),
-        Path(world.__file__).read_text(encoding="utf-8"),
-        inspect.getsource(sigmoid_loss),
+        tinyclip.code_text(Path(__file__).read_text(encoding="utf-8")),
+        tinyclip.code_text(Path(tinyclip.__file__).read_text(encoding="utf-8")),
+        tinyclip.code_text(Path(world.__file__).read_text(encoding="utf-8")),
+        tinyclip.code_text(inspect.getsource(sigmoid_loss)),
         json.dumps(TINY_SIGLIP_CONFIG, sort_keys=True),
         f"steps={steps} seed={seed}",
     ):
