@@ -570,7 +570,8 @@ def tables(records: Sequence[dict], summary: dict[str, Any], found: list[dict]) 
 
     def at(r: dict[str, Any], digits: int = 1, sign: bool = False, tau: bool = False) -> str:
         f = f"{{:{'+' if sign else ''}.{digits}f}}"
-        cell = f.format(r["miou"] if tau else r) + (f" ({r['miou_threshold']:.2f})" if tau else "")
+        value = round(r["miou"] if tau else r, digits) + 0.0  # no "-0.00"
+        cell = f.format(value) + (f" ({r['miou_threshold']:.2f})" if tau else "")
         return cell.replace("-", "−")
 
     lines += [
@@ -608,28 +609,27 @@ def tables(records: Sequence[dict], summary: dict[str, Any], found: list[dict]) 
                 f"| {labels[rule]} | {steps} | {at(r, tau=True)} | {at(r['msc'], sign=True)} | "
                 f"{at(r['pointing'], 3)} | {fmt(s['msc'], sign=True)} | {fmt(s['pointing'], 3)} |"
             )
-    lines += (
-        []
-        if "siglip_methods" not in summary
-        else [
+    if "siglip_methods" in base:
+        with_siglip = [r for r in records if "siglip_methods" in r]
+        over = summarise([r["siglip_methods"] for r in with_siglip])
+        k = f"{len(with_siglip)} worlds"
+        lines += [
             "",
-            "## CLIP and SigLIP",
+            f"## CLIP and SigLIP, {w}; the SigLIP's mSC over {k}",
             "",
-            "| method | CLIP mSC % | SigLIP mIoU % | SigLIP mSC % | SigLIP pointing |",
-            "| --- | --- | --- | --- | --- |",
+            f"| method | CLIP mIoU % | CLIP mSC % | CLIP pointing | SigLIP mIoU % | SigLIP mSC % "
+            f"| SigLIP pointing | SigLIP mSC %, {k} |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
-    )
-    for m in [*SIGLIP_METHODS, "eclip"] if "siglip_methods" in summary else []:
-        s = summary["siglip_methods"][m]
-        clip = (
-            summary["methods"][m]["msc"]
-            if m in summary["methods"]
-            else summary["eclip"]["mean"][sorted(summary["eclip"]["mean"], key=int)[0]]["msc"]
-        )
-        lines.append(
-            f"| {m} | {fmt(clip, sign=True)} | {fmt(s['miou'])} | "
-            f"{fmt(s['msc'], sign=True)} | {fmt(s['pointing'], 3)} |"
-        )
+        for m in [*SIGLIP_METHODS[:-1], "eclip", "random"]:
+            first = sorted(base["eclip"]["mean"], key=int)[0]
+            c = base["methods"][m] if m in base["methods"] else base["eclip"]["mean"][first]
+            g = base["siglip_methods"][m]
+            lines.append(
+                f"| {m} | {at(c['miou'])} | {at(c['msc'], sign=True)} | {at(c['pointing'], 3)} | "
+                f"{at(g['miou'])} | {at(g['msc'], sign=True)} | {at(g['pointing'], 3)} | "
+                f"{fmt(over[m]['msc'], sign=True)} |"
+            )
     lines += [
         "",
         "## Segmentation (protocol, one window, prob-thd 0.1)",
@@ -795,8 +795,8 @@ def main() -> None:
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument(
         "--eclip-steps",
-        default="300,1000,3000",
-        help="ECLIP training lengths, comma-separated (default 300,1000,3000)",
+        default="300,1000",
+        help="ECLIP training lengths, comma-separated (default 300,1000)",
     )
     parser.add_argument(
         "--jobs", type=int, default=1, help="seeds run at once (each with cores/jobs threads)"
