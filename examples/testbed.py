@@ -795,8 +795,8 @@ def main() -> None:
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument(
         "--eclip-steps",
-        default="300,1000",
-        help="ECLIP training lengths, comma-separated (default 300,1000)",
+        default="300,1000,3000",
+        help="ECLIP training lengths, comma-separated (default 300,1000,3000)",
     )
     parser.add_argument(
         "--jobs", type=int, default=1, help="seeds run at once (each with cores/jobs threads)"
