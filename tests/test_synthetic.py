@@ -272,10 +272,16 @@ def test_cache_keys_ignore_docstrings_and_comments_but_not_code():
 
 def test_a_worlds_models_train_on_its_fixed_thread_count(monkeypatch):
     seen = []
-    monkeypatch.setattr(tinyclip, "_fit", lambda *a, **k: seen.append(torch.get_num_threads()))
+
+    def pool(*args):  # the first thing fit does under its thread count
+        seen.append(torch.get_num_threads())
+        raise StopIteration
+
+    monkeypatch.setattr(tinyclip, "training_pool", pool)
     before = torch.get_num_threads()
+    model = tinyclip.build_model()
     for seed in (0, 3):
-        tinyclip.fit(
-            None, None, 1, 1, 1, 64, None, None, None, "x", synthetic.World.from_seed(seed)
-        )
+        with pytest.raises(StopIteration):
+            tinyclip.fit(model, None, 1, 1, 1, 64, None, None, None, "x",
+                         synthetic.World.from_seed(seed))  # fmt: skip
     assert seen == [2, 1] and torch.get_num_threads() == before

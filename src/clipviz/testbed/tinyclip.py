@@ -216,60 +216,43 @@ def fit(
     no_decay: str,
     of: world.World = world.DEFAULT_WORLD,
 ) -> None:
-    """Train `model` on a pool of `pool_size` generated scenes of the world `of`, `size` px (flipped at
-    random): AdamW, warm-up then cosine, `loss_of(image_emb, text_emb, caption_ids)`, the
-    logit scale clamped at MAX_LOGIT_SCALE. Parameters whose name holds `no_decay` (and
-    the 1-D ones) get no weight decay."""
+    """Train `model` on a pool of `pool_size` generated scenes of the world `of`, `size` px
+    (flipped at random), on the world's `training_threads`: AdamW, warm-up then cosine,
+    `loss_of(image_emb, text_emb, caption_ids)`, the logit scale clamped at MAX_LOGIT_SCALE.
+    Parameters whose name holds `no_decay` (and the 1-D ones) get no weight decay."""
     with torch_threads(training_threads(of.seed)):
-        _fit(model, rng, steps, batch_size, pool_size, size, to_input, loss_of, progress,
-             no_decay, of)  # fmt: skip
+        # Only ~40 of the 49,408 vocabulary rows ever occur; Adam over the whole table would be
+        # a fifth of each step, so the token embedding keeps its random init.
+        model.token_embedding.weight.requires_grad_(False)
+        images, caption_ids, captions = training_pool(rng, pool_size, size, of)
+        caption_tokens = tokenizer()(captions)  # [U, context]
 
-
-def _fit(
-    model: ClipModel,
-    rng: np.random.Generator,
-    steps: int,
-    batch_size: int,
-    pool_size: int,
-    size: int,
-    to_input: Callable[[torch.Tensor], torch.Tensor],
-    loss_of: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-    progress: Progress | None,
-    no_decay: str,
-    of: world.World,
-) -> None:
-    # Only ~40 of the 49,408 vocabulary rows ever occur; Adam over the whole table would be
-    # a fifth of each step, so the token embedding keeps its random init.
-    model.token_embedding.weight.requires_grad_(False)
-    images, caption_ids, captions = training_pool(rng, pool_size, size, of)
-    caption_tokens = tokenizer()(captions)  # [U, context]
-
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in params if p.ndim >= 2 and no_decay not in n]
-    kept = [p for n, p in params if not (p.ndim >= 2 and no_decay not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": kept, "weight_decay": 0}],
-        lr=LR,
-        betas=(0.9, 0.98),
-    )
-    model.train()
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, steps)
-        idx = torch.from_numpy(rng.integers(0, pool_size, batch_size))
-        flip = torch.from_numpy(rng.random(batch_size) < 0.5).view(-1, 1, 1, 1)
-        x = torch.where(flip, images[idx].flip(2), images[idx])  # [B, H, W, 3]
-        unique, ids = torch.unique(caption_ids[idx], return_inverse=True)
-        image_emb = model.encode_image(to_input(x), normalize=True)
-        text_emb = model.encode_text(caption_tokens[unique], normalize=True)[ids]
-        loss = loss_of(image_emb, text_emb, ids)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(MAX_LOGIT_SCALE))
-        if progress is not None:
-            progress(step + 1, steps, loss.item())
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        decay = [p for n, p in params if p.ndim >= 2 and no_decay not in n]
+        kept = [p for n, p in params if not (p.ndim >= 2 and no_decay not in n)]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": kept, "weight_decay": 0}],
+            lr=LR,
+            betas=(0.9, 0.98),
+        )
+        model.train()
+        for step in range(steps):
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, steps)
+            idx = torch.from_numpy(rng.integers(0, pool_size, batch_size))
+            flip = torch.from_numpy(rng.random(batch_size) < 0.5).view(-1, 1, 1, 1)
+            x = torch.where(flip, images[idx].flip(2), images[idx])  # [B, H, W, 3]
+            unique, ids = torch.unique(caption_ids[idx], return_inverse=True)
+            image_emb = model.encode_image(to_input(x), normalize=True)
+            text_emb = model.encode_text(caption_tokens[unique], normalize=True)[ids]
+            loss = loss_of(image_emb, text_emb, ids)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(MAX_LOGIT_SCALE))
+            if progress is not None:
+                progress(step + 1, steps, loss.item())
 
 
 def save_trained(
