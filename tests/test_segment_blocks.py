@@ -41,7 +41,11 @@ def cosines_with_a_small_class(names: int, h: int, w: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("order", ["lines", "shuffled"])
-def test_classifying_in_blocks_gives_the_whole_image_result_bit_for_bit(monkeypatch, order):
+def test_classifying_in_blocks_gives_the_whole_image_result_bit_for_bit(
+    monkeypatch, one_thread, order
+):
+    # on one thread: on several, where the softmax's vectorised loop splits between threads
+    # moves which pixels its scalar tail computes, which may differ in the last bit
     monkeypatch.setattr(steps, "CLASSIFY_BLOCK", 96)  # 37 x 53 pixels: 20 blocks, the last short
     name_class = torch.tensor([0, 0, 1, 2, 3, 3, 3, 4])
     if order == "shuffled":
@@ -101,3 +105,25 @@ def test_merging_windows_resized_together_equals_one_by_one():
     merged = steps.merge_windows(maps, windows, (40, 48))
     torch.testing.assert_close(merged, canvas / count, rtol=0, atol=1e-7)
     assert merged[:, 0, 20].tolist() != merged[:, 0, 40].tolist()  # overlap and single differ
+
+
+def test_scratch_reuses_a_buffer_while_it_fits_and_lets_a_much_larger_one_go():
+    scratch = steps.Scratch()
+    first = scratch.take("maps", (4, 10, 10), torch.device("cpu"))
+    smaller = scratch.take("maps", (3, 10, 10), torch.device("cpu"))
+    assert smaller.shape == (3, 10, 10)
+    assert smaller.data_ptr() == first.data_ptr()  # the same memory, no page faults
+    larger = scratch.take("maps", (5, 10, 10), torch.device("cpu"))
+    assert larger.shape == (5, 10, 10) and larger.data_ptr() != first.data_ptr()
+    tiny = scratch.take("maps", (1, 10, 10), torch.device("cpu"))  # a fifth: not kept
+    assert tiny.data_ptr() != larger.data_ptr()
+    assert scratch.take("other", (1, 10, 10), torch.device("cpu")).data_ptr() != tiny.data_ptr()
+
+
+def test_upsampling_into_a_buffer_is_interpolate_bit_for_bit():
+    maps = torch.rand((6, 9, 13), generator=torch.Generator().manual_seed(0))
+    for size in [(40, 31), (5, 6), (9, 13)]:
+        out = torch.full((6, *size), float("nan"))
+        assert steps.upsample(maps, size, out) is out
+        expected = F.interpolate(maps[None], size=size, mode="bilinear", align_corners=False)[0]
+        assert torch.equal(out, expected)

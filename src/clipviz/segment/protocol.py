@@ -8,6 +8,7 @@ threshold, the argmax, and pixels whose best probability stays under `prob_thd` 
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,21 +62,58 @@ class Protocol:
             raise ClipvizError(f"`pad` {self.pad} must be 0 (none) or a multiple up to 1024")
 
 
-def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Maps `[Q, h, w]` or `[N, Q, h, w]` resized bilinearly (`align_corners=False`) to `size`."""
+class Scratch:
+    """Float buffers that the steps after the model reuse from one image to the next. A
+    tensor of a photo's size taken fresh each time costs its page faults each time (the
+    allocator hands blocks that large back to the system): on a CPU, more than half of the
+    upsampling's time. A buffer is kept while the next image needs between a quarter of it
+    and all of it, so memory stays at what the largest recent image needed anyway."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, shape: Sequence[int], device: torch.device) -> torch.Tensor:
+        """An uninitialised float32 tensor of `shape`, the same memory as the last `name`
+        when it fits (what it held before is overwritten)."""
+        n = math.prod(shape)
+        held = self._held.get(name)
+        if held is None or held.device != device or not n <= held.numel() <= 4 * n:
+            held = self._held[name] = torch.empty(n, dtype=torch.float32, device=device)
+        return held[:n].view(*shape)
+
+
+def upsample(
+    maps: torch.Tensor, size: tuple[int, int], out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Maps `[Q, h, w]` or `[N, Q, h, w]` resized bilinearly (`align_corners=False`) to `size`
+    (into `out`, contiguous, of the result's shape, when given)."""
     if tuple(maps.shape[-2:]) == tuple(size):
-        return maps.float()
+        return maps.float() if out is None else out.copy_(maps)
     batch = maps if maps.dim() == 4 else maps[None]
-    out = F.interpolate(batch.float(), size=size, mode="bilinear", align_corners=False)
-    return out if maps.dim() == 4 else out[0]
+    if out is None:
+        resized = F.interpolate(batch.float(), size=size, mode="bilinear", align_corners=False)
+        return resized if maps.dim() == 4 else resized[0]
+    # F.interpolate's own kernel and arguments (no scale factors: in/out sizes), into `out`
+    target = out if maps.dim() == 4 else out[None]
+    torch.ops.aten.upsample_bilinear2d.out(batch.float(), list(size), False, None, None,
+                                           out=target)  # fmt: skip
+    return out
 
 
 def merge_windows(
-    window_maps: Sequence[torch.Tensor], windows: Sequence[Window], size: tuple[int, int]
+    window_maps: Sequence[torch.Tensor],
+    windows: Sequence[Window],
+    size: tuple[int, int],
+    scratch: Scratch | None = None,
 ) -> torch.Tensor:
     """The average `[Q, H, W]` over `size` of per-window maps `[Q, h, w]` (each at its model
-    grid): each upsampled to its window's pixels, summed, divided by the window count."""
-    canvas = window_maps[0].new_zeros((window_maps[0].shape[0], *size), dtype=torch.float32)
+    grid): each upsampled to its window's pixels, summed, divided by the window count (in
+    `scratch`'s buffers when given)."""
+    device, q = window_maps[0].device, window_maps[0].shape[0]
+    if scratch is None:
+        canvas = torch.zeros((q, *size), device=device)
+    else:
+        canvas = scratch.take("canvas", (q, *size), device).zero_()
     count = canvas.new_zeros((1, *size))
     alike: dict[tuple[tuple[int, ...], tuple[int, int]], list[int]] = defaultdict(list)
     for i, (maps, w) in enumerate(zip(window_maps, windows, strict=True)):
@@ -83,7 +121,11 @@ def merge_windows(
     for (_, window), group in alike.items():
         # the windows of one size resized in one call, as contiguous maps (a method's maps
         # may come channels last, whose resize and sums into the canvas take 3x the time)
-        resized = upsample(torch.stack([window_maps[i] for i in group]), window)
+        stacked = torch.stack([window_maps[i] for i in group])
+        out = None
+        if scratch is not None:
+            out = scratch.take("windows", (*stacked.shape[:2], *window), device)
+        resized = upsample(stacked, window, out)
         for i, maps in zip(group, resized, strict=True):
             w = windows[i]
             canvas[:, w.top : w.bottom, w.left : w.right] += maps
@@ -94,10 +136,10 @@ def merge_windows(
 
 
 # pixels classified at a time on a CPU: the memory of the softmax grows with names times this,
-# not with names times pixels; a few large operations per image, since each one makes the
-# intra-op threads wait for each other (smaller blocks fit the cache, but on cores shared with
-# other work those waits cost more than the cache saves)
-CLASSIFY_BLOCK = 1 << 18
+# not with names times pixels; small enough that the allocator reuses a block's temporaries
+# (VOC21's 56 names: 3.7 MB) instead of taking fresh pages from the system for each, whose
+# page faults made blocks of 2^18 pixels take 1.7x the time of these on 2 cores
+CLASSIFY_BLOCK = 16384
 
 
 @dataclass(frozen=True)
@@ -192,12 +234,16 @@ def labels_from_probabilities(probs: torch.Tensor, prob_thd: float) -> torch.Ten
 
 
 def classify(
-    cosines: torch.Tensor, name_class: torch.Tensor, num_classes: int, protocol: Protocol
+    cosines: torch.Tensor,
+    name_class: torch.Tensor,
+    num_classes: int,
+    protocol: Protocol,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Labels `[H, W]` and class probabilities `[K, H, W]` from merged cosine maps `[Q, H, W]`
     at the original size (after any PAMR): `class_probabilities`, `area_threshold` and
-    `labels_from_probabilities` in one, on blocks of `CLASSIFY_BLOCK` pixels on a CPU (the
-    same numbers: each pixel's are computed alone)."""
+    `labels_from_probabilities` in one, on blocks of `CLASSIFY_BLOCK` pixels on a CPU (each
+    pixel's numbers are computed alone: the same as over the whole image on one thread, and
+    within the last bit on several)."""
     groups = NameGroups.of(name_class, num_classes)
     q, h, w = cosines.shape
     if groups is None:

@@ -24,8 +24,9 @@ from ..backend.text import SCENE_TEMPLATES
 from ..errors import ClipvizError
 from ..methods import check_methods, get_method
 from .classes import ClassNames
+from .grid_labels import grid_labels
 from .pamr import pamr
-from .protocol import Protocol, classify, merge_windows, upsample
+from .protocol import Protocol, Scratch, classify, merge_windows, upsample
 from .proxy import attached_proxy
 from .resize import resize_image
 from .windows import Window, window_grid
@@ -126,6 +127,7 @@ class Segmenter:
         if any(o.name == "proxy" for o in spec.options):  # a bad proxy fails before any image
             attached_proxy(backend, self.options.get("proxy", spec.info.option("proxy").default))
         self.unit = patch_unit(backend)
+        self.scratch = Scratch()  # the steps after the model reuse their buffers
         self.texts = name_embeddings(backend, classes.names, progress)
         self.name_class = torch.tensor(classes.name_class, device=backend.device)
         mean = torch.tensor(backend.preprocess.mean, device=backend.device) * 255
@@ -205,12 +207,18 @@ class Segmenter:
             return Segmentation(None, resized=size, windows=len(maps), error=(
                 f"{self.method.name} gave scores that are not finite (NaN or inf) for this "
                 "image; try `precision` fp32"))  # fmt: skip
-        cosines = upsample(merge_windows(maps, p.windows, size), p.original)
+        merged = merge_windows(maps, p.windows, size, self.scratch)
+        classes = len(self.classes)
+        if not keep_probs and not self.protocol.pamr_steps:  # decided on the grid where it can
+            labels = grid_labels(merged, p.original, self.name_class, classes, self.protocol)
+            return Segmentation(labels.cpu().numpy(), resized=size, windows=len(maps))
+        cosines = upsample(merged, p.original, self.scratch.take("cosines", (len(merged),
+                                                                 *p.original), merged.device))  # fmt: skip
         if self.protocol.pamr_steps:
             guide = upsample(p.image, p.original)
             cosines = pamr(guide[None], cosines[None], self.protocol.pamr_steps,
                            self.protocol.pamr_dilations)[0]  # fmt: skip
-        labels, probs = classify(cosines, self.name_class, len(self.classes), self.protocol)
+        labels, probs = classify(cosines, self.name_class, classes, self.protocol)
         return Segmentation(
             labels.cpu().numpy(),
             probs.cpu() if keep_probs else None,
