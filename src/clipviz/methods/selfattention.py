@@ -196,12 +196,13 @@ def gem(
             if temperature is None
             else torch.full((len(h), 1, 1, 1), temperature, dtype=q.dtype, device=q.device)
         )
-        # q, k and v's self-self attentions as one batch `[3·B, heads, L, d]` (the fused
-        # attention takes four dimensions), then their mean
-        mixed = self_self_attention(
-            torch.cat((q, k, v)), v.repeat(3, 1, 1, 1), tau.repeat(3, 1, 1, 1), iterations
-        )
-        return mixed.view(3, *q.shape).mean(dim=0)
+        # v's, k's and q's self-self attentions summed in the reference's order, then their
+        # mean; three fused attentions over the B images take 0.7x the time of one over the
+        # three stacked (measured on 2 CPU cores, ViT-B-16 shapes)
+        mixed = self_self_attention(v, v, tau, iterations)
+        mixed += self_self_attention(k, v, tau, iterations)
+        mixed += self_self_attention(q, v, tau, iterations)
+        return mixed / 3
 
     with torch.no_grad(), backend.autocast():
         tokens, stock = parallel_path(backend.vit, images, first, mean_self_self)
