@@ -171,6 +171,9 @@ class Result:
     token_weights: dict[str, list[tuple[list[str], list[float]]]] = field(default_factory=dict)
     # TextSpan's per-head maps: method -> [T, heads, H, W] normalised, and the heads' names
     head_maps: dict[str, tuple[np.ndarray, list[str]]] = field(default_factory=dict)
+    # the (colormap, alpha, head prompt) the page shows it with: drawing the same again would
+    # rewrite the same content-addressed files while the browser may still be reading them
+    shown: tuple[str, float, str] | None = None
 
     def cell(self, method: str, prompt: str) -> Cell:
         return next(c for c in self.cells if c.method == method and c.prompt == prompt)

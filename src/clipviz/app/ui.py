@@ -197,6 +197,7 @@ def build(
                     ensemble=bool(ens),
                 )
                 path = session.bundle(result, Path(tempfile.mkdtemp(dir=work)), cmap, a)
+                result.shown = (cmap, a, result.prompts[0])
                 return (
                     f"done: {len(result.methods)} method(s) × {len(result.prompts)} prompt(s) "
                     f"on {slot.loaded.describe() if slot.loaded else '?'}",
@@ -232,8 +233,9 @@ def build(
             )
 
             def recolour(result: Any, cmap: str, a: float, prompt: str) -> tuple[Any, ...]:
-                if result is None:
+                if result is None or result.shown == (cmap, a, prompt):  # drawn as asked
                     return (gr.skip(), gr.skip(), gr.skip())
+                result.shown = (cmap, a, prompt)
                 return (
                     gr.skip(),  # the status of the run stays
                     session.grid(result, cmap, a),
