@@ -23,14 +23,14 @@ import io
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
 
-from ..backend import Backend, Texts
+from ..backend import Backend, Preprocess, Texts
 from ..data.images import DEFAULT_MAX_PIXELS
 from ..data.shards import (
     SHARD_SUFFIXES,
@@ -40,7 +40,7 @@ from ..data.shards import (
 )
 from ..distributed import Dist
 from ..errors import ClipvizError
-from ..explanation import explain
+from ..explanation import Explanation, explain
 from ..files import SCHEMA_VERSION, provenance
 from ..methods import check_methods, get_method
 from .explain import (
@@ -58,9 +58,10 @@ from .manifest import append_record, disk_full_stops, source_stamp
 from .outputs import MAP_DTYPES, RenderOptions
 from .prepare import prepare_run
 from .run_json import run_kind
-from .shard_decode import IncompleteShard, decoded_batches
+from .shard_decode import DecodedSample, IncompleteShard, decoded_batches
 
 SHARDS = "shards"
+T = TypeVar("T")
 
 
 def is_shard_run(out: Path) -> bool:
@@ -83,15 +84,16 @@ def _npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+EXPLAIN_COLUMNS = ("key", "status", "error", "caption", "width", "height", "crop", "top",
+                   "scores", "probs")  # fmt: skip
+
+
 class ShardTable:
     """The rows of one output shard, taken in any order and written in the shard's."""
 
-    COLUMNS = ("key", "status", "error", "caption", "width", "height", "crop", "top",
-               "scores", "probs")  # fmt: skip
-
-    def __init__(self, tar: ShardWriter) -> None:
+    def __init__(self, tar: ShardWriter, columns: Sequence[str]) -> None:
         self.tar = tar
-        self.columns: dict[str, list[Any]] = {c: [] for c in self.COLUMNS}
+        self.columns: dict[str, list[Any]] = {c: [] for c in columns}
         self.waiting: dict[int, tuple[dict[str, Any], list[tuple[str, bytes]]]] = {}
         self.next = 0
 
@@ -101,13 +103,61 @@ class ShardTable:
             row, members = self.waiting.pop(self.next)
             for name, data in members:
                 self.tar.add(name, data)
-            for c in self.COLUMNS:
-                self.columns[c].append(row.get(c))
+            for c, values in self.columns.items():
+                values.append(row.get(c))
             self.next += 1
 
     @property
     def failed(self) -> int:
         return sum(s == "failed" for s in self.columns["status"])
+
+
+class ShardRequest(Protocol):
+    """What writing output shards reads of a run's request."""
+
+    @property
+    def key(self) -> str: ...
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def overwrite(self) -> bool: ...
+    @property
+    def workers(self) -> int | None: ...
+    @property
+    def max_pixels(self) -> int: ...
+
+
+def check_shard_names(shards: Sequence[Path]) -> None:
+    """Refuse two input shards whose output shards would have the same name."""
+    names = [shard_name(p) for p in shards]
+    if len(set(names)) < len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise ClipvizError(f"two shards are named {twice}; their outputs would collide")
+
+
+def run_shards(
+    shards: Sequence[Path],
+    out: Path,
+    kind: str,
+    fields: dict[str, Any],
+    overwrite: bool,
+    one_shard: Callable[[Path], dict[str, Any]],
+    on_record: Callable[[dict[str, Any]], None] | None,
+    dist: Dist,
+) -> RunSummary:
+    """Run `one_shard` on this rank's shards (r, r + world, …) into one manifest in `out`,
+    a run of `kind` asked with `fields`; the summary counts samples (on rank 0 of a torchrun
+    job, the whole job's)."""
+    summary = RunSummary()
+    with prepare_run(out, kind, fields, overwrite=overwrite, dist=dist) as manifest:
+        for path in list(shards)[dist.rank :: dist.world]:
+            rec = one_shard(path)
+            add_shard(summary, append_record(manifest, rec))
+            if on_record:
+                on_record(rec)
+    if dist.world > 1 and dist.main:
+        return job_summary(out, [os.path.realpath(p) for p in shards], add_shard)
+    return summary
 
 
 def run_explain_shards(
@@ -134,10 +184,7 @@ def run_explain_shards(
     check_methods(backend, methods)
     if maps_dtype not in MAP_DTYPES:
         raise ClipvizError(f"`maps_dtype` {maps_dtype!r}: choose from {', '.join(MAP_DTYPES)}")
-    names = [shard_name(p) for p in shards]
-    if len(set(names)) < len(names):
-        twice = next(n for n in names if names.count(n) > 1)
-        raise ClipvizError(f"two shards are named {twice}; their outputs would collide")
+    check_shard_names(shards)
     options = {m: get_method(m).info.bind((method_options or {}).get(m)) for m in methods}
     key = request_key(backend, methods, texts, RenderOptions(), {**options, "maps": maps_dtype})
     request = ExplainRequest(
@@ -146,16 +193,10 @@ def run_explain_shards(
     )  # fmt: skip
     fields = {**run_fields(backend, texts, request), "maps": maps_dtype,
               "shards": [str(p) for p in shards]}  # fmt: skip
-    summary = RunSummary()
-    with prepare_run(out, "shards", fields, overwrite=overwrite, dist=dist) as manifest:
-        for path in list(shards)[dist.rank :: dist.world]:
-            rec = _explain_shard(backend, path, texts, out, request)
-            add_shard(summary, append_record(manifest, rec))
-            if on_record:
-                on_record(rec)
-    if dist.world > 1 and dist.main:
-        return job_summary(out, [os.path.realpath(p) for p in shards], add_shard)
-    return summary
+    return run_shards(
+        shards, out, "shards", fields, overwrite,
+        lambda path: _explain_shard(backend, path, texts, out, request), on_record, dist,
+    )  # fmt: skip
 
 
 def add_shard(summary: RunSummary, rec: dict[str, Any]) -> None:
@@ -174,36 +215,51 @@ def add_shard(summary: RunSummary, rec: dict[str, Any]) -> None:
 def _explain_shard(
     backend: Backend, path: Path, texts: Texts, out: Path, request: ExplainRequest
 ) -> dict[str, Any]:
-    methods, options, key = request.methods, request.options, request.key
-    overwrite, maps_dtype = request.overwrite, request.maps_dtype
+    meta = {"prompts": texts.prompts, "methods": list(request.methods),
+            "maps": request.maps_dtype}  # fmt: skip
+    return write_shard(
+        path, out, request, backend.preprocess, EXPLAIN_COLUMNS,
+        lambda batches, table: _explain_samples(batches, table, backend, texts, request), meta,
+    )  # fmt: skip
+
+
+def write_shard(
+    path: Path,
+    out: Path,
+    request: ShardRequest,
+    preprocess: Preprocess,
+    columns: Sequence[str],
+    fill: Callable[[Iterator[list[DecodedSample]], ShardTable], None],
+    meta: dict[str, Any],
+) -> dict[str, Any]:
+    """Write the output shard of input shard `path` and return its manifest record: the tar,
+    whose members `fill` adds with the rows of a table of `columns` from the samples decoded
+    by `preprocess`, then the table, whose metadata (with `meta`) marks the shard done. A shard
+    this request finished from the same source is skipped."""
     started = time.perf_counter()
     name = shard_name(path)
     tar_path, table_path = out / SHARDS / f"{name}.tar", out / SHARDS / f"{name}.parquet"
     stamp = source_stamp(path)
     record: dict[str, Any] = {
-        "input": os.path.realpath(path), "output": f"{SHARDS}/{name}", "key": key,
+        "input": os.path.realpath(path), "output": f"{SHARDS}/{name}", "key": request.key,
         "source": stamp, "outputs": [f"{name}.tar", f"{name}.parquet"],
     }  # fmt: skip
     done = read_parquet_metadata(table_path)
     info = json.loads(done.get("clipviz", "{}")) if done else {}
     if (
-        not overwrite
-        and info.get("key") == key
+        not request.overwrite
+        and info.get("key") == request.key
         and info.get("source") == stamp
         and tar_path.is_file()
     ):
         return {**record, "status": "skipped", "error": None, "samples": info.get("samples", 0),
                 "failed_samples": info.get("failed", 0), "seconds": 0.0}  # fmt: skip
     workers = default_pool_size() if request.workers is None else request.workers
-    loader = decoded_batches(
-        path, backend.preprocess, request.max_pixels, workers, request.batch_size
-    )
-    several = len(methods) > 1
+    batches = decoded_batches(path, preprocess, request.max_pixels, workers, request.batch_size)
     try:
         with disk_full_stops(tar_path), ShardWriter(tar_path) as tar:
-            table = ShardTable(tar)
-            _explain_samples(loader, table, backend, texts, methods, options, maps_dtype,
-                             several)  # fmt: skip
+            table = ShardTable(tar, columns)
+            fill(batches, table)
     except IncompleteShard as e:  # the tar was not kept: the next run redoes the shard
         return {**record, "status": "failed", "error": str(e), "samples": 0,
                 "failed_samples": 0, "outputs": [], "seconds": 0.0}  # fmt: skip
@@ -215,9 +271,8 @@ def _explain_shard(
         tar_path.unlink(missing_ok=True)
         return {**record, "status": "failed", "error": table.columns["error"][0], "samples": 1,
                 "failed_samples": 1, "outputs": [], "seconds": 0.0}  # fmt: skip
-    meta = {"key": key, "source": stamp, "samples": samples, "failed": table.failed,
-            "prompts": texts.prompts, "methods": list(methods), "maps": maps_dtype,
-            "schema_version": SCHEMA_VERSION, **provenance()}  # fmt: skip
+    meta = {"key": request.key, "source": stamp, "samples": samples, "failed": table.failed,
+            **meta, "schema_version": SCHEMA_VERSION, **provenance()}  # fmt: skip
     try:
         with disk_full_stops(table_path):
             write_parquet_atomic(table_path, table.columns, {"clipviz": json.dumps(meta)})
@@ -235,18 +290,15 @@ def _unwritten(record: dict[str, Any], error: OSError) -> dict[str, Any]:
             "samples": 0, "failed_samples": 0, "outputs": [], "seconds": 0.0}  # fmt: skip
 
 
-def _explain_samples(
-    loader: Any,
+def model_batches(
+    batches: Iterable[list[DecodedSample]],
     table: ShardTable,
-    backend: Backend,
-    texts: Texts,
-    methods: Sequence[str],
-    options: dict[str, dict[str, Any]],
-    maps_dtype: str,
-    several: bool,
-) -> None:
-    """Explain the decoded samples of one shard into `table` (rows and tar members)."""
-    for batch in loader:
+    model: Callable[[list[DecodedSample]], T],
+) -> Iterator[tuple[list[DecodedSample], T]]:
+    """Each batch's decoded samples with what `model` made of them, in order; the rows of the
+    samples that could not be decoded, and of a batch the model failed on, go to `table` here.
+    Raises `IncompleteShard` at the end if a sample never came back."""
+    for batch in batches:
         good = [d for d in batch if d.error is None]
         for d in batch:
             if d.error is not None:
@@ -254,9 +306,8 @@ def _explain_samples(
                                     "caption": d.caption}, [])  # fmt: skip
         if not good:
             continue
-        images = torch.stack([d.tensor for d in good])
         try:
-            exps = [explain(backend, images, texts, m, options=options[m]) for m in methods]
+            result = model(good)
         except ClipvizError:
             raise
         except Exception as e:  # noqa: BLE001 - report the batch, go on with the next
@@ -264,6 +315,30 @@ def _explain_samples(
                 table.add(d.index, {"key": d.key, "status": "failed", "caption": d.caption,
                                     "error": f"model failed: {type(e).__name__}: {e}"}, [])  # fmt: skip
             continue
+        yield good, result
+    if table.waiting:  # a sample never came back: the table cannot be complete
+        raise IncompleteShard(
+            f"{len(table.waiting)} samples after sample {table.next} were decoded but "
+            f"sample {table.next} never was; run again"
+        )
+
+
+def _explain_samples(
+    batches: Iterable[list[DecodedSample]],
+    table: ShardTable,
+    backend: Backend,
+    texts: Texts,
+    request: ExplainRequest,
+) -> None:
+    """Explain the decoded samples of one shard into `table` (rows and tar members)."""
+    methods, options, maps_dtype = request.methods, request.options, request.maps_dtype
+    several = len(methods) > 1
+
+    def explain_batch(good: list[DecodedSample]) -> list[Explanation]:
+        images = torch.stack([d.tensor for d in good])  # type: ignore[misc]
+        return [explain(backend, images, texts, m, options=options[m]) for m in methods]
+
+    for good, exps in model_batches(batches, table, explain_batch):
         for j, d in enumerate(good):
             row = {"key": d.key, "caption": d.caption, "width": d.size[0],
                    "height": d.size[1], "crop": list(d.crop)}  # fmt: skip
@@ -280,8 +355,3 @@ def _explain_samples(
                                 "top": texts.prompts[int(np.argmax(probs))],
                                 "scores": exps[0].scores[j].tolist(), "probs": probs},
                       members)  # fmt: skip
-    if table.waiting:  # a sample never came back: the table cannot be complete
-        raise IncompleteShard(
-            f"{len(table.waiting)} samples after sample {table.next} were decoded but "
-            f"sample {table.next} never was; run again"
-        )
