@@ -10,12 +10,15 @@ intermediate blocks, are averaged over the patches that an intermediate block fi
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
-from ..backend import Backend, Texts
+from ..backend import Backend, Texts, TokenTower
 from ..backend.towers import TOKENS
 from ..errors import ClipvizError
+from .kernels import QKV
 from .registry import MapResult, register
 from .surgery import _itsm, _unit, stock_block
 
@@ -129,19 +132,59 @@ def calibrated_attention(affinity: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     return (affinity_attention(affinity, v) + F.scaled_dot_product_attention(k, k, v)) / 2
 
 
+def fused_last_block(
+    vit: TokenTower,
+    x: torch.Tensor,
+    outputs: list[torch.Tensor],
+    patches: torch.Tensor,
+    before: torch.Tensor,
+    after: torch.Tensor,
+    multi: tuple[int, int],
+    beta: float,
+    res_cls: float,
+    attention: Callable[[QKV, bool], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SC-CLIP's and SFP's readout: unit patch tokens `[B, N, D]` and the stock global
+    embeddings `[B, D]` of the stream `x` before the last block.
+
+    The last block is `attn_out(attention((q, k, v), True))` plus `res_cls ·` the class token,
+    no residual, no MLP, on `patches` aggregated by the affinity `before`; its output is
+    aggregated by the affinity `after`. The sum of `outputs[multi[0]:multi[1]]` goes the same
+    way with `attention(…, False)` and its own class token, and is added.
+    """
+    prefix, last = vit.prefix, vit.depth - 1
+
+    def last_block(stream: torch.Tensor, patches: torch.Tensor, own: bool) -> torch.Tensor:
+        # q, k and v of the patches alone; the prefix tokens go along so that towers with
+        # rotary positions place every patch where it is
+        h = vit.norm1(last, torch.cat([stream[:, :prefix], patches], dim=1))
+        q, k, v = (t[:, :, prefix:] for t in vit.qkv(last, h))
+        return vit.attn_out(last, attention((q, k, v), own)) + res_cls * stream[:, :1]
+
+    out = aggregate(last_block(x, aggregate(patches, before, beta), True), after, beta)
+    summed = torch.stack(outputs[multi[0] : multi[1]]).sum(dim=0)
+    out = out + aggregate(last_block(summed, summed[:, prefix:], False), after, beta)
+    # the stock head reads the patches after the prefix tokens
+    tokens = _unit(vit.head(torch.cat([x[:, :prefix], out], dim=1)))[:, 1:]
+    stock = _unit(vit.pooled(stock_block(vit, last, x, vit.qkv(last, vit.norm1(last, x)))))
+    return tokens, stock
+
+
+# the options of the last-block readout that SC-CLIP and SFP share
+FUSION_RANGES = {
+    "pre_adjust": "[0, 255]",
+    "post_adjust": "[0, 255]",
+    "multi_start": "[0, 255]",
+    "multi_end": "[1, 256]",
+    "res_cls": "[0, 10]",
+    "beta": "[-1, 1]",
+}
+
+
 @register(
     "scclip",
     towers=(TOKENS,),
-    ranges={
-        "pre_adjust": "[0, 255]",
-        "post_adjust": "[0, 255]",
-        "multi_start": "[0, 255]",
-        "multi_end": "[1, 256]",
-        "res_cls": "[0, 10]",
-        "beta": "[-1, 1]",
-        "neighbours": "[1, 1000]",
-        "contamination": "(0, 0.5]",
-    },
+    ranges={**FUSION_RANGES, "neighbours": "[1, 1000]", "contamination": "(0, 0.5]"},
     needs={TOKENS: ("attention", "class_token")},
     summary="SC-CLIP: anomalous tokens filled from neighbours, last block as affinity plus k-k "
     "attention, multi-level features, affinity aggregation, cosine",
@@ -219,19 +262,8 @@ def scclip(
             fill_from_neighbours(outputs[pre_adjust][:, prefix:], anomalous, grid)
         )
         after = patch_affinity(outputs[post_adjust][:, prefix:])
-
-        def calibrated_block(stream: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
-            # k and v of the patches alone; the prefix tokens go along so that towers with
-            # rotary positions place every patch where it is
-            h = vit.norm1(last, torch.cat([stream[:, :prefix], patches], dim=1))
-            _, k, v = (t[:, :, prefix:] for t in vit.qkv(last, h))
-            out = vit.attn_out(last, calibrated_attention(before, k, v))
-            return out + res_cls * stream[:, :1]
-
-        out = aggregate(calibrated_block(x, aggregate(patches, before, beta)), after, beta)
-        multi = torch.stack(outputs[multi_start:multi_end]).sum(dim=0)
-        out = out + aggregate(calibrated_block(multi, multi[:, prefix:]), after, beta)
-        # the stock head reads the patches after the prefix tokens
-        tokens = _unit(vit.head(torch.cat([x[:, :prefix], out], dim=1)))[:, 1:]
-        stock = _unit(vit.pooled(stock_block(vit, last, x, vit.qkv(last, vit.norm1(last, x)))))
+        tokens, stock = fused_last_block(
+            vit, x, outputs, patches, before, after, (multi_start, multi_end), beta, res_cls,
+            lambda qkv, own: calibrated_attention(before, qkv[1], qkv[2]),
+        )  # fmt: skip
     return _itsm(backend, images, texts, tokens, stock)

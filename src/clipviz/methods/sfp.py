@@ -18,16 +18,18 @@ import torch.nn.functional as F
 from ..backend import Backend, Texts
 from ..backend.towers import TOKENS
 from ..errors import ClipvizError
+from .kernels import QKV
 from .registry import MapResult, register
 from .scclip import (
+    FUSION_RANGES,
     affinity_attention,
-    aggregate,
     chosen_blocks,
     fill_from_neighbours,
+    fused_last_block,
     patch_affinity,
     scaled_blocks,
 )
-from .surgery import _itsm, _unit, stock_block
+from .surgery import _itsm
 
 # the reference's block indices, fixed in its forward for every model size:
 # (pre_adjust, post_adjust, multi_start, multi_end)
@@ -61,15 +63,7 @@ def purified_attention(
 @register(
     "sfp",
     towers=(TOKENS,),
-    ranges={
-        "pre_adjust": "[0, 255]",
-        "post_adjust": "[0, 255]",
-        "multi_start": "[0, 255]",
-        "multi_end": "[1, 256]",
-        "res_cls": "[0, 10]",
-        "beta": "[-1, 1]",
-        "outliers": "[0, 1000]",
-    },
+    ranges={**FUSION_RANGES, "outliers": "[0, 1000]"},
     needs={TOKENS: ("attention", "class_token")},
     summary="SFP: attention-salient tokens filled from neighbours, last block as k-k, q-q and "
     "affinity attention, multi-level features, affinity aggregation, cosine",
@@ -142,20 +136,12 @@ def sfp(
         before = torch.where(before < beta, torch.zeros_like(before), before)
         after = patch_affinity(outputs[post_adjust][:, prefix:])
 
-        def last_block(stream: torch.Tensor, patches: torch.Tensor, purified: bool) -> torch.Tensor:
-            # q, k and v of the patches alone; the prefix tokens go along so that towers with
-            # rotary positions place every patch where it is
-            h = vit.norm1(last, torch.cat([stream[:, :prefix], patches], dim=1))
-            q, k, v = (t[:, :, prefix:] for t in vit.qkv(last, h))
-            mixed = (
-                purified_attention(before, q, k, v) if purified else affinity_attention(before, v)
-            )
-            return vit.attn_out(last, mixed) + res_cls * stream[:, :1]
+        def attention(qkv: QKV, own: bool) -> torch.Tensor:
+            # the stream's own patches: purified; the multi-level sum: the affinity alone
+            return purified_attention(before, *qkv) if own else affinity_attention(before, qkv[2])
 
-        out = aggregate(last_block(x, aggregate(patches, before, beta), True), after, beta)
-        multi = torch.stack(outputs[multi_start:multi_end]).sum(dim=0)
-        out = out + aggregate(last_block(multi, multi[:, prefix:], False), after, beta)
-        # the stock head reads the patches after the prefix tokens
-        tokens = _unit(vit.head(torch.cat([x[:, :prefix], out], dim=1)))[:, 1:]
-        stock = _unit(vit.pooled(stock_block(vit, last, x, vit.qkv(last, vit.norm1(last, x)))))
+        tokens, stock = fused_last_block(
+            vit, x, outputs, patches, before, after, (multi_start, multi_end), beta, res_cls,
+            attention,
+        )  # fmt: skip
     return _itsm(backend, images, texts, tokens, stock)
