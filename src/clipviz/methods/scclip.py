@@ -170,21 +170,19 @@ def fused_last_block(
     return tokens, stock
 
 
-# the options of the last-block readout that SC-CLIP and SFP share
-FUSION_RANGES = {
-    "pre_adjust": "[0, 255]",
-    "post_adjust": "[0, 255]",
-    "multi_start": "[0, 255]",
-    "multi_end": "[1, 256]",
-    "res_cls": "[0, 10]",
-    "beta": "[-1, 1]",
-}
-
-
 @register(
     "scclip",
     towers=(TOKENS,),
-    ranges={**FUSION_RANGES, "neighbours": "[1, 1000]", "contamination": "(0, 0.5]"},
+    ranges={
+        "pre_adjust": "[0, 255]",
+        "post_adjust": "[0, 255]",
+        "multi_start": "[0, 255]",
+        "multi_end": "[1, 256]",
+        "res_cls": "[0, 10]",
+        "beta": "[-1, 1]",
+        "neighbours": "[1, 1000]",
+        "contamination": "(0, 0.5]",
+    },
     needs={TOKENS: ("attention", "class_token")},
     summary="SC-CLIP: anomalous tokens filled from neighbours, last block as affinity plus k-k "
     "attention, multi-level features, affinity aggregation, cosine",

@@ -21,7 +21,6 @@ from ..errors import ClipvizError
 from .kernels import QKV
 from .registry import MapResult, register
 from .scclip import (
-    FUSION_RANGES,
     affinity_attention,
     chosen_blocks,
     fill_from_neighbours,
@@ -63,7 +62,15 @@ def purified_attention(
 @register(
     "sfp",
     towers=(TOKENS,),
-    ranges={**FUSION_RANGES, "outliers": "[0, 1000]"},
+    ranges={
+        "pre_adjust": "[0, 255]",
+        "post_adjust": "[0, 255]",
+        "multi_start": "[0, 255]",
+        "multi_end": "[1, 256]",
+        "res_cls": "[0, 10]",
+        "beta": "[-1, 1]",
+        "outliers": "[0, 1000]",
+    },
     needs={TOKENS: ("attention", "class_token")},
     summary="SFP: attention-salient tokens filled from neighbours, last block as k-k, q-q and "
     "affinity attention, multi-level features, affinity aggregation, cosine",
