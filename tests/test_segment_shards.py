@@ -3,7 +3,6 @@ class's share of the pixels in the parquet table, resumed by shard."""
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 
@@ -11,34 +10,20 @@ import numpy as np
 import pyarrow.parquet as pq
 from conftest import random_image
 from PIL import Image
+from shard_helpers import png, write_shard
 from typer.testing import CliRunner
 
 from clipviz.cli import app
 from clipviz.segment import Protocol, Segmenter, inline_classes
 
 
-def _png(seed: int, size=(72, 56)) -> bytes:
-    buffer = io.BytesIO()
-    random_image(seed, size).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _write_shard(path, samples):
-    with tarfile.open(path, "w") as tar:
-        for key, members in samples:
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-
-
 def test_shards_get_labels_per_sample_and_shares_per_class(tmp_path, tiny_weights, vit_backend):
     data = tmp_path / "data"
     data.mkdir()
-    _write_shard(data / "00000.tar", [("a", {"png": _png(1), "txt": b"a cat"}),
-                                      ("b", {"png": b"not a png"}),
-                                      ("c", {"png": _png(2, (40, 64))})])  # fmt: skip
-    _write_shard(data / "00001.tar", [("d", {"png": _png(3)})])
+    write_shard(data / "00000.tar", [("a", {"png": png(1), "txt": b"a cat"}),
+                                     ("b", {"png": b"not a png"}),
+                                     ("c", {"png": png(2, (40, 64))})])  # fmt: skip
+    write_shard(data / "00001.tar", [("d", {"png": png(3)})])
     config, weights = tiny_weights["vit"]
     out = tmp_path / "out"
     args = ["segment", str(data / "{00000..00001}.tar"), "--classes", "sky,grass,dog",

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import random_image, torchrun_two
+from shard_helpers import png, write_members, write_shard
 from typer.testing import CliRunner
 
 from clipviz.cli import app
@@ -32,22 +33,6 @@ def _args(tiny_weights):
             "--no-ensemble", "--workers", "0", "-b", "2", "-q"]  # fmt: skip
 
 
-def _png(seed: int, size=(72, 56)) -> bytes:
-    buffer = io.BytesIO()
-    random_image(seed, size).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _write_shard(path, samples):
-    """samples: (key, {ext: bytes})."""
-    with tarfile.open(path, "w") as tar:
-        for key, members in samples:
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-
-
 @pytest.fixture
 def shard_set(tmp_path):
     root = tmp_path / "data"
@@ -58,11 +43,11 @@ def shard_set(tmp_path):
         for i in range(3):
             key, seed = f"{s:05d}{i:03d}", 10 * s + i
             seeds[key] = seed
-            samples.append((key, {"png": _png(seed), "txt": f"caption {key}".encode(),
+            samples.append((key, {"png": png(seed), "txt": f"caption {key}".encode(),
                                   "json": json.dumps({"key": key}).encode()}))  # fmt: skip
         if s == 1:  # a sample that is not an image
             samples.insert(1, ("00001bad", {"jpg": b"not a jpeg", "txt": b"broken"}))
-        _write_shard(root / f"{s:05d}.tar", samples)
+        write_shard(root / f"{s:05d}.tar", samples)
     return root, seeds
 
 
@@ -141,6 +126,42 @@ def test_a_run_killed_between_shards_resumes_at_the_next_shard(shard_set, tmp_pa
         assert pq.read_table(out / "shards" / f"{name}.parquet").equals(
             pq.read_table(clean / "shards" / f"{name}.parquet")
         )
+
+
+def test_a_batch_the_model_fails_on_and_an_unreadable_shard_fail_alone_and_resume_apart(
+    shard_set, tmp_path, tiny_weights, monkeypatch
+):
+    root, _ = shard_set
+    (root / "00003.tar").write_bytes(b"not a tar")
+    real, calls = shard_runs.explain, []
+
+    def fails_first(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shard_runs, "explain", fails_first)
+    out = tmp_path / "out"
+    assert _explain_cli(str(root / "*.tar"), out, tiny_weights).exit_code == 1
+    rows = pq.read_table(out / "shards" / "00000.parquet").to_pylist()
+    assert [(r["key"], r["status"], r["error"]) for r in rows] == [
+        ("00000000", "failed", "model failed: RuntimeError: out of memory"),
+        ("00000001", "failed", "model failed: RuntimeError: out of memory"),
+        ("00000002", "ok", None),
+    ]  # fmt: skip
+    assert not list((out / "shards").glob("00003.*"))  # nothing kept: the next run retries
+    result = _explain_cli(str(root / "*.tar"), out, tiny_weights, "--json")
+    assert result.exit_code == 1
+    summary = json.loads(result.stdout)
+    records = {os.path.basename(r["input"]): r for r in summary["records"]}
+    assert {name: r["status"] for name, r in records.items()} == {
+        "00000.tar": "skipped", "00001.tar": "skipped", "00002.tar": "skipped",
+        "00003.tar": "failed",
+    }  # fmt: skip
+    assert records["00003.tar"]["error"].startswith("shard cannot be read")
+    # failed: the two samples of the failed batch, 00001bad and the unreadable shard
+    assert (summary["ok"], summary["skipped"], summary["failed"]) == (0, 7, 4)
 
 
 def test_a_missing_shard_is_refused_before_any_work(shard_set, tmp_path, tiny_weights):
@@ -306,21 +327,6 @@ def test_the_reader_thread_stays_a_few_samples_ahead_and_stops_when_closed():
 # -- hostile shards: every member accounted for, nothing read unbounded, outputs complete -----
 
 
-def _hostile_shard(path, entries):
-    """entries: (name, bytes) for a regular member, (name, tarfile.SYMTYPE or LNKTYPE, target)
-    for a link; names may hold undecodable bytes as surrogates, as tarfile reads them."""
-    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
-        for name, *rest in entries:
-            info = tarfile.TarInfo(name)
-            if len(rest) == 2:
-                info.type, info.linkname = rest
-                tar.addfile(info)
-            else:
-                info.size = len(rest[0])
-                tar.addfile(info, io.BytesIO(rest[0]))
-    return path
-
-
 def _table_and_members(out, name="00000"):
     rows = pq.read_table(out / "shards" / f"{name}.parquet").to_pylist()
     with tarfile.open(out / "shards" / f"{name}.tar") as tar:
@@ -331,15 +337,9 @@ def _table_and_members(out, name="00000"):
 def test_a_key_met_again_later_in_the_shard_is_a_failed_row_and_keeps_the_first_maps(
     tmp_path, tiny_weights, vit_backend
 ):
-    first, other, again = (random_image(s, (72, 56)) for s in (1, 2, 3))
-    png = {}
-    for name, image in (("first", first), ("other", other), ("again", again)):
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        png[name] = buffer.getvalue()
-    shard = _hostile_shard(tmp_path / "00000.tar", [
-        ("1.png", png["first"]), ("1.txt", b"first"), ("2.png", png["other"]),
-        ("1.png", png["again"]), ("1.txt", b"again"),
+    shard = write_members(tmp_path / "00000.tar", [
+        ("1.png", png(1)), ("1.txt", b"first"), ("2.png", png(2)),
+        ("1.png", png(3)), ("1.txt", b"again"),
     ])  # fmt: skip
     out = tmp_path / "out"
     assert _explain_cli(str(shard), out, tiny_weights).exit_code == 1
@@ -349,14 +349,15 @@ def test_a_key_met_again_later_in_the_shard_is_a_failed_row_and_keeps_the_first_
     ]  # fmt: skip
     assert rows[2]["error"] == "key appears twice in the shard; only its first sample is explained"
     assert list(maps) == ["1.maps.npy", "2.maps.npy"]
+    first, other = (random_image(s, (72, 56)) for s in (1, 2))
     want = explain(vit_backend, [first, other], PROMPTS, "itsm", ensemble=False).maps.numpy()
     np.testing.assert_allclose(maps["1.maps.npy"], want[0], rtol=1e-3, atol=1e-3)
 
 
 def test_link_members_are_failed_rows_not_read(tmp_path, tiny_weights):
-    shard = _hostile_shard(tmp_path / "00000.tar", [
-        ("0.png", _png(0)), ("1.png", tarfile.SYMTYPE, "/etc/passwd"), ("1.txt", b"one"),
-        ("2.png", tarfile.LNKTYPE, "0.png"), ("3.png", _png(3)),
+    shard = write_members(tmp_path / "00000.tar", [
+        ("0.png", png(0)), ("1.png", tarfile.SYMTYPE, "/etc/passwd"), ("1.txt", b"one"),
+        ("2.png", tarfile.LNKTYPE, "0.png"), ("3.png", png(3)),
     ])  # fmt: skip
     out = tmp_path / "out"
     assert _explain_cli(str(shard), out, tiny_weights).exit_code == 1
@@ -374,11 +375,11 @@ def test_members_named_outside_the_shard_are_failed_rows_and_the_run_goes_on(tmp
                                                                              tiny_weights):  # fmt: skip
     root = tmp_path / "data"
     root.mkdir()
-    _hostile_shard(root / "00000.tar", [
-        ("0.png", _png(0)), ("../../x.jpg", _png(1)), ("../../x.txt", b"up"),
-        ("/abs.jpg", _png(2)), ("a/../../b.png", _png(3)), ("4.png", _png(4)),
+    write_members(root / "00000.tar", [
+        ("0.png", png(0)), ("../../x.jpg", png(1)), ("../../x.txt", b"up"),
+        ("/abs.jpg", png(2)), ("a/../../b.png", png(3)), ("4.png", png(4)),
     ])  # fmt: skip
-    _hostile_shard(root / "00001.tar", [("5.png", _png(5))])
+    write_members(root / "00001.tar", [("5.png", png(5))])
     out = tmp_path / "out"
     for _ in range(2):  # the second run skips both shards: they are done
         result = _explain_cli(str(root / "*.tar"), out, tiny_weights)
@@ -401,9 +402,9 @@ def test_undecodable_member_names_become_escaped_keys_alike_in_tar_and_table(tmp
                                                                              tiny_weights):  # fmt: skip
     from urllib.parse import unquote_to_bytes
 
-    shard = _hostile_shard(tmp_path / "00000.tar", [
-        ("caf\udce9.png", _png(0)), ("caf\udce9.txt", b"latin-1 name"), ("50%.png", _png(1)),
-        ("caf\u00e9.png", _png(2)), ("7.t\udcffxt", b"no image"),
+    shard = write_members(tmp_path / "00000.tar", [
+        ("caf\udce9.png", png(0)), ("caf\udce9.txt", b"latin-1 name"), ("50%.png", png(1)),
+        ("caf\u00e9.png", png(2)), ("7.t\udcffxt", b"no image"),
     ])  # fmt: skip
     out = tmp_path / "out"
     result = _explain_cli(str(shard), out, tiny_weights)
@@ -426,11 +427,11 @@ def test_members_above_their_size_cap_fail_unread_and_long_captions_are_cut(tmp_
 
     over = shard_data.SIDECAR_MAX_BYTES + 200_000
     big_image = b"\xff\xd8" + bytes(1 << 21)  # 2 MB, not read: no "not an image" for it
-    shard = _hostile_shard(tmp_path / "00000.tar", [
-        ("0.png", _png(0)), ("0.txt", b"w" * over),
-        ("1.png", _png(1)), ("1.json", b"[" * over), ("1.txt", b"one"),
+    shard = write_members(tmp_path / "00000.tar", [
+        ("0.png", png(0)), ("0.txt", b"w" * over),
+        ("1.png", png(1)), ("1.json", b"[" * over), ("1.txt", b"one"),
         ("2.jpg", big_image), ("2.txt", b"two"),
-        ("3.png", _png(3)), ("3.txt", "\u00fc".encode() * 50_000), ("3.mp4", b"v" * over),
+        ("3.png", png(3)), ("3.txt", "\u00fc".encode() * 50_000), ("3.mp4", b"v" * over),
     ])  # fmt: skip
     out = tmp_path / "out"
     # 4,032 pixels per image here: 4,100 allow them, and cap an image member near 1 MB
