@@ -243,3 +243,46 @@ def test_eval_takes_the_proxy_as_segment_does(trained_clip, proxy_folder, tmp_pa
     assert result.exit_code == 0, result.output
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["method_options"]["proxyclip"]["proxy"] == str(folder), saved.keys()
+
+
+def test_a_rerun_redoes_the_images_when_the_proxy_weights_were_replaced(tiny_weights, tmp_path):
+    folder, _ = write_proxy_folder(tmp_path / "proxy", "dino", seed=3)
+    random_image(0, (64, 48)).save(tmp_path / "a.png")
+    config, weights = tiny_weights["vit"]
+    out = tmp_path / "out"
+    args = ["segment", str(tmp_path / "a.png"), "--method", "proxyclip", "--proxy", str(folder),
+            "--classes", "sky,grass", "--short-side", "64", "--window", "0", "--out", str(out),
+            "-q", "--workers", "0", "--model-config", str(config), "--pretrained", str(weights),
+            "--device", "cpu"]  # fmt: skip
+    assert runner.invoke(app, args).exit_code == 0
+    assert runner.invoke(app, args).exit_code == 0  # the same weights: skipped
+    write_proxy_folder(tmp_path / "proxy", "dino", seed=4)  # other weights, the same path
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in records] == ["ok", "skipped", "ok"]
+
+
+def test_eval_segments_again_when_the_proxy_weights_were_replaced(vit_backend, tmp_path):
+    from clipviz.data.datasets.semseg import open_segmentation
+    from clipviz.runs.segment_eval import SegmentEvalOptions, evaluate_segmentation
+    from clipviz.segment import Protocol
+
+    folder, _ = write_proxy_folder(tmp_path / "proxy", "dino", seed=3)
+    write_voc(tmp_path / "voc", 2, seed=1, size=64)
+    dataset = open_segmentation(tmp_path / "voc", "voc")
+    classes = ClassNames(tuple((n,) for n in dataset.class_names or []))
+    opts = SegmentEvalOptions(methods=("proxyclip",), protocol=Protocol(short_side=0, window=0),
+                              method_options={"proxyclip": {"proxy": str(folder)}})  # fmt: skip
+    seen: list[int] = []
+
+    def run():
+        seen.clear()
+        evaluate_segmentation(vit_backend, dataset, classes, opts, tmp_path / "r.jsonl",
+                              on_image=lambda r: seen.append(r["index"]))  # fmt: skip
+        return list(seen)
+
+    assert run() == [0, 1]
+    assert run() == []  # the same weights: nothing to do
+    write_proxy_folder(tmp_path / "proxy", "dino", seed=4)  # other weights, the same path
+    assert run() == [0, 1]

@@ -31,6 +31,7 @@ from ..errors import ClipvizError
 from ..files import SCHEMA_VERSION
 from ..segment import Segmenter
 from ..segment.outputs import write_segmentation
+from ..segment.proxy import proxy_files
 from .decode import Decoded, die_with_parent, shared_memory_has_room
 from .explain import RunSummary, check_run_args, default_pool_size, job_summary
 from .manifest import append_record, disk_full_stops, latest_records, source_stamp
@@ -67,21 +68,27 @@ def segment_fields(segmenter: Segmenter) -> dict[str, Any]:
     }
 
 
+def proxy_weights(options: dict[str, Any]) -> list[dict[str, int] | None]:
+    """Size and time of each local file a method's `proxy` option reads, so that weights
+    replaced at the same path do not pass for the old ones; empty for a model hub name."""
+    spec = options.get("proxy")
+    return [source_stamp(p) for p in proxy_files(spec)] if isinstance(spec, str) else []
+
+
 def segment_key(segmenter: Segmenter, save_probs: bool, alpha: float) -> str:
     """What makes two segment runs' outputs interchangeable; a finished image is skipped only
     on a match."""
     fields = segment_fields(segmenter)
-    blob = json.dumps(
-        {
-            "schema_version": SCHEMA_VERSION,
-            "model": segmenter.backend.content_identity,
-            **{k: fields[k] for k in ("method", "options", "protocol", "classes", "precision")},
-            "save_probs": save_probs,
-            "alpha": alpha,
-        },
-        sort_keys=True,
-        default=str,
-    )
+    request = {
+        "schema_version": SCHEMA_VERSION,
+        "model": segmenter.backend.content_identity,
+        **{k: fields[k] for k in ("method", "options", "protocol", "classes", "precision")},
+        "save_probs": save_probs,
+        "alpha": alpha,
+    }
+    if stamps := proxy_weights(segmenter.options):  # absent otherwise: earlier keys still hold
+        request["proxy_weights"] = stamps
+    blob = json.dumps(request, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 

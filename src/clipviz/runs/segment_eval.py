@@ -30,6 +30,7 @@ from ..files import read_jsonl
 from ..segment import ClassNames, IoUMetric, Protocol, Segmenter, intersect_and_union
 from .eval_stats import CI_LEVEL, RESAMPLES, resample_draws
 from .manifest import append_record, merge_parts, part_path, repair_manifest
+from .segment import proxy_weights
 
 SEGMENT_METRICS = ("miou", "aacc", "macc")
 
@@ -75,17 +76,17 @@ def protocol_json(protocol: Protocol) -> dict[str, Any]:
 def request_key(
     backend: Backend, dataset: SegDataset, classes: ClassNames, opts: SegmentEvalOptions
 ) -> str:
-    blob = json.dumps(
-        {
-            "model": backend.content_identity,
-            "dataset": [str(dataset.root), dataset.format, dataset.name, dataset.reduce_zero_label],
-            "classes": [list(line) for line in classes.lines],
-            "rows": [(name, m, protocol_json(p)) for name, m, p in opts.rows()],
-            "options": opts.method_options,
-        },
-        sort_keys=True,
-        default=str,
-    )
+    request = {
+        "model": backend.content_identity,
+        "dataset": [str(dataset.root), dataset.format, dataset.name, dataset.reduce_zero_label],
+        "classes": [list(line) for line in classes.lines],
+        "rows": [(name, m, protocol_json(p)) for name, m, p in opts.rows()],
+        "options": opts.method_options,
+    }
+    stamps = {m: s for m, o in opts.method_options.items() if (s := proxy_weights(o))}
+    if stamps:  # absent otherwise: earlier keys still hold
+        request["proxy_weights"] = stamps
+    blob = json.dumps(request, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 

@@ -361,15 +361,29 @@ def load_proxy(spec: str, device: torch.device | str = "cpu") -> Proxy:
     return Proxy(model, spec, mean, std)
 
 
-def proxy_stamp(spec: str) -> tuple[Any, ...]:
-    """What identifies a proxy for caching: the spec, and its file's path, size and time."""
-    _, _, file = spec.partition("=")
-    path = Path((file or spec).strip()).expanduser()
+def proxy_files(spec: str) -> list[Path]:
+    """The local files the proxy `spec` is read from (its weights, and its folder's
+    config.json); none for a model hub name or a spec that names nothing loadable."""
     try:
-        st = path.stat()
-        return (spec, os.path.realpath(path), st.st_size, st.st_mtime_ns)
-    except OSError:
-        return (spec,)
+        _, weights, config = _parse(spec)
+    except ClipvizError:
+        return []
+    if weights is None:
+        return []
+    return [weights, weights.parent / "config.json"] if config else [weights]
+
+
+def proxy_stamp(spec: str) -> tuple[Any, ...]:
+    """What identifies a proxy for caching: the spec, and its files' paths, sizes and times
+    (weights rewritten at the same path are another proxy)."""
+    stamp: list[Any] = [spec]
+    for path in proxy_files(spec):
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        stamp += [os.path.realpath(path), st.st_size, st.st_mtime_ns]
+    return tuple(stamp)
 
 
 def attached_proxy(backend: Any, spec: str) -> Proxy:
