@@ -142,7 +142,6 @@ def concepts(
         raise ClipvizError(
             f"no images found in {', '.join(images)}; pass image files, a folder of images "
             "(--recursive for its subfolders) or a quoted glob",
-            exit_code=1,
         )
 
     backend = load(model, pretrained, model_config, device, precision, resolution)

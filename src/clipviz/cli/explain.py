@@ -208,7 +208,6 @@ def explain(
         raise ClipvizError(
             f"no images found in {', '.join(inputs) or inputs_file}; pass image files, a folder "
             "of images (--recursive for its subfolders) or a quoted glob",
-            exit_code=1,
         )
 
     dist, device = setup_distributed(device)

@@ -179,7 +179,6 @@ def _inputs(
             raise ClipvizError(
                 f"no images found in {inputs}; pass image files, a folder of images "
                 "(--recursive for its subfolders) or a quoted glob",
-                exit_code=1,
             )
         return (
             [i.path for i in items[:limit]],

@@ -244,7 +244,6 @@ def segment(
         raise ClipvizError(
             f"no images found in {', '.join(inputs or []) or inputs_file}; pass image files, a "
             "folder of images (--recursive for its subfolders) or a quoted glob",
-            exit_code=1,
         )
     dist, device = setup_distributed(device)
     quiet = quiet or not dist.main
