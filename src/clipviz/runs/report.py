@@ -6,12 +6,14 @@ with filters by prompt and by method, sorting by the model's probability, pagina
 10,000-image run opens fast; images load lazily) and a large view of one image: the original,
 every method's overlay and heatmap for each prompt, the comparison sheet and, for
 Grad-ECLIP, each prompt's token weights. Failures are listed with their reasons.
+
+The page's style sheet and script are in `report_assets.py`; what every report page shares
+about a run folder (safe paths, links, records, thumbnails), in `report_files.py`.
 """
 
 from __future__ import annotations
 
 import html
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -19,144 +21,28 @@ from typing import Any
 from urllib.parse import quote
 
 from ..errors import ClipvizError
-from ..files import atomic_path, write_text_atomic
-from .manifest import MANIFEST, latest_records
+from ..files import write_text_atomic
+from .manifest import MANIFEST
+from .report_assets import SCRIPT, STYLE
+from .report_files import (
+    THUMBS,
+    _latest_records,
+    _original,
+    _real_inside,
+    embed_json,
+    make_thumbnail,
+    read_run_info,
+)
+from .report_files import inside as inside
+from .report_files import page_link as page_link
 from .run_json import run_kind
 
 PAGE_SIZE = 60
-THUMBS = "report-thumbs"  # the grid's small copies of the overlays, inside the run folder
-THUMB_SIDE = 440  # px: sharp at the grid's 220 px on a high-density screen
 MALFORMED = "its record is not one clipviz writes"
-STYLE = """
-body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; }
-h1 { font-size: 20px; } h2 { font-size: 15px; margin: 24px 0 6px; }
-.meta { color: #555; } .failed { color: #b00; }
-#controls { display: flex; flex-wrap: wrap; gap: 12px; align-items: center; margin: 12px 0; }
-.grid { display: flex; flex-wrap: wrap; gap: 10px; }
-figure { margin: 0; width: 220px; cursor: pointer; }
-figure img { width: 220px; height: auto; border: 1px solid #ddd; background: #f4f4f4; }
-figcaption { font-size: 12px; word-break: break-word; } .top { font-weight: bold; }
-table { border-collapse: collapse; } td, th { padding: 2px 8px; border-bottom: 1px solid #eee; }
-#view { position: fixed; inset: 0; background: rgba(255,255,255,.97); overflow: auto;
-        padding: 24px; } #view[hidden] { display: none; }
-#view .row { display: flex; flex-wrap: wrap; gap: 10px; margin: 6px 0 14px; }
-#view img { max-width: 320px; border: 1px solid #ddd; } #view img.sheet { max-width: 100%; }
-.tokens span { padding: 1px 3px; border-radius: 3px; }
-"""
-SCRIPT = """
-const data = JSON.parse(document.getElementById('data').textContent);
-const $ = (id) => document.getElementById(id);
-let page = 0;
-function option(select, values) {
-  for (const v of values) { const o = document.createElement('option'); o.value = v;
-    o.textContent = v; select.appendChild(o); }
-}
-option($('prompt'), data.prompts); option($('method'), data.methods);
-function chosen() {
-  const p = $('prompt').value, m = $('method').value, s = $('sort').value;
-  let cards = data.cards.filter(c => (p === '' || c.prompt === p) && (m === '' || c.method === m));
-  if (s === 'p-desc') cards = cards.slice().sort((a, b) => b.p - a.p);
-  if (s === 'p-asc') cards = cards.slice().sort((a, b) => a.p - b.p);
-  return cards;
-}
-function figure(src, caption, top) {
-  const f = document.createElement('figure'), img = document.createElement('img');
-  img.loading = 'lazy'; img.src = src; img.alt = caption;
-  const c = document.createElement('figcaption'); c.textContent = caption;
-  if (top) c.className = 'top';
-  f.append(img, c); return f;
-}
-function draw() {
-  const cards = chosen(), pages = Math.max(1, Math.ceil(cards.length / data.pageSize));
-  page = Math.min(page, pages - 1);
-  const grid = $('grid'); grid.replaceChildren();
-  for (const c of cards.slice(page * data.pageSize, (page + 1) * data.pageSize)) {
-    const f = figure(c.thumb, c.caption, c.top);
-    f.dataset.image = c.image; f.onclick = () => show(c.image); grid.appendChild(f);
-  }
-  $('count').textContent = cards.length + ' overlays';
-  $('page').textContent = 'page ' + (page + 1) + ' of ' + pages;
-  $('prev').disabled = page === 0; $('next').disabled = page >= pages - 1;
-}
-function show(key) {
-  const rec = data.images[key], view = $('view'); view.replaceChildren();
-  const close = document.createElement('button'); close.textContent = 'close';
-  close.id = 'close'; close.onclick = () => { view.hidden = true; };
-  const h = document.createElement('h2'); h.textContent = key;
-  view.append(close, h);
-  if (rec.original) view.appendChild(figure(rec.original, 'original'));
-  if (rec.sheet) { const s = document.createElement('img'); s.src = rec.sheet;
-    s.className = 'sheet'; s.alt = 'comparison'; view.appendChild(s); }
-  for (const p of rec.prompts) {
-    const t = document.createElement('h2'); t.textContent = p.prompt + (p.p === null ? ''
-      : ' — p = ' + p.p.toFixed(3)); view.appendChild(t);
-    const row = document.createElement('div'); row.className = 'row';
-    for (const f of p.files) row.appendChild(figure(f.src, f.caption));
-    view.appendChild(row);
-    if (p.tokens) { const q = document.createElement('p'); q.className = 'tokens';
-      q.textContent = 'text side: ';
-      for (const [tok, w] of p.tokens) { const s = document.createElement('span');
-        s.textContent = tok; s.title = w.toFixed(3);
-        s.style.background = 'rgba(220, 40, 40, ' + (w / p.tokenMax).toFixed(2) + ')';
-        q.append(s, ' '); }
-      view.appendChild(q); }
-  }
-  view.hidden = false; view.scrollTop = 0;
-}
-for (const id of ['prompt', 'method', 'sort']) $(id).onchange = () => { page = 0; draw(); };
-$('prev').onclick = () => { page -= 1; draw(); }; $('next').onclick = () => { page += 1; draw(); };
-draw();
-"""
-
-
-def _latest_records(run_dir: Path) -> list[dict[str, Any]]:
-    return sorted(latest_records(run_dir).values(), key=lambda r: str(r.get("output", "")))
-
-
-def embed_json(payload: Any) -> str:
-    """`payload` as JSON to put inside a page's `<script>` element: `<`, `>` and `&` are
-    written as `\\u003c`, `\\u003e`, `\\u0026`, so no text in it (`</script>`, `<!--`) can
-    end the element or change how the HTML parser reads it; JSON.parse reads them back."""
-    text = json.dumps(payload, ensure_ascii=False)
-    for char, escape in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026")):
-        text = text.replace(char, escape)
-    return text
-
-
-def inside(root: Path, *parts: Any) -> Path | None:
-    """`root/parts…` with every symbolic link resolved, or None when that is not inside
-    `root` (an absolute part, `..`, a link pointing elsewhere, or a part that is not a
-    string): a run folder may come from someone else, and its records are not trusted."""
-    if not all(isinstance(p, str) for p in parts):
-        return None
-    try:
-        base = root.resolve()
-        path = base.joinpath(*parts).resolve()
-    except (OSError, RuntimeError, ValueError):  # a link loop, a NUL in a name
-        return None
-    return path if path.is_relative_to(base) else None
-
-
-def read_run_info(run_dir: Path) -> dict[str, Any]:
-    """`run.json` of a run folder, or {} when it is missing or not a JSON object."""
-    try:
-        run = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return run if isinstance(run, dict) else {}
 
 
 class _Outside(Exception):
     """A record's file that resolves to a place outside the run folder."""
-
-
-def _real_inside(root: str, path: str) -> str | None:
-    """`path` with its links resolved when that is inside the resolved folder `root`."""
-    try:
-        real = os.path.realpath(path)
-    except (OSError, ValueError):  # a NUL in a name
-        return None
-    return real if real == root or real.startswith(root + os.sep) else None
 
 
 def _located(root: str, rec: dict[str, Any]) -> dict[str, str]:
@@ -308,24 +194,6 @@ def build_report(
     return target
 
 
-def make_thumbnail(source: Path, small: Path, side: int = THUMB_SIDE) -> bool:
-    """A JPEG of `source` at most `side` px on its long side, unless a current one exists;
-    False when `source` cannot be read as an image."""
-    from PIL import Image
-
-    try:
-        if small.is_file() and small.stat().st_mtime >= source.stat().st_mtime:
-            return True
-        with Image.open(source) as im:
-            im.thumbnail((side, side))
-            small.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(small) as tmp, open(tmp, "wb") as f:
-                im.convert("RGB").save(f, format="JPEG", quality=85)
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return False  # the grid falls back to the overlay itself
-    return True
-
-
 def _payload(
     ok: list[dict[str, Any]],
     src: Any,
@@ -392,18 +260,6 @@ def _entry(
                 entry["tokenMax"] = max((w for _, w in entry["tokens"]), default=0.0) or 1.0
         view["prompts"].append(entry)
     return key, cards, view
-
-
-def page_link(path: Path, page_dir: Path) -> str:
-    """`path` relative to a page in `page_dir`, percent-encoded bytes: any file name (UTF-8
-    or not) resolves to its file."""
-    return quote(os.fsencode(Path(os.path.relpath(path.resolve(), page_dir.resolve())).as_posix()))
-
-
-def _original(rec: dict[str, Any], page_dir: Path) -> str | None:
-    """A link to the input image when it is a file on this machine (not inside a shard)."""
-    path = Path(str(rec.get("input", "")))
-    return page_link(path, page_dir) if path.is_file() else None
 
 
 def _files(rec: dict[str, Any]) -> list[tuple[str, str, str, str]]:
