@@ -247,8 +247,8 @@ def test_cli_scores_the_split_records_the_settings_and_reports(tmp_path, tiny_we
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--window", "0"], "add `--task segment`"),
-        (["--format", "ade"], "add `--task segment`"),
+        (["--window", "0"], "add --task segment"),
+        (["--format", "ade"], "add --task segment"),
         (["--task", "segment", "--format", "cub"], "not a segmentation layout"),
         (["--task", "segment", "--prob-thd", "2"], "between 0 and 1"),
         (["--task", "segment", "--preset", "nosuch/voc21"], "no preset"),

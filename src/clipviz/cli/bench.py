@@ -95,12 +95,12 @@ def bench(
     )
 
     if pipeline is not None and segment is not None:
-        raise ClipvizError("give `--pipeline` or `--segment`, not both")
+        raise ClipvizError("give --pipeline or --segment, not both")
     folder = pipeline if pipeline is not None else segment
     if segment is not None:
         names = list(dict.fromkeys(method or ["sclip"]))
         if len(names) > 1:
-            raise ClipvizError("`--segment` times one method; pass one `--method`")
+            raise ClipvizError("--segment times one method; pass one --method")
     elif pipeline is not None:
         names = list(dict.fromkeys(method or ["itsm"]))
     else:

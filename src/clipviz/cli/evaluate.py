@@ -233,7 +233,7 @@ def evaluate(
                      "eclip": eclip, "no-ensemble": no_ensemble or None}  # fmt: skip
         if given := [k for k, v in maps_only.items() if v is not None]:
             raise ClipvizError(
-                f"`--{given[0]}` scores saliency maps, not `--task segment` (which scores "
+                f"--{given[0]} scores saliency maps, not --task segment (which scores "
                 "mIoU, aAcc and mAcc); drop it"
             )
 
@@ -252,10 +252,10 @@ def evaluate(
                     "pamr-dilations": pamr_dilations, "pamr-compare": pamr_compare or None,
                     "reduce-zero-label": reduce_zero_label}  # fmt: skip
     if given := [k for k, v in segment_only.items() if v is not None]:
-        raise ClipvizError(f"`--{given[0]}` is a segmentation setting; add `--task segment`")
+        raise ClipvizError(f"--{given[0]} is a segmentation setting; add --task segment")
     if format not in ("voc", "coco", "cub", "generic"):
         raise ClipvizError(
-            f"layout {format} is a segmentation benchmark; add `--task segment` (maps are "
+            f"layout {format} is a segmentation benchmark; add --task segment (maps are "
             "scored on voc, coco, cub or generic)"
         )
     from ..data.datasets import open_dataset

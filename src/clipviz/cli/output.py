@@ -72,6 +72,7 @@ FLAGS = {
     "synset": "--synset",
     "word": "--word",
     "classes_file": "--classes-file",
+    "reduce_zero_label": "--reduce-zero-label",
 }
 
 

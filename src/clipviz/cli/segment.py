@@ -208,9 +208,7 @@ def segment(
     elif chosen is not None:
         names = chosen.classes()
     else:
-        raise ClipvizError(
-            "no classes: give `--classes-file FILE`, `--classes a,b,c` or a --preset"
-        )
+        raise ClipvizError("no classes: give --classes-file FILE, --classes a,b,c or a --preset")
     base = chosen.protocol if chosen is not None else Protocol()
     steps = pamr_steps
     if pamr_on is False:

@@ -137,7 +137,7 @@ def _ids_of_split(root: Path, layout: SegLayout, split: str) -> list[str]:
     if not path.is_file():
         available = sorted(p.stem for p in path.parent.glob("*.txt"))
         raise ClipvizError(
-            f"{layout.name} split file {path} does not exist; choose a split with `--split` "
+            f"{layout.name} split file {path} does not exist; choose another `split` "
             f"(available: {', '.join(available) or 'none'})"
         )
     text = path.read_text(encoding="utf-8")
@@ -201,7 +201,7 @@ def open_segmentation(
     benchmark = layout.zero_reduced if reduce and layout.zero_reduced else layout.benchmark
     if reduce and layout.zero_reduced is None:
         raise ClipvizError(
-            f"{layout.name} has no background label to reduce; drop `--reduce-zero-label`"
+            f"{layout.name} has no background label to reduce; drop `reduce_zero_label`"
         )
     image_dir = path / layout.image_dir.format(split=split)
     label_dir = path / layout.label_dir.format(split=split)
@@ -209,7 +209,7 @@ def open_segmentation(
         if not folder.is_dir():
             raise ClipvizError(
                 f"{layout.name} root {path} has no {folder.relative_to(path)}/ folder; expected "
-                f"{expected} (is `--split` {split} right?)"
+                f"{expected} (is `split` {split} right?)"
             )
     if layout.split_file is not None:
         entries = []
