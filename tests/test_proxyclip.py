@@ -286,3 +286,31 @@ def test_eval_segments_again_when_the_proxy_weights_were_replaced(vit_backend, t
     assert run() == []  # the same weights: nothing to do
     write_proxy_folder(tmp_path / "proxy", "dino", seed=4)  # other weights, the same path
     assert run() == [0, 1]
+
+
+def test_explain_and_maps_eval_keys_follow_a_local_proxys_weights(vit_backend, tmp_path):
+    from clipviz.data.datasets.common import EvalDataset
+    from clipviz.runs import evaluate, explain
+    from clipviz.runs.manifest import methods_proxy_weights
+    from clipviz.runs.outputs import RenderOptions
+
+    folder, _ = write_proxy_folder(tmp_path / "proxy", "dino", seed=3)
+    texts = vit_backend.encode_texts(["sky"])
+    options = {"proxyclip": {"proxy": str(folder)}}
+    dataset = EvalDataset("d", tmp_path, "generic", ["sky"], [], lambda e: e)
+
+    def keys():
+        return (
+            explain.request_key(vit_backend, ["proxyclip"], texts, RenderOptions(), options),
+            evaluate.request_key(vit_backend, dataset, texts,
+                                 evaluate.EvalOptions(methods=("proxyclip",),
+                                                      method_options=options)),
+        )  # fmt: skip
+
+    before = keys()
+    assert keys() == before  # the same weights: the same requests
+    write_proxy_folder(tmp_path / "proxy", "dino", seed=4)  # other weights, the same path
+    after = keys()
+    assert after[0] != before[0] and after[1] != before[1]
+    # a model hub name reads no local file: nothing is added, earlier keys hold
+    assert methods_proxy_weights({"proxyclip": {"proxy": "vit_small_patch16_224.dino"}}) == {}

@@ -46,7 +46,13 @@ from ..metrics import (
 )
 from .eval_results import reduce_records
 from .explain import non_finite
-from .manifest import append_record, merge_parts, part_path, repair_manifest
+from .manifest import (
+    append_record,
+    merge_parts,
+    methods_proxy_weights,
+    part_path,
+    repair_manifest,
+)
 
 METRICS = ("miou", "msc", "pointing", "energy", "maxboxacc", "deletion", "insertion")
 MASK_METRICS = frozenset({"miou", "msc"})
@@ -130,21 +136,22 @@ def check_metrics(metrics: Sequence[str], dataset: EvalDataset) -> None:
 
 
 def request_key(backend: Backend, dataset: EvalDataset, texts: Texts, opts: EvalOptions) -> str:
-    blob = json.dumps(
-        {
-            "model": backend.content_identity,
-            "crop": backend.preprocess.crop,
-            "dataset": [str(dataset.root), dataset.format, dataset.name],
-            "prompts": texts.prompts,
-            "ensemble": texts.ensemble,
-            "methods": list(opts.methods),
-            "metrics": list(opts.metrics),
-            "tolerance": opts.pointing_tolerance,
-            "options": opts.method_options,
-        },
-        sort_keys=True,
-        default=str,
-    )
+    """What makes two evaluations' per-image records interchangeable (a local proxy's weights
+    count by size and time; absent otherwise, so earlier keys hold)."""
+    request = {
+        "model": backend.content_identity,
+        "crop": backend.preprocess.crop,
+        "dataset": [str(dataset.root), dataset.format, dataset.name],
+        "prompts": texts.prompts,
+        "ensemble": texts.ensemble,
+        "methods": list(opts.methods),
+        "metrics": list(opts.metrics),
+        "tolerance": opts.pointing_tolerance,
+        "options": opts.method_options,
+    }
+    if stamps := methods_proxy_weights(opts.method_options):
+        request["proxy_weights"] = stamps
+    blob = json.dumps(request, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 

@@ -40,6 +40,7 @@ from .manifest import (
     disk_full_stops,
     finished,
     latest_records,
+    methods_proxy_weights,
     source_stamp,
 )
 from .outputs import RenderOptions, write_outputs
@@ -103,21 +104,21 @@ def request_key(
     render: RenderOptions,
     options: dict[str, Any] | None = None,
 ) -> str:
-    """What makes two runs' outputs interchangeable; a finished image is skipped only on a match."""
-    blob = json.dumps(
-        {
-            "schema_version": SCHEMA_VERSION,
-            "model": backend.content_identity,
-            "crop": backend.preprocess.crop,
-            "methods": list(methods),
-            "prompts": texts.prompts,
-            "ensemble": texts.ensemble,
-            "render": render.key(),
-            "options": options or {},
-        },
-        sort_keys=True,
-        default=str,
-    )
+    """What makes two runs' outputs interchangeable; a finished image is skipped only on a match
+    (a local proxy's weights count by size and time; absent otherwise, so earlier keys hold)."""
+    request = {
+        "schema_version": SCHEMA_VERSION,
+        "model": backend.content_identity,
+        "crop": backend.preprocess.crop,
+        "methods": list(methods),
+        "prompts": texts.prompts,
+        "ensemble": texts.ensemble,
+        "render": render.key(),
+        "options": options or {},
+    }
+    if stamps := methods_proxy_weights(options or {}):
+        request["proxy_weights"] = stamps
+    blob = json.dumps(request, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 

@@ -101,6 +101,25 @@ def source_stamp(path: Path) -> dict[str, int] | None:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def proxy_weights(options: dict[str, Any]) -> list[dict[str, int] | None]:
+    """Size and time of each local file a method's `proxy` option reads, so that weights
+    replaced at the same path do not pass for the old ones; empty for a model hub name."""
+    from ..segment.proxy import proxy_files
+
+    spec = options.get("proxy")
+    return [source_stamp(p) for p in proxy_files(spec)] if isinstance(spec, str) else []
+
+
+def methods_proxy_weights(options: dict[str, Any]) -> dict[str, list[dict[str, int] | None]]:
+    """`proxy_weights` of each method's options (`{method: {option: value}}`), for the
+    methods whose proxy is a local file."""
+    return {
+        m: stamps
+        for m, o in options.items()
+        if isinstance(o, dict) and (stamps := proxy_weights(o))
+    }
+
+
 def part_path(path: Path, rank: int) -> Path:
     """The part of the JSON-lines file `path` that rank `rank` of a job appends to."""
     return path.with_name(f"{path.stem}.rank{rank}{path.suffix}")

@@ -31,10 +31,9 @@ from ..errors import ClipvizError
 from ..files import SCHEMA_VERSION
 from ..segment import Segmenter
 from ..segment.outputs import write_segmentation
-from ..segment.proxy import proxy_files
 from .decode import Decoded, die_with_parent, shared_memory_has_room
 from .explain import RunSummary, check_run_args, default_pool_size, job_summary
-from .manifest import append_record, disk_full_stops, latest_records, source_stamp
+from .manifest import append_record, disk_full_stops, latest_records, proxy_weights, source_stamp
 from .prepare import prepare_run
 from .writers import OrderedWriters
 
@@ -66,13 +65,6 @@ def segment_fields(segmenter: Segmenter) -> dict[str, Any]:
         "classes": [list(line) for line in segmenter.classes.lines],
         "precision": str(segmenter.backend.autocast_dtype or "fp32"),
     }
-
-
-def proxy_weights(options: dict[str, Any]) -> list[dict[str, int] | None]:
-    """Size and time of each local file a method's `proxy` option reads, so that weights
-    replaced at the same path do not pass for the old ones; empty for a model hub name."""
-    spec = options.get("proxy")
-    return [source_stamp(p) for p in proxy_files(spec)] if isinstance(spec, str) else []
 
 
 def segment_key(segmenter: Segmenter, save_probs: bool, alpha: float) -> str:

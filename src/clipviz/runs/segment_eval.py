@@ -29,8 +29,13 @@ from ..errors import ClipvizError
 from ..files import read_jsonl
 from ..segment import ClassNames, IoUMetric, Protocol, Segmenter, intersect_and_union
 from .eval_stats import CI_LEVEL, RESAMPLES, resample_draws
-from .manifest import append_record, merge_parts, part_path, repair_manifest
-from .segment import proxy_weights
+from .manifest import (
+    append_record,
+    merge_parts,
+    methods_proxy_weights,
+    part_path,
+    repair_manifest,
+)
 
 SEGMENT_METRICS = ("miou", "aacc", "macc")
 
@@ -83,7 +88,7 @@ def request_key(
         "rows": [(name, m, protocol_json(p)) for name, m, p in opts.rows()],
         "options": opts.method_options,
     }
-    stamps = {m: s for m, o in opts.method_options.items() if (s := proxy_weights(o))}
+    stamps = methods_proxy_weights(opts.method_options)
     if stamps:  # absent otherwise: earlier keys still hold
         request["proxy_weights"] = stamps
     blob = json.dumps(request, sort_keys=True, default=str)
