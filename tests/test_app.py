@@ -140,7 +140,7 @@ def test_one_request_cannot_exhaust_the_machine(vit_backend):
 
 
 def test_errors_reach_the_page_as_one_line():
-    from clipviz.app.ui import guarded
+    from clipviz.app.widgets import guarded
 
     def fails(kind):
         raise ClipvizError("bad option; pass another") if kind else KeyError("x\ny")

@@ -16,7 +16,7 @@ PAGE = Path(__file__).parent.parent / "docs" / "troubleshooting.md"
 # is made, so these sites have nothing of their own to list. Key: "path: message expression".
 PASSED_ON = {
     # the concept search's own ClipvizError, re-raised by the app for the status line
-    "clipviz/app/session.py: str(found.error)",
+    "clipviz/app/segmentation.py: str(found.error)",
 }
 
 

@@ -7,73 +7,17 @@ page loads nothing from outside the machine.
 
 from __future__ import annotations
 
-import functools
-import os
-import sys
 import tempfile
-import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import gradio as gr
 import numpy as np
 
-from ..errors import ClipvizError
-from . import session
+from . import segmentation, session
 from .examples import example_images
 from .session import COLORMAPS, Limits, ModelSlot, ModelSpec
-
-# before gradio is imported: no telemetry, no version check, no server-side rendering (which
-# would need Node.js); the page is built from the package's own files
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-os.environ.setdefault("GRADIO_SSR_MODE", "False")
-
-import gradio as gr  # noqa: E402
-
-SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]
-MONO_FONTS = ["ui-monospace", "Consolas", "monospace"]
-
-
-def theme() -> gr.themes.Base:
-    """Gradio's default look with the system's fonts (its own default fetches web fonts)."""
-    return gr.themes.Default(font=SYSTEM_FONTS, font_mono=MONO_FONTS)
-
-
-def one_line(error: BaseException) -> str:
-    """What the page says about an error: a `ClipvizError`'s message, or one line naming an
-    unexpected error (its traceback goes to the server's log, never to the page)."""
-    if isinstance(error, ClipvizError):
-        return f"error: {error}"
-    traceback.print_exception(error, file=sys.stderr)
-    text = " ".join(str(error).split())[:300]
-    return (
-        f"error: internal error: {type(error).__name__}: {text} (the server's log has the details)"
-    )
-
-
-def guarded(fn: Callable[..., tuple[Any, ...]], outputs: int) -> Callable[..., tuple[Any, ...]]:
-    """`fn` returning (status, *outputs); an error becomes the status line, outputs unchanged."""
-
-    @functools.wraps(fn)  # the API's parameters keep fn's names
-    def run(*args: Any) -> tuple[Any, ...]:
-        try:
-            return fn(*args)
-        except Exception as e:  # noqa: BLE001 — every error is shown as one line
-            return (one_line(e), *([gr.skip()] * outputs))
-
-    return run
-
-
-def _option_widget(method: str, opt: Any) -> gr.components.Component:
-    """One widget for a method option: a dropdown for a choice, a checkbox for a flag, a text
-    field (empty = default) for the rest, labelled and explained from the registry."""
-    label = f"{method}: {opt.name}"
-    info = opt.help + (f" (range {opt.range})" if opt.range else "")
-    if opt.choices:
-        return gr.Dropdown(choices=opt.choices, value=opt.default, label=label, info=info)
-    if opt.type == "bool":
-        return gr.Checkbox(value=bool(opt.default), label=label, info=info)
-    return gr.Textbox(value="", label=label, info=info, placeholder=f"default: {opt.default!r}")
+from .widgets import guarded, option_widget, theme
 
 
 def build(
@@ -142,7 +86,7 @@ def build(
                         continue
                     with gr.Row():
                         for opt in opts:
-                            widgets.append((name, opt.name, _option_widget(name, opt)))
+                            widgets.append((name, opt.name, option_widget(name, opt)))
             status = gr.Textbox(label="status", interactive=False, max_lines=1)
             with gr.Row():
                 colormap = gr.Dropdown(choices=list(COLORMAPS), value="jet", label="colormap")
@@ -350,9 +294,9 @@ def build(
             ) -> tuple[Any, ...]:
                 backend = current_backend(model, pretrained, model_config)
                 picture = session.check_image(image, limits)
-                names = session.parse_class_lines(classes, limits)
-                result = session.segment_image(backend, picture, names, method)
-                shown, rows = session.segment_view(result, alpha)
+                names = segmentation.parse_class_lines(classes, limits)
+                result = segmentation.segment_image(backend, picture, names, method)
+                shown, rows = segmentation.segment_view(result, alpha)
                 return (f"done: {len(rows)} of {len(names)} classes present", shown, rows,
                         result)  # fmt: skip
 
@@ -374,7 +318,7 @@ def build(
             def relabel(result: Any, a: float) -> tuple[Any, ...]:
                 if result is None:
                     return (gr.skip(), gr.skip())
-                return (gr.skip(), session.segment_view(result, a)[0])
+                return (gr.skip(), segmentation.segment_view(result, a)[0])
 
             segment_alpha.change(
                 guarded(relabel, 1),
