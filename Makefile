@@ -58,7 +58,12 @@ lint: install
 # two test processes (pytest-xdist, a test file each at a time) share the two cores; the
 # slowest tests are listed at the end of the log (--durations)
 PYTEST_WORKERS ?= 2
-test: install lint
+# the test bed's models train (where not cached) while the linters run, on the core they leave
+test: install
+	@$(BIN)/python tests/conftest.py & training=$$!; status=0; \
+	  $(MAKE) --no-print-directory lint || status=$$?; \
+	  wait $$training || echo "training the test bed's models failed; pytest tries again"; \
+	  exit $$status
 	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=20
 	$(MAKE) --no-print-directory test-compat
 	$(MAKE) --no-print-directory docs

@@ -52,25 +52,31 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // total))
     elif workers:
         # the pytest-xdist controller, before its workers start: the test bed's models are
-        # trained once here (and cached) instead of by each worker that asks for them; the
-        # second world's CLIP (which trains on one thread) in a process of its own, meanwhile
-        import subprocess
-        import sys
+        # trained once here (and cached) instead of by each worker that asks for them
+        train_testbed_models()
 
-        from clipviz.testbed.tinyclip import ensure_tiny_clip
-        from clipviz.testbed.tinysiglip import ensure_tiny_siglip
 
-        second = subprocess.Popen(
-            [sys.executable, "-c", "import sys; "
-             "from clipviz.testbed.tinyclip import ensure_tiny_clip; "
-             "ensure_tiny_clip(sys.argv[1], seed=int(sys.argv[2]))",
-             str(testbed_cache()), str(SECOND_WORLD)],
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )  # fmt: skip
-        ensure_tiny_clip(testbed_cache())
-        ensure_tiny_siglip(testbed_cache())
-        if second.wait() != 0:
-            raise RuntimeError("training the second world's tiny CLIP failed (see above)")
+def train_testbed_models() -> None:
+    """The test bed's tiny CLIP and SigLIP and the second world's CLIP, trained into the cache
+    where missing: the last in a process of its own meanwhile (it trains on one thread).
+    `make test` runs this (`python tests/conftest.py`) beside the linters."""
+    import subprocess
+    import sys
+
+    from clipviz.testbed.tinyclip import ensure_tiny_clip
+    from clipviz.testbed.tinysiglip import ensure_tiny_siglip
+
+    second = subprocess.Popen(
+        [sys.executable, "-c", "import sys; "
+         "from clipviz.testbed.tinyclip import ensure_tiny_clip; "
+         "ensure_tiny_clip(sys.argv[1], seed=int(sys.argv[2]))",
+         str(testbed_cache()), str(SECOND_WORLD)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    ensure_tiny_clip(testbed_cache())
+    ensure_tiny_siglip(testbed_cache())
+    if second.wait() != 0:
+        raise RuntimeError("training the second world's tiny CLIP failed (see above)")
 
 
 # Of the method contract's cases over every (method, family), the oldest open_clip runs every
@@ -304,3 +310,7 @@ def write_cub(root: Path) -> Path:
     (root / "image_class_labels.txt").write_text("1 1\n2 1\n")
     (root / "classes.txt").write_text("1 001.Bird\n")
     return root
+
+
+if __name__ == "__main__":
+    train_testbed_models()
