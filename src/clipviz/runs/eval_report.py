@@ -13,7 +13,8 @@ from typing import Any
 
 from ..errors import ClipvizError
 from ..files import atomic_path, read_jsonl, write_text_atomic
-from .report import STYLE, inside, page_link
+from .report_assets import STYLE
+from .report_files import inside, page_link
 
 SHOWN = 6  # best and worst images per method
 COLUMNS = [("miou", "mIoU %", 1), ("msc", "mSC %", 1), ("pointing", "pointing", 3),

@@ -33,8 +33,6 @@ from .report_files import (
     make_thumbnail,
     read_run_info,
 )
-from .report_files import inside as inside
-from .report_files import page_link as page_link
 from .run_json import run_kind
 
 PAGE_SIZE = 60

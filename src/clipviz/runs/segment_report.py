@@ -19,8 +19,8 @@ from urllib.parse import quote
 
 from ..files import write_text_atomic
 from ..segment.outputs import palette
-from .report import (
-    MALFORMED,
+from .report import MALFORMED
+from .report_files import (
     THUMBS,
     _latest_records,
     _original,

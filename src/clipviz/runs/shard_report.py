@@ -13,7 +13,8 @@ from typing import Any
 
 from ..files import write_text_atomic
 from .manifest import latest_records
-from .report import STYLE, inside, page_link, read_run_info
+from .report_assets import STYLE
+from .report_files import inside, page_link, read_run_info
 
 MAX_FAILURES = 500  # listed on the page; the tables hold them all
 
