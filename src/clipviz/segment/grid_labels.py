@@ -70,13 +70,13 @@ class _Bilinear:
 
 def best_names(
     rows: torch.Tensor, scale: float, keep_terms: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Of cosines `[n, Q]`: each row's best name (the first among equals), the softmax's
-    denominator `Σ exp(L·cos − L·max cos)` (`[n]` each) and, when `keep_terms`, its terms
-    `[n, Q]`."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Of cosines `[n, Q]`: each row's best cosine, its name (the first among equals), the
+    softmax's denominator `Σ exp(L·cos − L·max cos)` (`[n]` each) and, when `keep_terms`,
+    its terms `[n, Q]`."""
     top, name = rows.max(dim=1)
     terms = (rows * scale).sub_((top * scale)[:, None]).exp_()
-    return name, terms.sum(dim=1), terms if keep_terms else None
+    return top, name, terms.sum(dim=1), terms if keep_terms else None
 
 
 def _grid_pass(
@@ -93,7 +93,7 @@ def _grid_pass(
     for top in range(0, h, rows):
         end = min(top + rows, h)
         below = min(end + 1, h)  # the next block's first row: the corners below this one's last
-        found, denominator, terms = best_names(grid[top:below].reshape(-1, q), scale, bound)
+        _, found, denominator, terms = best_names(grid[top:below].reshape(-1, q), scale, bound)
         name[top * w : end * w], total[top * w : end * w] = (
             found[: (end - top) * w], denominator[: (end - top) * w])  # fmt: skip
         if least is not None and terms is not None:
@@ -146,7 +146,7 @@ def grid_labels(
     exact = undecided.nonzero().flatten()
     for b in _blocks(len(exact), device):
         pixels = exact[b]
-        found, denominator, _ = best_names(up(pixels), scale)
+        _, found, denominator, _ = best_names(up(pixels), scale)
         names[pixels] = found
         low[pixels] = denominator.reciprocal() < thd
     labels = name_class[names]
@@ -157,10 +157,9 @@ def grid_labels(
         for b in _blocks(len(moved), device):
             pixels = moved[b]
             rows = up(pixels)
-            _, denominator, _ = best_names(rows, scale)
+            top, _, denominator, _ = best_names(rows, scale)
             second, which = rows.index_select(1, kept).max(dim=1)
             labels[pixels] = name_class[kept[which]]
-            top = rows.amax(dim=1)
             low[pixels] = (second * scale - top * scale).exp_() / denominator < thd
     return labels.masked_fill_(low, 0).view(size)
 

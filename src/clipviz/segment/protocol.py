@@ -234,10 +234,7 @@ def labels_from_probabilities(probs: torch.Tensor, prob_thd: float) -> torch.Ten
 
 
 def classify(
-    cosines: torch.Tensor,
-    name_class: torch.Tensor,
-    num_classes: int,
-    protocol: Protocol,
+    cosines: torch.Tensor, name_class: torch.Tensor, num_classes: int, protocol: Protocol
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Labels `[H, W]` and class probabilities `[K, H, W]` from merged cosine maps `[Q, H, W]`
     at the original size (after any PAMR): `class_probabilities`, `area_threshold` and
